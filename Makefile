@@ -1,0 +1,29 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Both create .venv and install the pinned toolchain first (see requirements/constraints.txt).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==24.3.1"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[torch,dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lepton-edge compile samples/digits/digits.onnx -t cpu -o build/digits.lepton
+	$(PY) samples/digits/demo.py build/digits.lepton
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lepton_edge targets tests samples
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,180 @@
+"""The .lepton format: a zip of manifest.json plus build files, verified before use.
+
+Layout (schema version 1):
+  manifest.json                     versions, signature, subgraphs and their builds, golden
+                                    I/O, and the sha256 + size of every other file
+  builds/<subgraph>/<target>/...    what each target produced for each subgraph
+  golden/<i>/{in,out}/<name>.npy    reference inputs and onnxruntime outputs
+
+Reading verifies everything before anything is loaded: the zip itself, entry names that
+would escape the extraction folder, the schema version, and every file against its sha256.
+Nothing here unpickles: arrays are read with numpy's allow_pickle=False.
+This module is shared with the runtime, so it depends on numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from lepton_edge.errors import ArtifactError
+
+FORMAT = "lepton-edge artifact"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_FILE_BYTES = 8 * 2**30  # refuse absurd sizes before reading (zip bombs)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def array_from_bytes(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{where} is not a valid .npy array: {exc}") from None
+
+
+def write(path: str | os.PathLike[str], manifest: dict[str, Any], files: dict[str, bytes]
+          ) -> Path:
+    """Write an artifact atomically: a failure never leaves a half-written file at `path`."""
+    path = Path(path)
+    manifest = dict(manifest)
+    manifest["files"] = {name: {"sha256": sha256(data), "size": len(data)}
+                         for name, data in sorted(files.items())}
+    for name in files:
+        _check_name(name)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; give a file name such as model.lepton")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            for name, data in sorted(files.items()):
+                zf.writestr(name, data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_name(name: str) -> None:
+    pure = PurePosixPath(name)
+    if (not name or "\\" in name or pure.is_absolute() or ".." in pure.parts
+            or name.startswith("/") or ":" in pure.parts[0]):
+        raise ArtifactError(
+            f"artifact entry '{name}' would extract outside its folder; refusing the artifact"
+        )
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """A .lepton file whose every entry was checked; file contents stay in memory."""
+
+    path: Path
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+
+    def array(self, name: str) -> np.ndarray:
+        return array_from_bytes(self.files[name], f"{self.path.name}:{name}")
+
+    def extract(self, names: list[str], dest: Path) -> dict[str, Path]:
+        """Write verified entries under `dest` (created private) and return their paths."""
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+        out: dict[str, Path] = {}
+        for name in names:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.files[name])
+            out[name] = target
+        return out
+
+
+def read(path: str | os.PathLike[str]) -> VerifiedArtifact:
+    """Open and fully verify an artifact; every failure is an ArtifactError saying why."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact not found: {path}")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not a .lepton artifact")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ArtifactError(
+            f"{path} is not a lepton-edge artifact or is corrupt ({exc}); recompile the model"
+        ) from None
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            raise ArtifactError(f"{path} has duplicate entries; refusing a tampered artifact")
+        for info in infos:
+            _check_name(info.filename)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ArtifactError(f"{path}: entry '{info.filename}' is a symbolic link")
+            if info.file_size > MAX_FILE_BYTES:
+                raise ArtifactError(f"{path}: entry '{info.filename}' claims {info.file_size} "
+                                    "bytes; refusing")
+        if MANIFEST not in names:
+            raise ArtifactError(f"{path} has no {MANIFEST}; it is not a lepton-edge artifact")
+        try:
+            manifest = json.loads(zf.read(MANIFEST))
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            raise ArtifactError(f"{path}: {MANIFEST} is unreadable ({exc})") from None
+        _check_manifest(manifest, path)
+        listed: dict[str, dict[str, Any]] = manifest["files"]
+        extra = sorted(set(names) - set(listed) - {MANIFEST})
+        missing = sorted(set(listed) - set(names))
+        if extra or missing:
+            raise ArtifactError(
+                f"{path} does not match its manifest (missing: {missing or 'none'}; "
+                f"not listed: {extra or 'none'}); the artifact was altered, recompile it"
+            )
+        files: dict[str, bytes] = {}
+        for name, entry in listed.items():
+            try:
+                data = zf.read(name)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise ArtifactError(f"{path}: entry '{name}' is corrupt ({exc})") from None
+            if len(data) != entry.get("size") or sha256(data) != entry.get("sha256"):
+                raise ArtifactError(
+                    f"{path}: '{name}' does not match its sha256 in the manifest; the artifact "
+                    "was altered or damaged in transfer, recompile or copy it again"
+                )
+            files[name] = data
+    return VerifiedArtifact(path=path, manifest=manifest, files=files)
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: {MANIFEST} is not a lepton-edge manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise ArtifactError(
+            f"{path} has artifact schema version {version!r}; this lepton-edge reads version "
+            f"{SCHEMA_VERSION}. " + ("Upgrade lepton-edge on this device" if newer
+                                     else "Recompile the model with this lepton-edge")
+        )
+    for key in ("files", "inputs", "outputs", "subgraphs", "versions"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: {MANIFEST} lacks '{key}'; the artifact is damaged")

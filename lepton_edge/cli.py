@@ -1,0 +1,257 @@
+"""The `lepton-edge` command line.
+
+User errors (LeptonError) print one line and exit 1; usage errors exit 2; anything else is
+a bug and says so (exit 3). `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from lepton_edge.errors import InputError, LeptonError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="lepton-edge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compile models once with Apache TVM; run them on the best device a machine has."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", "targets", multiple=True, default=("cpu",), show_default=True,
+              help="Target or profile name (repeatable); see `lepton-edge targets`.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Artifact to write (default: MODEL with .lepton).")
+@click.option("--no-fallback", is_flag=True,
+              help="Refuse nodes no target supports instead of running them on onnxruntime.")
+@click.option("--golden", "golden_count", default=2, show_default=True,
+              help="Number of seeded golden input cases stored in the artifact.")
+def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_fallback: bool,
+                golden_count: int) -> None:
+    """Compile MODEL (.onnx) into one .lepton artifact."""
+    import lepton_edge
+
+    out = output or model.with_suffix(".lepton")
+    start = time.perf_counter()
+    loaded = lepton_edge.load(model)
+    art = lepton_edge.compile(loaded, list(targets), fallback=not no_fallback,
+                              golden_count=golden_count,
+                              log=lambda msg: click.echo(msg, err=True))
+    art.save(out)
+    click.echo(art.summary())
+    click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) in "
+               f"{time.perf_counter() - start:.1f} s")
+
+
+def _parse_inputs(values: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise click.UsageError(
+                    f"--input {value}: the model has inputs {names}; write NAME=FILE.npy")
+            name, path = names[0], value
+        file = Path(path)
+        if not file.is_file():
+            raise InputError(f"input file not found: {file}")
+        try:
+            feeds[name] = np.load(file, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{file} is not a readable .npy array ({exc})") from None
+    return feeds
+
+
+@cli.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy",
+              help="An input array (repeatable).")
+@click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each output as DIR/<name>.npy.")
+@click.option("--check", is_flag=True, help="Replay the artifact's golden I/O and report.")
+@click.option("--device", "devices", multiple=True,
+              help="Allow only these device kinds (repeatable); needed for explicit-only ones.")
+@click.option("--no-fallback", is_flag=True, help="Fail instead of using a fallback build.")
+@click.option("--tolerance", default=1e-4, show_default=True, help="--check tolerance.")
+def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, check: bool,
+            devices: tuple[str, ...], no_fallback: bool, tolerance: float) -> None:
+    """Run ARTIFACT on this machine's devices."""
+    from lepton_edge import runtime
+
+    session = runtime.load(artifact, devices=list(devices) or None, fallback=not no_fallback)
+    for placement in session.placement.values():
+        click.echo(f"placed {placement}", err=True)
+    if check:
+        report = session.self_test(tolerance)
+        click.echo(str(report))
+        if not report.passed:
+            raise SystemExit(1)
+    if not inputs:
+        if not check:
+            raise click.UsageError("give --input NAME=FILE.npy (or --check)")
+        return
+    feeds = _parse_inputs(inputs, [s.name for s in session.inputs])
+    start = time.perf_counter()
+    outputs = session.run(feeds)
+    elapsed = (time.perf_counter() - start) * 1e3
+    for name, value in outputs.items():
+        preview = np.array2string(value.ravel()[:6], precision=4, separator=", ")
+        click.echo(f"{name}: {value.dtype}{list(value.shape)} {preview}")
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            np.save(output_dir / f"{_safe(name)}.npy", value, allow_pickle=False)
+    click.echo(f"ran in {elapsed:.2f} ms", err=True)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "out"
+
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect_cmd(artifact: Path, as_json: bool) -> None:
+    """Verify ARTIFACT and show its manifest, builds, sizes and versions."""
+    from lepton_edge import artifact as fmt
+
+    verified = fmt.read(artifact)
+    m = verified.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=1, sort_keys=True))
+        return
+    total = sum(len(d) for d in verified.files.values())
+    click.echo(f"{artifact}: verified ({len(verified.files)} files, {total:,} bytes, "
+               f"schema {m['schema_version']}, created {m.get('created', '?')})")
+    click.echo(f"model: {m['model']['name']} opset {m['model']['opset']} "
+               f"sha256 {m['model']['sha256'][:16]}...")
+    click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    for kind in ("inputs", "outputs"):
+        specs = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m[kind])
+        click.echo(f"{kind}: {specs}")
+    for sg in m["subgraphs"]:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(sg["op_counts"].items()))
+        click.echo(f"{sg['id']} (level {sg['level']}, {sg['node_count']} nodes, "
+                   f"{sg['macs']:,} MACs): {ops}")
+        for b in sg["builds"]:
+            size = sum(m["files"][p]["size"] for p in b["files"].values())
+            extra = ", ".join(f"{k}={v}" for k, v in b["meta"].items()
+                              if k in ("mcpu", "arch", "requires", "tvm"))
+            click.echo(f"  build {b['target']} [{b['profile']}] priority {b['priority']}: "
+                       f"{size:,} bytes; {extra}")
+        for target, reason in sg.get("build_errors", {}).items():
+            click.echo(f"  {target} build failed: {reason}")
+    click.echo(f"golden cases: {len(m.get('golden', []))}")
+
+
+@cli.command("unpack")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+def unpack_cmd(artifact: Path, dest: Path) -> None:
+    """Verify ARTIFACT and extract its files into DEST (e.g. for the C++ runtime)."""
+    from lepton_edge import artifact as fmt
+
+    verified = fmt.read(artifact)
+    if dest.exists() and any(dest.iterdir()):
+        raise LeptonError(f"{dest} is not empty; unpack into a new folder")
+    paths = verified.extract(sorted(verified.files), dest)
+    (dest / fmt.MANIFEST).write_text(json.dumps(verified.manifest, indent=1, sort_keys=True))
+    click.echo(f"extracted {len(paths)} verified files and the manifest into {dest}")
+
+
+@cli.command("devices")
+@click.option("--json", "as_json", is_flag=True)
+def devices_cmd(as_json: bool) -> None:
+    """What this machine has: CPU and ISA features, GPUs, FPGAs, and usable device kinds."""
+    from lepton_edge.runtime.devices import cpu_info, nvidia_gpus, probe_devices, xilinx_fpgas
+
+    cpu = cpu_info()
+    gpus, gpu_reason = nvidia_gpus()
+    fpgas, fpga_reason = xilinx_fpgas()
+    probed = probe_devices()
+    if as_json:
+        click.echo(json.dumps({
+            "cpu": {"arch": cpu.arch, "model": cpu.model, "cores": cpu.cores, "isa": cpu.isa},
+            "gpus": gpus, "fpgas": fpgas,
+            "devices": [{"kind": d.kind, "name": d.name, "present": d.present,
+                         "reason": d.reason} for d in probed]}, indent=1))
+        return
+    vnni = "avx512_vnni" in cpu.features or "avx_vnni" in cpu.features
+    click.echo(f"cpu: {cpu.model} ({cpu.arch}, {cpu.cores} logical cores)")
+    click.echo(f"  isa: {' '.join(cpu.isa) or 'baseline'}")
+    click.echo(f"  int8 dot products (VNNI): {'yes' if vnni else 'no'}")
+    click.echo("gpus: " + (", ".join(gpus) if gpus else f"none ({gpu_reason})"))
+    click.echo("fpgas: " + (", ".join(fpgas) if fpgas else f"none ({fpga_reason})"))
+    click.echo("device kinds lepton-edge can place subgraphs on:")
+    for d in probed:
+        state = "present" if d.present else f"absent: {d.reason}"
+        click.echo(f"  {d.kind:<12} {d.name:<20} {state}")
+
+
+@cli.command("targets")
+def targets_cmd() -> None:
+    """Known targets (plug-ins) and device profiles."""
+    from lepton_edge.target import plugins, profiles
+
+    known = plugins()
+    click.echo("targets:")
+    for name, plugin in sorted(known.items(), key=lambda kv: -kv[1].priority):
+        click.echo(f"  {name:<12} priority {plugin.priority:<4} {plugin.description}")
+    click.echo("profiles (use with -t):")
+    for name, profile in sorted(profiles().items()):
+        note = "" if profile.target in known else "  [target not available yet]"
+        click.echo(f"  {name:<20} {profile.target:<6} {profile.description}{note}")
+
+
+@cli.command("explain")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", "targets", multiple=True, default=("cpu",), show_default=True)
+@click.option("--no-fallback", is_flag=True)
+def explain_cmd(model: Path, targets: tuple[str, ...], no_fallback: bool) -> None:
+    """Show how MODEL would be split across targets, and why nodes land where they do."""
+    import lepton_edge
+
+    plan = lepton_edge.partition(lepton_edge.load(model), list(targets),
+                                 fallback=not no_fallback)
+    click.echo(plan.explain())
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: map errors to one line and an exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        return cli.main(args=argv, prog_name="lepton-edge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LeptonError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, one line unless --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error ({type(exc).__name__}): {exc}. This is a lepton-edge bug; "
+                   "rerun with --debug and report the traceback", err=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""compile(model, targets) -> Artifact: build every subgraph for every target that takes it.
+
+Fat artifacts: each subgraph gets a build from every requested target that supports all of
+its nodes, so the runtime can choose by the devices it finds. Subgraphs no target compiles
+carry an onnxruntime build. Golden inputs and onnxruntime's outputs for them travel along.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from lepton_edge import __version__, artifact
+from lepton_edge.errors import InputError, LeptonError, TargetError
+from lepton_edge.model import Model, load
+from lepton_edge.partition import FALLBACK, Plan, partition
+from lepton_edge.signature import TensorSpec, check_feeds
+from lepton_edge.target import Build, Profile, get_plugin
+
+
+@dataclass
+class Artifact:
+    """A compiled model in memory: the manifest and its files. `save()` writes a .lepton."""
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+    plan: Plan | None = field(default=None, repr=False)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return artifact.write(path, self.manifest, self.files)
+
+    @property
+    def builds(self) -> list[tuple[str, str, str]]:
+        """(subgraph, target, profile) for every build in the artifact."""
+        return [(sg["id"], b["target"], b["profile"]) for sg in self.manifest["subgraphs"]
+                for b in sg["builds"]]
+
+    def summary(self) -> str:
+        lines = [f"{len(self.manifest['subgraphs'])} subgraph(s), {len(self.files)} files, "
+                 f"{sum(len(d) for d in self.files.values()):,} bytes"]
+        for sg in self.manifest["subgraphs"]:
+            targets = ", ".join(f"{b['target']}[{b['profile']}]" for b in sg["builds"])
+            lines.append(f"  {sg['id']}: {sg['node_count']} nodes -> {targets}")
+            for target, reason in sg.get("build_errors", {}).items():
+                lines.append(f"    {target} build failed: {reason}")
+        return "\n".join(lines)
+
+
+def compile(  # noqa: A001 - the public verb of the pipeline
+    model: Model | Any,
+    targets: list[str] | tuple[str, ...] = ("cpu",),
+    *,
+    fallback: bool = True,
+    golden_inputs: list[dict[str, np.ndarray]] | None = None,
+    golden_count: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Compile `model` for `targets` (target or profile names) into one Artifact.
+
+    `fallback` lets nodes that no target supports run on onnxruntime; without it they are
+    an UnsupportedOpsError. `golden_inputs` (a list of feed dicts) are stored with
+    onnxruntime's outputs for them; by default `golden_count` seeded random inputs are made.
+    """
+    if not isinstance(model, Model):
+        model = load(model)
+    say = log or (lambda _msg: None)
+    plan = partition(model, targets, fallback=fallback)
+    files: dict[str, bytes] = {}
+    subgraphs = []
+    profiles = {plugin.name: profile for plugin, profile in plan.targets}
+    for sg in plan.subgraphs:
+        builds: list[Build] = []
+        errors: dict[str, str] = {}
+        wanted = list(sg.candidates) if sg.target != FALLBACK else []
+        for name in wanted:
+            say(f"compiling {sg.id} ({len(sg.nodes)} nodes) for {name} [{profiles[name].name}]")
+            try:
+                builds.append(get_plugin(name).make_target().compile(sg.proto, profiles[name]))
+            except TargetError as exc:
+                errors[name] = str(exc)
+        if not builds:
+            if wanted and not fallback:
+                raise TargetError(
+                    f"{sg.id} ({', '.join(sorted(sg.op_counts))}) could not be built: "
+                    + "; ".join(f"{t}: {r}" for t, r in errors.items())
+                )
+            if errors:
+                warnings.warn(
+                    f"{sg.id} runs on onnxruntime because every build failed: "
+                    + "; ".join(f"{t}: {r}" for t, r in errors.items()), stacklevel=2)
+            builds.append(get_plugin(FALLBACK).make_target().compile(
+                sg.proto, Profile(name=FALLBACK, target=FALLBACK, description="")))
+        entries = []
+        for build in builds:
+            plugin = get_plugin(build.target)
+            names = {}
+            for fname, data in build.files.items():
+                path = f"builds/{sg.id}/{build.target}/{fname}"
+                files[path] = data
+                names[fname] = path
+            entries.append({"target": build.target, "profile": build.profile,
+                            "priority": plugin.priority, "files": names, "meta": build.meta})
+        subgraphs.append({
+            "id": sg.id, "target": sg.target, "level": sg.level,
+            "node_count": len(sg.nodes), "nodes": list(sg.nodes), "op_counts": sg.op_counts,
+            "macs": sg.macs, "inputs": list(sg.inputs), "outputs": list(sg.outputs),
+            "builds": entries, "build_errors": errors,
+        })
+    golden = _golden(model, golden_inputs, golden_count, files)
+    manifest = {
+        "format": artifact.FORMAT,
+        "schema_version": artifact.SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "model": {"name": model.name, "sha256": model.sha256, "opset": model.opset,
+                  "source": Path(model.source).name, "nodes": len(model.proto.graph.node),
+                  "metadata": model.metadata},
+        "inputs": [s.to_json() for s in model.inputs],
+        "outputs": [s.to_json() for s in model.outputs],
+        "subgraphs": subgraphs,
+        "reasons": plan.reasons,
+        "golden": golden,
+    }
+    return Artifact(manifest=manifest, files=files, plan=plan)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import tvm
+
+    return {"lepton_edge": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0]}
+
+
+def example_feeds(specs: tuple[TensorSpec, ...], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for a signature; symbolic dimensions take the value `batch`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) else batch for d in spec.shape]
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = np.zeros(shape, dtype)
+        else:  # integer inputs are often indices: zeros are always in range
+            feeds[spec.name] = np.zeros(shape, dtype)
+    return feeds
+
+
+def _golden(model: Model, given: list[dict[str, np.ndarray]] | None, count: int,
+            files: dict[str, bytes]) -> list[dict[str, Any]]:
+    import onnxruntime
+
+    feeds_list = given if given is not None else [
+        example_feeds(model.inputs, batch=1 + i, seed=i) for i in range(count)]
+    try:
+        session = onnxruntime.InferenceSession(model.proto.SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise LeptonError(f"onnxruntime cannot run the model to record golden outputs: {exc}"
+                          ) from None
+    golden = []
+    for index, feeds in enumerate(feeds_list):
+        try:
+            arrays, _ = check_feeds(model.inputs, feeds)
+        except InputError as exc:
+            raise InputError(f"golden input {index}: {exc}") from None
+        outputs = session.run([o.name for o in model.outputs], arrays)
+        entry: dict[str, Any] = {"inputs": {}, "outputs": {}}
+        for kind, named in (("inputs", arrays),
+                            ("outputs", dict(zip([o.name for o in model.outputs], outputs,
+                                                 strict=True)))):
+            for i, (name, value) in enumerate(named.items()):
+                path = f"golden/{index}/{kind}/{i}.npy"
+                files[path] = artifact.array_bytes(np.asarray(value))
+                entry[kind][name] = path
+        golden.append(entry)
+    return golden

@@ -1,0 +1,76 @@
+"""ONNX subgraph -> Relax IRModule -> compiled shared library, with TVM 0.27's API.
+
+Every TVM compiler API name lepton-edge uses lives here (and in the targets' compile files),
+so a TVM upgrade is one small change. The runtime side uses only `tvm.runtime`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from lepton_edge.errors import TargetError
+
+
+def supported_onnx_ops() -> frozenset[str]:
+    """The ONNX op types TVM's Relax ONNX importer has a converter for."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return frozenset(onnx_frontend._get_convert_map())  # noqa: SLF001 - no public listing
+
+
+def tvm_version() -> str:
+    import tvm
+
+    return str(tvm.__version__)
+
+
+def system_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. "znver3", "skylake-avx512")."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def import_onnx(proto: onnx.ModelProto) -> Any:
+    """Import a standalone ONNX (sub)graph into a Relax IRModule, weights as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(proto, keep_params_in_input=False)
+    except Exception as exc:  # noqa: BLE001 - the importer raises anything; name it for the user
+        raise TargetError(f"TVM could not import the graph: {_first_line(exc)}") from exc
+
+
+def build_llvm_library(
+    mod: Any, target: dict[str, Any], cross_compiler: str | None = None
+) -> bytes:
+    """Compile a Relax module for an LLVM target and return the exported shared library."""
+    import tvm
+    from tvm.support import cc
+
+    try:
+        executable = tvm.compile(mod, target=tvm.target.Target(target))
+    except Exception as exc:  # noqa: BLE001
+        raise TargetError(f"TVM failed to compile for {target}: {_first_line(exc)}") from exc
+    with tempfile.TemporaryDirectory(prefix="lepton-build-") as tmp:
+        path = Path(tmp) / "lib.so"
+        fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
+        try:
+            if fcompile is None:
+                executable.export_library(str(path))
+            else:
+                executable.export_library(str(path), fcompile=fcompile)
+        except Exception as exc:  # noqa: BLE001
+            raise TargetError(f"linking the shared library failed: {_first_line(exc)}") from exc
+        return path.read_bytes()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # TVM errors end with the message after a traceback dump; the last line is the useful one.
+    return (lines[-1] if lines else type(exc).__name__)[:500]

@@ -1,0 +1,371 @@
+"""Model: a validated ONNX model and its signature, from a path, bytes, a proto or torch.
+
+`load()` is the front door: it checks everything about the model that does not depend on a
+target (readable, valid, opset in range, every op known to ONNX) before any heavy work, and
+reports all unknown ops in one error. Which target can run which op is asked later, by
+`partition()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, shape_inference
+
+from lepton_edge.errors import ModelError, UnsupportedOpsError
+from lepton_edge.signature import Dim, TensorSpec
+
+# The opsets lepton-edge is tested with. Older models: re-export or use
+# onnx.version_converter; newer ones: TVM 0.27's importer predates them.
+MIN_OPSET = 7
+MAX_OPSET = 23
+# Non-default op domains whose ops the runtime can execute (onnxruntime's contrib ops).
+KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Model:
+    """A checked ONNX model (with shapes inferred) and what it takes and returns."""
+
+    proto: onnx.ModelProto
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    sha256: str
+    source: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.proto.graph.name or Path(self.source).stem or "model"
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.proto.graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+
+
+def load(
+    source: str | os.PathLike[str] | bytes | onnx.ModelProto | Any,
+    example_inputs: Any = None,
+    *,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_batch: bool = True,
+    opset: int = 17,
+) -> Model:
+    """Load and validate a model from a path, serialized bytes, a ModelProto or a torch module.
+
+    torch modules need `example_inputs` (a tensor or a tuple of tensors) and are exported
+    with `torch.onnx.export` at `opset`; with `dynamic_batch` the first dimension of every
+    input and output becomes the symbolic dimension "N". The caller's objects are never
+    modified: a ModelProto is copied.
+    """
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        return _validated(proto, "<ModelProto>", base_dir=None)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _validated(_parse(bytes(source), "<bytes>"), "<bytes>", base_dir=None)
+    if isinstance(source, str | os.PathLike):
+        return _load_path(Path(source))
+    if _is_torch_module(source):
+        proto = _export_torch(source, example_inputs, input_names, output_names, dynamic_batch,
+                              opset)
+        return _validated(proto, f"<torch {type(source).__name__}>", base_dir=None)
+    raise ModelError(
+        f"cannot load a model from a {type(source).__name__}: pass a path to an .onnx file, "
+        "its bytes, an onnx.ModelProto or a torch.nn.Module with example_inputs"
+    )
+
+
+def _load_path(path: Path) -> Model:
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory; pass the .onnx file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from None
+    proto = _parse(data, str(path))
+    size = len(data) + _resolve_external_data(proto, path.parent)
+    if size > PROTOBUF_LIMIT:
+        # Over protobuf's 2 GB limit the checker must read the model from disk.
+        _check(lambda: onnx.checker.check_model(str(path)), str(path))
+    external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    return _validated(proto, str(path), base_dir=path.parent, checked=size > PROTOBUF_LIMIT)
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelError(f"{where} is empty, not an ONNX model")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"{where} is not a valid ONNX model (protobuf parse failed: {exc}); the file may be "
+            "truncated or not ONNX at all"
+        ) from None
+    if not proto.ir_version or not proto.HasField("graph"):
+        raise ModelError(
+            f"{where} is not an ONNX model (no ir_version or graph after parsing); the file "
+            "may be truncated or of another format"
+        )
+    return proto
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [
+        t for t in external_data_helper._get_all_tensors(proto)  # noqa: SLF001 - walks subgraphs
+        if external_data_helper.uses_external_data(t)
+    ]
+
+
+def _resolve_external_data(proto: onnx.ModelProto, base_dir: Path) -> int:
+    """Refuse external data outside the model's folder (CVE-2022-25882); return its size."""
+    base = base_dir.resolve()
+    total = 0
+    problems: list[str] = []
+    for tensor in _external_tensors(proto):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(base):
+            problems.append(
+                f"tensor '{tensor.name}' points at external data '{location}' outside the "
+                f"model folder {base}"
+            )
+        elif not target.is_file():
+            problems.append(f"tensor '{tensor.name}' needs external data file {target}, missing")
+        else:
+            total += int(info.get("length", 0) or target.stat().st_size)
+    if problems:
+        raise ModelError(
+            "refusing external data: " + "; ".join(problems)
+            + ". Keep external data files next to the model, referenced by relative paths"
+        )
+    return total
+
+
+def _check(fn: Any, where: str) -> Any:
+    try:
+        return fn()
+    except (onnx.checker.ValidationError, shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where} is not a valid ONNX model: {first}") from None
+
+
+def _validated(
+    proto: onnx.ModelProto, where: str, base_dir: Path | None, checked: bool = False
+) -> Model:
+    if base_dir is None and _external_tensors(proto):
+        names = [t.name for t in _external_tensors(proto)][:5]
+        raise ModelError(
+            f"{where} refers to external data files (tensors {names}); load it from its path "
+            "so the data files can be found next to it"
+        )
+    opset = _default_opset(proto, where)
+    _check_ops(proto, opset)
+    if not checked:
+        _check(lambda: onnx.checker.check_model(proto), where)
+    _name_free_dims(proto)
+    inferred = _check(
+        lambda: shape_inference.infer_shapes(proto, check_type=True, strict_mode=True), where
+    )
+    inputs, outputs = _signature(inferred, where)
+    sha = hashlib.sha256(inferred.SerializeToString(deterministic=True)).hexdigest()
+    meta = {p.key: p.value for p in inferred.metadata_props}
+    return Model(proto=inferred, inputs=inputs, outputs=outputs, opset=opset, sha256=sha,
+                 source=where, metadata=meta)
+
+
+def _default_opset(proto: onnx.ModelProto, where: str) -> int:
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ModelError(f"{where} declares no default-domain opset (opset_import is empty)")
+    opset = max(versions)
+    if opset < MIN_OPSET:
+        raise ModelError(
+            f"{where} uses opset {opset}, too old (lepton-edge supports opsets "
+            f"{MIN_OPSET}-{MAX_OPSET}); upgrade it with onnx.version_converter.convert_version"
+            "(model, 17) or re-export it"
+        )
+    if opset > MAX_OPSET:
+        raise ModelError(
+            f"{where} uses opset {opset}, too new (lepton-edge supports opsets "
+            f"{MIN_OPSET}-{MAX_OPSET}); re-export with opset_version=17 (torch.onnx.export) or "
+            f"convert it down with onnx.version_converter"
+        )
+    return opset
+
+
+def _check_ops(proto: onnx.ModelProto, opset: int) -> None:
+    """Every node must be an op ONNX (or onnxruntime's contrib domain) defines; list all."""
+    domain_versions = {o.domain or "": o.version for o in proto.opset_import}
+    local_functions = {(f.domain, f.name) for f in proto.functions}
+    problems: dict[str, list[str]] = {}
+    for node in _all_nodes(proto.graph):
+        domain = node.domain or ""
+        if (domain, node.op_type) in local_functions:
+            continue
+        reason = None
+        if domain not in KNOWN_DOMAINS:
+            reason = f"custom domain '{domain}' (no runtime provides it)"
+        elif domain in ("", "ai.onnx"):
+            if not onnx.defs.has(node.op_type, ""):
+                reason = "not an ONNX operator"
+            else:
+                try:
+                    onnx.defs.get_schema(node.op_type, opset, "")
+                except onnx.defs.SchemaError:
+                    reason = f"does not exist in opset {opset}"
+        elif domain_versions.get(domain) is None:
+            reason = f"domain '{domain}' is used but not declared in opset_import"
+        if reason:
+            key = f"{node.op_type}" + (f" ({domain})" if domain else "")
+            problems.setdefault(f"{key}: {reason}", []).append(node.name or "<unnamed>")
+    if problems:
+        raise UnsupportedOpsError(
+            [f"{k} at node(s) {', '.join(v[:5])}" + (" ..." if len(v) > 5 else "")
+             for k, v in problems.items()],
+            hint="Replace them with standard ONNX ops or re-export the model",
+        )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes.extend(_all_nodes(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    nodes.extend(_all_nodes(g))
+    return nodes
+
+
+def _name_free_dims(proto: onnx.ModelProto) -> None:
+    """Give every unnamed dynamic dimension of a graph input a name, so it stays symbolic."""
+    initializers = {t.name for t in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if not dim.HasField("dim_value") and not dim.dim_param:
+                dim.dim_param = f"{value.name}_dim{axis}"
+
+
+def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
+    if not value.type.HasField("tensor_type"):
+        raise ModelError(
+            f"{where}: graph input/output '{value.name}' is not a tensor "
+            f"({value.type.WhichOneof('value')}); only tensor inputs and outputs are supported"
+        )
+    tensor_type = value.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    except (KeyError, TypeError):
+        raise ModelError(
+            f"{where}: '{value.name}' has element type {tensor_type.elem_type}, which has no "
+            "numpy equivalent"
+        ) from None
+    if not tensor_type.HasField("shape"):
+        raise ModelError(f"{where}: '{value.name}' has no shape; export the model with shapes")
+    shape: list[Dim] = []
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        if dim.HasField("dim_value"):
+            shape.append(int(dim.dim_value))
+        else:
+            shape.append(dim.dim_param or f"{value.name}_dim{axis}")
+    return TensorSpec(name=value.name, dtype=dtype, shape=tuple(shape))
+
+
+def _signature(
+    proto: onnx.ModelProto, where: str
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = tuple(_spec(v, where) for v in proto.graph.input if v.name not in initializers)
+    outputs = tuple(_spec(v, where) for v in proto.graph.output)
+    if not outputs:
+        raise ModelError(f"{where}: the graph has no outputs")
+    return inputs, outputs
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = __import__("sys").modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _export_torch(
+    module: Any,
+    example_inputs: Any,
+    input_names: list[str] | None,
+    output_names: list[str] | None,
+    dynamic_batch: bool,
+    opset: int,
+) -> onnx.ModelProto:
+    import torch
+
+    if example_inputs is None:
+        raise ModelError(
+            "a torch module needs example_inputs (a tensor or a tuple of tensors of the "
+            "shapes it takes) to be exported to ONNX"
+        )
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise ModelError("example_inputs must be torch tensors (or a tuple of them)")
+    names = list(input_names or [f"input{i}" if len(args) > 1 else "input"
+                                 for i in range(len(args))])
+    if len(names) != len(args):
+        raise ModelError(f"{len(names)} input_names given for {len(args)} example inputs")
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("N", min=1, max=2**20)
+        dynamic_shapes = tuple({0: batch} if a.dim() > 0 else None for a in args)
+    was_training = module.training
+    module.eval()
+    buffer = io.BytesIO()
+    try:
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=names, output_names=output_names,
+            opset_version=opset, dynamic_shapes=dynamic_shapes, external_data=False,
+            verbose=False,
+        )
+        program.save(buffer) if hasattr(program, "save") else None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "cannot export"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"torch.onnx.export failed: {first}") from exc
+    finally:
+        module.train(was_training)
+    proto = _parse(buffer.getvalue(), "<torch export>")
+    if dynamic_batch:
+        _rename_batch_dims(proto)
+    return proto
+
+
+def _rename_batch_dims(proto: onnx.ModelProto) -> None:
+    """torch names the batch dimension after its Dim; make every leading symbol "N"."""
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            old = dims[0].dim_param
+            if old != "N":
+                for v in list(proto.graph.input) + list(proto.graph.output) + list(
+                        proto.graph.value_info):
+                    for d in v.type.tensor_type.shape.dim:
+                        if d.dim_param == old:
+                            d.dim_param = "N"

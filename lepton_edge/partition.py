@@ -1,0 +1,310 @@
+"""partition(model, targets) -> Plan: which target runs which node, as ONNX subgraphs.
+
+Each requested target is asked about every node; a node goes to the highest-priority target
+that supports it, or to the onnxruntime fallback executor with every target's reason. Nodes
+with the same assignment are grouped into subgraphs that can never form a cycle: a node's
+"level" is the largest level of its producers, plus one where the assignment changes, and a
+subgraph is all nodes of one (target, level). Every edge between two subgraphs therefore
+goes to a strictly higher level, so running subgraphs in level order is always valid.
+Each subgraph is emitted as a standalone, valid ONNX model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lepton_edge.errors import UnsupportedOpsError
+from lepton_edge.model import Model
+from lepton_edge.target import Profile, Target, TargetPlugin, get_plugin, resolve
+
+FALLBACK = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class GraphView:
+    """What a target may look at when deciding about a node: types and shapes by name."""
+
+    value_types: dict[str, int]
+    value_shapes: dict[str, tuple[Any, ...]]
+    initializers: dict[str, onnx.TensorProto]
+    opset: int
+
+
+@dataclass(frozen=True)
+class Subgraph:
+    id: str
+    target: str  # the planned (highest-priority supporting) target, or "onnxruntime"
+    candidates: tuple[str, ...]  # every requested target supporting all its nodes, best first
+    level: int
+    nodes: tuple[str, ...]
+    op_counts: dict[str, int]
+    macs: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    proto: onnx.ModelProto
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: Model
+    targets: tuple[tuple[TargetPlugin, Profile], ...]
+    subgraphs: tuple[Subgraph, ...]
+    # node name -> {target name: reason it is not supported}; only nodes not on their best target
+    reasons: dict[str, dict[str, str]] = field(default_factory=dict)
+    fallback: bool = True
+
+    def transfers(self) -> list[tuple[str, str, str]]:
+        """(tensor, from subgraph, to subgraph) for every tensor crossing a subgraph boundary."""
+        producer = {o: sg.id for sg in self.subgraphs for o in sg.outputs}
+        return [(t, producer[t], sg.id) for sg in self.subgraphs for t in sg.inputs
+                if t in producer]
+
+    def explain(self) -> str:
+        """The plan as text a person reads: subgraphs, op counts, MACs, transfers, reasons."""
+        lines = [f"model {self.model.name}: {len(self.model.proto.graph.node)} nodes, "
+                 f"{sum(sg.macs for sg in self.subgraphs):,} MACs per sample"]
+        lines.append("targets: " + ", ".join(f"{p.name} (profile {pr.name})"
+                                              for p, pr in self.targets))
+        for sg in self.subgraphs:
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(sg.op_counts.items()))
+            where = ("onnxruntime fallback (no requested target supports these nodes)"
+                     if sg.target == FALLBACK else sg.target)
+            lines.append(f"{sg.id}: {len(sg.nodes)} nodes on {where}; builds for "
+                         f"{', '.join(sg.candidates) or FALLBACK}; {sg.macs:,} MACs")
+            lines.append(f"  ops: {ops}")
+            lines.append(f"  in: {', '.join(sg.inputs)}  out: {', '.join(sg.outputs)}")
+        transfers = self.transfers()
+        lines.append(f"transfers between subgraphs: {len(transfers)}")
+        for tensor, src, dst in transfers:
+            lines.append(f"  {tensor}: {src} -> {dst}")
+        if self.reasons:
+            lines.append("nodes not on the first-choice target, and why:")
+            for node, by_target in self.reasons.items():
+                why = "; ".join(f"{t}: {r}" for t, r in by_target.items())
+                lines.append(f"  {node}: {why}")
+        return "\n".join(lines)
+
+
+def graph_view(model: Model) -> GraphView:
+    graph = model.proto.graph
+    types: dict[str, int] = {}
+    shapes: dict[str, tuple[Any, ...]] = {}
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        tensor_type = value.type.tensor_type
+        types[value.name] = tensor_type.elem_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in tensor_type.shape.dim)
+    inits = {t.name: t for t in graph.initializer}
+    for name, tensor in inits.items():
+        types[name] = tensor.data_type
+        shapes[name] = tuple(tensor.dims)
+    return GraphView(value_types=types, value_shapes=shapes, initializers=inits,
+                     opset=model.opset)
+
+
+def partition(
+    model: Model, targets: list[str] | tuple[str, ...] = ("cpu",), *, fallback: bool = True
+) -> Plan:
+    """Split `model` into subgraphs, each assigned to the best requested target.
+
+    With `fallback` (the default) nodes no requested target supports go to onnxruntime;
+    without it they are all reported in one UnsupportedOpsError.
+    """
+    resolved = _resolve_all(targets)
+    ordered = sorted(resolved, key=lambda tp: -tp[0].priority)
+    compilers: list[tuple[str, Target]] = [(p.name, p.make_target()) for p, _ in ordered]
+    proto = _named_copy(model.proto)
+    view = graph_view(model)
+    nodes = list(proto.graph.node)
+
+    labels: dict[str, str] = {}
+    supported_by: dict[str, set[str]] = {}
+    reasons: dict[str, dict[str, str]] = {}
+    for node in nodes:
+        why_not: dict[str, str] = {}
+        ok: set[str] = set()
+        for name, target in compilers:
+            reason = target.unsupported_reason(node, view)
+            if reason is None:
+                ok.add(name)
+            else:
+                why_not[name] = reason
+        supported_by[node.name] = ok
+        best = next((name for name, _ in compilers if name in ok), FALLBACK)
+        labels[node.name] = best
+        if why_not and best != compilers[0][0]:
+            reasons[node.name] = why_not
+    unplaced = [n for n in nodes if labels[n.name] == FALLBACK]
+    if unplaced and not fallback:
+        raise UnsupportedOpsError(
+            [f"{n.op_type} (node {n.name}): " + "; ".join(
+                f"{t}: {r}" for t, r in reasons[n.name].items()) for n in unplaced],
+            hint="Pass fallback=True (CLI: drop --no-fallback) to run them on onnxruntime",
+        )
+
+    groups = _group(nodes, labels)
+    subgraphs = []
+    for index, ((label, level), members) in enumerate(groups):
+        candidates = tuple(name for name, _ in compilers
+                           if all(name in supported_by[n.name] for n in members))
+        subgraphs.append(_subgraph(f"sg{index}", label, candidates, level, members, proto, view))
+    return Plan(model=model, targets=tuple(ordered), subgraphs=tuple(subgraphs),
+                reasons=reasons, fallback=fallback)
+
+
+def _resolve_all(targets: list[str] | tuple[str, ...]) -> list[tuple[TargetPlugin, Profile]]:
+    if isinstance(targets, str):
+        targets = [targets]
+    resolved = [resolve(t) for t in targets]
+    seen: dict[str, str] = {}
+    for plugin, profile in resolved:
+        if plugin.name in seen:
+            from lepton_edge.errors import TargetError
+
+            raise TargetError(
+                f"target '{plugin.name}' requested twice ({seen[plugin.name]} and "
+                f"{profile.name}); compile once per profile of the same target"
+            )
+        seen[plugin.name] = profile.name
+    if not resolved:
+        get_plugin("cpu")
+    return resolved
+
+
+def _named_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have unique names (the plan and explain refer to them)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    seen: set[str] = set()
+    for index, node in enumerate(copy.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+    return copy
+
+
+def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names an If/Loop/Scan body reads from the enclosing graph."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {v.name for v in g.input} | {t.name for t in g.initializer}
+            for inner in g.node:
+                local |= set(inner.output)
+            for inner in g.node:
+                names |= {i for i in inner.input if i and i not in local}
+                names |= _implicit_inputs(inner) - local
+    return names
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    return [i for i in node.input if i] + sorted(_implicit_inputs(node))
+
+
+def _group(nodes: list[onnx.NodeProto], labels: dict[str, str]
+           ) -> list[tuple[tuple[str, int], list[onnx.NodeProto]]]:
+    producer: dict[str, onnx.NodeProto] = {o: n for n in nodes for o in n.output if o}
+    level: dict[str, int] = {}
+    for node in nodes:  # ONNX requires topological order; the checker enforced it
+        lv = 0
+        for name in _node_inputs(node):
+            src = producer.get(name)
+            if src is not None:
+                lv = max(lv, level[src.name] + (labels[src.name] != labels[node.name]))
+        level[node.name] = lv
+    groups: dict[tuple[str, int], list[onnx.NodeProto]] = {}
+    for node in nodes:
+        groups.setdefault((labels[node.name], level[node.name]), []).append(node)
+    return sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] == FALLBACK, kv[0][0]))
+
+
+def _macs(node: onnx.NodeProto, view: GraphView) -> int:
+    def numel(shape: tuple[Any, ...]) -> int:
+        return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in shape]))
+
+    try:
+        if node.op_type in ("Conv", "ConvInteger"):
+            # each output element is a dot product over (Cin/group, kh, kw)
+            return numel(view.value_shapes[node.output[0]]) * numel(
+                view.value_shapes[node.input[1]][1:])
+        if node.op_type == "ConvTranspose":
+            # each input element is scattered over (Cout/group, kh, kw)
+            return numel(view.value_shapes[node.input[0]]) * numel(
+                view.value_shapes[node.input[1]][1:])
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul"):
+            a = view.value_shapes[node.input[0]]
+            out = view.value_shapes[node.output[0]]
+            k = a[-1] if node.op_type != "Gemm" or not _attr(node, "transA") else a[0]
+            return numel(out) * (k if isinstance(k, int) and k > 0 else 1)
+    except (KeyError, IndexError):
+        return 0
+    return 0
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return None
+
+
+def _subgraph(
+    sg_id: str, label: str, candidates: tuple[str, ...], level: int,
+    members: list[onnx.NodeProto], proto: onnx.ModelProto, view: GraphView,
+) -> Subgraph:
+    graph = proto.graph
+    member_names = {n.name for n in members}
+    produced = {o for n in members for o in n.output if o}
+    consumed_outside = {i for n in graph.node if n.name not in member_names
+                        for i in _node_inputs(n)}
+    graph_outputs = [o.name for o in graph.output]
+    inputs: list[str] = []
+    inits: list[onnx.TensorProto] = []
+    for node in members:
+        for name in _node_inputs(node):
+            if name in produced or name in inputs or any(t.name == name for t in inits):
+                continue
+            if name in view.initializers:
+                inits.append(view.initializers[name])
+            else:
+                inputs.append(name)
+    outputs = [o for n in members for o in n.output
+               if o and (o in consumed_outside or o in graph_outputs)]
+    # Graph outputs keep the model's order where they are produced here.
+    outputs.sort(key=lambda o: graph_outputs.index(o) if o in graph_outputs else len(
+        graph_outputs))
+    value_infos = {v.name: v for v in list(graph.input) + list(graph.value_info)
+                   + list(graph.output)}
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        if name in value_infos:
+            return value_infos[name]
+        return helper.make_tensor_value_info(name, view.value_types.get(name, 0), None)
+
+    sub = helper.make_graph(
+        nodes=members, name=f"{graph.name or 'model'}_{sg_id}",
+        inputs=[info(n) for n in inputs], outputs=[info(n) for n in outputs],
+        initializer=inits,
+        value_info=[value_infos[o] for n in members for o in n.output
+                    if o in value_infos and o not in outputs],
+    )
+    sub_model = helper.make_model(sub, opset_imports=list(proto.opset_import),
+                                  ir_version=proto.ir_version)
+    sub_model.functions.extend(proto.functions)
+    counts: dict[str, int] = {}
+    for node in members:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return Subgraph(
+        id=sg_id, target=label, candidates=candidates, level=level,
+        nodes=tuple(n.name for n in members), op_counts=counts,
+        macs=sum(_macs(n, view) for n in members), inputs=tuple(inputs), outputs=tuple(outputs),
+        proto=sub_model,
+    )

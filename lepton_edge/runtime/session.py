@@ -1,0 +1,305 @@
+"""Session: a loaded artifact with every subgraph placed on a device, ready to run.
+
+Placement takes, for each subgraph, the highest-priority build whose device is present and
+compatible (ISA features, architecture, runtime version). With `fallback=True` a device that
+fails to load a build, or fails while running, hands that subgraph to its next build once;
+the event is recorded in `session.events` and warned about, and the request is re-run there,
+so no request is lost. With `fallback=False` anything but the first-choice build raises.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_edge import artifact as artifact_format
+from lepton_edge.errors import ArtifactError, DeviceError, LeptonError, TargetError
+from lepton_edge.signature import TensorSpec, check_feeds
+from lepton_edge.target import DeviceInfo, Executable, get_plugin, plugins
+
+
+class SelfTestError(LeptonError):
+    """The artifact's golden outputs were not reproduced on this device."""
+
+
+@dataclass
+class Placement:
+    subgraph: str
+    target: str
+    device: str
+    reason: str
+    rejected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.subgraph} -> {self.device} ({self.target}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    """Golden replay: per output, the worst absolute and relative error over all cases."""
+
+    cases: int
+    max_abs: dict[str, float]
+    max_rel: dict[str, float]
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return all(v <= self.tolerance for v in self.max_rel.values())
+
+    def __str__(self) -> str:
+        parts = [f"{name}: max abs {self.max_abs[name]:.3g}, max rel {self.max_rel[name]:.3g}"
+                 for name in self.max_rel]
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"self-test {verdict} on {self.cases} golden case(s) (tolerance "
+                f"{self.tolerance:g}): " + "; ".join(parts))
+
+
+@dataclass
+class _Choice:
+    build: dict[str, Any]
+    info: DeviceInfo
+    reason: str
+
+
+class _PlacedSubgraph:
+    def __init__(self, spec: dict[str, Any], choices: list[_Choice]) -> None:
+        self.id: str = spec["id"]
+        self.inputs: list[str] = spec["inputs"]
+        self.outputs: list[str] = spec["outputs"]
+        self.choices = choices  # best first; the first one is loaded
+        self.executable: Executable | None = None
+
+
+def load(
+    path: str | Path,
+    devices: list[str] | None = None,
+    *,
+    fallback: bool = True,
+    self_test: bool = False,
+    tolerance: float = 1e-4,
+) -> Session:
+    """Verify the artifact at `path`, place its subgraphs and return a ready Session.
+
+    `devices` limits placement to these device kinds (e.g. ["cpu"]); kinds that run only when
+    named (the FPGA C simulation) must be listed here. With `self_test` the golden inputs are
+    replayed and a SelfTestError raised if any output differs by more than `tolerance`
+    (relative to the largest reference value).
+    """
+    session = Session(artifact_format.read(path), devices=devices, fallback=fallback)
+    if self_test:
+        report = session.self_test(tolerance)
+        if not report.passed:
+            raise SelfTestError(f"{Path(path).name}: {report}")
+    return session
+
+
+class Session:
+    """Runs a placed artifact. `inputs`, `outputs` and `placement` describe it."""
+
+    def __init__(self, verified: artifact_format.VerifiedArtifact,
+                 devices: list[str] | None = None, fallback: bool = True) -> None:
+        self._artifact = verified
+        self._fallback = fallback
+        manifest = verified.manifest
+        self.manifest = manifest
+        self.inputs = tuple(TensorSpec.from_json(s) for s in manifest["inputs"])
+        self.outputs = tuple(TensorSpec.from_json(s) for s in manifest["outputs"])
+        self.events: list[str] = []
+        self._lock = threading.Lock()
+        self._dir = Path(tempfile.mkdtemp(prefix="lepton-session-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        self._probed: dict[str, list[DeviceInfo]] = {}
+        self._allowed = set(devices) if devices is not None else None
+        if devices is not None:
+            unknown = sorted(set(devices) - set(plugins()))
+            if unknown:
+                raise DeviceError(f"unknown device kind(s) {unknown}; known: "
+                                  f"{', '.join(sorted(plugins()))}")
+        self._subgraphs = self._place(manifest["subgraphs"])
+        for sg in self._subgraphs:
+            self._load_first(sg)
+
+    # ------------------------------------------------------------------ placement
+    def _devices(self, kind: str) -> list[DeviceInfo]:
+        if kind not in self._probed:
+            device = get_plugin(kind).make_device()
+            explicit = self._allowed is not None and kind in self._allowed
+            if device.explicit_only and not explicit:
+                self._probed[kind] = [DeviceInfo(kind=kind, name=kind, present=False,
+                                                 reason="used only when named in devices=")]
+            else:
+                self._probed[kind] = device.probe()
+        return self._probed[kind]
+
+    def _candidates(self, build: dict[str, Any]) -> tuple[DeviceInfo | None, str]:
+        kind = build["target"]
+        if self._allowed is not None and kind not in self._allowed:
+            return None, f"{kind} not in the allowed devices {sorted(self._allowed)}"
+        try:
+            device = get_plugin(kind).make_device()
+            infos = self._devices(kind)
+        except TargetError as exc:
+            return None, f"target '{kind}' is not available in this runtime: {exc}"
+        present = [i for i in infos if i.present]
+        if not present:
+            why = "; ".join(i.reason for i in infos if i.reason) or "none found"
+            return None, f"no {kind} device present ({why})"
+        problems = []
+        for info in present:
+            problem = device.incompatibility(info, build.get("meta", {}))
+            if problem is None:
+                return info, "highest-priority build whose device is present"
+            problems.append(f"{info.name}: {problem}")
+        return None, "; ".join(problems)
+
+    def _place(self, specs: list[dict[str, Any]]) -> list[_PlacedSubgraph]:
+        placed: list[_PlacedSubgraph] = []
+        unplaceable: list[str] = []
+        for spec in sorted(specs, key=lambda s: s["level"]):
+            builds = sorted(spec["builds"], key=lambda b: -b["priority"])
+            choices: list[_Choice] = []
+            rejected: list[str] = []
+            for build in builds:
+                info, reason = self._candidates(build)
+                if info is None:
+                    rejected.append(f"{build['target']}: {reason}")
+                else:
+                    choices.append(_Choice(build, info, reason))
+            if not choices or (not self._fallback and choices[0].build is not builds[0]):
+                unplaceable.append(f"{spec['id']} ({'; '.join(rejected) or 'no builds'})")
+                continue
+            if rejected:
+                choices[0].reason = "fell back: " + "; ".join(rejected)
+            sg = _PlacedSubgraph(spec, choices)
+            sg.rejected = rejected  # type: ignore[attr-defined]
+            placed.append(sg)
+        if unplaceable:
+            hint = "" if not self._fallback else " and no fallback build could run either"
+            raise DeviceError(
+                f"cannot place {len(unplaceable)} subgraph(s) on this machine's devices{hint}: "
+                + "; ".join(unplaceable)
+                + (". Use fallback=True to allow other builds" if not self._fallback else "")
+            )
+        return placed
+
+    def _load_first(self, sg: _PlacedSubgraph) -> None:
+        while sg.choices:
+            choice = sg.choices[0]
+            try:
+                files = self._artifact.extract(list(choice.build["files"].values()), self._dir)
+                local = {name: files[path] for name, path in choice.build["files"].items()}
+                device = get_plugin(choice.build["target"]).make_device()
+                sg.executable = device.load(choice.info, local, choice.build.get("meta", {}))
+                return
+            except Exception as exc:  # noqa: BLE001 - a device failing to load is reported
+                message = f"{sg.id}: loading on {choice.info.name} failed: {exc}"
+                if not self._fallback or len(sg.choices) == 1:
+                    raise DeviceError(message) from exc
+                self._note(message + f"; falling back to {sg.choices[1].info.name}")
+                sg.choices.pop(0)
+                sg.choices[0].reason = f"fell back after load failure on {choice.info.name}"
+
+    @property
+    def placement(self) -> dict[str, Placement]:
+        """subgraph id -> where it runs and why."""
+        return {sg.id: Placement(sg.id, sg.choices[0].build["target"], sg.choices[0].info.name,
+                                 sg.choices[0].reason, list(getattr(sg, "rejected", [])))
+                for sg in self._subgraphs}
+
+    def _note(self, message: str) -> None:
+        self.events.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ running
+    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model; returns every output by name, in the signature's order."""
+        arrays, _ = check_feeds(self.inputs, feeds)
+        with self._lock:
+            env: dict[str, np.ndarray] = dict(arrays)
+            for sg in self._subgraphs:
+                values = [env[name] for name in sg.inputs]
+                outputs = self._run_subgraph(sg, values)
+                env.update(zip(sg.outputs, outputs, strict=True))
+        return {spec.name: env[spec.name] for spec in self.outputs}
+
+    def _run_subgraph(self, sg: _PlacedSubgraph, values: list[np.ndarray]) -> list[np.ndarray]:
+        while True:
+            assert sg.executable is not None
+            try:
+                outputs = sg.executable.run(values)
+                if len(outputs) != len(sg.outputs):
+                    raise RuntimeError(f"returned {len(outputs)} outputs, expected "
+                                       f"{len(sg.outputs)}")
+                return outputs
+            except LeptonError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a device failing mid-run falls back once
+                failed = sg.choices[0].info.name
+                if not self._fallback or len(sg.choices) == 1:
+                    raise DeviceError(f"{sg.id} failed on {failed}: {exc}") from exc
+                self._note(f"{sg.id}: {failed} failed while running ({exc}); re-running this "
+                           f"request on {sg.choices[1].info.name} and staying there")
+                sg.choices.pop(0)
+                sg.choices[0].reason = f"fell back after a run failure on {failed}"
+                sg.executable = None
+                self._load_first(sg)
+
+    def self_test(self, tolerance: float = 1e-4) -> SelfTestReport:
+        """Replay the golden inputs stored at compile time and compare with their outputs."""
+        golden = self.manifest.get("golden", [])
+        if not golden:
+            raise ArtifactError("this artifact carries no golden inputs to check against")
+        max_abs: dict[str, float] = {}
+        max_rel: dict[str, float] = {}
+        for case in golden:
+            feeds = {name: self._artifact.array(path) for name, path in case["inputs"].items()}
+            got = self.run(feeds)
+            for name, path in case["outputs"].items():
+                want = self._artifact.array(path)
+                abs_err, rel_err = compare(got[name], want)
+                max_abs[name] = max(max_abs.get(name, 0.0), abs_err)
+                max_rel[name] = max(max_rel.get(name, 0.0), rel_err)
+        return SelfTestReport(cases=len(golden), max_abs=max_abs, max_rel=max_rel,
+                              tolerance=tolerance)
+
+    def close(self) -> None:
+        """Free the extracted build files (also done when the session is collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = ", ".join(f"{p.subgraph}->{p.device}" for p in self.placement.values())
+        return (f"Session({self._artifact.path.name}: "
+                f"{', '.join(str(s) for s in self.inputs)} -> "
+                f"{', '.join(str(s) for s in self.outputs)}; {where})")
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max absolute error, max error relative to the largest reference magnitude)."""
+    if got.shape != want.shape:
+        return float("inf"), float("inf")
+    if want.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    if np.isnan(diff).any():
+        same_nan = np.isnan(got) == np.isnan(want) if got.dtype.kind == "f" else False
+        if not np.all(same_nan):
+            return float("inf"), float("inf")
+        diff = np.nan_to_num(diff)
+    scale = float(np.max(np.abs(want.astype(np.float64)))) or 1.0
+    worst = float(diff.max())
+    return worst, worst / scale

@@ -1,0 +1,78 @@
+"""Run the compiled digits artifact next to onnxruntime: accuracy and latency.
+
+    .venv/bin/python samples/digits/demo.py build/digits.lepton
+
+Both engines see the same held-out test images; the script exits non-zero if their
+accuracies differ. Latency is the median over repeated runs, alternating the two engines in
+one process so machine noise hits both alike; the ratio matters more than the milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+import lepton_edge.runtime
+
+HERE = Path(__file__).resolve().parent
+
+
+def median_ms(fn: Callable[[], object], runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+
+    x = np.load(HERE / "x_test.npy", allow_pickle=False)
+    y = np.load(HERE / "y_test.npy", allow_pickle=False)
+    session = lepton_edge.runtime.load(args.artifact, self_test=True)
+    ort = onnxruntime.InferenceSession(str(HERE / "digits.onnx"),
+                                       providers=["CPUExecutionProvider"])
+    for placement in session.placement.values():
+        print(f"placement: {placement}")
+
+    ours = session.run({"image": x})["logits"]
+    theirs = ort.run(["logits"], {"image": x})[0]
+    acc_ours = float((ours.argmax(1) == y).mean())
+    acc_ort = float((theirs.argmax(1) == y).mean())
+    rel = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    print(f"test images: {len(y)}")
+    print(f"accuracy  lepton-edge {acc_ours:.4f}   onnxruntime {acc_ort:.4f}   "
+          f"(max relative logit difference {rel:.2e})")
+
+    print(f"latency, median of {args.runs} runs (ms):")
+    for batch in (1, 64, len(y)):
+        xb = np.ascontiguousarray(x[:batch])
+        t_ours, t_ort = [], []
+        for _ in range(3):  # alternate blocks so both see the same machine state
+            t_ours.append(median_ms(lambda xb=xb: session.run({"image": xb}), args.runs // 3))
+            t_ort.append(median_ms(lambda xb=xb: ort.run(["logits"], {"image": xb}),
+                                   args.runs // 3))
+        a, b = statistics.median(t_ours), statistics.median(t_ort)
+        print(f"  batch {batch:>4}: lepton-edge {a:8.3f}   onnxruntime {b:8.3f}   "
+              f"ratio {a / b:5.2f}x")
+    if acc_ours != acc_ort:
+        print("FAIL: accuracies differ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

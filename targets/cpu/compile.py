@@ -1,0 +1,62 @@
+"""Build one ONNX subgraph for a CPU profile with TVM's LLVM backend."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import onnx
+
+from lepton_edge.errors import TargetError
+from lepton_edge.lowering import relax
+from lepton_edge.runtime.devices import cpu_info
+from lepton_edge.target import Build, Profile, Target, host_arch
+from lepton_edge_targets.cpu import support
+
+
+class CpuTarget(Target):
+    name = "cpu"
+
+    def check_toolchain(self, profile: Profile) -> None:
+        cross = profile.get("cross_compiler")
+        if profile.get("arch", host_arch()) != host_arch():
+            if not cross:
+                raise TargetError(f"profile '{profile.name}' cross-compiles but names no compiler")
+            if shutil.which(cross) is None:
+                raise TargetError(
+                    f"profile '{profile.name}' needs the cross compiler '{cross}', not found on "
+                    f"PATH; install it (Debian: apt install {profile.get('package', cross)})"
+                )
+
+    def unsupported_reason(self, node: onnx.NodeProto, graph: Any) -> str | None:
+        return support.unsupported_reason(node, graph.value_types)
+
+    def llvm_target(self, profile: Profile) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The TVM target dict for `profile`, and the facts a device checks before loading."""
+        arch = profile.get("arch", host_arch())
+        mcpu = profile.get("mcpu", "native")
+        requires = list(profile.get("requires", []))
+        if mcpu == "native":
+            if arch != host_arch():
+                raise TargetError(f"profile '{profile.name}': mcpu 'native' needs arch {arch}")
+            mcpu = relax.system_cpu()
+            # A native build uses every ISA extension this CPU has; the device must have them.
+            requires = cpu_info().isa
+        target: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu}
+        if profile.get("triple"):
+            target["mtriple"] = profile.get("triple")
+        if profile.get("mattr"):
+            target["mattr"] = list(profile.get("mattr"))
+        meta = {"arch": arch, "mcpu": mcpu, "requires": requires,
+                "triple": profile.get("triple", "")}
+        return target, meta
+
+    def compile(self, subgraph: onnx.ModelProto, profile: Profile) -> Build:
+        self.check_toolchain(profile)
+        target, meta = self.llvm_target(profile)
+        mod = relax.import_onnx(subgraph)
+        cross = profile.get("cross_compiler") if meta["arch"] != host_arch() else None
+        library = relax.build_llvm_library(mod, target, cross_compiler=cross)
+        meta["tvm_target"] = target
+        meta["tvm"] = relax.tvm_version()
+        return Build(target=self.name, profile=profile.name, files={"lib.so": library}, meta=meta)
