@@ -30,8 +30,8 @@ from lepton_edge.errors import (  # noqa: E402
 _LAZY = {
     "load": ("lepton_edge.model", "load"),
     "Model": ("lepton_edge.model", "Model"),
-    "partition": ("lepton_edge.partition", "partition"),
-    "Plan": ("lepton_edge.partition", "Plan"),
+    "partition": ("lepton_edge.plan", "partition"),
+    "Plan": ("lepton_edge.plan", "Plan"),
     "compile": ("lepton_edge.compiler", "compile"),
     "Artifact": ("lepton_edge.compiler", "Artifact"),
 }

@@ -21,6 +21,7 @@ import os
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,6 +34,11 @@ FORMAT = "lepton-edge artifact"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_FILE_BYTES = 8 * 2**30  # refuse absurd sizes before reading (zip bombs)
+# What zipfile raises for a damaged entry: bad CRC or header (BadZipFile), a damaged deflate
+# stream (zlib.error), a flipped compression-method or encryption bit (NotImplementedError,
+# RuntimeError), a cut-off file (EOFError, OSError).
+_ENTRY_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError,
+                 OSError)
 
 
 def sha256(data: bytes) -> str:
@@ -63,14 +69,22 @@ def write(path: str | os.PathLike[str], manifest: dict[str, Any], files: dict[st
         _check_name(name)
     if path.is_dir():
         raise ArtifactError(f"{path} is a directory; give a file name such as model.lepton")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}; choose a writable "
+                            "folder") from None
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             for name, data in sorted(files.items()):
                 zf.writestr(name, data)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}; {path} was left as "
+                            "it was") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -79,7 +93,7 @@ def write(path: str | os.PathLike[str], manifest: dict[str, Any], files: dict[st
 
 def _check_name(name: str) -> None:
     pure = PurePosixPath(name)
-    if (not name or "\\" in name or pure.is_absolute() or ".." in pure.parts
+    if (not name or "\\" in name or pure.is_absolute() or not pure.parts or ".." in pure.parts
             or name.startswith("/") or ":" in pure.parts[0]):
         raise ArtifactError(
             f"artifact entry '{name}' would extract outside its folder; refusing the artifact"
@@ -118,7 +132,7 @@ def read(path: str | os.PathLike[str]) -> VerifiedArtifact:
         raise ArtifactError(f"{path} is a directory, not a .lepton artifact")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError) as exc:
         raise ArtifactError(
             f"{path} is not a lepton-edge artifact or is corrupt ({exc}); recompile the model"
         ) from None
@@ -138,7 +152,7 @@ def read(path: str | os.PathLike[str]) -> VerifiedArtifact:
             raise ArtifactError(f"{path} has no {MANIFEST}; it is not a lepton-edge artifact")
         try:
             manifest = json.loads(zf.read(MANIFEST))
-        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+        except (ValueError, *_ENTRY_ERRORS) as exc:
             raise ArtifactError(f"{path}: {MANIFEST} is unreadable ({exc})") from None
         _check_manifest(manifest, path)
         listed: dict[str, dict[str, Any]] = manifest["files"]
@@ -153,8 +167,11 @@ def read(path: str | os.PathLike[str]) -> VerifiedArtifact:
         for name, entry in listed.items():
             try:
                 data = zf.read(name)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise ArtifactError(f"{path}: entry '{name}' is corrupt ({exc})") from None
+            except _ENTRY_ERRORS as exc:
+                raise ArtifactError(
+                    f"{path}: entry '{name}' is corrupt ({exc}); the artifact was damaged, "
+                    "recompile or copy it again"
+                ) from None
             if len(data) != entry.get("size") or sha256(data) != entry.get("sha256"):
                 raise ArtifactError(
                     f"{path}: '{name}' does not match its sha256 in the manifest; the artifact "
@@ -168,7 +185,7 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: {MANIFEST} is not a lepton-edge manifest")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # noqa: E721 - True == 1
         newer = isinstance(version, int) and version > SCHEMA_VERSION
         raise ArtifactError(
             f"{path} has artifact schema version {version!r}; this lepton-edge reads version "
@@ -178,3 +195,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     for key in ("files", "inputs", "outputs", "subgraphs", "versions"):
         if key not in manifest:
             raise ArtifactError(f"{path}: {MANIFEST} lacks '{key}'; the artifact is damaged")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and type(entry.get("size")) is int for entry in files.values()):
+        raise ArtifactError(f"{path}: {MANIFEST} has a malformed 'files' table (each entry "
+                            "needs a sha256 and a size); the artifact is damaged")

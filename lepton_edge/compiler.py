@@ -21,7 +21,7 @@ import onnx
 from lepton_edge import __version__, artifact
 from lepton_edge.errors import InputError, LeptonError, TargetError
 from lepton_edge.model import Model, load
-from lepton_edge.partition import FALLBACK, Plan, partition
+from lepton_edge.plan import FALLBACK, Plan, partition
 from lepton_edge.signature import TensorSpec, check_feeds
 from lepton_edge.target import Build, Profile, get_plugin
 

@@ -160,9 +160,11 @@ def _resolve_external_data(proto: onnx.ModelProto, base_dir: Path) -> int:
 
 
 def _check(fn: Any, where: str) -> Any:
+    # onnx's C++ side also raises ValueError (e.g. an invalid data type) and
+    # UnicodeDecodeError (a damaged string field) for a malformed model.
     try:
         return fn()
-    except (onnx.checker.ValidationError, shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, shape_inference.InferenceError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{where} is not a valid ONNX model: {first}") from None
 
@@ -177,7 +179,7 @@ def _validated(
             "so the data files can be found next to it"
         )
     opset = _default_opset(proto, where)
-    _check_ops(proto, opset)
+    _check_ops(proto, opset, where)
     if not checked:
         _check(lambda: onnx.checker.check_model(proto), where)
     _name_free_dims(proto)
@@ -211,12 +213,18 @@ def _default_opset(proto: onnx.ModelProto, where: str) -> int:
     return opset
 
 
-def _check_ops(proto: onnx.ModelProto, opset: int) -> None:
+def _check_ops(proto: onnx.ModelProto, opset: int, where: str) -> None:
     """Every node must be an op ONNX (or onnxruntime's contrib domain) defines; list all."""
     domain_versions = {o.domain or "": o.version for o in proto.opset_import}
     local_functions = {(f.domain, f.name) for f in proto.functions}
     problems: dict[str, list[str]] = {}
     for node in _all_nodes(proto.graph):
+        if not (isinstance(node.op_type, str) and isinstance(node.domain, str)):
+            # protobuf hands back bytes for string fields that are not valid UTF-8
+            raise ModelError(
+                f"{where} is not a valid ONNX model: a node's op type or domain is not UTF-8 "
+                "text; the file is damaged, re-export the model"
+            )
         domain = node.domain or ""
         if (domain, node.op_type) in local_functions:
             continue
@@ -234,8 +242,8 @@ def _check_ops(proto: onnx.ModelProto, opset: int) -> None:
         elif domain_versions.get(domain) is None:
             reason = f"domain '{domain}' is used but not declared in opset_import"
         if reason:
-            key = f"{node.op_type}" + (f" ({domain})" if domain else "")
-            problems.setdefault(f"{key}: {reason}", []).append(node.name or "<unnamed>")
+            key = f"{node.op_type or '<empty op_type>'}" + (f" ({domain})" if domain else "")
+            problems.setdefault(f"{key}: {reason}", []).append(str(node.name or "<unnamed>"))
     if problems:
         raise UnsupportedOpsError(
             [f"{k} at node(s) {', '.join(v[:5])}" + (" ..." if len(v) > 5 else "")
@@ -278,7 +286,7 @@ def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
     tensor_type = value.type.tensor_type
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         raise ModelError(
             f"{where}: '{value.name}' has element type {tensor_type.elem_type}, which has no "
             "numpy equivalent"

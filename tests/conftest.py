@@ -1,0 +1,42 @@
+"""Shared test helpers: compile a model, run it, and compare against onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+import lepton_edge
+from lepton_edge.runtime.session import compare
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], rel: float = 1e-4
+                 ) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert got[name].dtype == want[name].dtype, name
+        _, rel_err = compare(got[name], want[name])
+        assert rel_err <= rel, f"{name}: relative error {rel_err:.3g} > {rel:g}"
+
+
+@pytest.fixture
+def build(tmp_path: Path):
+    """build(model, targets=("cpu",), **kw) -> (artifact path, session)."""
+
+    def _build(model, targets=("cpu",), devices=None, fallback=True, **kw):
+        art = lepton_edge.compile(model, list(targets), fallback=fallback, **kw)
+        path = art.save(tmp_path / "model.lepton")
+        return path, lepton_edge.runtime.load(path, devices=devices, fallback=fallback)
+
+    return _build
