@@ -125,6 +125,7 @@ def _safe(name: str) -> str:
 def inspect_cmd(artifact: Path, as_json: bool) -> None:
     """Verify ARTIFACT and show its manifest, builds, sizes and versions."""
     from lepton_edge import artifact as fmt
+    from lepton_edge.signature import TensorSpec
 
     verified = fmt.read(artifact)
     m = verified.manifest
@@ -138,7 +139,7 @@ def inspect_cmd(artifact: Path, as_json: bool) -> None:
                f"sha256 {m['model']['sha256'][:16]}...")
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for kind in ("inputs", "outputs"):
-        specs = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m[kind])
+        specs = ", ".join(str(TensorSpec.from_json(s)) for s in m[kind])
         click.echo(f"{kind}: {specs}")
     for sg in m["subgraphs"]:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(sg["op_counts"].items()))

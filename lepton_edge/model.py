@@ -46,7 +46,9 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.proto.graph.name or Path(self.source).stem or "model"
+        if not self.source.startswith("<"):
+            return Path(self.source).stem
+        return self.proto.graph.name or "model"
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -276,3 +276,20 @@ def test_runtime_imports_nothing_from_the_compiler(build) -> None:
                          cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_failed_tvm_build_falls_back_to_onnxruntime_and_is_recorded(build, monkeypatch) -> None:
+    from lepton_edge.lowering import relax
+
+    def refuse(proto: onnx.ModelProto) -> None:
+        raise TargetError("TVM could not import the graph: simulated converter bug")
+
+    monkeypatch.setattr(relax, "import_onnx", refuse)
+    model = lepton_edge.load(conv_model())
+    with pytest.warns(UserWarning, match="sg0 runs on onnxruntime because every build failed"):
+        art = lepton_edge.compile(model, ["cpu"])
+    assert art.builds == [("sg0", "onnxruntime", "onnxruntime")]
+    assert "simulated converter bug" in art.manifest["subgraphs"][0]["build_errors"]["cpu"]
+    assert "cpu build failed: TVM could not import" in art.summary()
+    with pytest.raises(TargetError, match="could not be built: cpu: TVM could not import"):
+        lepton_edge.compile(model, ["cpu"], fallback=False)
