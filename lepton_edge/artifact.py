@@ -47,7 +47,7 @@ def sha256(data: bytes) -> str:
 
 def array_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    np.save(buffer, np.asarray(array, order="C"), allow_pickle=False)  # keeps 0-d arrays 0-d
     return buffer.getvalue()
 
 

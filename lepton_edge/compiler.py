@@ -73,6 +73,9 @@ def compile(  # noqa: A001 - the public verb of the pipeline
         model = load(model)
     say = log or (lambda _msg: None)
     plan = partition(model, targets, fallback=fallback)
+    # A missing toolchain is the user's to fix, never a reason to fall back quietly.
+    for plugin, profile in plan.targets:
+        plugin.make_target().check_toolchain(profile)
     files: dict[str, bytes] = {}
     subgraphs = []
     profiles = {plugin.name: profile for plugin, profile in plan.targets}

@@ -54,7 +54,7 @@ def check_feeds(
         )
     problems: list[str] = []
     known = {s.name for s in specs}
-    unknown = sorted(set(feeds) - known)
+    unknown = sorted(set(feeds) - known, key=str)  # names may not all be str
     missing = [s.name for s in specs if s.name not in feeds]
     if unknown:
         problems.append(f"unknown input name(s) {unknown}")
@@ -107,7 +107,7 @@ def check_feeds(
                     break
                 symbols.setdefault(want, got)
                 symbol_source.setdefault(want, spec.name)
-        arrays[spec.name] = np.ascontiguousarray(arr)
+        arrays[spec.name] = np.asarray(arr, order="C")  # ascontiguousarray makes 0-d 1-d
     if problems:
         expected = "; ".join(str(s) for s in specs)
         raise InputError("bad inputs: " + "; ".join(problems) + f". The model takes {expected}")

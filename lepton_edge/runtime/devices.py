@@ -49,8 +49,27 @@ def cpu_info() -> CpuInfo:
                     flags = set(value.split())
     except OSError:
         pass
+    if not flags and host_arch() == "aarch64":
+        flags = _aarch64_hwcaps()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return CpuInfo(arch=host_arch(), model=model, cores=cores or 1, features=frozenset(flags))
+
+
+def _aarch64_hwcaps() -> set[str]:
+    """AArch64 features from the kernel's auxiliary vector (when /proc/cpuinfo has none,
+    e.g. under qemu-user, which shows the host's cpuinfo)."""
+    import ctypes
+
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return set()
+    getauxval.restype = ctypes.c_ulong
+    hwcap, hwcap2 = getauxval(16), getauxval(26)  # AT_HWCAP, AT_HWCAP2
+    bits = {"fp": (hwcap, 0), "asimd": (hwcap, 1), "asimddp": (hwcap, 20),
+            "sve": (hwcap, 22), "sve2": (hwcap2, 1), "i8mm": (hwcap2, 13),
+            "bf16": (hwcap2, 14)}
+    return {name for name, (word, bit) in bits.items() if word >> bit & 1}
 
 
 def probe_devices() -> list[DeviceInfo]:
