@@ -201,3 +201,59 @@ def _check_manifest(manifest: Any, path: Path) -> None:
             and type(entry.get("size")) is int for entry in files.values()):
         raise ArtifactError(f"{path}: {MANIFEST} has a malformed 'files' table (each entry "
                             "needs a sha256 and a size); the artifact is damaged")
+    problem = _layout_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path}: {MANIFEST} is malformed ({problem}); the artifact is "
+                            "damaged, recompile the model")
+
+
+def _layout_problem(manifest: dict[str, Any]) -> str | None:
+    """What the runtime and `inspect` read must be there with the right types, and every
+    file a build or golden case names must be in the verified files table."""
+
+    def is_list_of_dicts(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+    def is_name_map(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in value.items())
+
+    files = manifest["files"]
+    if not isinstance(manifest.get("versions"), dict):
+        return "'versions' is not a table"
+    model = manifest.get("model", {})
+    if not isinstance(model, dict):
+        return "'model' is not a table"
+    for kind in ("inputs", "outputs"):
+        specs = manifest[kind]
+        if not is_list_of_dicts(specs) or not all(
+                isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str)
+                and isinstance(s.get("shape"), list)
+                and all(type(d) in (int, str) for d in s["shape"]) for s in specs):
+            return f"'{kind}' must list tensors with a name, dtype and shape"
+    if not is_list_of_dicts(manifest["subgraphs"]):
+        return "'subgraphs' is not a list of subgraphs"
+    for sg in manifest["subgraphs"]:
+        if not (isinstance(sg.get("id"), str) and type(sg.get("level")) is int
+                and isinstance(sg.get("inputs"), list) and isinstance(sg.get("outputs"), list)
+                and is_list_of_dicts(sg.get("builds"))):
+            return f"subgraph {sg.get('id')!r} lacks an id, level, inputs, outputs or builds"
+        for build in sg["builds"]:
+            if not (isinstance(build.get("target"), str) and type(build.get("priority")) is int
+                    and is_name_map(build.get("files"))
+                    and isinstance(build.get("meta", {}), dict)):
+                return f"a build of subgraph '{sg['id']}' lacks a target, priority or files"
+            unlisted = sorted(set(build["files"].values()) - set(files))
+            if unlisted:
+                return f"subgraph '{sg['id']}' names files not in the artifact: {unlisted}"
+    golden = manifest.get("golden", [])
+    if not is_list_of_dicts(golden):
+        return "'golden' is not a list of cases"
+    for case in golden:
+        if not (is_name_map(case.get("inputs")) and is_name_map(case.get("outputs"))):
+            return "a golden case lacks its inputs or outputs"
+        named = set(case["inputs"].values()) | set(case["outputs"].values())
+        unlisted = sorted(named - set(files))
+        if unlisted:
+            return f"a golden case names files not in the artifact: {unlisted}"
+    return None

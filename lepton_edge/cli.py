@@ -55,6 +55,49 @@ def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_f
                f"{time.perf_counter() - start:.1f} s")
 
 
+@cli.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="QDQ ONNX model to write.")
+@click.option("--calib", type=click.Path(path_type=Path), required=True,
+              help="Calibration data: a .npy file (single-input models) or a folder of .npy.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="minmax", show_default=True)
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor, not per channel.")
+@click.option("--symmetric-activations", is_flag=True)
+@click.option("--scale", type=float, help="Fixed activation scale instead of calibration.")
+@click.option("--keep-float", multiple=True, metavar="NODE", help="Leave NODE in float.")
+@click.option("--min-cosine", type=float,
+              help="Keep the worst layers float until every output's cosine to fp32 >= this.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the per-layer error plot (PNG).")
+def quantize_cmd(model: Path, output: Path, calib: Path, method: str, per_tensor: bool,
+                 symmetric_activations: bool, scale: float | None, keep_float: tuple[str, ...],
+                 min_cosine: float | None, plot: Path | None) -> None:
+    """Quantize MODEL to int8 QDQ ONNX, calibrated on --calib, and report the error."""
+    import onnx
+
+    import lepton_edge
+    from lepton_edge.compress.quantize import quantize
+
+    data: Any = calib
+    if calib.is_file():
+        try:
+            data = np.load(calib, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{calib} is not a readable .npy array ({exc})") from None
+    quantized = quantize(lepton_edge.load(model), data, method=method,
+                         per_channel=not per_tensor, symmetric_activations=symmetric_activations,
+                         scale=scale, keep_float=keep_float, min_output_cosine=min_cosine,
+                         progress=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(quantized.proto, output)
+    click.echo(quantized.report.table())
+    if plot is not None:
+        click.echo(f"plot: {quantized.report.plot(plot)}")
+    click.echo(f"wrote {output}")
+
+
 def _parse_inputs(values: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:
     feeds: dict[str, np.ndarray] = {}
     for value in values:

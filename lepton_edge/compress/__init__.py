@@ -1,0 +1,1 @@
+"""Model compression before compiling: quantization (and, later, pruning)."""
