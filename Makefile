@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) samples/digits/demo.py build/digits.lepton
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check lepton_edge targets tests samples
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
