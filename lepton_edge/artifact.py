@@ -80,6 +80,9 @@ def write(path: str | os.PathLike[str], manifest: dict[str, Any], files: dict[st
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             for name, data in sorted(files.items()):
                 zf.writestr(name, data)
+        umask = os.umask(0)  # mkstemp makes 0600 files; give the usual umask-based mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> Any:
     except LeptonError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        click.echo("error: " + " ".join(str(exc).split()), err=True)  # always one line
         sys.exit(exc.exit_code)
     except SystemExit:
         raise

@@ -105,7 +105,16 @@ def _load_path(path: Path) -> Model:
     if size > PROTOBUF_LIMIT:
         # Over protobuf's 2 GB limit the checker must read the model from disk.
         _check(lambda: onnx.checker.check_model(str(path)), str(path))
-    external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except (ValueError, OSError) as exc:  # a bad offset or length, an unreadable data file
+        raise ModelError(f"cannot load the external data of {path}: {exc}; re-save the model "
+                         "with onnx.save_model(..., save_as_external_data=True)") from None
+    # Loaded data is inline now; clear the explicit DEFAULT marker so the model hashes the same
+    # whether its weights came from external files or not.
+    for tensor in external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
     return _validated(proto, str(path), base_dir=path.parent, checked=size > PROTOBUF_LIMIT)
 
 
@@ -143,14 +152,21 @@ def _resolve_external_data(proto: onnx.ModelProto, base_dir: Path) -> int:
     for tensor in _external_tensors(proto):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        if not location or "\0" in location:
+            problems.append(f"tensor '{tensor.name}' uses external data but names no valid "
+                            f"file ({location!r})")
+            continue
         target = (base / location).resolve()
-        if not location or os.path.isabs(location) or not target.is_relative_to(base):
+        if os.path.isabs(location) or not target.is_relative_to(base):
             problems.append(
                 f"tensor '{tensor.name}' points at external data '{location}' outside the "
                 f"model folder {base}"
             )
         elif not target.is_file():
             problems.append(f"tensor '{tensor.name}' needs external data file {target}, missing")
+        elif not all(info.get(k, "0").isdecimal() for k in ("offset", "length")):
+            problems.append(f"tensor '{tensor.name}' has a malformed external data offset or "
+                            f"length ({info.get('offset')!r}, {info.get('length')!r})")
         else:
             total += int(info.get("length", 0) or target.stat().st_size)
     if problems:
