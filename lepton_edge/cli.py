@@ -218,16 +218,19 @@ def unpack_cmd(artifact: Path, dest: Path) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def devices_cmd(as_json: bool) -> None:
     """What this machine has: CPU and ISA features, GPUs, FPGAs, and usable device kinds."""
-    from lepton_edge.runtime.devices import cpu_info, nvidia_gpus, probe_devices, xilinx_fpgas
+    from lepton_edge.runtime.devices import (
+        cpu_info, nvidia_gpus, probe_devices, tvm_cuda_devices, xilinx_fpgas,
+    )
 
     cpu = cpu_info()
     gpus, gpu_reason = nvidia_gpus()
     fpgas, fpga_reason = xilinx_fpgas()
+    cuda, cuda_reason = tvm_cuda_devices()
     probed = probe_devices()
     if as_json:
         click.echo(json.dumps({
             "cpu": {"arch": cpu.arch, "model": cpu.model, "cores": cpu.cores, "isa": cpu.isa},
-            "gpus": gpus, "fpgas": fpgas,
+            "gpus": gpus, "tvm_cuda": cuda, "fpgas": fpgas,
             "devices": [{"kind": d.kind, "name": d.name, "present": d.present,
                          "reason": d.reason} for d in probed]}, indent=1))
         return
@@ -236,6 +239,7 @@ def devices_cmd(as_json: bool) -> None:
     click.echo(f"  isa: {' '.join(cpu.isa) or 'baseline'}")
     click.echo(f"  int8 dot products (VNNI): {'yes' if vnni else 'no'}")
     click.echo("gpus: " + (", ".join(gpus) if gpus else f"none ({gpu_reason})"))
+    click.echo("cuda (TVM runtime): " + (", ".join(cuda) if cuda else f"none ({cuda_reason})"))
     click.echo("fpgas: " + (", ".join(fpgas) if fpgas else f"none ({fpga_reason})"))
     click.echo("device kinds lepton-edge can place subgraphs on:")
     for d in probed:

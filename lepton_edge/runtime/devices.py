@@ -101,6 +101,24 @@ def nvidia_gpus() -> tuple[list[str], str]:
     return names, "" if names else "NVIDIA driver loaded but reports no GPUs"
 
 
+def tvm_cuda_devices() -> tuple[list[str], str]:
+    """CUDA devices the TVM runtime itself can open (what CUDA builds would run on)."""
+    try:
+        import tvm.runtime
+    except ImportError as exc:
+        return [], f"TVM runtime not importable ({exc})"
+    found = []
+    for index in range(16):
+        try:
+            device = tvm.runtime.cuda(index)
+            if not device.exist:
+                break
+            found.append(f"cuda:{index} {device.device_name} (compute {device.compute_version})")
+        except Exception as exc:  # noqa: BLE001 - a runtime without CUDA support
+            return [], f"TVM runtime cannot query CUDA ({exc})"
+    return found, "" if found else "TVM runtime sees no CUDA device"
+
+
 def xilinx_fpgas() -> tuple[list[str], str]:
     """Xilinx/AMD FPGA devices visible through XRT's device nodes, or why there are none."""
     nodes = []
