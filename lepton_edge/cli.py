@@ -194,6 +194,11 @@ def inspect_cmd(artifact: Path, as_json: bool) -> None:
                               if k in ("mcpu", "arch", "requires", "tvm"))
             click.echo(f"  build {b['target']} [{b['profile']}] priority {b['priority']}: "
                        f"{size:,} bytes; {extra}")
+            if b["meta"].get("int8_kernels") or b["meta"].get("qdq_kept_float"):
+                click.echo(f"    int8 kernels: {len(b['meta'].get('int8_kernels', []))}; "
+                           f"QDQ left as float: {len(b['meta'].get('qdq_kept_float', []))}")
+                for why in b["meta"].get("qdq_kept_float", []):
+                    click.echo(f"      float: {why}")
         for target, reason in sg.get("build_errors", {}).items():
             click.echo(f"  {target} build failed: {reason}")
     click.echo(f"golden cases: {len(m.get('golden', []))}")

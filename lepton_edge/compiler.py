@@ -131,8 +131,27 @@ def compile(  # noqa: A001 - the public verb of the pipeline
         "subgraphs": subgraphs,
         "reasons": plan.reasons,
         "golden": golden,
+        "output_quant_step": _output_steps(model),
     }
     return Artifact(manifest=manifest, files=files, plan=plan)
+
+
+def _output_steps(model: Model) -> dict[str, float]:
+    """Quantization step of each output made by a DequantizeLinear with a scalar scale.
+
+    Integer kernels may differ from ONNX's float QDQ semantics by one step there (rounding
+    of the float accumulation), so the self-test accepts that much on those outputs.
+    """
+    inits = {t.name: t for t in model.proto.graph.initializer}
+    producers = {o: n for n in model.proto.graph.node for o in n.output}
+    steps = {}
+    for spec in model.outputs:
+        node = producers.get(spec.name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in inits:
+            scale = onnx.numpy_helper.to_array(inits[node.input[1]])
+            if scale.size == 1:
+                steps[spec.name] = float(scale.ravel()[0])
+    return steps
 
 
 def _versions() -> dict[str, str]:

@@ -45,6 +45,16 @@ def import_onnx(proto: onnx.ModelProto) -> Any:
         raise TargetError(f"TVM could not import the graph: {_first_line(exc)}") from exc
 
 
+def lower_int8(mod: Any) -> tuple[Any, Any]:
+    """Rewrite recognised QDQ patterns to integer kernels (see lowering/int8.py)."""
+    from lepton_edge.lowering.int8 import lower_qdq_to_integer
+
+    try:
+        return lower_qdq_to_integer(mod)
+    except Exception as exc:  # noqa: BLE001 - a pass bug must not pass silently
+        raise TargetError(f"int8 lowering failed: {_first_line(exc)}") from exc
+
+
 def build_llvm_library(
     mod: Any, target: dict[str, Any], cross_compiler: str | None = None
 ) -> bytes:

@@ -55,8 +55,12 @@ class CpuTarget(Target):
         self.check_toolchain(profile)
         target, meta = self.llvm_target(profile)
         mod = relax.import_onnx(subgraph)
+        mod, lowering = relax.lower_int8(mod)
         cross = profile.get("cross_compiler") if meta["arch"] != host_arch() else None
         library = relax.build_llvm_library(mod, target, cross_compiler=cross)
         meta["tvm_target"] = target
         meta["tvm"] = relax.tvm_version()
+        if lowering.lowered or lowering.kept_float:
+            meta["int8_kernels"] = lowering.lowered
+            meta["qdq_kept_float"] = lowering.kept_float
         return Build(target=self.name, profile=profile.name, files={"lib.so": library}, meta=meta)

@@ -1,0 +1,291 @@
+"""Integer lowering of QDQ patterns: int8 x int8 -> int32 accumulate -> fixed-point requantize.
+
+TVM's ONNX importer runs a QDQ model as float fake-quant: weights are dequantized to fp32
+and conv/matmul run in fp32. This pass finds
+
+    quantize( [relu|clip]( [add(bias)]( conv2d|matmul( dequantize(x_q), W ) ) ) )
+
+where W is a constant int8 weight with symmetric (zero) zero points, dequantized per tensor
+or per output channel (possibly transposed), and x_q, the input scale/zero point and the
+output scale/zero point are scalars, and rewrites it to
+
+    acc   = conv2d|matmul(pad(x_q, x_zp), W_q, out_dtype=int32)      int8 x int8 -> int32
+          + (bias_q - x_zp * sum(W_q))                                 folded at compile time
+    y_q   = clip(rne((acc * m0) >> shift) + y_zp, lo, hi)             fixed-point requantize
+
+with M = x_scale * w_scale / y_scale = m0 * 2^-shift (m0 a 31-bit mantissa) and rne the
+round-half-to-even that ONNX QuantizeLinear uses. Anything else stays as it was (still
+correct, as float); the pass reports each quantize it left alone and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def fixed_point_multiplier(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split positive real multipliers M into int64 (m0, shift) with M ~= m0 * 2**-shift.
+
+    m0 is in [2**30, 2**31), so an int32 accumulator times m0 fits in int64.
+    """
+    flat = np.asarray(multiplier, dtype=np.float64).ravel()
+    m0 = np.empty(flat.shape, np.int64)
+    shift = np.empty(flat.shape, np.int64)
+    for i, value in enumerate(flat):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"requantization multiplier must be positive, got {value}")
+        mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, [0.5, 1)
+        q = round(mantissa * 2**31)
+        if q == 2**31:
+            q //= 2
+            exponent += 1
+        m0[i], shift[i] = q, 31 - exponent
+        if not 1 <= shift[i] <= 62:
+            raise ValueError(f"requantization multiplier {value} is out of range")
+    shape = np.shape(multiplier)
+    return m0.reshape(shape), shift.reshape(shape)
+
+
+def requantize_reference(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, zero_point: int,
+                         low: int = -128, high: int = 127) -> np.ndarray:
+    """The numpy definition of the requantization the compiled code performs (bit-exact)."""
+    prod = acc.astype(np.int64) * m0
+    q = prod >> shift
+    rem = prod - (q << shift)
+    half = np.left_shift(np.int64(1), shift - 1)
+    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).astype(np.int64)
+    return np.clip(q + zero_point, low, high).astype(np.int8)
+
+
+@dataclass
+class LoweringReport:
+    lowered: list[str] = field(default_factory=list)  # "conv2d -> int8" per rewritten quantize
+    kept_float: list[str] = field(default_factory=list)  # "why" per quantize left as float
+
+
+class _NotLowerable(Exception):
+    pass
+
+
+def _name(var: Any) -> str:
+    return str(getattr(var, "name", None) or getattr(var, "name_hint", "") or "v")
+
+
+def _dtype(expr: Any) -> str:
+    for attr in ("ty", "struct_info", "checked_type"):
+        info = getattr(expr, attr, None)
+        if info is not None and getattr(info, "dtype", None) is not None:
+            return str(info.dtype)
+    return ""
+
+
+def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
+    """Rewrite the recognised QDQ patterns of every Relax function in `mod` to integer code."""
+    from tvm import relax
+    from tvm.ir.expr import Constant  # TVM 0.27 moved relax.Constant into tvm.ir
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    report = LoweringReport()
+
+    def op_name(expr: Any) -> str:
+        if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
+            return str(expr.op.name)
+        return ""
+
+    def const(expr: Any) -> np.ndarray:
+        if isinstance(expr, Constant) and hasattr(expr.value, "numpy"):
+            return expr.value.numpy()
+        raise _NotLowerable(f"{type(expr).__name__} where a constant was expected")
+
+    @mutator
+    class Rewriter(PyExprMutator):  # type: ignore[misc]
+        def resolve(self, expr: Any) -> Any:
+            """Follow dataflow vars to the call that produced them."""
+            while isinstance(expr, relax.Var):
+                bound = self.lookup_binding(expr)
+                if bound is None:
+                    return expr
+                expr = bound
+            return expr
+
+        def visit_var_binding_(self, binding: Any) -> None:
+            value = binding.value
+            if op_name(value) == "relax.quantize":
+                try:
+                    new_value = self.lower(value)
+                except _NotLowerable as why:
+                    report.kept_float.append(str(why))
+                else:
+                    new_var = self.builder_.emit(new_value, _name(binding.var) + "_int")
+                    self.set_var_remap(binding.var, new_var)
+                    return
+            super().visit_var_binding_(binding)
+
+        # -------------------------------------------------------------- matching
+        def lower(self, quant: Any) -> Any:
+            if str(quant.attrs.out_dtype) != "int8":
+                raise _NotLowerable(f"output dtype {quant.attrs.out_dtype} is not int8")
+            y_scale = const(quant.args[1])
+            y_zp = const(quant.args[2])
+            if y_scale.size != 1 or y_zp.size != 1:
+                raise _NotLowerable("per-channel output quantization")
+            expr = self.resolve(quant.args[0])
+            low, high = -128, 127
+            y_scale_f, y_zp_i = float(y_scale.ravel()[0]), int(y_zp.ravel()[0])
+            if op_name(expr) == "relax.nn.relu":
+                low = max(low, y_zp_i)
+                expr = self.resolve(expr.args[0])
+            elif op_name(expr) == "relax.clip":
+                lo_v, hi_v = (float(const(a).ravel()[0]) if isinstance(a, Constant)
+                              else float(a.value) for a in expr.args[1:3])
+                low = max(low, int(np.clip(round(lo_v / y_scale_f) + y_zp_i, -128, 127)))
+                high = min(high, int(np.clip(round(hi_v / y_scale_f) + y_zp_i, -128, 127)))
+                expr = self.resolve(expr.args[0])
+            bias = None
+            if op_name(expr) == "relax.add":
+                a, b = (self.resolve(x) for x in expr.args)
+                if op_name(a) in ("relax.nn.conv2d", "relax.matmul"):
+                    expr, bias = a, b
+                elif op_name(b) in ("relax.nn.conv2d", "relax.matmul"):
+                    expr, bias = b, a
+                else:
+                    raise _NotLowerable("add without a conv2d/matmul operand")
+            kind = op_name(expr)
+            if kind not in ("relax.nn.conv2d", "relax.matmul"):
+                what = kind.removeprefix("relax.") if kind else "a model input"
+                raise _NotLowerable(f"QuantizeLinear of {what}: no integer kernel for it, "
+                                    "runs as float fake-quant")
+            try:
+                return self.lower_core(kind, expr, bias, y_scale_f, y_zp_i, low, high)
+            except _NotLowerable as why:
+                raise _NotLowerable(f"QuantizeLinear of {kind.removeprefix('relax.')}: {why}; "
+                                    "runs as float fake-quant") from None
+
+        def lower_core(self, kind: str, expr: Any, bias: Any, y_scale_f: float, y_zp_i: int,
+                       low: int, high: int) -> Any:
+            x_q, x_scale, x_zp = self.activation(expr.args[0])
+            w_q, w_scale = self.weight(expr.args[1], kind)
+            out_channels = w_q.shape[0] if kind == "relax.nn.conv2d" else w_q.shape[-1]
+            w_scale = np.broadcast_to(w_scale.astype(np.float64), (out_channels,))
+            acc_scale = x_scale * w_scale
+            bias_q = np.zeros(out_channels, np.int64)
+            if bias is not None:
+                bias_f = self.bias(bias, out_channels)
+                bias_q = np.round(bias_f.astype(np.float64) / acc_scale).astype(np.int64)
+            if kind == "relax.nn.conv2d":
+                acc, w_sum = self.conv2d(expr, x_q, x_zp, w_q)
+                bshape = (1, out_channels, 1, 1)
+            else:
+                acc = self.builder_.emit(relax.op.matmul(x_q, relax.const(w_q, "int8"),
+                                                         out_dtype="int32"))
+                w_sum = w_q.astype(np.int64).sum(axis=0)
+                bshape = (out_channels,)
+            correction = bias_q - int(x_zp) * w_sum
+            if np.abs(correction).max(initial=0) >= 2**31:
+                raise _NotLowerable("bias correction overflows int32")
+            acc = self.builder_.emit(relax.op.add(
+                acc, relax.const(correction.astype(np.int32).reshape(bshape), "int32")))
+            m0, shift = fixed_point_multiplier(acc_scale / y_scale_f)
+            report.lowered.append(f"{kind.split('.')[-1]} -> int8 x int8 -> int32")
+            return self.requantize(acc, m0.reshape(bshape), shift.reshape(bshape), y_zp_i,
+                                   low, high)
+
+        def activation(self, expr: Any) -> tuple[Any, float, int]:
+            deq = self.resolve(expr)
+            if op_name(deq) != "relax.dequantize":
+                raise _NotLowerable("the activation input is not dequantized int8")
+            scale, zp = const(deq.args[1]), const(deq.args[2])
+            if scale.size != 1 or zp.size != 1:
+                raise _NotLowerable("per-channel activation quantization")
+            source = deq.args[0]
+            dtype = _dtype(source)
+            if dtype != "int8":
+                raise _NotLowerable(f"activation is {dtype}, not int8")
+            return self.visit_expr(source), float(scale.ravel()[0]), int(zp.ravel()[0])
+
+        def weight(self, expr: Any, kind: str) -> tuple[np.ndarray, np.ndarray]:
+            node = self.resolve(expr)
+            transpose = None
+            if op_name(node) == "relax.permute_dims":
+                transpose = node.attrs.axes
+                node = self.resolve(node.args[0])
+            if op_name(node) != "relax.dequantize":
+                raise _NotLowerable("the weight is not a dequantized constant")
+            w_q = const(node.args[0])
+            scale, zp = const(node.args[1]), const(node.args[2])
+            if w_q.dtype != np.int8:
+                raise _NotLowerable(f"weight is {w_q.dtype}, not int8")
+            if np.any(zp != 0):
+                raise _NotLowerable("weight zero point is not 0 (asymmetric weights)")
+            axis = int(node.attrs.axis)
+            if scale.size > 1:
+                out_axis = 0 if kind == "relax.nn.conv2d" else (
+                    0 if transpose is not None else w_q.ndim - 1)
+                if axis % w_q.ndim != out_axis:
+                    raise _NotLowerable("weight scales are not per output channel")
+            if transpose is not None:
+                w_q = np.transpose(w_q, [int(a) for a in transpose])
+            if kind == "relax.matmul" and w_q.ndim != 2:
+                raise _NotLowerable("matmul weight is not 2-D")
+            return np.ascontiguousarray(w_q), scale.ravel()
+
+        def bias(self, expr: Any, channels: int) -> np.ndarray:
+            node = self.resolve(expr)
+            if op_name(node) == "relax.reshape":
+                node = self.resolve(node.args[0])
+            if isinstance(node, Constant):
+                values = const(node).astype(np.float64)
+            elif op_name(node) == "relax.dequantize":
+                q = const(node.args[0]).astype(np.float64)
+                scale = const(node.args[1]).astype(np.float64)
+                zp = const(node.args[2]).astype(np.float64)
+                values = (q - zp) * scale
+            else:
+                raise _NotLowerable("the bias is not a constant")
+            values = values.ravel()
+            if values.size not in (1, channels):
+                raise _NotLowerable("bias is not per output channel")
+            return np.broadcast_to(values, (channels,))
+
+        # -------------------------------------------------------------- emitting
+        def conv2d(self, conv: Any, x_q: Any, x_zp: int, w_q: np.ndarray) -> tuple[Any, Any]:
+            attrs = conv.attrs
+            if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NCHW", "OIHW"):
+                raise _NotLowerable("conv2d layout is not NCHW/OIHW")
+            pad = [int(p) for p in attrs.padding]  # top, left, bottom, right
+            if any(pad):
+                # pad with the zero point: padding then represents real 0.0, as in ONNX
+                x_q = self.builder_.emit(relax.op.nn.pad(
+                    x_q, [0, 0, 0, 0, pad[0], pad[2], pad[1], pad[3]], "constant",
+                    float(x_zp)))
+            acc = self.builder_.emit(relax.op.nn.conv2d(
+                x_q, relax.const(w_q, "int8"), strides=attrs.strides, padding=[0, 0, 0, 0],
+                dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
+            return acc, w_q.astype(np.int64).reshape(w_q.shape[0], -1).sum(axis=1)
+
+        def requantize(self, acc: Any, m0: np.ndarray, shift: np.ndarray, zp: int, low: int,
+                       high: int) -> Any:
+            op, emit = relax.op, self.builder_.emit
+            prod = emit(op.multiply(op.astype(acc, "int64"), relax.const(m0, "int64")))
+            sh = relax.const(shift, "int64")
+            q = emit(op.right_shift(prod, sh))
+            rem = emit(op.subtract(prod, op.left_shift(q, sh)))
+            half = relax.const(np.left_shift(np.int64(1), shift - 1), "int64")
+            odd = op.equal(op.bitwise_and(q, relax.const(1, "int64")), relax.const(1, "int64"))
+            up = op.logical_or(op.greater(rem, half), op.logical_and(op.equal(rem, half), odd))
+            q = emit(op.add(q, op.astype(up, "int64")))
+            q = emit(op.add(q, relax.const(zp, "int64")))
+            return op.astype(op.clip(q, low, high), "int8")
+
+    rewriter = Rewriter(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            new_func = rewriter.visit_expr(func)
+            rewriter.builder_.update_func(gvar, new_func)
+    new_mod = rewriter.builder_.get()
+    new_mod = relax.transform.DeadCodeElimination()(new_mod)
+    return new_mod, report

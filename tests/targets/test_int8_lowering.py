@@ -1,0 +1,179 @@
+"""QDQ -> integer kernels: bit-exact against a numpy model of the same integer math.
+
+Each model takes int8 input and returns int8 output, so the comparison is exact: the
+reference computes acc = sum((x_q - x_zp) * w_q) + bias_q in int64 and requantizes with
+the fixed-point multiplier. Against onnxruntime (ONNX's float QDQ semantics) the difference
+is at most one quantization step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lepton_edge
+from lepton_edge.lowering.int8 import (
+    fixed_point_multiplier, lower_qdq_to_integer, requantize_reference,
+)
+
+rng = np.random.default_rng(7)
+
+
+def test_fixed_point_multiplier_is_accurate() -> None:
+    values = np.array([1e-6, 3.3e-4, 0.0123, 0.5, 0.999999, 1.0, 7.5, 1000.0])
+    m0, shift = fixed_point_multiplier(values)
+    assert np.all((m0 >= 2**30) & (m0 < 2**31))
+    approx = m0.astype(np.float64) * np.power(2.0, -shift.astype(np.float64))
+    assert np.all(np.abs(approx - values) <= values * 2.0**-30)
+    with pytest.raises(ValueError, match="positive"):
+        fixed_point_multiplier(np.array([0.0]))
+
+
+def test_requantize_rounds_half_to_even_like_quantizelinear() -> None:
+    m0, shift = fixed_point_multiplier(np.array(0.5))
+    acc = np.array([1, 3, 5, -1, -3, -5, 7, 1000])
+    got = requantize_reference(acc, m0, shift, 0)
+    assert got.tolist() == [0, 2, 2, 0, -2, -2, 4, 127]  # 0.5->0, 1.5->2, 2.5->2, ... clipped
+
+
+def conv_int64(x: np.ndarray, w: np.ndarray, pads: list[int], strides: list[int],
+               groups: int) -> np.ndarray:
+    """Direct int64 NCHW convolution (reference, independent of the compiled code)."""
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh, ow = (h - kh) // strides[0] + 1, (wd - kw) // strides[1] + 1
+    out = np.zeros((n, o, oh, ow), np.int64)
+    og = o // groups
+    for g in range(groups):
+        xs = x[:, g * cg:(g + 1) * cg]
+        for i in range(oh):
+            for j in range(ow):
+                patch = xs[:, :, i * strides[0]:i * strides[0] + kh,
+                           j * strides[1]:j * strides[1] + kw]
+                out[:, g * og:(g + 1) * og, i, j] = np.einsum(
+                    "nchw,ochw->no", patch, w[g * og:(g + 1) * og])
+    return out
+
+
+def qdq_model(kind: str, *, groups: int = 1, relu: bool = False, per_channel: bool = True,
+              weight_zp: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """int8 in -> DQ -> Conv/MatMul/Gemm (+bias) [-> Relu] -> Q -> int8 out."""
+    sx, zx, sy, zy = 0.02, -7, 0.05, 3
+    if kind == "conv":
+        c, o = 4 * groups if groups > 1 else 3, 4 * groups if groups > 1 else 6
+        w_shape, x_shape, axis = (o, c // groups, 3, 3), ["N", c, 7, 7], 0
+        y_shape = ["N", o, 4, 4]
+    else:
+        c, o = 24, 10
+        w_shape = (o, c) if kind == "gemm" else (c, o)
+        axis = 0 if kind == "gemm" else 1
+        x_shape, y_shape = ["N", c], ["N", o]
+    w_q = rng.integers(-127, 128, w_shape).astype(np.int8)
+    sw = (rng.uniform(0.005, 0.02, o) if per_channel else np.array(0.01)).astype(np.float32)
+    b_q = rng.integers(-2000, 2000, o).astype(np.int32)
+    sb = (np.float32(sx) * sw).astype(np.float32) * np.ones(o, np.float32)
+    inits = [
+        numpy_helper.from_array(np.array(sx, np.float32), "sx"),
+        numpy_helper.from_array(np.array(zx, np.int8), "zx"),
+        numpy_helper.from_array(np.array(sy, np.float32), "sy"),
+        numpy_helper.from_array(np.array(zy, np.int8), "zy"),
+        numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(sw, "sw"),
+        numpy_helper.from_array(np.full(sw.shape, weight_zp, np.int8), "zw"),
+        numpy_helper.from_array(b_q, "b_q"), numpy_helper.from_array(sb, "sb"),
+        numpy_helper.from_array(np.zeros(o, np.int32), "zb"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x_q", "sx", "zx"], ["x"]),
+        helper.make_node("DequantizeLinear", ["w_q", "sw", "zw"], ["w"],
+                         **({"axis": axis} if per_channel else {})),
+        helper.make_node("DequantizeLinear", ["b_q", "sb", "zb"], ["b"], axis=0),
+    ]
+    if kind == "conv":
+        nodes.append(helper.make_node("Conv", ["x", "w", "b"], ["acc"], pads=[1, 1, 1, 1],
+                                      strides=[2, 2], group=groups))
+    elif kind == "gemm":
+        nodes.append(helper.make_node("Gemm", ["x", "w", "b"], ["acc"], transB=1))
+    else:
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["mm"]),
+                  helper.make_node("Add", ["mm", "b"], ["acc"])]
+    last = "acc"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["acc"], ["r"]))
+        last = "r"
+    nodes.append(helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["y_q"]))
+    graph = helper.make_graph(
+        nodes, f"qdq_{kind}", [helper.make_tensor_value_info("x_q", TensorProto.INT8, x_shape)],
+        [helper.make_tensor_value_info("y_q", TensorProto.INT8, y_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    params = dict(sx=sx, zx=zx, sy=sy, zy=zy, w_q=w_q, sw=sw, b_q=b_q, groups=groups,
+                  relu=relu, kind=kind)
+    return model, params
+
+
+def reference(x_q: np.ndarray, p: dict) -> np.ndarray:
+    x = x_q.astype(np.int64) - p["zx"]
+    w = p["w_q"].astype(np.int64)
+    if p["kind"] == "conv":
+        acc = conv_int64(x, w, [1, 1, 1, 1], [2, 2], p["groups"]) + p["b_q"][None, :, None, None]
+        shape = (1, -1, 1, 1)
+    else:
+        acc = x @ (w.T if p["kind"] == "gemm" else w) + p["b_q"][None, :]
+        shape = (1, -1)
+    multiplier = np.float32(p["sx"]) * np.broadcast_to(p["sw"], p["b_q"].shape).astype(
+        np.float64) / np.float64(np.float32(p["sy"]))
+    m0, shift = fixed_point_multiplier(multiplier)
+    low = p["zy"] if p["relu"] else -128
+    return requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), p["zy"], low)
+
+
+def ort_spec(model: onnx.ModelProto, x_q: np.ndarray) -> np.ndarray:
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnxruntime.InferenceSession(model.SerializeToString(), options).run(
+        None, {"x_q": x_q})[0]
+
+
+CASES = {
+    "conv": dict(kind="conv"),
+    "conv_relu": dict(kind="conv", relu=True),
+    "depthwise_conv": dict(kind="conv", groups=4),
+    "matmul": dict(kind="matmul"),
+    "matmul_per_tensor": dict(kind="matmul", per_channel=False),
+    "gemm_relu": dict(kind="gemm", relu=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_integer_kernel_is_bit_exact(case: str, build) -> None:
+    model, p = qdq_model(**CASES[case])
+    from tvm.relax.frontend.onnx import from_onnx
+
+    lowered, report = lower_qdq_to_integer(from_onnx(model, keep_params_in_input=False))
+    assert len(report.lowered) == 1 and not report.kept_float, report
+    text = lowered.script(show_meta=False)
+    assert 'out_dtype="int32"' in text and "R.dequantize" not in text
+    _, session = build(lepton_edge.load(model))
+    meta = session.manifest["subgraphs"][0]["builds"][0]["meta"]
+    assert len(meta["int8_kernels"]) == 1
+    shape = [2 if isinstance(d, str) else d for d in session.inputs[0].shape]
+    x_q = rng.integers(-128, 128, shape).astype(np.int8)
+    got = session.run({"x_q": x_q})["y_q"]
+    want = reference(x_q, p)
+    assert got.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got.astype(int) - ort_spec(model, x_q).astype(int)).max() <= 1
+
+
+def test_unrecognised_pattern_stays_float_and_correct(build) -> None:
+    model, _ = qdq_model("matmul", weight_zp=5)  # asymmetric weights: not lowered
+    _, session = build(lepton_edge.load(model))
+    meta = session.manifest["subgraphs"][0]["builds"][0]["meta"]
+    assert meta["int8_kernels"] == []
+    assert "weight zero point is not 0" in meta["qdq_kept_float"][0]
+    x_q = rng.integers(-128, 128, (3, 24)).astype(np.int8)
+    got = session.run({"x_q": x_q})["y_q"]
+    assert np.abs(got.astype(int) - ort_spec(model, x_q).astype(int)).max() <= 1
