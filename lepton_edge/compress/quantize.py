@@ -189,6 +189,15 @@ def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: s
                              "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
+    if method == "entropy":
+        # onnxruntime's quantize_static cannot pass histogram sizes to its entropy calibrator,
+        # whose defaults (128 bins, 128 quantized bins) leave exactly one candidate threshold:
+        # the full range, i.e. MinMax (seen here: identical scales). We run the calibrator
+        # with 2048 bins ourselves and hand its ranges over as rmin/rmax overrides.
+        extra["TensorQuantOverrides"] = {
+            name: [{"rmin": np.array(lo, np.float32), "rmax": np.array(hi, np.float32)}]
+            for name, (lo, hi) in _entropy_ranges(model, batches, symmetric).items()}
+        calib = CalibrationMethod.MinMax  # the ranges are fixed; MinMax only fills the rest
     if scale is not None:
         # Fixed-scale mode: every activation tensor gets this scale and zero point 0.
         overrides = {}
@@ -226,6 +235,30 @@ def _root_log_level(level: int) -> Any:
         yield
     finally:
         root.setLevel(old)
+
+
+def _entropy_ranges(model: Model, batches: list[dict[str, np.ndarray]], symmetric: bool
+                    ) -> dict[str, tuple[float, float]]:
+    """KL-divergence (entropy) thresholds per activation tensor, 2048-bin histograms."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="lepton-entropy-") as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        onnx.save(model.proto, src)
+        quiet = contextlib.redirect_stdout(io.StringIO())
+        with quiet, _root_log_level(logging.ERROR):
+            calibrator = create_calibrator(
+                src, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=CalibrationMethod.Entropy,
+                extra_options={"num_bins": 2048, "num_quantized_bins": 255,
+                               "symmetric": symmetric})
+            calibrator.collect_data(_Reader(batches, progress=False))
+            data = calibrator.compute_data()
+    ranges = {}
+    for name, value in data.data.items():
+        lo, hi = value.range_value
+        ranges[name] = (float(np.asarray(lo).ravel()[0]), float(np.asarray(hi).ravel()[0]))
+    return ranges
 
 
 def _run_with_intermediates(proto: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
