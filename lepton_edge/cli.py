@@ -127,9 +127,10 @@ def _parse_inputs(values: tuple[str, ...], names: list[str]) -> dict[str, np.nda
 @click.option("--device", "devices", multiple=True,
               help="Allow only these device kinds (repeatable); needed for explicit-only ones.")
 @click.option("--no-fallback", is_flag=True, help="Fail instead of using a fallback build.")
-@click.option("--tolerance", default=1e-4, show_default=True, help="--check tolerance.")
+@click.option("--tolerance", type=float, default=None,
+              help="--check relative tolerance [default: 1e-4, 1e-2 for int8 models].")
 def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, check: bool,
-            devices: tuple[str, ...], no_fallback: bool, tolerance: float) -> None:
+            devices: tuple[str, ...], no_fallback: bool, tolerance: float | None) -> None:
     """Run ARTIFACT on this machine's devices."""
     from lepton_edge import runtime
 

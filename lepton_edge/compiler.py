@@ -132,6 +132,7 @@ def compile(  # noqa: A001 - the public verb of the pipeline
         "reasons": plan.reasons,
         "golden": golden,
         "output_quant_step": _output_steps(model),
+        "quantized": any(n.op_type == "QuantizeLinear" for n in model.proto.graph.node),
     }
     return Artifact(manifest=manifest, files=files, plan=plan)
 

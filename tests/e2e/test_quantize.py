@@ -137,3 +137,33 @@ def test_cli_quantize_then_compile(digits, tmp_path: Path) -> None:
     out = subprocess.run(cli + ["run", str(tmp_path / "q.lepton"), "--check"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "self-test PASS" in out.stdout, out.stdout + out.stderr
+
+
+def test_bert_shaped_encoder_int8_keeps_cosine(tmp_path: Path) -> None:
+    """A 2-layer encoder (attention + LayerNorm + GELU): int8 kernels for every linear layer,
+    output cosine >= 0.99 against fp32 on held-out inputs."""
+    torch = pytest.importorskip("torch")
+    from lepton_edge.compress.quantize import cosine
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128,
+                                             dropout=0.0, activation="gelu", batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    model = lepton_edge.load(encoder, torch.randn(2, 16, 64), input_names=["tokens"],
+                             output_names=["hidden"])
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((32, 16, 64)).astype(np.float32)
+    test = rng.standard_normal((8, 16, 64)).astype(np.float32)
+    q = quantize(model, calib)
+    art = lepton_edge.compile(q, ["cpu"])
+    meta = art.manifest["subgraphs"][0]["builds"][0]["meta"]
+    assert len(meta["int8_kernels"]) == 8  # q/k/v in-projection, out-projection, 2 FFN x 2
+    session = lepton_edge.runtime.load(art.save(tmp_path / "enc.lepton"), self_test=True)
+    fp32 = spec_run_named(model.proto, {"tokens": test})
+    assert cosine(session.run({"tokens": test})["hidden"], fp32) >= 0.99
+
+
+def spec_run_named(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]

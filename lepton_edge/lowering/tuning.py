@@ -1,0 +1,532 @@
+"""MetaSchedule tuning for CPU builds: tune the kernels of a Relax module, keep the results in a
+persistent JSON database, and compile the module with the best schedules found.
+
+Why it is shaped like this (measured with TVM 0.27 on a 2-core znver3; see the tune_probe
+benchmark and ../shared/TVM_NOTES.md):
+
+* Symbolic dimensions cannot be tuned. Kernels with a symbolic extent (the batch "N" of our
+  ONNX models) are extracted as tasks, but MetaSchedule's search aborts the whole run on them
+  (``parallel_for_dynamic ... Check failed: (old_rv != nullptr && new_rv != nullptr)`` while
+  sampling the initial population) and its CPU post-processor ``DisallowDynamicLoop`` rejects
+  any schedule with a symbolic loop anyway. A record tuned for N=64 is keyed by the structural
+  hash of the N=64 kernel, so it never matches the symbolic kernel either.
+  So a module whose ``main`` has symbolic dims is *bucketed*: ``main`` is specialised to each
+  concrete value in ``buckets`` (default N=1 and N=64), the specialised copies are tuned, and a
+  new ``main`` dispatches on the runtime shape (``if N == 1 ... elif N == 64 ... else``) to the
+  tuned copy, or to the untouched symbolic function for every other size. One executable, one
+  entry point, any batch size; only the bucket sizes are fast.
+* The builder builds in this process (``InProcessBuilder``): ``LocalBuilder`` spawns a fresh
+  worker pool for every batch and each worker re-imports ``tvm.s_tir.tensor_intrin``.
+* The measurements run in ``LocalRunner``'s one persistent worker process, so a kernel that
+  crashes (e.g. SIGILL when the target's ISA is newer than this CPU) cannot take us down.
+* The database is applied to a freshly prepared module (TVM_NOTES: scheduling a module object
+  with dlight and then applying the database to it gave dlight's speed). dlight's CPU rules
+  (GEMV, reductions) then schedule what the database does not cover; the rest keeps TVM's
+  default (unscheduled) loops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax
+
+from lepton_edge.errors import TargetError
+
+Log = Callable[[str], None]
+
+#: Batch sizes a symbolic dimension is specialised to when the caller names none.
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 64)
+#: MetaSchedule measures at most this many candidates of one task per round.
+MAX_TRIALS_PER_ROUND = 64
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+class TuningError(TargetError):
+    """Tuning or building from the tuning database failed."""
+
+
+def default_database_dir(target: tvm.target.Target) -> Path:
+    """``~/.cache/lepton-edge/tuning/<target-hash>/``; the hash covers the target and TVM version,
+    because records are only valid for the code generator and CPU they were measured with."""
+    return Path.home() / ".cache" / "lepton-edge" / "tuning" / target_hash(target)
+
+
+def target_hash(target: tvm.target.Target) -> str:
+    """A short stable hash of the target's attributes and the TVM version."""
+    text = json.dumps([str(tvm.__version__), _target_dict(target)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def count_records(database_dir: Path) -> int:
+    """How many tuning records (measured schedules, failed ones included) the database holds."""
+    path = Path(database_dir) / DATABASE_FILES[1]
+    if not path.exists():
+        return 0
+    with path.open() as f:
+        return sum(1 for line in f if line.strip())
+
+
+def symbolic_vars(mod: tvm.IRModule, func: str = "main") -> list[Any]:
+    """The symbolic dimensions (tir Vars) in the tensor parameters of ``mod[func]``, in order."""
+    found: dict[str, Any] = {}
+    for param in mod[func].params:
+        shape = getattr(param.ty, "shape", None)
+        for dim in getattr(shape, "values", None) or []:
+            if isinstance(dim, tvm.tirx.Var) and dim.name not in found:
+                found[dim.name] = dim
+    return list(found.values())
+
+
+def specialize(mod: tvm.IRModule, buckets: Mapping[str, Sequence[int]]) -> tvm.IRModule:
+    """Rewrite ``main`` into a shape dispatcher over copies specialised to each bucket.
+
+    Each combination of bucket values gets a private copy ``main_<var><value>...`` with the
+    symbolic vars bound to constants (tunable); any other shape goes to ``main_generic``, the
+    original symbolic function (default schedules). Inputs and outputs of ``main`` keep their
+    symbolic types, so callers see no difference.
+    """
+    main = mod["main"]
+    syms = {v.name: v for v in symbolic_vars(mod)}
+    unknown = sorted(set(buckets) - set(syms))
+    if unknown:
+        raise TuningError(f"bucket for {unknown}, but main's symbolic dims are {sorted(syms)}")
+    names = [n for n in syms if n in buckets and buckets[n]]
+    if not names:
+        return mod
+    for name in names:
+        bad = [b for b in buckets[name] if not isinstance(b, int) or b < 1]
+        if bad:
+            raise TuningError(f"bucket sizes for '{name}' must be positive integers, got {bad}")
+
+    bb = relax.BlockBuilder()
+    for gv, func in mod.functions_items():
+        if gv.name_hint != "main":
+            bb.add_func(func, gv.name_hint)
+    generic = bb.add_func(main.without_attr("global_symbol"), "main_generic")
+    params = [relax.Var(p.name, p.ty) for p in main.params]
+    cases = []
+    for values in itertools.product(*(sorted(set(buckets[n])) for n in names)):
+        binding = dict(zip(names, values, strict=True))
+        suffix = "_".join(f"{n}{v}" for n, v in binding.items())
+        gv = bb.add_func(main.bind_symbolic_vars(binding).without_attr("global_symbol"),
+                         f"main_{suffix}")
+        cond = None
+        for n, v in binding.items():
+            # Relax shape variables are always int64.
+            eq = tvm.tirx.EQ(syms[n], tvm.tirx.IntImm("int64", v))
+            cond = eq if cond is None else tvm.tirx.And(cond, eq)
+        cases.append((cond, gv))
+
+    def _call(gv: Any, ty: Any | None) -> Any:
+        out = relax.Var("out", ty) if ty is not None else relax.Var("out")
+        return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(out, relax.Call(gv, params))])],
+                             out)
+
+    body = _call(generic, main.ret_ty)
+    for cond, gv in reversed(cases):
+        body = relax.If(relax.prim_value(cond), _call(gv, None), body)
+    result = relax.Var("result", main.ret_ty)
+    # The branches return different static shapes; match_cast restores main's symbolic type.
+    seq = relax.SeqExpr([relax.BindingBlock([relax.MatchCast(result, body, main.ret_ty)])], result)
+    dispatcher = relax.Function(params, seq, main.ret_ty, is_pure=main.is_pure)
+    for key, value in main.attrs.items():
+        dispatcher = dispatcher.with_attr(key, value)
+    bb.add_func(dispatcher, "main")
+    return relax.transform.Normalize()(bb.get())
+
+
+def tune_and_build(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    trials: int,
+    database_dir: Path | None,
+    log: Log | None = None,
+    buckets: Mapping[str, Sequence[int]] | None = None,
+) -> tvm.runtime.Executable:
+    """Tune ``mod``'s kernels with MetaSchedule and compile it with the tuned schedules.
+
+    ``trials`` is the number of *new* measurements allowed, shared evenly between the tunable
+    kernels; kernels that already have that share of valid records in the database are not
+    tuned again, so a second call with the same workloads measures nothing. ``trials=0`` only
+    applies what the database has. ``database_dir`` defaults to :func:`default_database_dir`.
+    ``buckets`` maps symbolic dims of ``main`` to the sizes to specialise and tune for (default:
+    every symbolic dim to ``DEFAULT_BUCKETS``; an empty mapping turns specialisation off and
+    leaves symbolic kernels untuned). Raises :class:`TuningError` on any failure.
+    """
+    say: Log = log or (lambda _msg: None)
+    if trials < 0:
+        raise TuningError(f"trials must be >= 0, got {trials}")
+    if not isinstance(target, tvm.target.Target):
+        raise TuningError(f"target must be a tvm.target.Target, got {type(target).__name__}")
+    if target.kind.name != "llvm":
+        raise TuningError(f"tuning supports LLVM (CPU) targets only, not '{target.kind.name}'")
+    target = _with_num_cores(target, say)
+    db_dir = Path(database_dir) if database_dir is not None else default_database_dir(target)
+    try:
+        db_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TuningError(f"cannot create the tuning database folder {db_dir}: {exc}") from exc
+
+    if buckets is None:
+        buckets = {v.name: DEFAULT_BUCKETS for v in symbolic_vars(mod)}
+    if buckets:
+        say("specialising " + ", ".join(f"{n} to {list(b)}" for n, b in buckets.items())
+            + "; other sizes run untuned kernels")
+        mod = specialize(mod, buckets)
+
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    before = len(database)
+    if trials > 0:
+        tasks = _tunable_tasks(_prepare(mod, target), target, say)
+        _tune(tasks, target, database, trials, say)
+    say(f"database {db_dir}: {len(database)} records ({len(database) - before} new)")
+
+    started = time.perf_counter()
+    executable = _build(_prepare(mod, target), target, database)
+    say(f"compiled with the tuning database in {time.perf_counter() - started:.1f} s")
+    return executable
+
+
+def _prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse: the kernels after this are the tuning tasks, and building must run the
+    very same passes so that the database keys (structural hashes) match."""
+    from tvm.relax import pipeline
+
+    try:
+        with target:
+            return tvm.transform.Sequential([
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                *pipeline.library_dispatch_passes(target),
+                *pipeline.legalize_passes(target),
+                # Reshapes become VM builtins when lowering: not kernels worth trials.
+                relax.transform.RewriteDataflowReshape(),
+            ])(mod)
+    except Exception as exc:  # noqa: BLE001 - TVM raises anything; name the step
+        raise TuningError(f"TVM could not legalize the module for tuning: {_last_line(exc)}"
+                          ) from exc
+
+
+def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> list[Any]:
+    """MetaSchedule's tasks for ``mod``, minus those it cannot tune (symbolic shapes)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        tasks = ms.relax_integration.extract_tasks(mod, target)
+    except Exception as exc:  # noqa: BLE001
+        raise TuningError(f"MetaSchedule could not extract tasks: {_last_line(exc)}") from exc
+    static = [t for t in tasks if not _is_symbolic(t.dispatched[0]["main"])]
+    skipped = [t.task_name for t in tasks if _is_symbolic(t.dispatched[0]["main"])]
+    if skipped:
+        say(f"{len(skipped)} kernel(s) with symbolic shapes stay untuned: {', '.join(skipped)}")
+    return [t for t in static if not t.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+def _is_symbolic(func: Any) -> bool:
+    """Whether a kernel has a buffer parameter with a non-constant dimension (TVM 0.27's PrimFunc
+    parameters are buffer-typed Vars; scalar parameters have no ``shape``)."""
+    for param in func.params:
+        try:
+            shape = param.shape
+        except AttributeError:
+            continue
+        if any(not isinstance(d, tvm.tirx.IntImm) for d in shape):
+            return True
+    return False
+
+
+def _tune(tasks: list[Any], target: tvm.target.Target, database: Any, trials: int, say: Log
+          ) -> None:
+    """Spend at most ``trials`` new measurements, an even share per task not yet tuned."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not tasks:
+        say("no tunable kernels")
+        return
+    share = max(1, trials // len(tasks))
+    pending, budget = [], 0
+    for task in tasks:
+        have = _valid_records(database, task.dispatched[0], share)
+        if have < share:
+            pending.append(task)
+            budget += share - have
+    budget = min(budget, trials)
+    if not pending:
+        say(f"all {len(tasks)} kernels already have {share} record(s) in the database: "
+            "nothing to tune")
+        return
+    cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    say(f"tuning {len(pending)} of {len(tasks)} kernels, {budget} trials "
+        f"(up to {share} per kernel, cost model {cost_model})")
+    if cost_model == "random":
+        say("xgboost is not installed: MetaSchedule picks candidates at random, which needs "
+            "more trials for the same speed")
+
+    cores = int(target.attrs["num-cores"])
+    per_round = min(share, MAX_TRIALS_PER_ROUND)
+    progress = _Progress([t.task_name for t in pending], say)
+    with _lean_tensor_intrin_import(), tempfile.TemporaryDirectory(prefix="lepton-tune-") as tmp:
+        task_logger = _task_logger(Path(tmp) / "tasks.log")
+        contexts = [
+            ms.TuneContext(
+                mod=task.dispatched[0],
+                target=task.target,
+                space_generator="post-order-apply",
+                search_strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=256,
+                    init_min_unmeasured=min(50, 4 * per_round),
+                    genetic_num_iters=4 if cost_model == "xgb" else 1,
+                ),
+                task_name=task.task_name,
+                logger=task_logger,
+                rand_state=index + 1,
+                num_threads=cores,
+            ).clone()
+            for index, task in enumerate(pending)
+        ]
+        started = time.perf_counter()
+        try:
+            runner = ms.runner.LocalRunner(
+                timeout_sec=30,
+                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=30),
+            )
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=[1.0] * len(contexts),
+                work_dir=tmp,
+                max_trials_global=budget,
+                max_trials_per_task=share,
+                num_trials_per_iter=per_round,
+                builder=InProcessBuilder(),
+                runner=runner,
+                database=database,
+                cost_model=ms.cost_model.CostModel.create(
+                    cost_model, **({"num_tuning_cores": cores} if cost_model == "xgb" else {})),
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                   progress.callback()],
+                task_scheduler="gradient",
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise TuningError(f"MetaSchedule tuning failed: {_last_line(exc)}") from exc
+        finally:
+            task_logger.handlers.clear()
+    say(f"tuned {progress.measured} candidates ({progress.failed} failed) "
+        f"in {time.perf_counter() - started:.0f} s")
+    if progress.measured and progress.failed == progress.measured:
+        raise TuningError(
+            "every tuning measurement failed; first error: " + (progress.first_error or "?")
+            + " (a target whose mcpu/mattr this CPU lacks crashes the measuring process)")
+
+
+def _valid_records(database: Any, task_mod: tvm.IRModule, limit: int) -> int:
+    """How many successful records (up to ``limit``) the database has for this kernel."""
+    if not database.has_workload(task_mod):
+        return 0
+    return len(database.get_top_k(database.commit_workload(task_mod), limit))
+
+
+def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any) -> Any:
+    """Apply the database to the prepared module, dlight's CPU rules to the rest, compile."""
+    from tvm.relax import pipeline
+    from tvm.s_tir import dlight
+
+    try:
+        with _lean_tensor_intrin_import() if _uses_tensor_intrinsics(database) else _nothing():
+            with target, database, tvm.transform.PassContext(opt_level=3):
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+                mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
+                lower = tvm.transform.Sequential([*pipeline.dataflow_lower_passes(target),
+                                                  *pipeline.finalize_passes(target)])
+                return tvm.compile(mod, target=target, relax_pipeline=lower)
+    except Exception as exc:  # noqa: BLE001
+        raise TuningError(f"TVM failed to compile with the tuning database: {_last_line(exc)}"
+                          ) from exc
+
+
+def _uses_tensor_intrinsics(database: Any) -> bool:
+    """Replaying a record that tensorizes needs TVM's intrinsic registry (slow to import)."""
+    return any("tensorize" in str(rec.trace) for rec in database.get_all_tuning_records())
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+# --- in-process builder ------------------------------------------------------------------------
+
+def _make_builder_class() -> type:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    @derived_object
+    class _InProcessBuilder(PyBuilder):
+        """Builds candidates in the tuning process, one by one.
+
+        Same steps as MetaSchedule's ``default_build``/``default_export`` (drop the weight
+        layout-rewrite block, ``tvm.compile`` the PrimFunc, export a tar for the runner), without
+        ``LocalBuilder``'s per-batch worker pool whose start-up made rounds ~5x slower.
+        """
+
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            results = []
+            for item in build_inputs:
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                    rt_mod = tvm.compile(mod, target=item.target)
+                    path = os.path.join(tempfile.mkdtemp(prefix="lepton-ms-"),
+                                        "tvm_tmp_mod." + tar.output_format)
+                    rt_mod.export_library(path, fcompile=tar)
+                    results.append(BuilderResult(path, None))
+                except Exception as exc:  # noqa: BLE001 - a failed candidate, not a failed run
+                    results.append(BuilderResult(None, f"in-process build: {_last_line(exc)}"))
+            return results
+
+    return _InProcessBuilder
+
+
+_builder_class: type | None = None
+
+
+def InProcessBuilder() -> Any:  # noqa: N802 - reads as the class it constructs
+    """A MetaSchedule builder that compiles candidates in this process."""
+    global _builder_class
+    if _builder_class is None:
+        _builder_class = _make_builder_class()
+    return _builder_class()
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+class _Progress:
+    """A measure callback that reports each measured batch through ``log``."""
+
+    def __init__(self, names: list[str], say: Log) -> None:
+        self.names, self.say = names, say
+        self.measured = self.failed = 0
+        self.first_error: str | None = None
+        self.best: dict[int, float] = {}
+
+    def callback(self) -> Any:
+        from tvm.ir.utils import derived_object
+        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+        progress = self
+
+        @derived_object
+        class _Callback(PyMeasureCallback):
+            def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+                      builder_results: Any, runner_results: Any) -> None:
+                progress.record(task_id, builder_results, runner_results)
+
+        return _Callback()
+
+    def record(self, task_id: int, builder_results: Any, runner_results: Any) -> None:
+        ok = 0
+        for built, ran in zip(builder_results, runner_results, strict=True):
+            error = built.error_msg or ran.error_msg
+            if error:
+                self.failed += 1
+                self.first_error = self.first_error or _last_line(error)
+                continue
+            ok += 1
+            secs = sum(float(s) for s in ran.run_secs) / max(1, len(ran.run_secs))
+            self.best[task_id] = min(self.best.get(task_id, secs), secs)
+        self.measured += len(runner_results)
+        best = self.best.get(task_id)
+        best_text = f"best {best * 1e6:.1f} us" if best is not None else "no valid candidate"
+        self.say(f"  {self.names[task_id]}: {len(runner_results)} measured ({ok} ok), "
+                 f"{best_text}")
+
+
+def _task_logger(path: Path) -> logging.Logger:
+    """MetaSchedule's per-task logs go to a file, not to stdout (its default)."""
+    logger = logging.getLogger(f"lepton_edge.tuning.ms.{os.getpid()}.{id(path)}")
+    logger.handlers.clear()
+    logger.addHandler(logging.FileHandler(path))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+# Submodules of tvm.s_tir.tensor_intrin that only GPU/DSP targets use. Importing the package
+# imports them all: 72 s here (cuda alone 47 s), and TuneContext imports it unconditionally.
+_NON_CPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
+
+
+@contextmanager
+def _lean_tensor_intrin_import() -> Iterator[None]:
+    """Import ``tvm.s_tir.tensor_intrin`` without its GPU/DSP intrinsics (CPU tuning only).
+
+    Placeholder modules stand in for those submodules while the package is first imported and
+    are removed afterwards, so a later ``from tvm.s_tir.tensor_intrin.cuda import ...`` loads
+    the real module. The CPU intrinsics (x86, arm, riscv) are imported as usual.
+    """
+    package = "tvm.s_tir.tensor_intrin"
+    if package in sys.modules:
+        yield
+        return
+    stubs = {f"{package}.{name}": types.ModuleType(f"{package}.{name}")
+             for name in _NON_CPU_INTRINSICS if f"{package}.{name}" not in sys.modules}
+    sys.modules.update(stubs)
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        pkg = sys.modules.get(package)
+        for full in stubs:
+            if sys.modules.get(full) is stubs[full]:
+                del sys.modules[full]
+            name = full.rsplit(".", 1)[1]
+            if pkg is not None and getattr(pkg, name, None) is stubs[full]:
+                delattr(pkg, name)
+    yield
+
+
+def _with_num_cores(target: tvm.target.Target, say: Log) -> tvm.target.Target:
+    """MetaSchedule sizes parallel loops by the target's ``num-cores``; add it if missing."""
+    if "num-cores" in target.attrs and int(target.attrs["num-cores"]) > 0:
+        return target
+    cores = int(os.environ.get("TVM_NUM_THREADS", "0") or 0) or _physical_cores()
+    say(f"target has no num-cores: tuning for {cores} (TVM_NUM_THREADS or physical cores)")
+    return tvm.target.Target({**_target_dict(target), "num-cores": cores})
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def _target_dict(target: tvm.target.Target) -> dict[str, Any]:
+    exported = target.export()
+    return {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in exported.items()
+            if v not in (None, "", [], {})}
+
+
+def _last_line(exc: BaseException | str) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
