@@ -360,6 +360,9 @@ def _export_torch(
         raise ModelError(f"{len(names)} input_names given for {len(args)} example inputs")
     dynamic_shapes = None
     if dynamic_batch:
+        # torch.export specialises dimensions of size 0 and 1; export with a batch of 2 (the
+        # example repeated) so the batch stays symbolic.
+        args = tuple(torch.cat([a, a]) if a.dim() > 0 and a.shape[0] == 1 else a for a in args)
         batch = torch.export.Dim("N", min=1, max=2**20)
         dynamic_shapes = tuple({0: batch} if a.dim() > 0 else None for a in args)
     was_training = module.training
@@ -380,6 +383,13 @@ def _export_torch(
     proto = _parse(buffer.getvalue(), "<torch export>")
     if dynamic_batch:
         _rename_batch_dims(proto)
+        fixed = [v.name for v in proto.graph.input
+                 if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]
+        if fixed:
+            raise ModelError(
+                f"torch.onnx.export fixed the batch dimension of input(s) {fixed}; the module's "
+                "forward depends on the batch size. Pass dynamic_batch=False to compile for the "
+                "example's batch size")
     return proto
 
 

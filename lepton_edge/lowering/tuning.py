@@ -200,7 +200,7 @@ def tune_and_build(
     say(f"database {db_dir}: {len(database)} records ({len(database) - before} new)")
 
     started = time.perf_counter()
-    executable = _build(_prepare(mod, target), target, database)
+    executable = _build(_prepare(mod, target), target, database, say)
     say(f"compiled with the tuning database in {time.perf_counter() - started:.1f} s")
     return executable
 
@@ -343,22 +343,37 @@ def _valid_records(database: Any, task_mod: tvm.IRModule, limit: int) -> int:
     return len(database.get_top_k(database.commit_workload(task_mod), limit))
 
 
-def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any) -> Any:
+def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any, say: Log) -> Any:
     """Apply the database to the prepared module, dlight's CPU rules to the rest, compile."""
-    from tvm.relax import pipeline
+    # TVM 0.27's relax.pipeline.dataflow_lower_passes(llvm) raises AttributeError: the CPU
+    # backend package does not re-export it. Take both lists from the CPU pipeline module.
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
     from tvm.s_tir import dlight
 
     try:
         with _lean_tensor_intrin_import() if _uses_tensor_intrinsics(database) else _nothing():
             with target, database, tvm.transform.PassContext(opt_level=3):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+                tuned = _scheduled_kernels(mod)
                 mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
-                lower = tvm.transform.Sequential([*pipeline.dataflow_lower_passes(target),
-                                                  *pipeline.finalize_passes(target)])
+                say(f"kernels: {tuned} from the tuning database, "
+                    f"{_scheduled_kernels(mod) - tuned} by dlight, "
+                    f"{_kernel_count(mod) - _scheduled_kernels(mod)} with default schedules")
+                lower = tvm.transform.Sequential([*cpu_pipeline.dataflow_lower_passes(target),
+                                                  *cpu_pipeline.finalize_passes(target)])
                 return tvm.compile(mod, target=target, relax_pipeline=lower)
     except Exception as exc:  # noqa: BLE001
         raise TuningError(f"TVM failed to compile with the tuning database: {_last_line(exc)}"
                           ) from exc
+
+
+def _kernel_count(mod: tvm.IRModule) -> int:
+    return sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def _scheduled_kernels(mod: tvm.IRModule) -> int:
+    return sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)))
 
 
 def _uses_tensor_intrinsics(database: Any) -> bool:

@@ -418,7 +418,8 @@ def test_torch_module_exports_with_a_symbolic_batch() -> None:
     pytest.importorskip("onnxscript")
     net = _TinyNet.make()
     net.train()
-    model = lepton_edge.load(net, example_inputs=torch.randn(2, 4))
+    # a batch-1 example would be specialised by torch.export; load() keeps it symbolic
+    model = lepton_edge.load(net, example_inputs=torch.randn(1, 4))
     assert [s.shape for s in model.inputs] == [("N", 4)]
     assert model.outputs[0].shape == ("N", 3)
     assert net.training, "load() restores the module's training mode"
