@@ -204,7 +204,13 @@ def _golden(model: Model, given: list[dict[str, np.ndarray]] | None, count: int,
             arrays, _ = check_feeds(model.inputs, feeds)
         except InputError as exc:
             raise InputError(f"golden input {index}: {exc}") from None
-        outputs = session.run([o.name for o in model.outputs], arrays)
+        try:
+            outputs = session.run([o.name for o in model.outputs], arrays)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors name the node
+            raise LeptonError(
+                f"onnxruntime could not run the model on golden input {index} to record its "
+                f"reference outputs: {exc}. Check the model with onnxruntime, or pass "
+                "golden_count=0 to compile without golden I/O") from None
         entry: dict[str, Any] = {"inputs": {}, "outputs": {}}
         for kind, named in (("inputs", arrays),
                             ("outputs", dict(zip([o.name for o in model.outputs], outputs,

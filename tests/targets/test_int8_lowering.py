@@ -177,3 +177,103 @@ def test_unrecognised_pattern_stays_float_and_correct(build) -> None:
     x_q = rng.integers(-128, 128, (3, 24)).astype(np.int8)
     got = session.run({"x_q": x_q})["y_q"]
     assert np.abs(got.astype(int) - ort_spec(model, x_q).astype(int)).max() <= 1
+
+
+def qdq_cnn() -> tuple[onnx.ModelProto, list[dict]]:
+    """int8 in -> [Conv+Relu] -> [depthwise Conv] -> MaxPool -> Flatten -> [Gemm] -> int8 out.
+
+    Each bracketed layer is DQ -> op (+bias) -> Q; MaxPool/Flatten sit between DQ and Q with
+    the same scale, so they are exact on the int8 values."""
+    layers = [  # kind, in channels, out channels, groups, relu, in scale/zp, out scale/zp
+        dict(name="c1", kind="conv", cin=2, cout=4, groups=1, relu=True,
+             sx=0.02, zx=-5, sy=0.04, zy=-128),
+        dict(name="c2", kind="conv", cin=4, cout=4, groups=4, relu=False,
+             sx=0.04, zx=-128, sy=0.03, zy=2),
+        dict(name="fc", kind="gemm", cin=4 * 4 * 4, cout=5, groups=1, relu=False,
+             sx=0.03, zx=2, sy=0.1, zy=0),
+    ]
+    nodes, inits = [], []
+    current = "x_q"
+    for layer in layers:
+        n = layer["name"]
+        shape = ((layer["cout"], layer["cin"] // layer["groups"], 3, 3)
+                 if layer["kind"] == "conv" else (layer["cout"], layer["cin"]))
+        layer["w_q"] = rng.integers(-127, 128, shape).astype(np.int8)
+        layer["sw"] = rng.uniform(0.005, 0.02, layer["cout"]).astype(np.float32)
+        layer["b_q"] = rng.integers(-500, 500, layer["cout"]).astype(np.int32)
+        sb = np.float32(layer["sx"]) * layer["sw"]
+        for key, value in ((f"{n}_sx", np.array(layer["sx"], np.float32)),
+                           (f"{n}_zx", np.array(layer["zx"], np.int8)),
+                           (f"{n}_sy", np.array(layer["sy"], np.float32)),
+                           (f"{n}_zy", np.array(layer["zy"], np.int8)),
+                           (f"{n}_w", layer["w_q"]), (f"{n}_sw", layer["sw"]),
+                           (f"{n}_zw", np.zeros(layer["cout"], np.int8)),
+                           (f"{n}_b", layer["b_q"]), (f"{n}_sb", sb.astype(np.float32)),
+                           (f"{n}_zb", np.zeros(layer["cout"], np.int32))):
+            inits.append(numpy_helper.from_array(value, key))
+        nodes += [
+            helper.make_node("DequantizeLinear", [current, f"{n}_sx", f"{n}_zx"], [f"{n}_x"]),
+            helper.make_node("DequantizeLinear", [f"{n}_w", f"{n}_sw", f"{n}_zw"], [f"{n}_wf"],
+                             axis=0),
+            helper.make_node("DequantizeLinear", [f"{n}_b", f"{n}_sb", f"{n}_zb"], [f"{n}_bf"],
+                             axis=0),
+        ]
+        if layer["kind"] == "conv":
+            nodes.append(helper.make_node("Conv", [f"{n}_x", f"{n}_wf", f"{n}_bf"], [f"{n}_a"],
+                                          pads=[1, 1, 1, 1], group=layer["groups"]))
+        else:
+            nodes.append(helper.make_node("Gemm", [f"{n}_x", f"{n}_wf", f"{n}_bf"], [f"{n}_a"],
+                                          transB=1))
+        out = f"{n}_a"
+        if layer["relu"]:
+            nodes.append(helper.make_node("Relu", [out], [f"{n}_r"]))
+            out = f"{n}_r"
+        nodes.append(helper.make_node("QuantizeLinear", [out, f"{n}_sy", f"{n}_zy"],
+                                      [f"{n}_q"]))
+        current = f"{n}_q"
+        if n == "c2":  # MaxPool then Flatten on the dequantized values, requantized alike
+            nodes += [
+                helper.make_node("DequantizeLinear", [current, "c2_sy", "c2_zy"], ["p_in"]),
+                helper.make_node("MaxPool", ["p_in"], ["p_out"], kernel_shape=[2, 2],
+                                 strides=[2, 2]),
+                helper.make_node("Flatten", ["p_out"], ["f_out"]),
+                helper.make_node("QuantizeLinear", ["f_out", "c2_sy", "c2_zy"], ["f_q"]),
+            ]
+            current = "f_q"
+    graph = helper.make_graph(
+        nodes, "qdq_cnn", [helper.make_tensor_value_info("x_q", TensorProto.INT8,
+                                                         ["N", 2, 8, 8])],
+        [helper.make_tensor_value_info(current, TensorProto.INT8, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), layers
+
+
+def requant_layer(acc: np.ndarray, layer: dict, shape: tuple[int, ...]) -> np.ndarray:
+    multiplier = (np.float32(layer["sx"]) * layer["sw"].astype(np.float64)
+                  / np.float64(np.float32(layer["sy"])))
+    m0, shift = fixed_point_multiplier(multiplier)
+    low = layer["zy"] if layer["relu"] else -128
+    return requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), layer["zy"], low)
+
+
+def cnn_reference(x_q: np.ndarray, layers: list[dict]) -> np.ndarray:
+    h = x_q
+    for layer in layers[:2]:
+        acc = conv_int64(h.astype(np.int64) - layer["zx"], layer["w_q"].astype(np.int64),
+                         [1, 1, 1, 1], [1, 1], layer["groups"])
+        h = requant_layer(acc + layer["b_q"][None, :, None, None], layer, (1, -1, 1, 1))
+    n, c, hh, ww = h.shape
+    h = h.reshape(n, c, hh // 2, 2, ww // 2, 2).max(axis=(3, 5)).reshape(n, -1)  # int8 max
+    fc = layers[2]
+    acc = (h.astype(np.int64) - fc["zx"]) @ fc["w_q"].astype(np.int64).T + fc["b_q"]
+    return requant_layer(acc, fc, (1, -1))
+
+
+def test_small_cnn_is_bit_exact(build) -> None:
+    model, layers = qdq_cnn()
+    _, session = build(lepton_edge.load(model))
+    meta = session.manifest["subgraphs"][0]["builds"][0]["meta"]
+    assert [k.split(" ")[0] for k in meta["int8_kernels"]] == ["conv2d", "conv2d", "matmul"]
+    x_q = rng.integers(-128, 128, (3, 2, 8, 8)).astype(np.int8)
+    got = session.run({"x_q": x_q})[model.graph.output[0].name]
+    np.testing.assert_array_equal(got, cnn_reference(x_q, layers))
+    assert np.abs(got.astype(int) - ort_spec(model, x_q).astype(int)).max() <= 1

@@ -1,0 +1,129 @@
+"""MetaSchedule tuning into a persistent database, and reuse of that database.
+
+One small tuning run (8 trials, ~15-20 s on 2 cores) shared by the tests through a module
+fixture; the reuse checks are timing-independent (record counts and the build's log).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import ort_run
+
+tvm = pytest.importorskip("tvm")
+
+from lepton_edge.lowering import relax as lowering  # noqa: E402
+from lepton_edge.lowering import tuning  # noqa: E402
+
+
+def matmul_relu_model() -> onnx.ModelProto:
+    """x [N, 64] @ w [64, 64] -> Relu, batch dimension symbolic."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "matmul_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 64])],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def cpu_target() -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mcpu": lowering.system_cpu(), "num-cores": 2})
+
+
+class Tuned:
+    def __init__(self, db: Path) -> None:
+        self.model = matmul_relu_model()
+        self.mod = lowering.import_onnx(self.model)
+        self.db = db
+        self.logs: list[str] = []
+        self.executable = self.build(trials=8)
+        self.records = tuning.count_records(db)
+
+    def build(self, trials: int, log: Callable[[str], None] | None = None) -> object:
+        return tuning.tune_and_build(self.mod, cpu_target(), trials=trials, database_dir=self.db,
+                                     log=log or self.logs.append)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
+    return Tuned(tmp_path_factory.mktemp("tuning-db"))
+
+
+def run(executable: object, x: np.ndarray) -> np.ndarray:
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_tuning_writes_records_and_logs_progress(tuned: Tuned) -> None:
+    # Buckets N=1 and N=64 are two static kernels: 4 trials each.
+    assert tuned.records == 8
+    text = "\n".join(tuned.logs)
+    assert "specialising N to [1, 64]" in text
+    assert "tuning 2 of 2 kernels, 8 trials" in text
+    assert "kernels: 2 from the tuning database" in text
+
+
+@pytest.mark.parametrize("batch", [1, 64, 3])  # 3 is no bucket: the untuned symbolic kernel
+def test_tuned_outputs_match_onnxruntime(tuned: Tuned, batch: int) -> None:
+    x = np.random.default_rng(batch).standard_normal((batch, 64)).astype(np.float32)
+    want = ort_run(tuned.model, {"x": x})["z"]
+    got = run(tuned.executable, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_second_build_reuses_the_database(tuned: Tuned) -> None:
+    logs: list[str] = []
+    executable = tuned.build(trials=0, log=logs.append)
+    assert tuning.count_records(tuned.db) == tuned.records
+    assert not any(line.startswith("tuning ") for line in logs), logs
+    assert any("kernels: 2 from the tuning database" in line for line in logs), logs
+    x = np.random.default_rng(7).standard_normal((64, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(executable, x), ort_run(tuned.model, {"x": x})["z"],
+                               rtol=1e-5, atol=1e-5)
+
+    # Same budget again: every kernel already has its share of records, nothing is measured.
+    logs.clear()
+    tuned.build(trials=8, log=logs.append)
+    assert tuning.count_records(tuned.db) == tuned.records
+    assert any("nothing to tune" in line for line in logs), logs
+
+
+def test_symbolic_kernels_are_not_tuned_without_buckets(tmp_path: Path) -> None:
+    logs: list[str] = []
+    mod = lowering.import_onnx(matmul_relu_model())
+    tuning.tune_and_build(mod, cpu_target(), trials=4, database_dir=tmp_path, log=logs.append,
+                          buckets={})
+    assert tuning.count_records(tmp_path) == 0
+    assert any("symbolic shapes stay untuned" in line for line in logs), logs
+    assert any("no tunable kernels" in line for line in logs), logs
+
+
+def test_errors_are_clear(tmp_path: Path) -> None:
+    mod = lowering.import_onnx(matmul_relu_model())
+    with pytest.raises(tuning.TuningError, match="trials must be >= 0"):
+        tuning.tune_and_build(mod, cpu_target(), trials=-1, database_dir=tmp_path)
+    with pytest.raises(tuning.TuningError, match="LLVM"):
+        tuning.tune_and_build(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_80"}),
+                              trials=0, database_dir=tmp_path)
+    with pytest.raises(tuning.TuningError, match="symbolic dims are"):
+        tuning.tune_and_build(mod, cpu_target(), trials=0, database_dir=tmp_path,
+                              buckets={"batch": [1]})
+
+
+def test_default_database_dir_is_per_target() -> None:
+    a = tuning.default_database_dir(cpu_target())
+    b = tuning.default_database_dir(tvm.target.Target({"kind": "llvm", "mcpu": "cortex-a72",
+                                                       "mtriple": "aarch64-linux-gnu"}))
+    assert a.parent == Path.home() / ".cache" / "lepton-edge" / "tuning"
+    assert a != b and a.parent == b.parent
