@@ -279,6 +279,11 @@ def explain_cmd(model: Path, targets: tuple[str, ...], no_fallback: bool) -> Non
     plan = lepton_edge.partition(lepton_edge.load(model), list(targets),
                                  fallback=not no_fallback)
     click.echo(plan.explain())
+    compilers = {plugin.name: plugin.make_target() for plugin, _ in plan.targets}
+    for sg in plan.subgraphs:
+        if sg.target in compilers:
+            for line in compilers[sg.target].notes(sg.proto):
+                click.echo(f"{sg.id} on {sg.target}: {line}")
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -81,6 +81,10 @@ class Target(ABC):
     def compile(self, subgraph: onnx.ModelProto, profile: Profile) -> Build:
         """Build one standalone ONNX subgraph for `profile`."""
 
+    def notes(self, subgraph: onnx.ModelProto) -> list[str]:
+        """Facts `explain` shows about how this target would build `subgraph` (optional)."""
+        return []
+
 
 class Executable(ABC):
     """A loaded build: runs positional inputs in the subgraph's input order."""

@@ -31,6 +31,18 @@ class CpuTarget(Target):
     def unsupported_reason(self, node: onnx.NodeProto, graph: Any) -> str | None:
         return support.unsupported_reason(node, graph.value_types)
 
+    def notes(self, subgraph: onnx.ModelProto) -> list[str]:
+        if not any(n.op_type == "QuantizeLinear" for n in subgraph.graph.node):
+            return []
+        _, lowering = relax.lower_int8(relax.import_onnx(subgraph))
+        counts: dict[str, int] = {}
+        for kernel in lowering.lowered:
+            counts[kernel.split(" ")[0]] = counts.get(kernel.split(" ")[0], 0) + 1
+        lines = ["int8 kernels: " + (", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+                                     or "none")]
+        lines += [f"QDQ left as float: {why}" for why in lowering.kept_float]
+        return lines
+
     def llvm_target(self, profile: Profile) -> tuple[dict[str, Any], dict[str, Any]]:
         """The TVM target dict for `profile`, and the facts a device checks before loading."""
         arch = profile.get("arch", host_arch())

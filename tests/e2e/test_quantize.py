@@ -134,6 +134,11 @@ def test_cli_quantize_then_compile(digits, tmp_path: Path) -> None:
     out = subprocess.run(cli + ["compile", str(tmp_path / "q.onnx"), "-o",
                                 str(tmp_path / "q.lepton")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    out = subprocess.run(cli + ["explain", str(tmp_path / "q.onnx")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert "sg0 on cpu: int8 kernels: conv2d x2, matmul x2" in out.stdout
+    assert "QDQ left as float: QuantizeLinear of nn.max_pool2d" in out.stdout
     out = subprocess.run(cli + ["run", str(tmp_path / "q.lepton"), "--check"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "self-test PASS" in out.stdout, out.stdout + out.stderr
