@@ -28,3 +28,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build .pytest_cache
+
+# ONNX backend node tests through lepton-edge and onnxruntime -> conformance/RESULTS.md (+ .json).
+# Full suite: ~1900 cases. Narrow it with e.g. CONFORMANCE_ARGS='--filter conv --jobs 4'.
+.PHONY: conformance
+conformance: $(STAMP)
+	$(PY) conformance/run.py $(CONFORMANCE_ARGS)

@@ -214,7 +214,11 @@ def _validated(
 def _default_opset(proto: onnx.ModelProto, where: str) -> int:
     versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not versions:
-        raise ModelError(f"{where} declares no default-domain opset (opset_import is empty)")
+        found = sorted({o.domain for o in proto.opset_import})
+        raise ModelError(
+            f"{where} declares no default-domain (ai.onnx) opset"
+            + (f"; it uses only {found}" if found else " (opset_import is empty)")
+            + ". lepton-edge compiles ai.onnx models")
     opset = max(versions)
     if opset < MIN_OPSET:
         raise ModelError(
@@ -302,6 +306,13 @@ def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
             f"({value.type.WhichOneof('value')}); only tensor inputs and outputs are supported"
         )
     tensor_type = value.type.tensor_type
+    elem_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type in (
+        onnx.TensorProto.DataType.values()) else str(tensor_type.elem_type)
+    if elem_name.startswith(("FLOAT8", "FLOAT4", "INT4", "UINT4", "INT2", "UINT2")):
+        raise ModelError(
+            f"{where}: graph input/output '{value.name}' is {elem_name.lower()}; sub-byte and "
+            "float8 tensors are not supported at the graph boundary yet (convert them inside "
+            "the model with Cast)")
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     except (KeyError, TypeError, ValueError):

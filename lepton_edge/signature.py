@@ -72,7 +72,12 @@ def check_feeds(
         except Exception as exc:  # noqa: BLE001 - any conversion failure is the user's input
             problems.append(f"input '{spec.name}' is not an array ({exc})")
             continue
-        if arr.dtype == object:
+        if spec.dtype == "object":  # a string tensor: onnxruntime takes object arrays of str
+            if arr.dtype.kind not in "USO":
+                problems.append(f"input '{spec.name}' has dtype {arr.dtype}, expected strings")
+                continue
+            arr = arr.astype(object)
+        elif arr.dtype == object:
             problems.append(f"input '{spec.name}' is not a numeric array")
             continue
         if arr.dtype != np.dtype(spec.dtype):

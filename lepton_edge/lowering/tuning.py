@@ -188,11 +188,21 @@ def tune_and_build(
     if buckets:
         say("specialising " + ", ".join(f"{n} to {list(b)}" for n, b in buckets.items())
             + "; other sizes run untuned kernels")
-        mod = specialize(mod, buckets)
+        try:
+            mod = specialize(mod, buckets)
+        except TuningError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise TuningError(f"cannot specialise main to {dict(buckets)}: {_last_line(exc)}"
+                              ) from exc
 
     from tvm.s_tir import meta_schedule as ms
 
-    database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    try:
+        database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    except Exception as exc:  # noqa: BLE001 - e.g. a truncated JSON line
+        raise TuningError(f"cannot read the tuning database in {db_dir}: {_last_line(exc)}; "
+                          "delete the folder to start afresh") from exc
     before = len(database)
     if trials > 0:
         tasks = _tunable_tasks(_prepare(mod, target), target, say)
@@ -200,7 +210,7 @@ def tune_and_build(
     say(f"database {db_dir}: {len(database)} records ({len(database) - before} new)")
 
     started = time.perf_counter()
-    executable = _build(_prepare(mod, target), target, database, say)
+    executable = _build(_prepare(mod, target), target, database, db_dir, say)
     say(f"compiled with the tuning database in {time.perf_counter() - started:.1f} s")
     return executable
 
@@ -343,7 +353,8 @@ def _valid_records(database: Any, task_mod: tvm.IRModule, limit: int) -> int:
     return len(database.get_top_k(database.commit_workload(task_mod), limit))
 
 
-def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any, say: Log) -> Any:
+def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any, db_dir: Path,
+           say: Log) -> Any:
     """Apply the database to the prepared module, dlight's CPU rules to the rest, compile."""
     # TVM 0.27's relax.pipeline.dataflow_lower_passes(llvm) raises AttributeError: the CPU
     # backend package does not re-export it. Take both lists from the CPU pipeline module.
@@ -351,7 +362,7 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any, say: Log
     from tvm.s_tir import dlight
 
     try:
-        with _lean_tensor_intrin_import() if _uses_tensor_intrinsics(database) else _nothing():
+        with _lean_tensor_intrin_import() if _uses_tensor_intrinsics(db_dir) else _nothing():
             with target, database, tvm.transform.PassContext(opt_level=3):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
                 tuned = _scheduled_kernels(mod)
@@ -376,9 +387,11 @@ def _scheduled_kernels(mod: tvm.IRModule) -> int:
                and f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)))
 
 
-def _uses_tensor_intrinsics(database: Any) -> bool:
-    """Replaying a record that tensorizes needs TVM's intrinsic registry (slow to import)."""
-    return any("tensorize" in str(rec.trace) for rec in database.get_all_tuning_records())
+def _uses_tensor_intrinsics(database_dir: Path) -> bool:
+    """Replaying a record that tensorizes needs TVM's intrinsic registry (slow to import).
+    Searching the record file's text is much cheaper than printing every trace."""
+    path = database_dir / DATABASE_FILES[1]
+    return path.exists() and "tensorize" in path.read_text().lower()
 
 
 @contextmanager

@@ -228,14 +228,33 @@ class Session:
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run the model; returns every output by name, in the signature's order."""
-        arrays, _ = check_feeds(self.inputs, feeds)
+        arrays, symbols = check_feeds(self.inputs, feeds)
         with self._lock:
             env: dict[str, np.ndarray] = dict(arrays)
             for sg in self._subgraphs:
                 values = [env[name] for name in sg.inputs]
                 outputs = self._run_subgraph(sg, values)
                 env.update(zip(sg.outputs, outputs, strict=True))
-        return {spec.name: env[spec.name] for spec in self.outputs}
+        result = {spec.name: np.asarray(env[spec.name]) for spec in self.outputs}
+        self._check_outputs(result, symbols)
+        return result
+
+    def _check_outputs(self, result: dict[str, np.ndarray], symbols: dict[str, int]) -> None:
+        """A build that returns the wrong dtype or shape is a bug: say so, never return it."""
+        problems = []
+        for spec in self.outputs:
+            value = result[spec.name]
+            expected = [symbols.get(d, d) if isinstance(d, str) else d for d in spec.shape]
+            if value.dtype != np.dtype(spec.dtype) or value.ndim != len(expected) or any(
+                    isinstance(want, int) and want != got
+                    for want, got in zip(expected, value.shape, strict=True)):
+                problems.append(f"output '{spec.name}' is {value.dtype}{list(value.shape)}, "
+                                f"expected {spec.dtype}{expected}")
+        if problems:
+            where = ", ".join(str(p) for p in self.placement.values())
+            raise DeviceError("the compiled model returned wrong outputs (" + "; ".join(problems)
+                              + f"); placement: {where}. This is a compiler bug: please report it "
+                              "and run with devices=['onnxruntime'] meanwhile")
 
     def _run_subgraph(self, sg: _PlacedSubgraph, values: list[np.ndarray]) -> list[np.ndarray]:
         while True:

@@ -29,7 +29,7 @@ class CpuTarget(Target):
                 )
 
     def unsupported_reason(self, node: onnx.NodeProto, graph: Any) -> str | None:
-        return support.unsupported_reason(node, graph.value_types)
+        return support.unsupported_reason(node, graph)
 
     def notes(self, subgraph: onnx.ModelProto) -> list[str]:
         if not any(n.op_type == "QuantizeLinear" for n in subgraph.graph.node):

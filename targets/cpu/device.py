@@ -70,6 +70,9 @@ class TvmVmExecutable(Executable):
 def _to_numpy(result: Any) -> list[np.ndarray]:
     if hasattr(result, "numpy"):
         return [result.numpy()]
+    items = list(result)
+    if all(isinstance(i, int) for i in items):  # a Shape output comes back as a shape tuple
+        return [np.array(items, dtype=np.int64)]
     out: list[np.ndarray] = []
     for item in result:
         out.extend(_to_numpy(item))

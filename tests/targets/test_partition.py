@@ -293,3 +293,15 @@ def test_failed_tvm_build_falls_back_to_onnxruntime_and_is_recorded(build, monke
     assert "cpu build failed: TVM could not import" in art.summary()
     with pytest.raises(TargetError, match="could not be built: cpu: TVM could not import"):
         lepton_edge.compile(model, ["cpu"], fallback=False)
+
+
+def test_a_build_returning_a_wrong_shape_is_an_error_not_an_answer(build, monkeypatch) -> None:
+    from lepton_edge_targets.cpu import device
+
+    _, session = build(lepton_edge.load(conv_model()), ["cpu"])
+    real = device.TvmVmExecutable.run
+    monkeypatch.setattr(device.TvmVmExecutable, "run",
+                        lambda self, inputs: [o[:, :3] for o in real(self, inputs)])
+    with pytest.raises(DeviceError, match=r"returned wrong outputs \(output 'y' is "
+                                          r"float32\[2, 3\], expected float32\[2, 4\]\)"):
+        session.run(feeds(2))
