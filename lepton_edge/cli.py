@@ -38,8 +38,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Refuse nodes no target supports instead of running them on onnxruntime.")
 @click.option("--golden", "golden_count", default=2, show_default=True,
               help="Number of seeded golden input cases stored in the artifact.")
+@click.option("--tune", default=0, show_default=True, metavar="TRIALS",
+              help="MetaSchedule trial budget for the CPU kernels (0: no tuning; try 256).")
+@click.option("--tuning-db", type=click.Path(file_okay=False, path_type=Path),
+              help="Tuning database folder [default: ~/.cache/lepton-edge/tuning/<target>].")
 def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_fallback: bool,
-                golden_count: int) -> None:
+                golden_count: int, tune: int, tuning_db: Path | None) -> None:
     """Compile MODEL (.onnx) into one .lepton artifact."""
     import lepton_edge
 
@@ -47,7 +51,7 @@ def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_f
     start = time.perf_counter()
     loaded = lepton_edge.load(model)
     art = lepton_edge.compile(loaded, list(targets), fallback=not no_fallback,
-                              golden_count=golden_count,
+                              golden_count=golden_count, tune=tune, tuning_db=tuning_db,
                               log=lambda msg: click.echo(msg, err=True))
     art.save(out)
     click.echo(art.summary())

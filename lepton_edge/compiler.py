@@ -7,6 +7,7 @@ carry an onnxruntime build. Golden inputs and onnxruntime's outputs for them tra
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import sys
@@ -61,6 +62,8 @@ def compile(  # noqa: A001 - the public verb of the pipeline
     fallback: bool = True,
     golden_inputs: list[dict[str, np.ndarray]] | None = None,
     golden_count: int = 2,
+    tune: int = 0,
+    tuning_db: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile `model` for `targets` (target or profile names) into one Artifact.
@@ -68,6 +71,9 @@ def compile(  # noqa: A001 - the public verb of the pipeline
     `fallback` lets nodes that no target supports run on onnxruntime; without it they are
     an UnsupportedOpsError. `golden_inputs` (a list of feed dicts) are stored with
     onnxruntime's outputs for them; by default `golden_count` seeded random inputs are made.
+    `tune` is the MetaSchedule trial budget for targets that tune (the CPU); records persist
+    in `tuning_db` (default ~/.cache/lepton-edge/tuning/<target>/) and are reused, so
+    compiling the same layers again is fast. `tune=0` with a `tuning_db` applies it only.
     """
     if not isinstance(model, Model):
         model = load(model)
@@ -78,7 +84,12 @@ def compile(  # noqa: A001 - the public verb of the pipeline
         plugin.make_target().check_toolchain(profile)
     files: dict[str, bytes] = {}
     subgraphs = []
-    profiles = {plugin.name: profile for plugin, profile in plan.targets}
+    if tune < 0:
+        raise InputError(f"tune must be >= 0 trials, got {tune}")
+    options = {"tune": tune, "tuning_db": str(tuning_db) if tuning_db else None, "log": log}
+    profiles = {plugin.name: dataclasses.replace(profile, settings={**profile.settings,
+                                                                    **options})
+                for plugin, profile in plan.targets}
     for sg in plan.subgraphs:
         builds: list[Build] = []
         errors: dict[str, str] = {}

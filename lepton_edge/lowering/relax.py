@@ -56,16 +56,32 @@ def lower_int8(mod: Any) -> tuple[Any, Any]:
 
 
 def build_llvm_library(
-    mod: Any, target: dict[str, Any], cross_compiler: str | None = None
+    mod: Any, target: dict[str, Any], cross_compiler: str | None = None, *,
+    tune_trials: int | None = None, tuning_db: str | None = None,
+    log: Any = None,
 ) -> bytes:
-    """Compile a Relax module for an LLVM target and return the exported shared library."""
+    """Compile a Relax module for an LLVM target and return the exported shared library.
+
+    With `tune_trials` (0 = only apply the database) the kernels are tuned with MetaSchedule
+    against the persistent database `tuning_db` (default ~/.cache/lepton-edge/tuning/...).
+    """
     import tvm
     from tvm.support import cc
 
-    try:
-        executable = tvm.compile(mod, target=tvm.target.Target(target))
-    except Exception as exc:  # noqa: BLE001
-        raise TargetError(f"TVM failed to compile for {target}: {_first_line(exc)}") from exc
+    if tune_trials is not None:
+        from pathlib import Path as _Path
+
+        from lepton_edge.lowering.tuning import tune_and_build
+
+        executable = tune_and_build(mod, tvm.target.Target(target), trials=tune_trials,
+                                    database_dir=_Path(tuning_db) if tuning_db else None,
+                                    log=log)
+    else:
+        try:
+            executable = tvm.compile(mod, target=tvm.target.Target(target))
+        except Exception as exc:  # noqa: BLE001
+            raise TargetError(f"TVM failed to compile for {target}: {_first_line(exc)}"
+                              ) from exc
     with tempfile.TemporaryDirectory(prefix="lepton-build-") as tmp:
         path = Path(tmp) / "lib.so"
         fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None

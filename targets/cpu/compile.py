@@ -69,7 +69,18 @@ class CpuTarget(Target):
         mod = relax.import_onnx(subgraph)
         mod, lowering = relax.lower_int8(mod)
         cross = profile.get("cross_compiler") if meta["arch"] != host_arch() else None
-        library = relax.build_llvm_library(mod, target, cross_compiler=cross)
+        trials = profile.get("tune")
+        tuning_db = profile.get("tuning_db")
+        if trials and cross:
+            raise TargetError(
+                f"cannot tune the cross build for '{profile.name}' here: kernels must be "
+                "measured on the device itself; compile with tune=0 (--tune 0), or tune on the "
+                "device and pass its database with tuning_db")
+        tune = trials if trials else (0 if tuning_db else None)
+        library = relax.build_llvm_library(mod, target, cross_compiler=cross, tune_trials=tune,
+                                           tuning_db=tuning_db, log=profile.get("log"))
+        if tune is not None:
+            meta["tuned"] = {"trials": int(trials or 0), "database": str(tuning_db or "default")}
         meta["tvm_target"] = target
         meta["tvm"] = relax.tvm_version()
         if lowering.lowered or lowering.kept_float:

@@ -127,3 +127,31 @@ def test_default_database_dir_is_per_target() -> None:
                                                        "mtriple": "aarch64-linux-gnu"}))
     assert a.parent == Path.home() / ".cache" / "lepton-edge" / "tuning"
     assert a != b and a.parent == b.parent
+
+
+def test_compile_api_reuses_the_fixture_database(tuned: Tuned, tmp_path: Path) -> None:
+    """lepton_edge.compile(tune=, tuning_db=) goes through the same database: with the
+    fixture's records for this model, tune=0 applies them and measures nothing."""
+    import lepton_edge
+
+    logs: list[str] = []
+    art = lepton_edge.compile(tuned.model, ["cpu"], tuning_db=tuned.db, log=logs.append)
+    assert art.manifest["subgraphs"][0]["builds"][0]["meta"]["tuned"]["trials"] == 0
+    assert tuning.count_records(tuned.db) == tuned.records
+    assert any("from the tuning database" in line for line in logs), logs
+    session = lepton_edge.runtime.load(art.save(tmp_path / "t.lepton"), self_test=True)
+    x = np.random.default_rng(9).standard_normal((64, 64)).astype(np.float32)
+    np.testing.assert_allclose(session.run({"x": x})["z"], ort_run(tuned.model, {"x": x})["z"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cross_builds_cannot_be_tuned_here() -> None:
+    import shutil
+
+    import lepton_edge
+    from lepton_edge.errors import TargetError
+
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("needs g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)")
+    with pytest.raises(TargetError, match="measured on the device itself"):
+        lepton_edge.compile(matmul_relu_model(), ["rpi4"], tune=8, fallback=False)
