@@ -162,7 +162,12 @@ def test_opset_too_old() -> None:
 def test_no_default_opset() -> None:
     model = mlp()
     del model.opset_import[:]
-    assert "declares no default-domain opset" in str(load_error(model))
+    assert "declares no default-domain (ai.onnx) opset (opset_import is empty)" in str(
+        load_error(model))
+    ml_only = mlp()
+    del ml_only.opset_import[:]
+    ml_only.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 3))
+    assert "it uses only ['ai.onnx.ml']" in str(load_error(ml_only))
 
 
 # ----------------------------------------------------------------------------- operators
