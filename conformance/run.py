@@ -17,6 +17,7 @@ Writes the Markdown report to --out and the per-case results to the same path wi
 
 from __future__ import annotations
 
+
 import argparse
 import collections
 import datetime as dt
@@ -35,6 +36,8 @@ import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
+
+from lepton_edge.model import MAX_OPSET, MIN_OPSET
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -307,14 +310,12 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any])
         "`make conformance` (or `.venv/bin/python conformance/run.py --help`); per-case "
         f"results are in `{out.with_suffix('.json').name}`.")
     add("")
-    add("*Restamped* variants: onnx generates each case at the op's newest opset, so every "
-        "case of an op revised after opset 23 (Reshape, Transpose, Squeeze, Cast, "
-        "QuantizeLinear, Pad, ... gained element types in opsets 24-25) is refused by "
-        "lepton-edge's opset range (7-23) and says nothing about the op. For those "
-        "single-node cases, `name@opsetN` is the same case declared at the newest opset <= 23 "
-        "that has the op, kept only if onnx's full checker accepts it and onnx's reference "
-        "implementation reproduces the expected outputs at that opset. They are counted "
-        "separately and never in the suite's totals.")
+    add("*Restamped* variants: onnx generates each case at the op's newest opset (up to "
+        f"28), outside lepton-edge's opset range ({MIN_OPSET}-{MAX_OPSET}) for ops revised "
+        "lately. For single-node cases of ops revised after opset 23, `name@opsetN` is the same "
+        "case declared at the newest opset <= 23 that has the op, kept only if onnx's full "
+        "checker accepts it and onnx's reference implementation reproduces the expected "
+        "outputs at that opset. They are counted separately and never in the suite's totals.")
     add("")
 
     def totals_row(rs: list[dict[str, Any]], label: str) -> None:
@@ -332,8 +333,9 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any])
         "(some onnxruntime) | lepton-edge total pass | onnxruntime pass | mismatches |")
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     totals_row(suite, "**the suite, all cases**")
-    totals_row([r for r in suite if r["opset"] is not None and 7 <= r["opset"] <= 23],
-               "suite cases at opset 7-23 (lepton-edge's range)")
+    totals_row([r for r in suite if r["opset"] is not None
+                and MIN_OPSET <= r["opset"] <= MAX_OPSET],
+               f"suite cases at opset {MIN_OPSET}-{MAX_OPSET} (lepton-edge's range)")
     totals_row([r for r in suite if not r["expanded"]], "suite node cases (not `_expanded`)")
     totals_row([r for r in suite if r["expanded"]], "suite `_expanded` function-body cases")
     totals_row(restamped, "restamped variants (opset >23 cases at opset <=23)")
