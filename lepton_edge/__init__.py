@@ -1,6 +1,8 @@
 """lepton-edge: compile a trained model once with Apache TVM, run it on the best device.
 
     model = lepton_edge.load("model.onnx")            # or a torch.nn.Module + example_inputs
+    model = lepton_edge.prune(model, calib, mac_reduction=0.3)   # optional
+    model = lepton_edge.quantize(model, calib)                   # optional, int8 QDQ
     art = lepton_edge.compile(model, targets=["cpu"])
     art.save("model.lepton")
     session = lepton_edge.runtime.load("model.lepton")
@@ -32,6 +34,8 @@ _LAZY = {
     "Model": ("lepton_edge.model", "Model"),
     "partition": ("lepton_edge.plan", "partition"),
     "Plan": ("lepton_edge.plan", "Plan"),
+    "prune": ("lepton_edge.compress.prune", "prune"),
+    "quantize": ("lepton_edge.compress.quantize", "quantize"),
     "compile": ("lepton_edge.compiler", "compile"),
     "Artifact": ("lepton_edge.compiler", "Artifact"),
 }

@@ -59,6 +59,70 @@ def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_f
                f"{time.perf_counter() - start:.1f} s")
 
 
+@cli.command("prune")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Pruned ONNX model to write.")
+@click.option("--calib", type=click.Path(path_type=Path), required=True,
+              help="Calibration data: a .npy file (single-input models) or a folder of .npy.")
+@click.option("--mode", type=click.Choice(["structured", "unstructured"]), default="structured",
+              show_default=True)
+@click.option("--sparsity", type=float, help="Fraction of the prunable layers' weights to remove.")
+@click.option("--mac-reduction", type=float, help="Fraction of MACs to remove (structured).")
+@click.option("--threshold", type=float,
+              help="Largest output change allowed (relative L2 error of the outputs).")
+@click.option("--ratio", "ratios", multiple=True, metavar="NODE=R",
+              help="Prune NODE's channels (weights) by fraction R, without a scan (repeatable).")
+@click.option("--exclude", multiple=True, metavar="NODE", help="Leave NODE whole.")
+@click.option("--grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True,
+              help="Comma-separated ratios the sensitivity scan tries on each layer.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the sensitivity curves (PNG).")
+def prune_cmd(model: Path, output: Path, calib: Path, mode: str, sparsity: float | None,
+              mac_reduction: float | None, threshold: float | None, ratios: tuple[str, ...],
+              exclude: tuple[str, ...], grid: str, plot: Path | None) -> None:
+    """Prune MODEL under one budget, measured on --calib, and report what it cost."""
+    import onnx
+
+    import lepton_edge
+    from lepton_edge.compress.prune import prune
+
+    by_node: dict[str, float] = {}
+    for item in ratios:
+        node, sep, value = item.rpartition("=")
+        try:
+            by_node[node] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not node:
+            raise click.UsageError(f"--ratio {item}: write NODE=R, e.g. conv1=0.25")
+    try:
+        ratios_grid = tuple(float(v) for v in grid.split(","))
+    except ValueError:
+        raise click.UsageError(f"--grid {grid}: write comma-separated ratios, e.g. 0.25,0.5"
+                               ) from None
+    data: Any = calib
+    if calib.is_file():
+        try:
+            data = np.load(calib, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{calib} is not a readable .npy array ({exc})") from None
+    pruned = prune(lepton_edge.load(model), data, mode=mode, sparsity=sparsity,
+                   mac_reduction=mac_reduction, threshold=threshold,
+                   ratios=by_node or None, exclude=exclude, grid=ratios_grid, progress=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(pruned.proto, output)
+    report = pruned.report
+    if report.sensitivity is not None:
+        click.echo(report.sensitivity.table())
+        if plot is not None:
+            click.echo(f"plot: {report.sensitivity.plot(plot)}")
+    elif plot is not None:
+        click.echo("no plot: --ratio skips the sensitivity scan", err=True)
+    click.echo(report.table())
+    click.echo(f"wrote {output}")
+
+
 @cli.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,

@@ -26,7 +26,7 @@ from lepton_edge.signature import Dim, TensorSpec
 # The opsets lepton-edge is tested with. Older models: re-export or use
 # onnx.version_converter; newer ones: TVM 0.27's importer predates them.
 MIN_OPSET = 7
-MAX_OPSET = 23
+MAX_OPSET = 25
 # Non-default op domains whose ops the runtime can execute (onnxruntime's contrib ops).
 KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
 PROTOBUF_LIMIT = 2**31 - 1

@@ -57,6 +57,8 @@ POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
                       "GlobalMaxPool", "GlobalLpPool"})
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu", "Pow"})
 NORM_PARAMS = {"BatchNormalization": 5, "InstanceNormalization": 3}
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1",
+                        "ReduceL2", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"})
 
 Seg = tuple[int | None, int]  # (channel group, or None for channels never pruned; length)
 
@@ -242,8 +244,10 @@ class PruningGraph:
             return False
         for (ga, _), (gb, _) in zip(a.segs, b.segs, strict=True):
             if ga is None or gb is None:
-                self._pin(a if ga is not None else b,
-                          f"{where} adds them to channels that cannot be pruned")
+                group = ga if ga is not None else gb
+                if group is not None:
+                    self._pins.setdefault(self.root(group), f"{where} adds its channels to "
+                                                            "channels that cannot be pruned")
                 continue
             ra, rb = self.root(ga), self.root(gb)
             if ra != rb:
@@ -296,6 +300,8 @@ class PruningGraph:
             handled = self._concat(node, layouts)
         elif op in ("Flatten", "Reshape") and set(layouts) == {0}:
             handled = self._flatten(node, layouts[0])
+        elif op in REDUCE_OPS and set(layouts) == {0}:
+            handled = self._reduce(node, layouts[0])
         if not handled:
             for x in layouts.values():
                 self._pin(x, f"its channels reach {op} '{node.name}', which pruning cannot "
@@ -457,6 +463,25 @@ class PruningGraph:
         self.layouts[node.output[0]] = out
         return True
 
+    def _reduce(self, node: onnx.NodeProto, x: Layout) -> bool:
+        """A reduction over other axes (e.g. global pooling as x.mean((2, 3))) keeps channels."""
+        axes = _attr(node, "axes", None)
+        if len(node.input) > 1 and node.input[1]:
+            value = self._const(node.input[1])
+            axes = None if value is None else value.tolist()
+            if value is None:
+                return False
+        if not axes or x.inner != 1:  # no axes: everything is reduced (or nothing)
+            return False
+        axes = sorted({a % x.rank for a in axes})
+        if x.axis in axes:
+            return False
+        keep = _attr(node, "keepdims", 1)
+        axis = x.axis if keep else x.axis - sum(a < x.axis for a in axes)
+        self.layouts[node.output[0]] = Layout(axis, x.rank if keep else x.rank - len(axes),
+                                              x.segs)
+        return True
+
     # -- units -----------------------------------------------------------------------------
 
     def _structured_units(self, excluded: set[str]) -> None:
@@ -607,6 +632,9 @@ def analyse(model: Model, mode: str, exclude: tuple[str, ...] | list[str] = ()) 
     """The prunable units of `model` for `mode`; `exclude` names nodes to leave whole."""
     if mode not in MODES:
         raise InputError(f"unknown pruning mode '{mode}'; choose one of {MODES}")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.proto.graph.node):
+        raise ModelError("this model is already quantized (QDQ); prune the float model, then "
+                         "quantize it: load -> prune -> quantize -> compile")
     names = {n.name for n in model.proto.graph.node}
     unknown = sorted(set(exclude) - names)
     if unknown:
@@ -759,35 +787,33 @@ class Saliency:
     channels: dict[str, np.ndarray]  # producer node -> per output channel
 
 def torch_tensors(module: Any, model: Model, names: list[str]) -> dict[str, tuple[Any, bool]]:
-    """Initializer -> (the module's parameter or buffer holding it, stored transposed?).
+    """Initializer -> (the module's parameter or buffer behind it, stored transposed?).
 
-    torch.onnx.export keeps parameter names where it can (`features.0.weight`); otherwise a
-    tensor is matched by exactly equal values (or the transpose, for a Linear lowered to a
-    MatMul). Call it before training changes the values.
+    A tensor with exactly the initializer's values wins (under its own name first; the
+    transpose counts, for a Linear exported as MatMul). Failing that, the tensor with the
+    initializer's name and shape: torch.onnx.export keeps parameter names but may fold
+    BatchNorm into a convolution's weights, which scales each output channel and so keeps
+    which entries are zero, all that masks need. Call it before training changes the values.
     """
-    import torch
-
     arrays = {t.name: t for t in model.proto.graph.initializer}
     tensors: dict[str, Any] = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
+    data = {k: t.detach().cpu().numpy() for k, t in tensors.items() if t.dtype.is_floating_point}
     found: dict[str, tuple[Any, bool]] = {}
     for name in names:
         value = numpy_helper.to_array(arrays[name])
-        tensor = tensors.get(name)
-        if tensor is not None and tuple(tensor.shape) == value.shape:
-            found[name] = (tensor, False)
-            continue
-        for candidate in tensors.values():
-            if candidate.numel() != value.size or not candidate.dtype.is_floating_point:
-                continue
-            with torch.no_grad():
-                data = candidate.detach().cpu().numpy()
-            if data.shape == value.shape and np.array_equal(data, value):
-                found[name] = (candidate, False)
-                break
-            if data.ndim == 2 and data.T.shape == value.shape and np.array_equal(data.T, value):
-                found[name] = (candidate, True)
-                break
+        equal = [(key, False) for key, d in data.items()
+                 if d.shape == value.shape and np.array_equal(d, value)]
+        plain = {key for key, _ in equal}
+        equal += [(key, True) for key, d in data.items()
+                  if key not in plain and d.ndim == 2 and d.T.shape == value.shape
+                  and np.array_equal(d.T, value)]
+        named = [m for m in equal if m[0] == name]
+        if named or len(equal) == 1:  # several equal tensors (all-zero biases): ambiguous
+            key, transposed = (named or equal)[0]
+            found[name] = (tensors[key], transposed)
+        elif name in data and data[name].shape == value.shape:
+            found[name] = (tensors[name], False)
     return found
 
 
