@@ -101,12 +101,7 @@ def prune_cmd(model: Path, output: Path, calib: Path, mode: str, sparsity: float
     except ValueError:
         raise click.UsageError(f"--grid {grid}: write comma-separated ratios, e.g. 0.25,0.5"
                                ) from None
-    data: Any = calib
-    if calib.is_file():
-        try:
-            data = np.load(calib, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{calib} is not a readable .npy array ({exc})") from None
+    data = _calibration_data(calib)
     pruned = prune(lepton_edge.load(model), data, mode=mode, sparsity=sparsity,
                    mac_reduction=mac_reduction, threshold=threshold,
                    ratios=by_node or None, exclude=exclude, grid=ratios_grid, progress=True)
@@ -148,12 +143,7 @@ def quantize_cmd(model: Path, output: Path, calib: Path, method: str, per_tensor
     import lepton_edge
     from lepton_edge.compress.quantize import quantize
 
-    data: Any = calib
-    if calib.is_file():
-        try:
-            data = np.load(calib, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{calib} is not a readable .npy array ({exc})") from None
+    data = _calibration_data(calib)
     quantized = quantize(lepton_edge.load(model), data, method=method,
                          per_channel=not per_tensor, symmetric_activations=symmetric_activations,
                          scale=scale, keep_float=keep_float, min_output_cosine=min_cosine,
@@ -164,6 +154,16 @@ def quantize_cmd(model: Path, output: Path, calib: Path, method: str, per_tensor
     if plot is not None:
         click.echo(f"plot: {quantized.report.plot(plot)}")
     click.echo(f"wrote {output}")
+
+
+def _calibration_data(calib: Path) -> Any:
+    """A .npy file is loaded here; a folder is handed on (the calibrator reads it)."""
+    if not calib.is_file():
+        return calib
+    try:
+        return np.load(calib, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{calib} is not a readable .npy array ({exc})") from None
 
 
 def _parse_inputs(values: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:

@@ -13,36 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper
 
 import lepton_edge
+from tests.conftest import mlp
 from lepton_edge import ModelError, UnsupportedOpsError
 from lepton_edge.model import MAX_OPSET, MIN_OPSET
 
 NOT_ONNX = re.compile(r"not (a valid|an) ONNX model")
-
-
-def mlp(opset: int = 17, batch: str | int | None = "N") -> onnx.ModelProto:
-    """x[batch, 4] -> MatMul -> Add -> Relu -> MatMul -> y[batch, 3]; batch None = unnamed."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w2"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-        helper.make_node("Add", ["h", "b1"], ["h2"], name="add1"),
-        helper.make_node("Relu", ["h2"], ["h3"], name="relu"),
-        helper.make_node("MatMul", ["h3", "w2"], ["y"], name="mm2"),
-    ]
-    graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def ort_run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
