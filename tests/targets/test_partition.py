@@ -305,3 +305,23 @@ def test_a_build_returning_a_wrong_shape_is_an_error_not_an_answer(build, monkey
     with pytest.raises(DeviceError, match=r"returned wrong outputs \(output 'y' is "
                                           r"float32\[2, 3\], expected float32\[2, 4\]\)"):
         session.run(feeds(2))
+
+
+class SimulatedDevice(FakeDevice):
+    """Like an FPGA C simulation: runs builds, but must never stand in for hardware silently."""
+
+    explicit_only = True
+
+
+def test_explicit_only_device_is_used_only_when_named(build) -> None:
+    unregister("fakeacc")
+    register(TargetPlugin(name="fakeacc", priority=50, description="simulated accelerator",
+                          target=f"{__name__}:FakeTarget", device=f"{__name__}:SimulatedDevice"))
+    model = lepton_edge.load(conv_model())
+    path, session = build(model, ["cpu", "fakeacc"])
+    assert session.placement["sg0"].device == "cpu:0"
+    assert "used only when named in devices=" in session.placement["sg0"].reason
+    named = lepton_edge.runtime.load(path, devices=["fakeacc", "cpu"])
+    assert named.placement["sg0"].device == "fakeacc:0"
+    f = feeds(2)
+    assert_close(named.run(f), ort_run(model.proto, f))
