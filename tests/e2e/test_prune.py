@@ -295,8 +295,6 @@ def run_image(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_cli_prune_then_quantize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lepton_edge import cli
 
-    if "prune" not in cli.cli.commands:
-        pytest.skip("the `prune` command is not registered in lepton_edge/cli.py yet")
     np.save(tmp_path / "calib.npy", np.load(DIGITS / "x_test.npy")[:64])
     calib = ["--calib", str(tmp_path / "calib.npy")]
     cli.main(["prune", str(DIGITS / "digits.onnx"), "-o", str(tmp_path / "p.onnx"), *calib,
@@ -306,6 +304,9 @@ def test_cli_prune_then_quantize(tmp_path: Path, capsys: pytest.CaptureFixture[s
     cli.main(["quantize", str(tmp_path / "p.onnx"), "-o", str(tmp_path / "q.onnx"), *calib])
     pruned = lepton_edge.load(tmp_path / "p.onnx")
     assert pruned.op_counts()["Conv"] == 2 and lepton_edge.load(tmp_path / "q.onnx")
+    cli.main(["compile", str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q.lepton")])
+    cli.main(["run", str(tmp_path / "q.lepton"), "--check"])
+    assert "self-test PASS" in capsys.readouterr().out
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["prune", str(DIGITS / "digits.onnx"), "-o", str(tmp_path / "bad.onnx"),
