@@ -114,7 +114,21 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
 
         def visit_var_binding_(self, binding: Any) -> None:
             value = binding.value
-            if op_name(value) == "relax.quantize":
+            if self.float_outputs and op_name(value) in ("relax.nn.conv2d", "relax.matmul") \
+                    and _dtype(binding.var) == "float32" \
+                    and op_name(self.resolve(value.args[0])) == "relax.dequantize":
+                try:
+                    new_value = self.lower_float_output(value)
+                except _NotLowerable as why:
+                    report.kept_float.append(f"{op_name(value).removeprefix('relax.')} of "
+                                             f"dequantized inputs: {why}; runs in float")
+                else:
+                    new_var = self.builder_.emit(new_value, _name(binding.var) + "_int")
+                    self.set_var_remap(binding.var, new_var)
+                    return
+                super().visit_var_binding_(binding)
+                return
+            if not self.float_outputs and op_name(value) == "relax.quantize":
                 try:
                     new_value = self.lower(value)
                 except _NotLowerable as why:
@@ -167,8 +181,23 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
 
         def lower_core(self, kind: str, expr: Any, bias: Any, y_scale_f: float, y_zp_i: int,
                        low: int, high: int) -> Any:
+            acc, acc_scale, bshape = self.accumulate(kind, expr, bias)
+            m0, shift = fixed_point_multiplier(acc_scale / y_scale_f)
+            return self.requantize(acc, m0.reshape(bshape), shift.reshape(bshape), y_zp_i,
+                                   low, high)
+
+        def accumulate(self, kind: str, expr: Any, bias: Any) -> tuple[Any, np.ndarray, tuple]:
+            """int32 accumulator of conv2d/matmul over dequantized int8 operands, with the
+            zero-point (and bias) corrections; returns it, its real scale and its shape."""
             x_q, x_scale, x_zp = self.activation(expr.args[0])
-            w_q, w_scale = self.weight(expr.args[1], kind)
+            try:
+                w_q, w_scale = self.weight(expr.args[1], kind)
+            except _NotLowerable as why:
+                if kind != "relax.matmul" or "not a dequantized constant" not in str(why):
+                    raise
+                if bias is not None:
+                    raise _NotLowerable("bias on an activation x activation matmul") from None
+                return self.activation_matmul(x_q, x_scale, x_zp, expr.args[1])
             out_channels = w_q.shape[0] if kind == "relax.nn.conv2d" else w_q.shape[-1]
             w_scale = np.broadcast_to(w_scale.astype(np.float64), (out_channels,))
             acc_scale = x_scale * w_scale
@@ -178,7 +207,7 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
                 bias_q = np.round(bias_f.astype(np.float64) / acc_scale).astype(np.int64)
             if kind == "relax.nn.conv2d":
                 acc, w_sum = self.conv2d(expr, x_q, x_zp, w_q)
-                bshape = (1, out_channels, 1, 1)
+                bshape: tuple = (1, out_channels, 1, 1)
             else:
                 acc = self.builder_.emit(relax.op.matmul(x_q, relax.const(w_q, "int8"),
                                                          out_dtype="int32"))
@@ -189,10 +218,49 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
                 raise _NotLowerable("bias correction overflows int32")
             acc = self.builder_.emit(relax.op.add(
                 acc, relax.const(correction.astype(np.int32).reshape(bshape), "int32")))
-            m0, shift = fixed_point_multiplier(acc_scale / y_scale_f)
             report.lowered.append(f"{kind.split('.')[-1]} -> int8 x int8 -> int32")
-            return self.requantize(acc, m0.reshape(bshape), shift.reshape(bshape), y_zp_i,
-                                   low, high)
+            return acc, acc_scale, bshape
+
+        def activation_matmul(self, a_q: Any, a_scale: float, a_zp: int, other: Any
+                              ) -> tuple[Any, np.ndarray, tuple]:
+            """a @ b with both operands dequantized int8 activations (attention's QK^T, AV):
+            sum (a - za)(b - zb) = a.b - zb*rowsum(a) - za*colsum(b) + K*za*zb."""
+            node = self.resolve(other)
+            transpose = None
+            if op_name(node) == "relax.permute_dims":
+                transpose = node.attrs.axes
+                node = self.resolve(node.args[0])
+            if op_name(node) != "relax.dequantize":
+                raise _NotLowerable("the second operand is not dequantized int8")
+            b_q, b_scale, b_zp = self.activation(node)
+            if transpose is not None:
+                b_q = self.builder_.emit(relax.op.permute_dims(b_q, transpose))
+            shape = getattr(getattr(a_q, "ty", None), "shape", None)
+            values = getattr(shape, "values", None)
+            if not values or not hasattr(values[-1], "value"):
+                raise _NotLowerable("the reduction length is not static")
+            k = int(values[-1].value)
+            op, emit = relax.op, self.builder_.emit
+            acc = emit(op.matmul(a_q, b_q, out_dtype="int32"))
+            if b_zp:
+                rows = emit(op.sum(op.astype(a_q, "int32"), axis=-1, keepdims=True))
+                acc = emit(op.subtract(acc, op.multiply(rows, relax.const(b_zp, "int32"))))
+            if a_zp:
+                cols = emit(op.sum(op.astype(b_q, "int32"), axis=-2, keepdims=True))
+                acc = emit(op.subtract(acc, op.multiply(cols, relax.const(a_zp, "int32"))))
+            if a_zp and b_zp:
+                acc = emit(op.add(acc, relax.const(k * a_zp * b_zp, "int32")))
+            report.lowered.append("matmul -> int8 x int8 -> int32 (activation x activation)")
+            return acc, np.array([a_scale * b_scale]), (1,)
+
+        def lower_float_output(self, call: Any) -> Any:
+            """conv2d/matmul of dequantized int8 operands whose result stays float (no
+            QuantizeLinear after it): integer accumulation, then one multiply by the scale."""
+            kind = op_name(call)
+            acc, acc_scale, bshape = self.accumulate(kind, call, None)
+            return relax.op.multiply(relax.op.astype(acc, "float32"),
+                                     relax.const(acc_scale.astype(np.float32).reshape(bshape),
+                                                 "float32"))
 
         def activation(self, expr: Any) -> tuple[Any, float, int]:
             deq = self.resolve(expr)
@@ -213,7 +281,7 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
             if op_name(node) == "relax.permute_dims":
                 transpose = node.attrs.axes
                 node = self.resolve(node.args[0])
-            if op_name(node) != "relax.dequantize":
+            if op_name(node) != "relax.dequantize" or not isinstance(node.args[0], Constant):
                 raise _NotLowerable("the weight is not a dequantized constant")
             w_q = const(node.args[0])
             scale, zp = const(node.args[1]), const(node.args[2])
@@ -281,11 +349,13 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
             q = emit(op.add(q, relax.const(zp, "int64")))
             return op.astype(op.clip(q, low, high), "int8")
 
-    rewriter = Rewriter(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            new_func = rewriter.visit_expr(func)
-            rewriter.builder_.update_func(gvar, new_func)
-    new_mod = rewriter.builder_.get()
-    new_mod = relax.transform.DeadCodeElimination()(new_mod)
-    return new_mod, report
+    # Pass 1 lowers whole DQ -> op -> Q patterns; pass 2 the conv/matmuls over dequantized
+    # int8 operands whose result stays float (attention matmuls, final layers).
+    for float_outputs in (False, True):
+        rewriter = Rewriter(mod)
+        rewriter.float_outputs = float_outputs
+        for gvar, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return mod, report

@@ -162,7 +162,8 @@ def test_bert_shaped_encoder_int8_keeps_cosine(tmp_path: Path) -> None:
     q = quantize(model, calib)
     art = lepton_edge.compile(q, ["cpu"])
     meta = art.manifest["subgraphs"][0]["builds"][0]["meta"]
-    assert len(meta["int8_kernels"]) == 8  # q/k/v in-projection, out-projection, 2 FFN x 2
+    kernels = meta["int8_kernels"]  # per layer: in-projection, out-projection, 2 FFN, QK^T, AV
+    assert len(kernels) == 12 and sum("activation x activation" in k for k in kernels) == 4
     session = lepton_edge.runtime.load(art.save(tmp_path / "enc.lepton"), self_test=True)
     fp32 = spec_run_named(model.proto, {"tokens": test})
     assert cosine(session.run({"tokens": test})["hidden"], fp32) >= 0.99

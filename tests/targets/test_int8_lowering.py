@@ -277,3 +277,48 @@ def test_small_cnn_is_bit_exact(build) -> None:
     got = session.run({"x_q": x_q})[model.graph.output[0].name]
     np.testing.assert_array_equal(got, cnn_reference(x_q, layers))
     assert np.abs(got.astype(int) - ort_spec(model, x_q).astype(int)).max() <= 1
+
+
+def test_activation_by_activation_matmul_is_bit_exact(build) -> None:
+    """Attention-style a @ b with both operands int8 activations (two zero points)."""
+    sa, za, sb, zb, sy, zy = 0.03, 5, 0.02, -9, 0.4, -3
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in (
+        ("sa", sa, np.float32), ("za", za, np.int8), ("sb", sb, np.float32),
+        ("zb", zb, np.int8), ("sy", sy, np.float32), ("zy", zy, np.int8))]
+    nodes = [helper.make_node("DequantizeLinear", ["a_q", "sa", "za"], ["a"]),
+             helper.make_node("DequantizeLinear", ["b_q", "sb", "zb"], ["b"]),
+             helper.make_node("MatMul", ["a", "b"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["y_q"])]
+    graph = helper.make_graph(
+        nodes, "qdq_aa", [helper.make_tensor_value_info("a_q", TensorProto.INT8, ["N", 4, 12]),
+                          helper.make_tensor_value_info("b_q", TensorProto.INT8, ["N", 12, 5])],
+        [helper.make_tensor_value_info("y_q", TensorProto.INT8, ["N", 4, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, session = build(lepton_edge.load(model))
+    kernels = session.manifest["subgraphs"][0]["builds"][0]["meta"]["int8_kernels"]
+    assert kernels == ["matmul -> int8 x int8 -> int32 (activation x activation)"]
+    a_q = rng.integers(-128, 128, (3, 4, 12)).astype(np.int8)
+    b_q = rng.integers(-128, 128, (3, 12, 5)).astype(np.int8)
+    acc = (a_q.astype(np.int64) - za) @ (b_q.astype(np.int64) - zb)
+    m0, shift = fixed_point_multiplier(np.float64(np.float32(sa)) * np.float64(np.float32(sb))
+                                       / np.float64(np.float32(sy)))
+    want = requantize_reference(acc, m0, shift, zy)
+    got = session.run({"a_q": a_q, "b_q": b_q})["y_q"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_float_output_matmul_runs_in_integers(build) -> None:
+    """DQ -> MatMul with no QuantizeLinear after it: int32 accumulation, one float scale."""
+    model, _ = qdq_model("matmul")
+    graph = model.graph
+    quant = [n for n in graph.node if n.op_type == "QuantizeLinear"][0]
+    graph.node.remove(quant)
+    graph.output.pop()
+    graph.output.append(helper.make_tensor_value_info("acc", TensorProto.FLOAT, ["N", 10]))
+    _, session = build(lepton_edge.load(model))
+    kernels = session.manifest["subgraphs"][0]["builds"][0]["meta"]["int8_kernels"]
+    assert kernels == ["matmul -> int8 x int8 -> int32"]
+    x_q = rng.integers(-128, 128, (4, 24)).astype(np.int8)
+    got = session.run({"x_q": x_q})["acc"]
+    want = ort_spec(model, x_q)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
