@@ -227,6 +227,41 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, ch
     click.echo(f"ran in {elapsed:.2f} ms", err=True)
 
 
+@cli.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The original fp32 .onnx, for onnxruntime (the artifact does not hold it).")
+@click.option("--int8-model", type=click.Path(dir_okay=False, path_type=Path),
+              help="A QDQ int8 .onnx, to also time onnxruntime int8.")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy",
+              help="An input array (repeatable); without it, random inputs at --batch.")
+@click.option("--batch", default=1, show_default=True,
+              help="Batch size of the random inputs (ignored with --input).")
+@click.option("--runs", default=30, show_default=True, help="Timed rounds per engine.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed calls per engine.")
+@click.option("--no-peak", is_flag=True, help="Skip the CPU peak measurement (roofline).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_cmd(artifact: Path, model_path: Path | None, int8_model: Path | None,
+              inputs: tuple[str, ...], batch: int, runs: int, warmup: int, no_peak: bool,
+              as_json: bool) -> None:
+    """Time ARTIFACT against onnxruntime (fp32, int8) on the same inputs, alternating."""
+    from lepton_edge import bench, runtime
+
+    if batch < 1:
+        raise click.UsageError(f"--batch {batch}: must be >= 1")
+    specs = runtime.load(artifact).inputs
+    feeds: dict[str, Any] = (_parse_inputs(inputs, [s.name for s in specs]) if inputs
+                             else bench.random_feeds(specs, batch))
+    vs = ("onnxruntime",) if model_path is not None else ()
+    report = bench.compare(artifact, feeds, vs=vs, model_path=model_path,
+                           int8_model=int8_model, runs=runs, warmup=warmup,
+                           peak=not no_peak)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        click.echo(report.table())
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "out"
 

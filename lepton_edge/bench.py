@@ -1,0 +1,461 @@
+"""MLPerf-style measurements: single-stream latency, offline throughput, engine comparisons.
+
+    from lepton_edge import bench
+    stats = bench.single_stream(lambda: session.run(feeds), warmup=5, runs=50)
+    report = bench.compare("model.lepton", feeds, model_path="model.onnx",
+                           int8_model="model.int8.onnx", runs=30, warmup=5)
+    print(report.table())
+
+- `single_stream(fn, warmup=, runs=)` times one query at a time (the MLPerf "SingleStream"
+  scenario): `LatencyStats` with p50, p90, mean, min, max (milliseconds), the number of timed
+  runs and `spread` = (p90 - p50) / p50, a noise indicator (0.05 = p90 is 5% above median).
+- `offline(fn, batch, warmup=, runs=)` times calls that each process `batch` samples (the
+  "Offline" scenario): `ThroughputStats` with samples/s = batch / median call time.
+- `compare(artifact, feeds, ...)` runs the same feeds through the compiled artifact and the
+  reference engines (onnxruntime fp32 on the original ONNX, onnxruntime int8 on a QDQ model,
+  optionally a torch module). Engines alternate in rounds inside one process (the order
+  rotates every round) so machine noise hits all of them alike; the report gives each
+  engine's median and its time relative to lepton, and the fraction of this CPU's measured
+  peak ("roofline") when the artifact's manifest knows the model's MACs.
+- `cpu_peak()` measures what this machine reaches on big matrix products, cached per
+  process: fp32 GFLOPS from numpy's BLAS sgemm (2 flops per FMA) and int8 GOPS from
+  onnxruntime's MatMulInteger (uint8 x int8 -> int32, 2 ops per MAC), both on all cores.
+  These are *achievable library peaks*, not the theoretical peak of the silicon (which
+  needs vendor kernels, perfect cache blocking and frequencies this run may not hold); the
+  roofline fraction is therefore "share of what a good GEMM library gets here".
+
+Everything measured here is wall-clock time of whole `run` calls, input checks included.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_edge.errors import InputError, ModelError
+
+ENGINES = ("onnxruntime", "onnxruntime-int8", "torch")
+LEPTON = "lepton"
+
+
+# --------------------------------------------------------------------------------- statistics
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    """Linear-interpolated percentile of an already sorted list (q in [0, 100])."""
+    if len(sorted_ms) == 1:
+        return sorted_ms[0]
+    pos = (len(sorted_ms) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-call latency in milliseconds over `runs` timed calls."""
+
+    p50: float
+    p90: float
+    mean: float
+    min: float
+    max: float
+    runs: int
+    spread: float  # (p90 - p50) / p50
+
+    @classmethod
+    def from_samples(cls, times_ms: list[float]) -> LatencyStats:
+        if not times_ms:
+            raise InputError("no timed runs: runs must be >= 1")
+        s = sorted(float(t) for t in times_ms)
+        p50, p90 = _percentile(s, 50), _percentile(s, 90)
+        return cls(p50=p50, p90=p90, mean=statistics.fmean(s), min=s[0], max=s[-1],
+                   runs=len(s), spread=(p90 - p50) / p50 if p50 > 0 else 0.0)
+
+    def __str__(self) -> str:
+        return (f"p50 {self.p50:.3f} ms, p90 {self.p90:.3f} ms, mean {self.mean:.3f} ms, "
+                f"min {self.min:.3f} ms, max {self.max:.3f} ms ({self.runs} runs, "
+                f"spread {self.spread:.1%})")
+
+
+@dataclass(frozen=True)
+class ThroughputStats:
+    """Samples per second when each call processes `batch` samples."""
+
+    batch: int
+    samples_per_s: float  # batch / median call time
+    latency: LatencyStats
+
+    def __str__(self) -> str:
+        return (f"{self.samples_per_s:,.1f} samples/s at batch {self.batch} "
+                f"(call p50 {self.latency.p50:.3f} ms, {self.latency.runs} runs)")
+
+
+def _check_counts(warmup: int, runs: int) -> None:
+    if runs < 1:
+        raise InputError(f"runs must be >= 1, got {runs}")
+    if warmup < 0:
+        raise InputError(f"warmup must be >= 0, got {warmup}")
+
+
+def _time_ms(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def single_stream(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 50) -> LatencyStats:
+    """Call `fn` `warmup` times untimed, then `runs` times timed one after another."""
+    _check_counts(warmup, runs)
+    for _ in range(warmup):
+        fn()
+    return LatencyStats.from_samples([_time_ms(fn) for _ in range(runs)])
+
+
+def offline(fn: Callable[[], Any], batch: int, *, warmup: int = 3, runs: int = 20
+            ) -> ThroughputStats:
+    """Throughput of `fn`, one call processing `batch` samples: batch / median latency."""
+    if batch < 1:
+        raise InputError(f"batch must be >= 1, got {batch}")
+    lat = single_stream(fn, warmup=warmup, runs=runs)
+    return ThroughputStats(batch=batch, samples_per_s=batch / (lat.p50 / 1e3), latency=lat)
+
+
+# -------------------------------------------------------------------------------- CPU peak
+
+@dataclass(frozen=True)
+class Peak:
+    """Measured (achievable, library) peak of this CPU on large matrix products."""
+
+    fp32_gflops: float
+    int8_gops: float | None
+    threads: int
+    fp32_method: str
+    int8_method: str
+
+    def __str__(self) -> str:
+        i8 = f"{self.int8_gops:.1f} int8 GOPS" if self.int8_gops else "int8 not measured"
+        return (f"{self.fp32_gflops:.1f} fp32 GFLOPS, {i8} on {self.threads} threads "
+                f"(achievable library peak: {self.fp32_method}; {self.int8_method})")
+
+
+_PEAK: dict[tuple[int, int, bool], Peak] = {}
+
+
+def _best_rate(fn: Callable[[], Any], ops: float, repeats: int) -> float:
+    fn()  # warm-up: thread pools, page faults, packing buffers
+    best = min(_time_ms(fn) for _ in range(repeats)) / 1e3
+    return ops / best / 1e9
+
+
+def _fp32_peak(n: int, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    return _best_rate(lambda: np.matmul(a, b, out=out), 2.0 * n**3, repeats)
+
+
+def _int8_peak(n: int, repeats: int, threads: int) -> float:
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(n, n), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "int8_peak",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = onnxruntime.InferenceSession(model.SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, size=(n, n), dtype=np.uint8)
+    return _best_rate(lambda: sess.run(None, {"a": a}), 2.0 * n**3, repeats)
+
+
+def cpu_peak(*, n: int = 2048, repeats: int = 5, int8: bool = True) -> Peak:
+    """Measure (once per process and arguments) fp32 GFLOPS and int8 GOPS on all cores.
+
+    fp32: best of `repeats` numpy float32 n x n x n matmuls (the BLAS numpy links, using
+    all its threads). int8: best of `repeats` onnxruntime MatMulInteger (uint8 activations
+    x constant int8 weights -> int32) at the same size, intra-op threads = all cores. Both
+    count 2 operations per multiply-accumulate. If onnxruntime cannot run the int8 model,
+    `int8_gops` is None and `int8_method` says why.
+    """
+    key = (n, repeats, int8)
+    if key in _PEAK:
+        return _PEAK[key]
+    threads = os.cpu_count() or 1
+    fp32 = _fp32_peak(n, repeats)
+    fp32_method = f"numpy float32 matmul {n}^3, best of {repeats}"
+    int8_gops: float | None = None
+    int8_method = "not measured"
+    if int8:
+        try:
+            int8_gops = _int8_peak(n, repeats, threads)
+            int8_method = (f"onnxruntime MatMulInteger u8 x s8 -> s32 {n}^3, "
+                           f"best of {repeats}")
+        except Exception as exc:  # noqa: BLE001 - a missing kernel is a result, not a crash
+            int8_method = f"int8 peak unavailable ({type(exc).__name__}: {exc})"
+    _PEAK[key] = Peak(fp32_gflops=fp32, int8_gops=int8_gops, threads=threads,
+                      fp32_method=fp32_method, int8_method=int8_method)
+    return _PEAK[key]
+
+
+def roofline_fraction(macs: float, seconds: float, peak: float) -> float:
+    """Share of `peak` (GFLOPS or GOPS, 2 ops per MAC) reached by `macs` MACs in `seconds`."""
+    if seconds <= 0 or peak <= 0:
+        raise InputError(f"seconds and peak must be > 0 (got {seconds}, {peak})")
+    return 2.0 * macs / seconds / 1e9 / peak
+
+
+# ------------------------------------------------------------------------------- comparison
+
+@dataclass
+class EngineResult:
+    name: str
+    latency: LatencyStats
+    ratio: float  # this engine's p50 / lepton's p50 (> 1: lepton is faster)
+    samples_per_s: float
+    roofline: float | None = None  # fraction of the measured peak (fp32 or int8)
+    max_rel_err: float | None = None  # vs lepton's outputs
+    precision: str = "fp32"
+
+
+@dataclass
+class BenchReport:
+    artifact: str
+    batch: int
+    macs: int | None  # per call (per-sample manifest MACs x batch); None if unknown
+    engines: dict[str, EngineResult] = field(default_factory=dict)
+    peak: Peak | None = None
+    order: str = "alternating rounds, rotating order"
+
+    def ratios(self) -> dict[str, float]:
+        return {name: r.ratio for name, r in self.engines.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact, "batch": self.batch, "macs": self.macs,
+            "peak": asdict(self.peak) if self.peak else None, "order": self.order,
+            "engines": {name: {**asdict(r), "latency": asdict(r.latency)}
+                        for name, r in self.engines.items()},
+        }
+
+    def table(self) -> str:
+        head = f"{self.artifact}: batch {self.batch}"
+        if self.macs:
+            head += f", {self.macs / 1e6:,.1f} M MACs per call"
+        lines = [head,
+                 f"{'engine':<18} {'p50 ms':>10} {'p90 ms':>10} {'runs':>5} "
+                 f"{'samples/s':>11} {'vs lepton':>10} {'roofline':>9} {'max rel err':>12}"]
+        for r in self.engines.values():
+            roof = f"{r.roofline:.1%}" if r.roofline is not None else "-"
+            err = f"{r.max_rel_err:.2e}" if r.max_rel_err is not None else "-"
+            lines.append(f"{r.name:<18} {r.latency.p50:>10.3f} {r.latency.p90:>10.3f} "
+                         f"{r.latency.runs:>5} {r.samples_per_s:>11,.1f} "
+                         f"{r.ratio:>9.2f}x {roof:>9} {err:>12}")
+        lines.append("vs lepton = engine p50 / lepton p50 (above 1: lepton is faster); "
+                     f"{self.order}")
+        if self.peak is not None:
+            lines.append(f"roofline = share of measured peak: {self.peak}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _ort_session(path: Path, what: str) -> Any:
+    import onnxruntime
+
+    if not path.is_file():
+        raise ModelError(f"{what} not found: {path}")
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        raise ModelError(f"onnxruntime cannot load {what} {path}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+
+
+def _ort_runner(sess: Any, feeds: dict[str, np.ndarray], what: str) -> Callable[[], Any]:
+    names = [i.name for i in sess.get_inputs()]
+    if sorted(names) != sorted(feeds):
+        raise InputError(f"{what} has inputs {names} but the feeds are {sorted(feeds)}; "
+                         "is it the model the artifact was compiled from?")
+    outs = [o.name for o in sess.get_outputs()]
+    try:
+        sess.run(outs, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{what} rejects the feeds: {' '.join(str(exc).split())[:300]}"
+                         ) from None
+    return lambda: dict(zip(outs, sess.run(outs, feeds), strict=True))
+
+
+def _torch_runner(module: Any, feeds: dict[str, np.ndarray], names: list[str]
+                  ) -> Callable[[], Any]:
+    import torch
+
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+    module.eval()
+
+    def run() -> Any:
+        with torch.inference_mode():
+            out = module(*args)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [o.detach().numpy() for o in outs]
+
+    return run
+
+
+def random_feeds(specs: Any, batch: int = 1, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for TensorSpecs (e.g. `session.inputs`); symbolic dims become `batch`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise InputError(f"cannot make random data for {spec}; pass real inputs")
+    return feeds
+
+
+def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
+    for value in feeds.values():
+        if np.ndim(value) >= 1:
+            return int(np.shape(value)[0])
+    return 1
+
+
+def _max_rel_err(got: Any, want: list[np.ndarray]) -> float | None:
+    from lepton_edge.runtime.session import compare as compare_arrays
+
+    got_list = list(got.values()) if isinstance(got, dict) else list(got)
+    if len(got_list) != len(want):
+        return None
+    errs = [compare_arrays(np.asarray(g), w)[1] for g, w in zip(got_list, want, strict=True)
+            if w.dtype.kind == "f"]
+    return max(errs) if errs else None
+
+
+def compare(
+    artifact_path: str | os.PathLike[str],
+    feeds: Mapping[str, Any],
+    *,
+    vs: tuple[str, ...] | list[str] = ("onnxruntime",),
+    model_path: str | os.PathLike[str] | None = None,
+    int8_model: str | os.PathLike[str] | None = None,
+    torch_module: Any = None,
+    runs: int = 30,
+    warmup: int = 5,
+    peak: bool | Peak = True,
+    devices: list[str] | None = None,
+) -> BenchReport:
+    """Time the artifact against reference engines on the same `feeds`, alternating rounds.
+
+    `vs` picks the references: "onnxruntime" (fp32, needs `model_path`, the original .onnx:
+    the artifact does not contain it), "onnxruntime-int8" (needs `int8_model`, a QDQ .onnx;
+    added automatically when `int8_model` is given) and "torch" (needs `torch_module`;
+    added automatically when one is given). Each engine is warmed up `warmup` times, then
+    `runs` rounds each time every engine once, in an order that rotates every round. `peak`
+    True measures `cpu_peak()` (cached) for the roofline column, a `Peak` uses that one,
+    False skips it.
+    """
+    from lepton_edge import runtime
+
+    _check_counts(warmup, runs)
+    wanted = list(dict.fromkeys(vs))
+    if int8_model is not None and "onnxruntime-int8" not in wanted:
+        wanted.append("onnxruntime-int8")
+    if torch_module is not None and "torch" not in wanted:
+        wanted.append("torch")
+    unknown = [e for e in wanted if e not in ENGINES]
+    if unknown:
+        raise InputError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+    if "onnxruntime" in wanted and model_path is None:
+        raise InputError("comparing with onnxruntime needs model_path=<the original .onnx> "
+                         "(the artifact does not contain the original model)")
+    if "onnxruntime-int8" in wanted and int8_model is None:
+        raise InputError("onnxruntime-int8 needs int8_model=<a QDQ .onnx>")
+    if "torch" in wanted and torch_module is None:
+        raise InputError("the torch engine needs torch_module=<the torch.nn.Module>")
+    art = Path(artifact_path)
+    if not art.is_file():
+        raise InputError(f"artifact not found: {art}")
+    if not isinstance(feeds, Mapping) or not feeds:
+        raise InputError("feeds must be a non-empty dict of input name -> array")
+    arrays = {str(k): np.ascontiguousarray(v) for k, v in feeds.items()}
+
+    session = runtime.load(art, devices=devices)
+    in_names = [s.name for s in session.inputs]
+    if sorted(in_names) != sorted(arrays):
+        raise InputError(f"{art} has inputs {in_names} but the feeds are {sorted(arrays)}")
+    reference = session.run(arrays)  # also checks dtypes and shapes (InputError)
+    want = [np.asarray(v) for v in reference.values()]
+    runners: dict[str, Callable[[], Any]] = {LEPTON: lambda: session.run(arrays)}
+    precision = {LEPTON: "int8" if session.manifest.get("quantized") else "fp32"}
+    if "onnxruntime" in wanted:
+        runners["onnxruntime"] = _ort_runner(
+            _ort_session(Path(model_path), "model"), arrays, str(model_path))
+        precision["onnxruntime"] = "fp32"
+    if "onnxruntime-int8" in wanted:
+        runners["onnxruntime-int8"] = _ort_runner(
+            _ort_session(Path(int8_model), "int8 model"), arrays, str(int8_model))
+        precision["onnxruntime-int8"] = "int8"
+    if "torch" in wanted:
+        runners["torch"] = _torch_runner(torch_module, arrays, in_names)
+        precision["torch"] = "fp32"
+
+    errors = {name: _max_rel_err(fn(), want) for name, fn in runners.items() if name != LEPTON}
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(runs):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_time_ms(runners[name]))
+
+    batch = _batch_of(arrays)
+    per_sample = sum(int(sg.get("macs", 0) or 0) for sg in session.manifest["subgraphs"])
+    macs = per_sample * batch if per_sample else None
+    measured = peak if isinstance(peak, Peak) else (cpu_peak() if peak else None)
+    stats = {n: LatencyStats.from_samples(t) for n, t in times.items()}
+    base = stats[LEPTON].p50
+    report = BenchReport(artifact=str(art), batch=batch, macs=macs, peak=measured)
+    for name in names:
+        lat = stats[name]
+        roof = None
+        if macs and measured is not None:
+            ceiling = measured.int8_gops if precision[name] == "int8" else measured.fp32_gflops
+            if ceiling:
+                roof = roofline_fraction(macs, lat.p50 / 1e3, ceiling)
+        report.engines[name] = EngineResult(
+            name=name, latency=lat, ratio=lat.p50 / base if base > 0 else float("nan"),
+            samples_per_s=batch / (lat.p50 / 1e3) if lat.p50 > 0 else float("inf"),
+            roofline=roof, max_rel_err=errors.get(name), precision=precision[name])
+    return report
+
+
+__all__ = [
+    "BenchReport", "EngineResult", "LatencyStats", "Peak", "ThroughputStats",
+    "compare", "cpu_peak", "offline", "random_feeds", "roofline_fraction", "single_stream",
+]

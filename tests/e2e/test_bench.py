@@ -1,0 +1,130 @@
+"""lepton_edge.bench: consistent statistics and a compare() that runs both engines.
+
+Nothing here asserts speed: only that the numbers are consistent with each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lepton_edge
+from lepton_edge import bench
+from lepton_edge.errors import InputError, LeptonError
+
+FAKE_PEAK = bench.Peak(fp32_gflops=100.0, int8_gops=200.0, threads=1,
+                       fp32_method="test", int8_method="test")
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32)
+    w2 = rng.standard_normal((32, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.fixture(scope="module")
+def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    model = _mlp()
+    onnx_path = folder / "mlp.onnx"
+    onnx.save(model, onnx_path)
+    art = lepton_edge.compile(lepton_edge.load(model), ["cpu"], golden_count=0)
+    return art.save(folder / "mlp.lepton"), onnx_path
+
+
+def test_single_stream_and_offline_are_consistent() -> None:
+    calls = []
+    stats = bench.single_stream(lambda: calls.append(sum(range(1000))), warmup=3, runs=25)
+    assert len(calls) == 28 and stats.runs == 25
+    assert 0 < stats.min <= stats.p50 <= stats.p90 <= stats.max
+    assert stats.min <= stats.mean <= stats.max
+    assert stats.spread == pytest.approx((stats.p90 - stats.p50) / stats.p50)
+    thr = bench.offline(lambda: sum(range(1000)), 8, warmup=1, runs=10)
+    assert thr.batch == 8 and thr.latency.runs == 10
+    assert thr.samples_per_s == pytest.approx(8 / (thr.latency.p50 / 1e3))
+    with pytest.raises(InputError):
+        bench.single_stream(lambda: None, warmup=0, runs=0)
+    with pytest.raises(InputError):
+        bench.offline(lambda: None, 0, runs=1)
+
+
+def test_percentiles_and_roofline_helpers() -> None:
+    stats = bench.LatencyStats.from_samples([float(v) for v in range(1, 11)])
+    assert stats.p50 == pytest.approx(5.5) and stats.p90 == pytest.approx(9.1)
+    assert (stats.min, stats.max, stats.runs) == (1.0, 10.0, 10)
+    # 1e9 MACs in 1 s = 2 GFLOP/s = 2% of a 100 GFLOPS peak
+    assert bench.roofline_fraction(1e9, 1.0, 100.0) == pytest.approx(0.02)
+    with pytest.raises(InputError):
+        bench.roofline_fraction(1e9, 0.0, 100.0)
+
+
+def test_compare_runs_both_engines(mlp_files: tuple[Path, Path]) -> None:
+    art, onnx_path = mlp_files
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    report = bench.compare(art, {"x": x}, model_path=onnx_path, runs=5, warmup=1,
+                           peak=FAKE_PEAK)
+    assert list(report.engines) == ["lepton", "onnxruntime"]
+    assert report.batch == 4 and report.macs == 4 * (16 * 32 + 32 * 4)
+    for result in report.engines.values():
+        assert result.latency.runs == 5 and result.latency.p50 > 0
+        assert result.samples_per_s > 0 and result.roofline is not None
+    lep, ort = report.engines["lepton"], report.engines["onnxruntime"]
+    assert lep.ratio == 1.0
+    assert ort.ratio == pytest.approx(ort.latency.p50 / lep.latency.p50)
+    assert ort.max_rel_err is not None and ort.max_rel_err < 1e-4
+    table = report.table()
+    assert "lepton" in table and "onnxruntime" in table and "roofline" in table
+    assert report.to_dict()["engines"]["onnxruntime"]["latency"]["runs"] == 5
+
+
+def test_compare_errors(mlp_files: tuple[Path, Path], tmp_path: Path) -> None:
+    art, onnx_path = mlp_files
+    x = np.zeros((2, 16), np.float32)
+    with pytest.raises(LeptonError, match="not found"):
+        bench.compare(art, {"x": x}, model_path=tmp_path / "missing.onnx", runs=1, warmup=0,
+                      peak=False)
+    with pytest.raises(InputError, match="model_path"):
+        bench.compare(art, {"x": x}, runs=1, warmup=0, peak=False)
+    with pytest.raises(InputError, match="inputs"):
+        bench.compare(art, {"wrong": x}, model_path=onnx_path, runs=1, warmup=0, peak=False)
+    with pytest.raises(InputError):
+        bench.compare(art, {"x": np.zeros((2, 5), np.float32)}, model_path=onnx_path,
+                      runs=1, warmup=0, peak=False)
+    with pytest.raises(InputError, match="artifact not found"):
+        bench.compare(tmp_path / "none.lepton", {"x": x}, model_path=onnx_path, peak=False)
+
+
+def test_cpu_peak_is_cached() -> None:
+    first = bench.cpu_peak(n=256, repeats=1)
+    assert first.fp32_gflops > 0 and first.threads >= 1
+    assert bench.cpu_peak(n=256, repeats=1) is first
+
+
+def test_cli_bench_json(mlp_files: tuple[Path, Path]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    art, model = mlp_files
+    out = subprocess.run([sys.executable, "-m", "lepton_edge.cli", "bench", str(art), "--model",
+                          str(model), "--batch", "4", "--runs", "3", "--warmup", "1",
+                          "--no-peak", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["engines"]) == {"lepton", "onnxruntime"}
+    assert report["batch"] == 4
