@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/lepton-edge compile samples/digits/digits.onnx -t cpu -o build/digits.lepton
 	$(PY) samples/digits/demo.py build/digits.lepton
+	@echo "--- int8: calibrate on 128 test images (inputs only, no labels), quantize, compile, run ---"
+	$(PY) -c "import numpy as np; np.save('build/calib.npy', np.load('samples/digits/x_test.npy')[:128])"
+	$(VENV)/bin/lepton-edge quantize samples/digits/digits.onnx -o build/digits_int8.onnx --calib build/calib.npy > build/quantize_report.txt
+	$(VENV)/bin/lepton-edge compile build/digits_int8.onnx -t cpu -o build/digits_int8.lepton
+	$(PY) samples/digits/demo.py build/digits_int8.lepton
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check lepton_edge targets tests samples

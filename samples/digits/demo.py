@@ -48,13 +48,14 @@ def main() -> int:
     for placement in session.placement.values():
         print(f"placement: {placement}")
 
+    print(f"artifact: {args.artifact} ({'int8' if session.manifest.get('quantized') else 'fp32'})")
     ours = session.run({"image": x})["logits"]
     theirs = ort.run(["logits"], {"image": x})[0]
     acc_ours = float((ours.argmax(1) == y).mean())
     acc_ort = float((theirs.argmax(1) == y).mean())
     rel = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
     print(f"test images: {len(y)}")
-    print(f"accuracy  lepton-edge {acc_ours:.4f}   onnxruntime {acc_ort:.4f}   "
+    print(f"accuracy  lepton-edge {acc_ours:.4f}   onnxruntime fp32 {acc_ort:.4f}   "
           f"(max relative logit difference {rel:.2e})")
 
     print(f"latency, median of {args.runs} runs (ms):")
@@ -66,7 +67,7 @@ def main() -> int:
             t_ort.append(median_ms(lambda xb=xb: ort.run(["logits"], {"image": xb}),
                                    args.runs // 3))
         a, b = statistics.median(t_ours), statistics.median(t_ort)
-        print(f"  batch {batch:>4}: lepton-edge {a:8.3f}   onnxruntime {b:8.3f}   "
+        print(f"  batch {batch:>4}: lepton-edge {a:8.3f}   onnxruntime fp32 {b:8.3f}   "
               f"ratio {a / b:5.2f}x")
     if acc_ours != acc_ort:
         print("FAIL: accuracies differ", file=sys.stderr)
