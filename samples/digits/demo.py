@@ -3,7 +3,7 @@
     .venv/bin/python samples/digits/demo.py build/digits.lepton
 
 Both engines see the same held-out test images; the script exits non-zero if their
-accuracies differ. Latency is the median over repeated runs, alternating the two engines in
+accuracies differ (by more than 0.5 points for an int8 artifact). Latency is the median over repeated runs, alternating the two engines in
 one process so machine noise hits both alike; the ratio matters more than the milliseconds.
 """
 
@@ -69,8 +69,10 @@ def main() -> int:
         a, b = statistics.median(t_ours), statistics.median(t_ort)
         print(f"  batch {batch:>4}: lepton-edge {a:8.3f}   onnxruntime fp32 {b:8.3f}   "
               f"ratio {a / b:5.2f}x")
-    if acc_ours != acc_ort:
-        print("FAIL: accuracies differ", file=sys.stderr)
+    # fp32 must agree exactly; int8 may move a borderline image or two (budget: 0.5 points)
+    allowed = 0.005 if session.manifest.get("quantized") else 0.0
+    if abs(acc_ours - acc_ort) > allowed:
+        print(f"FAIL: accuracies differ by more than {allowed:.3f}", file=sys.stderr)
         return 1
     return 0
 
