@@ -353,6 +353,9 @@ def devices_cmd(as_json: bool) -> None:
     click.echo("device kinds lepton-edge can place subgraphs on:")
     for d in probed:
         state = "present" if d.present else f"absent: {d.reason}"
+        if d.present and d.details.get("simulation"):
+            state = (f"simulation only ({d.details.get('what', '')}; "
+                     f"{d.details.get('hardware', '')}); used only with --device {d.kind}")
         click.echo(f"  {d.kind:<12} {d.name:<20} {state}")
 
 

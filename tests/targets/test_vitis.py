@@ -1,0 +1,196 @@
+"""The vitis target: int8 QDQ subgraphs -> HLS C++, checked by C simulation of that source.
+
+The C simulation must be bit-exact with the CPU int8 build of the same artifact (both use
+the integer math of lepton_edge/lowering/int8.py), and used only when named in devices=.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lepton_edge
+from lepton_edge.errors import TargetError
+from lepton_edge.target import Profile, plugins, register, unregister
+from lepton_edge_targets.vitis import PLUGIN
+
+rng = np.random.default_rng(11)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def vitis_registered():
+    """Register the plug-in unless its entry point already did."""
+    added = "vitis" not in plugins()
+    if added:
+        register(PLUGIN)
+    yield
+    if added:
+        unregister("vitis")
+
+
+def qdq_float_model(kind: str, *, groups: int = 1, relu: bool = False) -> onnx.ModelProto:
+    """float in -> Q -> DQ -> Conv/Gemm (+bias) [-> Relu] -> Q -> DQ -> float out."""
+    sx, zx, sy, zy = 0.02, -7, 0.05, 3
+    if kind == "conv":
+        c = groups if groups > 1 else 3  # groups > 1: depthwise
+        o = groups if groups > 1 else 6
+        w_shape, x_shape, y_shape = (o, c // groups, 3, 3), ["N", c, 7, 7], ["N", o, 4, 4]
+    else:
+        c, o = 24, 10
+        w_shape, x_shape, y_shape = (o, c), ["N", c], ["N", o]
+    w_q = rng.integers(-127, 128, w_shape).astype(np.int8)
+    sw = rng.uniform(0.005, 0.02, o).astype(np.float32)
+    b_q = rng.integers(-2000, 2000, o).astype(np.int32)
+    sb = (np.float32(sx) * sw).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(np.array(sx, np.float32), "sx"),
+        numpy_helper.from_array(np.array(zx, np.int8), "zx"),
+        numpy_helper.from_array(np.array(sy, np.float32), "sy"),
+        numpy_helper.from_array(np.array(zy, np.int8), "zy"),
+        numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(sw, "sw"),
+        numpy_helper.from_array(np.zeros(o, np.int8), "zw"),
+        numpy_helper.from_array(b_q, "b_q"), numpy_helper.from_array(sb, "sb"),
+        numpy_helper.from_array(np.zeros(o, np.int32), "zb"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "sx", "zx"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "sw", "zw"], ["w"], axis=0),
+        helper.make_node("DequantizeLinear", ["b_q", "sb", "zb"], ["b"], axis=0),
+    ]
+    if kind == "conv":
+        nodes.append(helper.make_node("Conv", ["x_dq", "w", "b"], ["acc"], pads=[1, 1, 1, 1],
+                                      strides=[2, 2], group=groups))
+    else:
+        nodes.append(helper.make_node("Gemm", ["x_dq", "w", "b"], ["acc"], transB=1))
+    last = "acc"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["acc"], ["r"]))
+        last = "r"
+    nodes += [helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["y_q"]),
+              helper.make_node("DequantizeLinear", ["y_q", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(
+        nodes, f"qdq_{kind}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _inputs(session, batch: int = 3) -> np.ndarray:
+    shape = [batch if isinstance(d, str) else d for d in session.inputs[0].shape]
+    x = rng.uniform(-3.0, 3.0, shape).astype(np.float32)
+    # exact halves of the input scale exercise round-half-to-even at the entry
+    x.ravel()[:8] = (np.arange(8, dtype=np.float32) + np.float32(0.5)) * np.float32(0.02)
+    return x
+
+
+def _compile(model: onnx.ModelProto, tmp_path: Path) -> Path:
+    art = lepton_edge.compile(lepton_edge.load(model), ["cpu", "zcu104"])
+    return art.save(tmp_path / "model.lepton")
+
+
+CASES = {
+    "conv": dict(kind="conv"),
+    "conv_relu": dict(kind="conv", relu=True),
+    "depthwise_conv": dict(kind="conv", groups=8),
+    "gemm_relu": dict(kind="gemm", relu=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_csim_is_bit_exact_with_cpu_int8(case: str, tmp_path: Path) -> None:
+    path = _compile(qdq_float_model(**CASES[case]), tmp_path)
+    fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
+    cpu = lepton_edge.runtime.load(path, devices=["cpu"])
+    (sg,) = fpga.manifest["subgraphs"]
+    assert {b["target"] for b in sg["builds"]} == {"vitis", "cpu"}
+    placement = str(fpga.placement)
+    assert "vitis-csim:0" in placement, placement
+    assert "cpu" in str(cpu.placement)
+    x = _inputs(fpga)
+    got, want = fpga.run({"x": x})["y"], cpu.run({"x": x})["y"]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got, want), np.abs(got - want).max()
+    # another batch size through the same per-sample kernel
+    x1 = _inputs(fpga, batch=1)
+    assert np.array_equal(fpga.run({"x": x1})["y"], cpu.run({"x": x1})["y"])
+
+
+def test_cpu_is_used_unless_vitis_is_named(tmp_path: Path) -> None:
+    path = _compile(qdq_float_model("conv"), tmp_path)
+    session = lepton_edge.runtime.load(path)
+    placement = str(session.placement)
+    assert "vitis-csim" not in placement and "cpu" in placement, placement
+
+
+def test_generated_source_and_board_folder(tmp_path: Path) -> None:
+    path = _compile(qdq_float_model("conv", relu=True), tmp_path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        base = next(n for n in names if n.endswith("vitis/kernel.cpp")).rsplit("/", 1)[0]
+        kernel = z.read(f"{base}/kernel.cpp").decode()
+        makefile = z.read(f"{base}/build/Makefile").decode()
+        readme = z.read(f"{base}/build/README.md").decode()
+        assert f"{base}/build/connectivity.cfg" in names and f"{base}/kernel.h" in names
+    assert "#pragma HLS PIPELINE II=1" in kernel
+    assert "#pragma HLS ARRAY_PARTITION" in kernel and "factor=8" in kernel
+    assert "#pragma HLS INTERFACE m_axi port=in" in kernel
+    assert "#pragma HLS INTERFACE s_axilite port=return" in kernel
+    assert 'extern "C" void lepton_kernel(const int8_t* in, int8_t* out, int batch)' in kernel
+    assert "static const int8_t L0_w" in kernel
+    assert "v++ -c" in makefile and "-k lepton_kernel" in makefile and "v++ -l" in makefile
+    assert "xilinx_zcu104_base_202320_1" in makefile
+    assert "NOT synthesized" in readme
+    info = lepton_edge.runtime.load(path, devices=["vitis"])
+    meta = next(b for b in info.manifest["subgraphs"][0]["builds"] if b["target"] == "vitis")
+    assert meta["meta"]["estimate"]["total"]["macs"] == 6 * 4 * 4 * 3 * 9
+
+
+def test_parallelism_setting_and_budget(tmp_path: Path) -> None:
+    from lepton_edge_targets.vitis.compile import VitisTarget
+
+    model = lepton_edge.load(qdq_float_model("gemm"))
+    plan = lepton_edge.partition(model, ["zcu104"])
+    sub = plan.subgraphs[0].proto
+    build = VitisTarget().compile(sub, Profile("tiny", "vitis", "", {"parallelism": 4}))
+    assert "factor=4" in build.files["kernel.cpp"].decode()
+    assert build.meta["estimate"]["total"] == {"macs": 240, "cycles": 60, "dsp": 4,
+                                               "bram_18k": 1}
+    tiny = Profile("tiny", "vitis", "", {"parallelism": 16, "budget": {"dsp": 8,
+                                                                         "bram_18k": 10}})
+    with pytest.raises(TargetError, match=r"dsp 16 > budget 8.*240 MACs"):
+        VitisTarget().compile(sub, tiny)
+
+
+def test_unsupported_nodes_have_reasons() -> None:
+    from lepton_edge.plan import graph_view
+
+    model = lepton_edge.load(qdq_float_model("conv"))
+    view = graph_view(model)
+    from lepton_edge_targets.vitis.support import unsupported_reason
+
+    softmax = helper.make_node("Softmax", ["y"], ["z"])
+    assert "no HLS generator for Softmax" in unsupported_reason(softmax, view)
+    for node in model.proto.graph.node:
+        assert unsupported_reason(node, view) is None, node
+
+
+def test_small_cnn_with_maxpool_and_flatten_is_bit_exact(tmp_path: Path) -> None:
+    """int8 in/out: Conv+Relu -> depthwise Conv -> MaxPool -> Flatten -> Gemm, all on vitis."""
+    from tests.targets.test_int8_lowering import qdq_cnn
+
+    model, _ = qdq_cnn()
+    path = _compile(model, tmp_path)
+    fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
+    cpu = lepton_edge.runtime.load(path, devices=["cpu"])
+    assert "vitis-csim:0" in str(fpga.placement)
+    shape = [2 if isinstance(d, str) else d for d in fpga.inputs[0].shape]
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    name = fpga.inputs[0].name
+    got, want = fpga.run({name: x}), cpu.run({name: x})
+    assert all(np.array_equal(got[k], want[k]) for k in want)
