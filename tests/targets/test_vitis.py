@@ -194,3 +194,24 @@ def test_small_cnn_with_maxpool_and_flatten_is_bit_exact(tmp_path: Path) -> None
     name = fpga.inputs[0].name
     got, want = fpga.run({name: x}), cpu.run({name: x})
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_digits_int8_artifact_runs_on_the_fpga_simulation_bit_exact(tmp_path: Path) -> None:
+    """The issue's end-to-end check: the quantized digits CNN compiled for cpu + zcu104 runs on
+    the FPGA C simulation when asked for, bit-exact with the CPU int8 build, same accuracy."""
+    from lepton_edge.compress.quantize import quantize
+
+    repo = Path(__file__).resolve().parents[2]
+    x = np.load(repo / "samples/digits/x_test.npy")
+    y = np.load(repo / "samples/digits/y_test.npy")
+    q = quantize(lepton_edge.load(repo / "samples/digits/digits.onnx"), x[:64])
+    art = lepton_edge.compile(q, ["cpu", "zcu104"])
+    assert {t for _, t, _ in art.builds} == {"vitis", "cpu"}
+    path = art.save(tmp_path / "digits_int8.lepton")
+    fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"], self_test=True)
+    cpu = lepton_edge.runtime.load(path)
+    assert {p.device for p in fpga.placement.values()} == {"vitis-csim:0"}
+    assert {p.device for p in cpu.placement.values()} == {"cpu:0"}
+    got, want = fpga.run({"image": x})["logits"], cpu.run({"image": x})["logits"]
+    np.testing.assert_array_equal(got, want)
+    assert float((got.argmax(1) == y).mean()) >= 0.97
