@@ -23,6 +23,7 @@ from lepton_edge import __version__, artifact
 from lepton_edge.errors import InputError, LeptonError, TargetError
 from lepton_edge.model import Model, load
 from lepton_edge.plan import FALLBACK, Plan, partition
+from lepton_edge.reference import reference_session
 from lepton_edge.signature import TensorSpec, check_feeds
 from lepton_edge.target import Build, Profile, get_plugin
 
@@ -195,21 +196,13 @@ def example_feeds(specs: tuple[TensorSpec, ...], batch: int, seed: int) -> dict[
 
 def _golden(model: Model, given: list[dict[str, np.ndarray]] | None, count: int,
             files: dict[str, bytes]) -> list[dict[str, Any]]:
-    import onnxruntime
 
     feeds_list = given if given is not None else [
         example_feeds(model.inputs, batch=1 + i, seed=i) for i in range(count)]
     if not feeds_list:
         return []
-    # Graph optimizations off: the golden outputs are the ONNX semantics. With them on,
-    # onnxruntime fuses QDQ into its own int8 kernels, which on CPUs without VNNI differ from
-    # the spec (seen here: logits off by 2.7 on the int8 digits CNN, where the optimizations-off
-    # run equals onnx.reference exactly).
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = onnxruntime.InferenceSession(model.proto.SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
+    try:  # the golden outputs are the ONNX semantics (see lepton_edge/reference.py)
+        session = reference_session(model.proto)
     except Exception as exc:  # noqa: BLE001
         raise LeptonError(f"onnxruntime cannot run the model to record golden outputs: {exc}"
                           ) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,7 +344,7 @@ def _signature(
 
 
 def _is_torch_module(obj: Any) -> bool:
-    torch = __import__("sys").modules.get("torch")
+    torch = sys.modules.get("torch")  # never import torch just to ask
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_edge.errors import UnsupportedOpsError
+from lepton_edge.errors import TargetError, UnsupportedOpsError
 from lepton_edge.model import Model
-from lepton_edge.target import Profile, Target, TargetPlugin, get_plugin, resolve
+from lepton_edge.target import Profile, Target, TargetPlugin, resolve
 
 FALLBACK = "onnxruntime"
 
@@ -166,15 +166,13 @@ def _resolve_all(targets: list[str] | tuple[str, ...]) -> list[tuple[TargetPlugi
     seen: dict[str, str] = {}
     for plugin, profile in resolved:
         if plugin.name in seen:
-            from lepton_edge.errors import TargetError
-
             raise TargetError(
                 f"target '{plugin.name}' requested twice ({seen[plugin.name]} and "
                 f"{profile.name}); compile once per profile of the same target"
             )
         seen[plugin.name] = profile.name
     if not resolved:
-        get_plugin("cpu")
+        raise TargetError("no targets given; pass at least one, e.g. targets=['cpu'] (-t cpu)")
     return resolved
 
 

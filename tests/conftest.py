@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lepton_edge
+from lepton_edge.reference import reference_session
 from lepton_edge.runtime.session import compare
 
 
@@ -19,6 +20,11 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, n
                                            providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def spec_output(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output under the ONNX semantics (lepton_edge.reference)."""
+    return reference_session(model).run(None, feeds)[0]
 
 
 def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], rel: float = 1e-4

@@ -26,6 +26,7 @@ import onnx
 from lepton_edge.compress.calibrate import calibration_batches
 from lepton_edge.errors import InputError, ModelError
 from lepton_edge.model import Model, load
+from lepton_edge.reference import reference_session
 
 METHODS = ("minmax", "percentile", "entropy")
 # The layers whose weights are quantized; the candidates for keeping float.
@@ -265,7 +266,6 @@ def _run_with_intermediates(proto: onnx.ModelProto, batches: list[dict[str, np.n
                             names: list[str] | None = None, limit: int = 8
                             ) -> dict[str, list[np.ndarray]]:
     """Run `proto` on the first `limit` batches, returning outputs and intermediate tensors."""
-    import onnxruntime
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
@@ -276,10 +276,7 @@ def _run_with_intermediates(proto: onnx.ModelProto, batches: list[dict[str, np.n
         if name and name not in have:
             exposed.graph.output.append(types.get(name) or onnx.ValueInfoProto(name=name))
             have.add(name)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(exposed.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = reference_session(exposed)
     out_names = [o.name for o in session.get_outputs()]
     values: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
     for feeds in batches[:limit]:

@@ -76,7 +76,9 @@ class _Choice:
 
 
 class _PlacedSubgraph:
-    def __init__(self, spec: dict[str, Any], choices: list[_Choice]) -> None:
+    def __init__(self, spec: dict[str, Any], choices: list[_Choice], rejected: list[str]
+                 ) -> None:
+        self.rejected = rejected  # builds whose device is absent or incompatible, and why
         self.id: str = spec["id"]
         self.inputs: list[str] = spec["inputs"]
         self.outputs: list[str] = spec["outputs"]
@@ -185,9 +187,7 @@ class Session:
                 continue
             if rejected:
                 choices[0].reason = "fell back: " + "; ".join(rejected)
-            sg = _PlacedSubgraph(spec, choices)
-            sg.rejected = rejected  # type: ignore[attr-defined]
-            placed.append(sg)
+            placed.append(_PlacedSubgraph(spec, choices, rejected))
         if unplaceable:
             hint = "" if not self._fallback else " and no fallback build could run either"
             raise DeviceError(
@@ -218,7 +218,7 @@ class Session:
     def placement(self) -> dict[str, Placement]:
         """subgraph id -> where it runs and why."""
         return {sg.id: Placement(sg.id, sg.choices[0].build["target"], sg.choices[0].info.name,
-                                 sg.choices[0].reason, list(getattr(sg, "rejected", [])))
+                                 sg.choices[0].reason, list(sg.rejected))
                 for sg in self._subgraphs}
 
     def _note(self, message: str) -> None:

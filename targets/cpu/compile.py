@@ -32,7 +32,7 @@ class CpuTarget(Target):
         return support.unsupported_reason(node, graph)
 
     def notes(self, subgraph: onnx.ModelProto) -> list[str]:
-        if not any(n.op_type == "QuantizeLinear" for n in subgraph.graph.node):
+        if not _has_qdq(subgraph):
             return []
         _, lowering = relax.lower_int8(relax.import_onnx(subgraph))
         counts: dict[str, int] = {}
@@ -67,7 +67,9 @@ class CpuTarget(Target):
         self.check_toolchain(profile)
         target, meta = self.llvm_target(profile)
         mod = relax.import_onnx(subgraph)
-        mod, lowering = relax.lower_int8(mod)
+        lowering = None
+        if _has_qdq(subgraph):
+            mod, lowering = relax.lower_int8(mod)
         cross = profile.get("cross_compiler") if meta["arch"] != host_arch() else None
         trials = profile.get("tune")
         tuning_db = profile.get("tuning_db")
@@ -83,7 +85,12 @@ class CpuTarget(Target):
             meta["tuned"] = {"trials": int(trials or 0), "database": str(tuning_db or "default")}
         meta["tvm_target"] = target
         meta["tvm"] = relax.tvm_version()
-        if lowering.lowered or lowering.kept_float:
+        if lowering is not None:
             meta["int8_kernels"] = lowering.lowered
             meta["qdq_kept_float"] = lowering.kept_float
         return Build(target=self.name, profile=profile.name, files={"lib.so": library}, meta=meta)
+
+
+def _has_qdq(subgraph: onnx.ModelProto) -> bool:
+    """Only graphs with QuantizeLinear/DequantizeLinear need the integer lowering pass."""
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in subgraph.graph.node)

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lepton_edge
+from tests.conftest import spec_output
 from lepton_edge.compress.prune import finetune, prune
 from lepton_edge.compress.quantize import quantize
 from lepton_edge.compress.sensitivity import analyse
@@ -110,11 +111,7 @@ def mlp_model() -> lepton_edge.Model:
 
 
 def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return spec_output(proto, {"x": x})
 
 
 def masked(model: lepton_edge.Model, cuts: dict[str, tuple[int, list[int]]]) -> onnx.ModelProto:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 
 import lepton_edge
+from tests.conftest import spec_output
 from lepton_edge.compress.quantize import quantize
 from lepton_edge.errors import InputError
 
@@ -27,12 +27,7 @@ def digits():
 
 
 def spec_run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """onnxruntime with graph optimizations off computes exactly the ONNX QDQ semantics."""
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
-    return session.run(None, {"image": x})[0]
+    return spec_output(proto, {"image": x})
 
 
 def test_minmax_qdq_structure_accuracy_and_compiled_numbers(digits, tmp_path: Path) -> None:
@@ -165,11 +160,5 @@ def test_bert_shaped_encoder_int8_keeps_cosine(tmp_path: Path) -> None:
     kernels = meta["int8_kernels"]  # per layer: in-projection, out-projection, 2 FFN, QK^T, AV
     assert len(kernels) == 12 and sum("activation x activation" in k for k in kernels) == 4
     session = lepton_edge.runtime.load(art.save(tmp_path / "enc.lepton"), self_test=True)
-    fp32 = spec_run_named(model.proto, {"tokens": test})
+    fp32 = spec_output(model.proto, {"tokens": test})
     assert cosine(session.run({"tokens": test})["hidden"], fp32) >= 0.99
-
-
-def spec_run_named(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    session = onnxruntime.InferenceSession(proto.SerializeToString(),
-                                           providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]

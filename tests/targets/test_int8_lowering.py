@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lepton_edge
+from tests.conftest import spec_output
 from lepton_edge.lowering.int8 import (
     fixed_point_multiplier, lower_qdq_to_integer, requantize_reference,
 )
@@ -131,10 +131,7 @@ def reference(x_q: np.ndarray, p: dict) -> np.ndarray:
 
 
 def ort_spec(model: onnx.ModelProto, x_q: np.ndarray) -> np.ndarray:
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return onnxruntime.InferenceSession(model.SerializeToString(), options).run(
-        None, {"x_q": x_q})[0]
+    return spec_output(model, {"x_q": x_q})
 
 
 CASES = {

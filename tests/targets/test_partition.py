@@ -249,6 +249,8 @@ def test_registry_rejects_duplicates_and_names_known_targets() -> None:
                               target="x:Y", device="x:Y"))
     with pytest.raises(TargetError, match=r"unknown target 'tpu'; known targets: .*cpu.*fakeacc"):
         get_plugin("tpu")
+    with pytest.raises(TargetError, match="no targets given"):
+        lepton_edge.partition(lepton_edge.load(conv_model()), [])
     register(TargetPlugin(name="broken", priority=1, description="", target="no_such_mod:T",
                           device="no_such_mod:D"))
     try:  # registering is cheap; the missing toolchain shows only when the target is used
