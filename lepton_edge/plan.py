@@ -33,6 +33,10 @@ class GraphView:
     value_shapes: dict[str, tuple[Any, ...]]
     initializers: dict[str, onnx.TensorProto]
     opset: int
+    # the graph's nodes and output names, for targets whose support depends on neighbours
+    # (e.g. vitis keeps host-side float Quantize/Dequantize at a boundary off the FPGA)
+    nodes: tuple[onnx.NodeProto, ...] = ()
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,8 @@ def graph_view(model: Model) -> GraphView:
         types[name] = tensor.data_type
         shapes[name] = tuple(tensor.dims)
     return GraphView(value_types=types, value_shapes=shapes, initializers=inits,
-                     opset=model.opset)
+                     opset=model.opset, nodes=tuple(graph.node),
+                     outputs=tuple(o.name for o in graph.output))
 
 
 def partition(
@@ -218,6 +223,19 @@ def _group(nodes: list[onnx.NodeProto], labels: dict[str, str]
             if src is not None:
                 lv = max(lv, level[src.name] + (labels[src.name] != labels[node.name]))
         level[node.name] = lv
+    # A node with no producer (e.g. a DequantizeLinear of constant weights) joins its
+    # consumers' subgraph when they all share its assignment, instead of sitting alone at
+    # level 0 and shipping its result across a boundary. Its edges still never go down.
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in _node_inputs(node):
+            if name in producer:
+                consumers.setdefault(producer[name].name, []).append(node)
+    for node in nodes:
+        users = consumers.get(node.name, [])
+        if users and not any(name in producer for name in _node_inputs(node)) and all(
+                labels[u.name] == labels[node.name] for u in users):
+            level[node.name] = min(level[u.name] for u in users)
     groups: dict[tuple[str, int], list[onnx.NodeProto]] = {}
     for node in nodes:
         groups.setdefault((labels[node.name], level[node.name]), []).append(node)

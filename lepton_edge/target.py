@@ -82,7 +82,9 @@ class Target(ABC):
         """Build one standalone ONNX subgraph for `profile`."""
 
     def notes(self, subgraph: onnx.ModelProto) -> list[str]:
-        """Facts `explain` shows about how this target would build `subgraph` (optional)."""
+        """Facts `explain` shows about how this target would build `subgraph` (optional).
+
+        An override may take a keyword `profile` (the requested Profile) as well."""
         return []
 
 

@@ -1,9 +1,15 @@
 """The Vitis target: int8 QDQ subgraphs -> Vitis HLS C++ kernels, checked by C simulation.
 
-Builds contain the generated HLS source (kernel.cpp, kernel.h), a C-simulation shared library
-of exactly that source (csim.so, compiled here with g++) and a board build folder (v++ compile
-and link lines, connectivity.cfg). Nothing is synthesized here. The device side runs the
-C simulation only when the user names it (devices=["vitis", ...]); it never claims hardware.
+support.py decides which nodes the FPGA takes (the int8 kernels and the int8 glue between
+them; the float boundary stays on the host CPU), compile.py reads a subgraph as int8 layers
+with the CPU build's exact arithmetic, estimate.py sizes it against the profile's budget,
+hls.py writes the HLS C++ (sequential or DATAFLOW with hls::stream, per the profile's
+`parallelism` and `dataflow` settings) and the v++ board build folder, host.py the pyxrt
+host binding. Builds hold kernel.cpp/kernel.h, csim.so (exactly that source built with
+g++), host_xrt.py, CMakeLists.txt and build/ (Makefile, connectivity.cfg, README.md).
+Nothing is synthesized here. The device (device.py) runs a board through XRT when one and
+an xclbin are there, or the C simulation when the user names the kind
+(devices=["vitis", ...]); never one in place of the other.
 """
 
 from lepton_edge.target import TargetPlugin

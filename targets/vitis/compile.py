@@ -1,11 +1,20 @@
-"""Build one int8 QDQ subgraph for a Vitis profile: HLS C++, a C-simulation library, and the
-board build folder (v++ lines; not synthesized here).
+"""Build one int8 QDQ subgraph for a Vitis profile: HLS C++, a C-simulation library, a pyxrt
+host binding, and the board build folder (v++ lines; not synthesized here).
 
-The subgraph is read as a chain of integer layers with exactly the math of
-lepton_edge/lowering/int8.py (the CPU int8 build), so C simulation and CPU agree bit for bit:
+The subgraph is read as a graph of int8 layers (a chain, or a DAG with residual Adds; any
+number of int8 inputs and outputs) computing exactly what the CPU int8 build computes, so
+the C simulation and the CPU agree bit for bit:
 
-    acc = sum(x_q * w_q) (padding = x_zp) + (bias_q - x_zp * sum(w_q))      int32
-    y_q = clip(rne((acc * m0) >> shift) + y_zp, lo, hi)                     fixed point
+- Conv / Gemm / MatMul: the integer math of lepton_edge/lowering/int8.py,
+      acc = sum(x_q * w_q) (padding = x_zp) + (bias_q - x_zp * sum(w_q))      int32
+      y_q = clip(rne((acc * m0) >> shift) + y_zp, lo, hi)                     fixed point
+- Add, AveragePool and a requantize to a new scale (QDQ patterns the CPU build runs as float
+  fake-quant, DequantizeLinear -> op -> QuantizeLinear): the same float32 operations in the
+  same order (dequantize = (x - zp) * scale through a 256-entry table of exactly those
+  float32 values, float add / sum, division, round half to even). This is the one way to be
+  bit-exact with the CPU build here: an integer QLinearAdd (rescaling both inputs with
+  fixed-point multipliers) differs from the float QDQ result by one step on some inputs.
+- MaxPool, Flatten, Reshape: exact on int8 values (max is monotone; reshapes move nothing).
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from onnx import helper, numpy_helper
 from lepton_edge.errors import TargetError
 from lepton_edge.lowering.int8 import fixed_point_multiplier
 from lepton_edge.target import Build, Profile, Target
-from lepton_edge_targets.vitis import hls, support
+from lepton_edge_targets.vitis import estimate as estimates
+from lepton_edge_targets.vitis import hls, host, support
 
 
 @dataclass
@@ -36,10 +46,16 @@ class QTensor:
     scale: float
     zp: int
 
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
 
 @dataclass
 class Layer:
-    kind: str  # "conv", "dense", "maxpool"
+    kind: str  # "conv", "dense", "maxpool", "avgpool", "add", "requant"
+    inputs: list[str]  # buffer ids read
+    output: str  # buffer id written
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     params: dict[str, Any] = field(default_factory=dict)
@@ -59,14 +75,25 @@ class Layer:
 
 
 @dataclass
+class Port:
+    """A kernel argument: one subgraph input or output, int8 on the wire."""
+
+    name: str  # the ONNX tensor name at the subgraph boundary
+    buffer: str
+    dtype: str  # "int8", or "float32" when the host quantizes/dequantizes at the boundary
+    q: QTensor
+
+
+@dataclass
 class Program:
-    in_dtype: str  # "float32" or "int8" at the subgraph boundary
-    out_dtype: str
-    in_q: QTensor
-    out_q: QTensor
+    inputs: list[Port]
+    outputs: list[Port]
     layers: list[Layer]
-    input_name: str
-    output_name: str
+    buffers: dict[str, int]  # buffer id -> int8 elements per sample
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [lay.kind for lay in self.layers]
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -80,12 +107,26 @@ class _Refused(Exception):
     pass
 
 
+_F32 = np.float32
+
+
+def dequant_table(scale: float, zp: int) -> np.ndarray:
+    """float32 DequantizeLinear of every int8 value (index v + 128), exactly as TVM computes
+    it: float32(int32(v) - zp) * float32(scale)."""
+    values = np.arange(-128, 128, dtype=np.int32) - np.int32(zp)
+    return values.astype(_F32) * _F32(scale)
+
+
+def quantize_f32(value: np.ndarray, scale: float, zp: int) -> np.ndarray:
+    """QuantizeLinear in float32 as TVM computes it: clip(rne(v / scale) + zp) (numpy model)."""
+    r = np.rint(np.asarray(value, _F32) / _F32(scale)) + _F32(zp)
+    return np.clip(r, -128, 127).astype(np.int8)
+
+
 def parse(model: onnx.ModelProto) -> Program:
-    """The subgraph as a chain of integer layers; _Refused (a reason) when it is not one."""
+    """The subgraph as a graph of int8 layers; _Refused (a reason) when it is not one."""
     graph = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    if len(graph.input) != 1 or len(graph.output) != 1:
-        raise _Refused("vitis kernels take exactly one input and one output")
     shapes: dict[str, tuple] = {}
     types: dict[str, int] = {}
     for v in list(graph.input) + list(graph.output) + list(graph.value_info):
@@ -100,46 +141,74 @@ def parse(model: onnx.ModelProto) -> Program:
             raise _Refused(f"tensor '{name}' has no static shape (only the batch may vary)")
         return tuple(int(d) for d in shape[1:])
 
-    def scalar(name: str) -> float:
+    def scalar(name: str) -> Any:
         if name not in inits or inits[name].size != 1:
             raise _Refused(f"'{name}' is not a constant scalar")
         return inits[name].ravel()[0]
 
-    inp, out = graph.input[0].name, graph.output[0].name
-    q: dict[str, QTensor] = {}  # int8 activations
-    deq: dict[str, str] = {}  # float name -> the int8 tensor it dequantizes
-    consts: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DQ of constants: (q, scale)
-    pending: dict[str, dict[str, Any]] = {}  # float accumulators awaiting Q
+    def zero_point(ins: list[str]) -> int:
+        return int(scalar(ins[2])) if len(ins) > 2 and ins[2] else 0
+
+    buffers: dict[str, int] = {}
+
+    def new_buffer(qt: QTensor) -> str:
+        bid = f"b{len(buffers)}"
+        buffers[bid] = qt.size
+        return bid
+
+    # int8 tensors: name -> (buffer id, view); float tensors that are DQ(int8): name -> int8 name
+    q: dict[str, tuple[str, QTensor]] = {}
+    deq: dict[str, str] = {}
+    consts: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+    pending: dict[str, dict[str, Any]] = {}  # float results awaiting QuantizeLinear
     layers: list[Layer] = []
-    in_dtype = "int8" if types.get(inp) == onnx.TensorProto.INT8 else "float32"
-    in_q: QTensor | None = None
-    if in_dtype == "int8":
-        # an int8 boundary input: its scale comes from the DequantizeLinear that reads it
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.input[0] == inp:
-                in_q = QTensor(sample_shape(inp), float(scalar(node.input[1])),
-                               int(scalar(node.input[2])) if len(node.input) > 2 else 0)
-        if in_q is None:
-            raise _Refused("the int8 input is not dequantized")
-        q[inp] = in_q
-    current = inp
+    inputs: list[Port] = []
+    graph_inputs = [i.name for i in graph.input if i.name not in inits]
+    for name in graph_inputs:
+        if types.get(name) == onnx.TensorProto.INT8:
+            # an int8 boundary input: its scale comes from the DequantizeLinear that reads it
+            found = [n for n in graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[0] == name]
+            if not found:
+                raise _Refused(f"the int8 input '{name}' is not dequantized")
+            qt = QTensor(sample_shape(name), float(scalar(found[0].input[1])),
+                         zero_point(list(found[0].input)))
+            q[name] = (new_buffer(qt), qt)
+            inputs.append(Port(name, q[name][0], "int8", qt))
+        elif types.get(name) != onnx.TensorProto.FLOAT:
+            raise _Refused(f"input '{name}' is neither int8 nor float32")
+
+    def int8_of(float_name: str, op: str) -> tuple[str, QTensor]:
+        if float_name not in deq:
+            raise _Refused(f"{op} input '{float_name}' is not a dequantized int8 activation")
+        return q[deq[float_name]]
 
     for node in graph.node:
         op, ins, outs = node.op_type, list(node.input), list(node.output)
         if op == "QuantizeLinear":
-            scale, zp = float(scalar(ins[1])), int(scalar(ins[2]))
-            if ins[0] == inp and in_dtype == "float32":
-                in_q = QTensor(sample_shape(inp), scale, zp)
-                q[outs[0]] = in_q
+            scale, zp = float(scalar(ins[1])), zero_point(ins)
+            if ins[0] in graph_inputs:  # float boundary input: the host quantizes it
+                qt = QTensor(sample_shape(ins[0]), scale, zp)
+                q[outs[0]] = (new_buffer(qt), qt)
+                inputs.append(Port(ins[0], q[outs[0]][0], "float32", qt))
             elif ins[0] in pending:
-                layers.append(_finish(pending.pop(ins[0]), scale, zp))
-                q[outs[0]] = QTensor(layers[-1].out_shape, scale, zp)
+                layer = _finish(pending.pop(ins[0]), scale, zp)
+                qt = QTensor(layer.out_shape, scale, zp)
+                layer.output = new_buffer(qt)
+                layers.append(layer)
+                q[outs[0]] = (layer.output, qt)
             elif ins[0] in deq:
-                src = q[deq[ins[0]]]
-                if not (np.float32(src.scale) == np.float32(scale) and src.zp == zp):
-                    raise _Refused("requantizing to a new scale without an integer op between")
-                q[outs[0]] = QTensor(src.shape, scale, zp)
-                _alias(layers, q, deq[ins[0]], outs[0])
+                bid, src = q[deq[ins[0]]]
+                if _F32(src.scale) == _F32(scale) and src.zp == zp:
+                    q[outs[0]] = (bid, QTensor(src.shape, scale, zp))  # same int8 values
+                else:  # a requantize to a new scale: float, as the CPU build does it
+                    qt = QTensor(src.shape, scale, zp)
+                    layer = Layer("requant", [bid], "", src.shape, src.shape, dict(
+                        table=dequant_table(src.scale, src.zp), scale=scale, zp=zp,
+                        low=-128, high=127))
+                    layer.output = new_buffer(qt)
+                    layers.append(layer)
+                    q[outs[0]] = (layer.output, qt)
             else:
                 raise _Refused(f"QuantizeLinear of '{ins[0]}' is not after a supported op")
         elif op == "DequantizeLinear":
@@ -150,18 +219,16 @@ def parse(model: onnx.ModelProto) -> Program:
                 consts[outs[0]] = (inits[ins[0]], np.asarray(inits[ins[1]]).ravel(),
                                    int(_attr(node, "axis", 1)))
             elif ins[0] in q:
-                src = q[ins[0]]
-                if not (np.float32(scalar(ins[1])) == np.float32(src.scale)):
+                src = q[ins[0]][1]
+                if _F32(scalar(ins[1])) != _F32(src.scale) or zero_point(ins) != src.zp:
                     raise _Refused("DequantizeLinear scale differs from its QuantizeLinear")
                 deq[outs[0]] = ins[0]
             else:
                 raise _Refused(f"DequantizeLinear of '{ins[0]}' that is not int8 here")
         elif op in ("Conv", "Gemm", "MatMul"):
-            if ins[0] not in deq:
-                raise _Refused(f"{op} input is not a dequantized int8 activation")
+            bid, x = int8_of(ins[0], op)
             if ins[1] not in consts:
                 raise _Refused(f"{op} weight is not a dequantized int8 constant")
-            x = q[deq[ins[0]]]
             w_q, w_scale, axis = consts[ins[1]]
             if w_q.dtype != np.int8:
                 raise _Refused("weight is not int8")
@@ -187,11 +254,19 @@ def parse(model: onnx.ModelProto) -> Program:
                     bias = inits[ins[2]].astype(np.float64).ravel()
                 else:
                     raise _Refused("bias is not constant")
-            pending[outs[0]] = dict(op=op, node=node, x=x, w=w_q, w_scale=w_scale, o=o,
-                                    bias=bias, low=-128, high=127)
+            pending[outs[0]] = dict(op=op, node=node, x=x, buffers=[bid], w=w_q,
+                                    w_scale=w_scale, o=o, bias=bias)
+        elif op == "Add":
+            (ba, a), (bb, b) = int8_of(ins[0], op), int8_of(ins[1], op)
+            if a.shape != b.shape:
+                raise _Refused(f"Add of shapes {a.shape} and {b.shape} (no broadcasting here)")
+            pending[outs[0]] = dict(op=op, x=a, other=b, buffers=[ba, bb])
+        elif op == "AveragePool":
+            bid, x = int8_of(ins[0], op)
+            pending[outs[0]] = dict(op=op, x=x, buffers=[bid], **_pool_attrs(node, x.shape))
         elif op in ("Relu", "Clip"):
             if ins[0] not in pending:
-                raise _Refused(f"{op} must sit between Conv/Gemm/MatMul and QuantizeLinear")
+                raise _Refused(f"{op} must sit between an integer op and QuantizeLinear")
             p = pending.pop(ins[0])
             if op == "Clip":
                 lo = float(scalar(ins[1])) if len(ins) > 1 and ins[1] else -math.inf
@@ -201,73 +276,111 @@ def parse(model: onnx.ModelProto) -> Program:
                 p["relu"] = True
             pending[outs[0]] = p
         elif op == "MaxPool":
-            if ins[0] not in deq:
-                raise _Refused("MaxPool input is not a dequantized int8 activation")
-            x = q[deq[ins[0]]]
-            kernel = [int(k) for k in _attr(node, "kernel_shape")]
-            strides = [int(s) for s in _attr(node, "strides", [1, 1])]
-            pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
-            c, h, wd = x.shape
-            y_shape = (c, (h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1,
-                       (wd + pads[1] + pads[3] - kernel[1]) // strides[1] + 1)
-            layers.append(Layer("maxpool", x.shape, y_shape,
-                                dict(kernel=kernel, strides=strides, pads=pads)))
+            bid, x = int8_of(ins[0], op)
+            attrs = _pool_attrs(node, x.shape)
+            qt = QTensor(attrs["y_shape"], x.scale, x.zp)
+            layer = Layer("maxpool", [bid], "", x.shape, qt.shape, attrs)
+            layer.output = new_buffer(qt)
+            layers.append(layer)
             name = f"{outs[0]}__q"
-            q[name] = QTensor(y_shape, x.scale, x.zp)
+            q[name] = (layer.output, qt)
             deq[outs[0]] = name
         elif op in ("Flatten", "Reshape"):
-            src = q.get(deq.get(ins[0], ins[0]))
-            if src is None:
+            src_name = deq.get(ins[0], ins[0])
+            if src_name not in q:
                 raise _Refused(f"{op} of a tensor that is not int8 here")
+            bid, src = q[src_name]
             if op == "Flatten":
-                new_shape: tuple[int, ...] = (int(np.prod(src.shape)),)
+                new_shape: tuple[int, ...] = (src.size,)
             elif shapes.get(outs[0]):
                 new_shape = sample_shape(outs[0])
             else:
+                if ins[1] not in inits:
+                    raise _Refused("Reshape needs a constant shape")
                 dims = [int(d) for d in inits[ins[1]].ravel()][1:]
                 if -1 in dims:
                     rest = int(np.prod([d for d in dims if d != -1]))
-                    dims[dims.index(-1)] = int(np.prod(src.shape)) // max(rest, 1)
+                    dims[dims.index(-1)] = src.size // max(rest, 1)
                 new_shape = tuple(dims)
-            if ins[0] in deq:
-                x = q[deq[ins[0]]]
-                name = f"{outs[0]}__q"
-                q[name] = QTensor(new_shape, x.scale, x.zp)
-                deq[outs[0]] = name
-            elif ins[0] in q:
-                x = q[ins[0]]
-                q[outs[0]] = QTensor(new_shape, x.scale, x.zp)
-            if int(np.prod(q[deq.get(outs[0], outs[0])].shape)) != int(np.prod(x.shape)):
+            if int(np.prod(new_shape)) != src.size:
                 raise _Refused(f"{op} changes the per-sample size (it must keep the batch)")
+            view = (bid, QTensor(new_shape, src.scale, src.zp))
+            if ins[0] in deq:
+                q[f"{outs[0]}__q"] = view
+                deq[outs[0]] = f"{outs[0]}__q"
+            else:
+                q[outs[0]] = view
         else:
             raise _Refused(f"no HLS generator for {op}")
-        current = outs[0]
-    if current != out:
-        raise _Refused("the nodes do not form a single chain ending at the output")
-    if out in deq:
-        out_q, out_dtype = q[deq[out]], "float32"
-    elif out in q:
-        out_q, out_dtype = q[out], "int8"
-    else:
-        raise _Refused("the output is neither int8 nor a dequantized int8 tensor")
-    if in_q is None:
-        raise _Refused("the input is not quantized to int8 at the subgraph's entry")
-    if not any(lay.kind in ("conv", "dense") for lay in layers):
-        raise _Refused("no Conv/Gemm/MatMul to put on the FPGA")
-    return Program(in_dtype, out_dtype, in_q, out_q, layers, inp, out)
+    if pending:
+        raise _Refused(f"'{next(iter(pending))}' is not requantized to int8 (no QuantizeLinear)")
+    outputs: list[Port] = []
+    for out in graph.output:
+        if out.name in deq:
+            bid, qt = q[deq[out.name]]
+            outputs.append(Port(out.name, bid, "float32", qt))
+        elif out.name in q:
+            bid, qt = q[out.name]
+            outputs.append(Port(out.name, bid, "int8", qt))
+        else:
+            raise _Refused(f"output '{out.name}' is neither int8 nor a dequantized int8 tensor")
+    missing = [name for name in graph_inputs if not any(p.name == name for p in inputs)]
+    if missing:
+        raise _Refused(f"input(s) {missing} are not quantized to int8 at the subgraph's entry")
+    if not any(lay.kind in ("conv", "dense", "add", "avgpool") for lay in layers):
+        raise _Refused("no Conv/Gemm/MatMul/Add/AveragePool to put on the FPGA")
+    return Program(inputs, outputs, layers, buffers)
 
 
-def _alias(layers: list[Layer], q: dict[str, QTensor], src: str, dst: str) -> None:
-    """Q(DQ(x)) with the same scale: the same int8 values, nothing to compute."""
+def _pool_attrs(node: onnx.NodeProto, shape: tuple[int, ...]) -> dict[str, Any]:
+    if len(shape) != 3:
+        raise _Refused(f"{node.op_type} needs a CHW input per sample")
+    kernel = [int(k) for k in _attr(node, "kernel_shape")]
+    strides = [int(s) for s in _attr(node, "strides", [1, 1])]
+    pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
+    if _attr(node, "ceil_mode", 0):
+        raise _Refused(f"{node.op_type} with ceil_mode")
+    c, h, w = shape
+    y_shape = (c, (h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1,
+               (w + pads[1] + pads[3] - kernel[1]) // strides[1] + 1)
+    return dict(kernel=kernel, strides=strides, pads=pads, y_shape=y_shape,
+                count_include_pad=int(_attr(node, "count_include_pad", 0)))
+
+
+def _float_bounds(p: dict[str, Any], y_scale: float, y_zp: int) -> tuple[int, int]:
+    """Relu/Clip before a float QuantizeLinear as int8 bounds: quantize is monotone, so
+    Q(max(v, lo)) == max(Q(v), Q(lo)) exactly (Q as the CPU computes it, in float32)."""
+    low, high = -128, 127
+    if p.get("relu"):
+        low = max(low, int(quantize_f32(np.zeros(1), y_scale, y_zp)[0]))
+    for lo_v, hi_v in p.get("clips", []):
+        if math.isfinite(lo_v):
+            low = max(low, int(quantize_f32(np.array([lo_v]), y_scale, y_zp)[0]))
+        if math.isfinite(hi_v):
+            high = min(high, int(quantize_f32(np.array([hi_v]), y_scale, y_zp)[0]))
+    return low, high
 
 
 def _finish(p: dict[str, Any], y_scale: float, y_zp: int) -> Layer:
-    """Fold the corrections and the requantization exactly as lowering/int8.py does."""
+    """The layer for a float result and its QuantizeLinear."""
     x: QTensor = p["x"]
+    if p["op"] == "Add":
+        low, high = _float_bounds(p, y_scale, y_zp)
+        other: QTensor = p["other"]
+        return Layer("add", p["buffers"], "", x.shape, x.shape, dict(
+            table_a=dequant_table(x.scale, x.zp), table_b=dequant_table(other.scale, other.zp),
+            scale=y_scale, zp=y_zp, low=low, high=high))
+    if p["op"] == "AveragePool":
+        low, high = _float_bounds(p, y_scale, y_zp)
+        params = {k: p[k] for k in ("kernel", "strides", "pads", "count_include_pad")}
+        params.update(table=dequant_table(x.scale, x.zp), scale=y_scale, zp=y_zp, low=low,
+                      high=high)
+        return Layer("avgpool", p["buffers"], "", x.shape, p["y_shape"], params)
+    # Conv / Gemm / MatMul: fold the corrections and requantize exactly as lowering/int8.py
     w = p["w"]
     o = p["o"]
     w_scale = np.broadcast_to(p["w_scale"].astype(np.float64), (o,))
-    acc_scale = float(np.float32(x.scale)) * w_scale
+    acc_scale = float(_F32(x.scale)) * w_scale
     bias_q = np.zeros(o, np.int64)
     if p["bias"] is not None:
         bias_f = np.broadcast_to(p["bias"], (o,))
@@ -276,7 +389,7 @@ def _finish(p: dict[str, Any], y_scale: float, y_zp: int) -> Layer:
     correction = bias_q - int(x.zp) * w_sum
     if np.abs(correction).max(initial=0) >= 2**31:
         raise _Refused("bias correction overflows int32")
-    y_scale_f = float(np.float32(y_scale))
+    y_scale_f = float(_F32(y_scale))
     m0, shift = fixed_point_multiplier(acc_scale / y_scale_f)
     low, high = -128, 127
     if p.get("relu"):
@@ -297,26 +410,22 @@ def _finish(p: dict[str, Any], y_scale: float, y_zp: int) -> Layer:
         kh, kw = w.shape[2:]
         pd, (sh, sw) = params["pads"], params["strides"]
         y_shape = (o, (h + pd[0] + pd[2] - kh) // sh + 1, (wd + pd[1] + pd[3] - kw) // sw + 1)
-        return Layer("conv", x.shape, y_shape, params)
-    return Layer("dense", x.shape, (o,), params)
+        return Layer("conv", p["buffers"], "", x.shape, y_shape, params)
+    return Layer("dense", p["buffers"], "", x.shape, (o,), params)
 
 
-def estimate(program: Program, parallelism: int) -> dict[str, Any]:
-    kernels = []
-    for i, layer in enumerate(program.layers):
-        if layer.kind not in ("conv", "dense"):
-            continue
-        kernels.append({
-            "layer": i, "kind": layer.kind, "macs": layer.macs,
-            "cycles": math.ceil(layer.macs / parallelism),
-            "dsp": parallelism,
-            "bram_18k": math.ceil(layer.weight_bytes / 2304),
-        })
-    total = {"macs": sum(k["macs"] for k in kernels),
-             "cycles": sum(k["cycles"] for k in kernels),
-             "dsp": sum(k["dsp"] for k in kernels),
-             "bram_18k": sum(k["bram_18k"] for k in kernels)}
-    return {"kernels": kernels, "total": total, "parallelism": parallelism}
+def settings(profile: Profile) -> dict[str, Any]:
+    """The generator settings a profile asks for: parallelism (MAC lanes per layer, the
+    ARRAY_PARTITION factor) and dataflow (layers as DATAFLOW tasks joined by hls::stream)."""
+    parallelism = profile.get("parallelism", 8)
+    if not isinstance(parallelism, int) or isinstance(parallelism, bool) or parallelism < 1:
+        raise TargetError(f"profile '{profile.name}': parallelism must be an integer >= 1, "
+                          f"got {parallelism!r}")
+    dataflow = profile.get("dataflow", False)
+    if not isinstance(dataflow, bool):
+        raise TargetError(f"profile '{profile.name}': dataflow must be true or false, "
+                          f"got {dataflow!r}")
+    return {"parallelism": parallelism, "dataflow": dataflow}
 
 
 class VitisTarget(Target):
@@ -330,13 +439,30 @@ class VitisTarget(Target):
     def unsupported_reason(self, node: onnx.NodeProto, graph: Any) -> str | None:
         return support.unsupported_reason(node, graph)
 
-    def notes(self, subgraph: onnx.ModelProto) -> list[str]:
+    def notes(self, subgraph: onnx.ModelProto, profile: Profile | None = None) -> list[str]:
+        """What explain shows: the kernel's layers and its estimate against the budget."""
+        profile = profile or Profile("vitis", "vitis", "")
         try:
             program = parse(subgraph)
         except _Refused as why:
-            return [f"vitis cannot generate this subgraph: {why}"]
-        total = estimate(program, 8)["total"]
-        return [f"vitis: {len(program.layers)} HLS layers, {total['macs']} MACs/sample"]
+            return [f"vitis cannot generate this subgraph (it will run on the next target): "
+                    f"{why}"]
+        try:
+            opts = settings(profile)
+        except TargetError as exc:
+            return [str(exc)]
+        est = estimates.estimate(program, opts["parallelism"], opts["dataflow"],
+                                 profile.get("clock_mhz", 300))
+        lines = [f"vitis kernel: {' -> '.join(program.layer_kinds)}; "
+                 f"{len(program.inputs)} in, {len(program.outputs)} out (int8 on AXI); "
+                 f"parallelism {opts['parallelism']}, dataflow {opts['dataflow']}",
+                 "estimate: " + estimates.summary(est)]
+        over = estimates.over_budget(est, profile.get("budget", {}) or {})
+        lines.append(f"over the {profile.name} budget: {'; '.join(over)}" if over
+                     else f"fits the {profile.name} budget"
+                     + (f" ({estimates.budget_use(est, profile.get('budget', {}))})"
+                        if profile.get("budget") else ""))
+        return lines
 
     def compile(self, subgraph: onnx.ModelProto, profile: Profile) -> Build:
         self.check_toolchain(profile)
@@ -344,44 +470,49 @@ class VitisTarget(Target):
             program = parse(subgraph)
         except _Refused as why:
             raise TargetError(f"vitis cannot generate this subgraph: {why}") from None
-        parallelism = int(profile.get("parallelism", 8))
-        if parallelism < 1:
-            raise TargetError(f"profile '{profile.name}': parallelism must be >= 1")
-        est = estimate(program, parallelism)
-        budget = profile.get("budget", {}) or {}
-        over = [f"{key} {est['total'][key]} > budget {budget[key]}"
-                for key in ("dsp", "bram_18k") if key in budget and est["total"][key] > budget[key]]
+        opts = settings(profile)
+        clock = profile.get("clock_mhz", 300)
+        est = estimates.estimate(program, opts["parallelism"], opts["dataflow"], clock)
+        over = estimates.over_budget(est, profile.get("budget", {}) or {})
         if over:
-            per = ", ".join(f"layer {k['layer']} ({k['kind']}): {k['macs']} MACs, {k['dsp']} DSP, "
-                            f"{k['bram_18k']} BRAM18K" for k in est["kernels"])
+            per = "; ".join(estimates.layer_line(k) for k in est["kernels"])
             raise TargetError(f"subgraph does not fit '{profile.name}' at parallelism "
-                              f"{parallelism}: {'; '.join(over)} ({per})")
-        sources = hls.generate(program, parallelism)
+                              f"{opts['parallelism']}: {'; '.join(over)} (per layer: {per}); "
+                              "lower the profile's parallelism or split the model")
+        kernel, sources = hls.generate(program, opts["parallelism"], dataflow=opts["dataflow"])
         csim = _build_csim(sources)
         platform = str(profile.get("platform", "UNKNOWN_PLATFORM"))
-        files = {"kernel.cpp": sources["kernel.cpp"].encode(),
-                 "kernel.h": sources["kernel.h"].encode(),
-                 "csim.cpp": sources["csim.cpp"].encode(),
-                 "csim.so": csim}
-        for name, text in hls.board_files(profile.name, platform,
-                                          profile.get("clock_mhz", 300), est).items():
+        files = {name: text.encode() for name, text in sources.items()}
+        files["csim.so"] = csim
+        files["host_xrt.py"] = host.generate(program, kernel).encode()
+        for name, text in hls.board_files(kernel, profile.name, platform, clock, est, opts,
+                                          len(program.inputs), len(program.outputs)).items():
             files[f"build/{name}"] = text.encode()
-        meta = {"kind": "hls-csim", "in_dtype": program.in_dtype,
-                "out_dtype": program.out_dtype,
-                "in_shape": list(program.in_q.shape), "out_shape": list(program.out_q.shape),
+        meta = {"kind": "hls-csim", "kernel": kernel,
+                "inputs": [_port_json(p) for p in program.inputs],
+                "outputs": [_port_json(p) for p in program.outputs],
                 "platform": platform, "part": profile.get("part", ""),
-                "clock_mhz": profile.get("clock_mhz"), "estimate": est,
-                "synthesized": False, "layers": [lay.kind for lay in program.layers]}
+                "clock_mhz": clock, "estimate": est, "settings": opts,
+                "xclbin": f"build/{kernel}.xclbin",
+                "synthesized": False, "layers": program.layer_kinds}
         return Build(target=self.name, profile=profile.name, files=files, meta=meta)
 
 
+def _port_json(port: Port) -> dict[str, Any]:
+    return {"name": port.name, "dtype": port.dtype, "shape": list(port.q.shape),
+            "scale": float(_F32(port.q.scale)), "zero_point": int(port.q.zp)}
+
+
 def _build_csim(sources: dict[str, str]) -> bytes:
+    """The exact kernel source compiled with g++ (our hls::stream stand-in only when the
+    dataflow form needs it). -ffp-contract=off: no fused multiply-add, as the CPU build."""
     with tempfile.TemporaryDirectory(prefix="lepton-vitis-") as tmp:
         folder = Path(tmp)
-        for name in ("kernel.cpp", "kernel.h", "csim.cpp"):
-            (folder / name).write_text(sources[name])
-        cmd = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-o", "csim.so",
-               "kernel.cpp", "csim.cpp"]
+        for name, text in sources.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+        cmd = ["g++", *hls.CSIM_FLAGS, "-shared", "-fPIC", "-I", "csim_include", "-o",
+               "csim.so", "kernel.cpp"]
         result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
         if result.returncode != 0:
             raise TargetError(f"g++ failed to build the C simulation: {result.stderr[-2000:]}")

@@ -1,8 +1,20 @@
-"""Which ONNX nodes the Vitis target can generate HLS C++ for, and why not.
+"""Which ONNX nodes the Vitis target takes, and why not.
 
-Decisions here are per node (types, attributes, constants); how the nodes chain into integer
-kernels (DQ -> Conv/Gemm/MatMul -> [Relu|Clip] -> Q) is checked when a subgraph is compiled,
-and a subgraph whose nodes do not form such a chain is refused there with the reason.
+A node is taken when it is part of an int8 kernel: DequantizeLinear -> Conv / Gemm / MatMul /
+Add / AveragePool (-> Relu | Clip) -> QuantizeLinear, MaxPool / Flatten / Reshape between a
+DequantizeLinear and its consumers, and the constant weight/bias DequantizeLinears. Decided
+per node from its own attributes and its direct neighbours (GraphView.nodes).
+
+Placement decision (issue #8): the FPGA takes the int8 work and the int8 glue between it,
+the host CPU the float boundary.
+- MaxPool, Flatten and Reshape between FPGA layers stay on the FPGA: on int8 values they are
+  exact (max is monotone, reshapes move nothing), cost no DSPs, and keeping them there
+  avoids a round trip (for the digits CNN the 32x8x8 conv output would go down to the host
+  and its 32x4x4 pooled copy back up, plus a second kernel launch per batch).
+- A QuantizeLinear of a float tensor that does not come from an FPGA layer (the model's
+  float input) and a DequantizeLinear whose float result leaves the FPGA (the logits) run on
+  the host CPU: float conversion is host work, and the kernel's AXI ports then carry int8,
+  a quarter of the bytes of float32.
 """
 
 from __future__ import annotations
@@ -14,7 +26,14 @@ from onnx import helper
 
 T = onnx.TensorProto
 _OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Clip",
-        "MaxPool", "Flatten", "Reshape"}
+        "MaxPool", "AveragePool", "Add", "Flatten", "Reshape"}
+_MATMULS = {"Conv", "Gemm", "MatMul"}
+_FLOAT_RESULT = _MATMULS | {"Add", "AveragePool"}  # float results a QuantizeLinear ends
+_TAKES_DQ = _MATMULS | {"Add", "AveragePool", "MaxPool", "Flatten", "Reshape"}
+_QUANTIZED_BY = _FLOAT_RESULT | {"Relu", "Clip", "MaxPool", "Flatten", "Reshape",
+                                 "DequantizeLinear"}
+
+_LINKS: dict[int, tuple[Any, dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]] = {}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -31,12 +50,40 @@ def _static(shape: Any) -> bool:
 
 def _size(graph: Any, name: str) -> int | None:
     if name in graph.initializers:
-        dims = list(graph.initializers[name].dims)
         n = 1
-        for d in dims:
+        for d in graph.initializers[name].dims:
             n *= d
         return n
     return None
+
+
+def _links(graph: Any) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Producer and consumers of every tensor, cached per GraphView."""
+    cached = _LINKS.get(id(graph))
+    if cached is not None and cached[0] is graph:
+        return cached[1], cached[2]
+    producers: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in getattr(graph, "nodes", ()):
+        for out in node.output:
+            producers[out] = node
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(node)
+    if len(_LINKS) > 8:
+        _LINKS.clear()
+    _LINKS[id(graph)] = (graph, producers, consumers)
+    return producers, consumers
+
+
+def _is_activation_dq(node: onnx.NodeProto | None, graph: Any) -> bool:
+    return (node is not None and node.op_type == "DequantizeLinear"
+            and node.input[0] not in graph.initializers)
+
+
+def _is_weight_dq(node: onnx.NodeProto | None, graph: Any) -> bool:
+    return (node is not None and node.op_type == "DequantizeLinear"
+            and node.input[0] in graph.initializers)
 
 
 def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
@@ -44,7 +91,17 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         return f"vitis generates only standard ONNX ops, not domain '{node.domain}'"
     op = node.op_type
     if op not in _OPS:
-        return f"vitis has no HLS generator for {op} (int8 QDQ Conv/Gemm/MatMul/MaxPool only)"
+        return (f"vitis has no HLS generator for {op} (int8 QDQ Conv/Gemm/MatMul/Add/"
+                "AveragePool/MaxPool/Reshape only)")
+    own = _own_reason(node, graph)
+    if own is not None or not getattr(graph, "nodes", ()):
+        return own
+    return _context_reason(node, graph)
+
+
+def _own_reason(node: onnx.NodeProto, graph: Any) -> str | None:
+    """Types, attributes and constants of the node itself."""
+    op = node.op_type
     types, shapes = graph.value_types, graph.value_shapes
     if op == "QuantizeLinear":
         if len(node.input) < 3 or types.get(node.input[2]) != T.INT8:
@@ -96,16 +153,21 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
                              or _attr(node, "beta", 1.0) != 1.0):
             return "vitis Gemm needs transA=0, alpha=1, beta=1"
         return None
-    if op == "MaxPool":
+    if op in ("MaxPool", "AveragePool"):
         x_shape = shapes.get(node.input[0])
         if x_shape is None or len(x_shape) != 4 or not _static(x_shape):
-            return "vitis MaxPool needs a static NCHW input"
+            return f"vitis {op} needs a static NCHW input"
         if _attr(node, "ceil_mode", 0) or any(d != 1 for d in _attr(node, "dilations", [1, 1])):
-            return "vitis MaxPool does not support ceil_mode or dilations"
+            return f"vitis {op} does not support ceil_mode or dilations"
         if len(node.output) > 1 and node.output[1]:
             return "vitis MaxPool does not return indices"
         if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            return "vitis MaxPool needs explicit pads"
+            return f"vitis {op} needs explicit pads"
+        return None
+    if op == "Add":
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if a is None or a != b or not _static(a):
+            return "vitis Add needs two inputs of one static shape (no broadcasting)"
         return None
     if op == "Flatten":
         if int(_attr(node, "axis", 1)) != 1:
@@ -118,4 +180,78 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         if out is None or not _static(out):
             return "vitis Reshape needs a static output shape (only the batch may be symbolic)"
         return None
-    return None  # Relu, Clip: checked in context at compile time
+    if op == "Clip":
+        for name in node.input[1:]:
+            if name and _size(graph, name) != 1:
+                return "vitis Clip needs constant scalar bounds"
+    return None  # Relu
+
+
+def _context_reason(node: onnx.NodeProto, graph: Any) -> str | None:
+    """Where the node sits: is it part of an int8 kernel, or host-side float conversion?"""
+    producers, consumers = _links(graph)
+    op = node.op_type
+    users = consumers.get(node.output[0], []) if node.output else []
+    leaves = node.output[0] in graph.outputs if node.output else False
+    src = producers.get(node.input[0]) if node.input else None
+    if op == "QuantizeLinear":
+        if src is None or src.op_type not in _QUANTIZED_BY or (
+                src.op_type == "DequantizeLinear" and not _is_activation_dq(src, graph)):
+            what = f"{src.op_type} '{src.name}'" if src is not None else "a graph input"
+            return (f"float -> int8 conversion of '{node.input[0]}' (from {what}) runs on the "
+                    "host CPU: the FPGA kernel takes int8, a quarter of float32's bytes on AXI")
+        if src.op_type == "DequantizeLinear":  # a requantize to a new scale
+            return None
+        if unsupported_reason(src, graph) is not None:
+            return f"its input comes from {src.op_type} '{src.name}', which is not on the FPGA"
+        return None
+    if op == "DequantizeLinear":
+        if leaves:
+            return (f"int8 -> float conversion of a model output ('{node.output[0]}') runs on "
+                    "the host CPU")
+        if not users:
+            return "its result is not used"
+        if node.input[0] in graph.initializers:
+            bad = [u for u in users if u.op_type not in _MATMULS]
+            if bad:
+                return f"constant dequantized for {bad[0].op_type} '{bad[0].name}', not a matmul"
+            return None
+        bad = [u for u in users if u.op_type not in _TAKES_DQ | {"QuantizeLinear"}
+               or (_own_reason(u, graph) if u.op_type == "QuantizeLinear"
+                   else unsupported_reason(u, graph)) is not None]
+        if bad:
+            return (f"int8 -> float conversion for {bad[0].op_type} '{bad[0].name}', which is "
+                    "not on the FPGA, runs on the host CPU")
+        return None
+    if op in _MATMULS:
+        if not _is_activation_dq(src, graph):
+            return f"vitis {op} needs a dequantized int8 activation as input"
+        if not _is_weight_dq(producers.get(node.input[1]), graph):
+            return f"vitis {op} needs a constant int8 weight (DequantizeLinear of a constant)"
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in graph.initializers \
+                and not _is_weight_dq(producers.get(node.input[2]), graph):
+            return f"vitis {op} needs a constant bias"
+    elif op == "Add":
+        if not all(_is_activation_dq(producers.get(name), graph) for name in node.input[:2]):
+            return "vitis Add needs two dequantized int8 activations (QLinearAdd pattern)"
+    elif op in ("MaxPool", "AveragePool", "Flatten", "Reshape"):
+        if not (_is_activation_dq(src, graph) or (src is not None and op in ("Flatten", "Reshape")
+                                                   and src.op_type in ("MaxPool", "Flatten",
+                                                                       "Reshape"))):
+            return f"vitis {op} needs a dequantized int8 activation as input"
+    elif op in ("Relu", "Clip"):
+        if src is None or src.op_type not in _FLOAT_RESULT:
+            return f"vitis {op} must follow Conv/Gemm/MatMul/Add/AveragePool"
+    if op in _FLOAT_RESULT | {"Relu", "Clip"}:
+        follow = {"QuantizeLinear"} if op in ("Relu", "Clip") else {"QuantizeLinear", "Relu",
+                                                                      "Clip"}
+        if op == "AveragePool":
+            follow = {"QuantizeLinear"}
+        if leaves or not users or any(u.op_type not in follow for u in users):
+            return (f"the float result of {op} must be requantized (QuantizeLinear) on the "
+                    "FPGA, not used in float")
+    if op in ("MaxPool", "Flatten", "Reshape"):
+        if leaves or not users or any(u.op_type not in _TAKES_DQ | {"QuantizeLinear"}
+                                      for u in users):
+            return f"the result of {op} leaves the FPGA in float"
+    return None

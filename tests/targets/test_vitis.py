@@ -6,7 +6,9 @@ the integer math of lepton_edge/lowering/int8.py), and used only when named in d
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -100,15 +102,35 @@ CASES = {
 }
 
 
+def cpu_reference(model: Any, tmp_path: Path):
+    """The reference: the CPU int8 build of the whole model, every subgraph on the CPU."""
+    art = lepton_edge.compile(model if isinstance(model, lepton_edge.Model)
+                              else lepton_edge.load(model), ["cpu"])
+    session = lepton_edge.runtime.load(art.save(tmp_path / "cpu_reference.lepton"))
+    assert {p.device for p in session.placement.values()} == {"cpu:0"}, art.summary()
+    return session
+
+
+def _placement(session) -> list[tuple[tuple[str, ...], str]]:
+    """(op types of the subgraph, device) for every subgraph, in order."""
+    ops = {sg["id"]: tuple(sorted(sg["op_counts"])) for sg in session.manifest["subgraphs"]}
+    return [(ops[sg_id], p.device) for sg_id, p in session.placement.items()]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_csim_is_bit_exact_with_cpu_int8(case: str, tmp_path: Path) -> None:
-    path = _compile(qdq_float_model(**CASES[case]), tmp_path)
+    model = qdq_float_model(**CASES[case])
+    path = _compile(model, tmp_path)
     fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
-    cpu = lepton_edge.runtime.load(path, devices=["cpu"])
-    (sg,) = fpga.manifest["subgraphs"]
-    assert {b["target"] for b in sg["builds"]} == {"vitis", "cpu"}
-    placement = str(fpga.placement)
-    assert "vitis-csim:0" in placement, placement
+    # the reference: the CPU int8 build of the whole model
+    cpu = cpu_reference(model, tmp_path)
+    # float -> int8 at the entry and int8 -> float at the exit on the host CPU, the integer
+    # kernel on the FPGA (its simulation here)
+    core = ("Conv" if "conv" in case else "Gemm", "DequantizeLinear", "QuantizeLinear") + (
+        ("Relu",) if "relu" in case else ())
+    assert _placement(fpga) == [(("QuantizeLinear",), "cpu:0"),
+                                (tuple(sorted(core)), "vitis-csim:0"),
+                                (("DequantizeLinear",), "cpu:0")], fpga.placement
     assert "cpu" in str(cpu.placement)
     x = _inputs(fpga)
     got, want = fpga.run({"x": x})["y"], cpu.run({"x": x})["y"]
@@ -136,48 +158,72 @@ def test_generated_source_and_board_folder(tmp_path: Path) -> None:
         kernel = z.read(f"{base}/kernel.cpp").decode()
         makefile = z.read(f"{base}/build/Makefile").decode()
         readme = z.read(f"{base}/build/README.md").decode()
-        assert f"{base}/build/connectivity.cfg" in names and f"{base}/kernel.h" in names
+        connectivity = z.read(f"{base}/build/connectivity.cfg").decode()
+        host = z.read(f"{base}/host_xrt.py").decode()
+        assert f"{base}/kernel.h" in names and f"{base}/csim.so" in names
+        assert not any("hls_stream.h" in n for n in names)  # sequential form: no streams
     assert "#pragma HLS PIPELINE II=1" in kernel
     assert "#pragma HLS ARRAY_PARTITION" in kernel and "factor=8" in kernel
-    assert "#pragma HLS INTERFACE m_axi port=in" in kernel
+    assert "#pragma HLS INTERFACE m_axi port=in0 offset=slave bundle=gmem0" in kernel
+    assert "#pragma HLS INTERFACE m_axi port=out0 offset=slave bundle=gmem1" in kernel
     assert "#pragma HLS INTERFACE s_axilite port=return" in kernel
-    assert 'extern "C" void lepton_kernel(const int8_t* in, int8_t* out, int batch)' in kernel
+    assert "#pragma HLS DATAFLOW" not in kernel and "hls::stream" not in kernel
+    info = lepton_edge.runtime.load(path, devices=["vitis"] + ["cpu"])
+    vitis_sg = next(sg for sg in info.manifest["subgraphs"]
+                    if any(b["target"] == "vitis" for b in sg["builds"]))
+    meta = next(b for b in vitis_sg["builds"] if b["target"] == "vitis")["meta"]
+    name = meta["kernel"]  # unique per kernel: lepton_<hash of its source>
+    assert re.fullmatch(r"lepton_[0-9a-f]{12}", name), name
+    assert f'extern "C" void {name}(const int8_t* in0, int8_t* out0, int batch)' in kernel
     assert "static const int8_t L0_w" in kernel
-    assert "v++ -c" in makefile and "-k lepton_kernel" in makefile and "v++ -l" in makefile
+    assert "v++ -c" in makefile and f"-k {name}" in makefile and "v++ -l" in makefile
     assert "xilinx_zcu104_base_202320_1" in makefile
-    assert "NOT synthesized" in readme
-    info = lepton_edge.runtime.load(path, devices=["vitis"])
-    meta = next(b for b in info.manifest["subgraphs"][0]["builds"] if b["target"] == "vitis")
-    assert meta["meta"]["estimate"]["total"]["macs"] == 6 * 4 * 4 * 3 * 9
+    assert f"sp={name}_1.in0:DDR" in connectivity and f"sp={name}_1.out0:DDR" in connectivity
+    assert "NOT synthesized" in readme and "LEPTON_VITIS_XCLBIN" in readme
+    assert "pyxrt.hw_context" in host and "register_xclbin" in host and f'"{name}"' in host
+    assert meta["xclbin"] == f"build/{name}.xclbin"
+    assert meta["estimate"]["total"]["macs"] == 6 * 4 * 4 * 3 * 9
+    assert meta["synthesized"] is False
+    assert [p["dtype"] for p in meta["inputs"] + meta["outputs"]] == ["int8", "int8"]
 
 
-def test_parallelism_setting_and_budget(tmp_path: Path) -> None:
+def test_parallelism_setting_and_budget() -> None:
     from lepton_edge_targets.vitis.compile import VitisTarget
 
     model = lepton_edge.load(qdq_float_model("gemm"))
     plan = lepton_edge.partition(model, ["zcu104"])
-    sub = plan.subgraphs[0].proto
+    (sub,) = [sg.proto for sg in plan.subgraphs if sg.target == "vitis"]
     build = VitisTarget().compile(sub, Profile("tiny", "vitis", "", {"parallelism": 4}))
     assert "factor=4" in build.files["kernel.cpp"].decode()
-    assert build.meta["estimate"]["total"] == {"macs": 240, "cycles": 60, "dsp": 4,
-                                               "bram_18k": 1}
+    total = build.meta["estimate"]["total"]
+    # 10 outputs x ceil(24 / 4) chunks + 10 pipeline fill, + 24 + 10 bytes loaded/stored
+    assert (total["macs"], total["cycles"], total["dsp"]) == (240, 60 + 10 + 34, 4 + 4)
+    assert total["lut"] > 0 and total["ff"] > 0 and total["bram_18k"] == 0  # 240 B: LUT ROM
     tiny = Profile("tiny", "vitis", "", {"parallelism": 16, "budget": {"dsp": 8,
                                                                          "bram_18k": 10}})
-    with pytest.raises(TargetError, match=r"dsp 16 > budget 8.*240 MACs"):
+    with pytest.raises(TargetError, match=r"dsp 20 > budget 8.*layer 0 \(dense\): 240 MACs"):
         VitisTarget().compile(sub, tiny)
+    small = Profile("small", "vitis", "", {"parallelism": 4, "budget": {"lut": 1000}})
+    with pytest.raises(TargetError, match=r"lut \d+ > budget 1000"):
+        VitisTarget().compile(sub, small)
+    with pytest.raises(TargetError, match="parallelism must be an integer >= 1"):
+        VitisTarget().compile(sub, Profile("bad", "vitis", "", {"parallelism": 0}))
 
 
 def test_unsupported_nodes_have_reasons() -> None:
     from lepton_edge.plan import graph_view
+    from lepton_edge_targets.vitis.support import unsupported_reason
 
     model = lepton_edge.load(qdq_float_model("conv"))
     view = graph_view(model)
-    from lepton_edge_targets.vitis.support import unsupported_reason
-
     softmax = helper.make_node("Softmax", ["y"], ["z"])
     assert "no HLS generator for Softmax" in unsupported_reason(softmax, view)
-    for node in model.proto.graph.node:
-        assert unsupported_reason(node, view) is None, node
+    reasons = {n.name or n.output[0]: unsupported_reason(n, view) for n in model.proto.graph.node}
+    # the float boundary is host work; every node of the integer kernel is taken
+    host = {k: v for k, v in reasons.items() if v is not None}
+    assert set(host) == {"x_q", "y"}, host
+    assert "float -> int8 conversion of 'x'" in host["x_q"] and "host CPU" in host["x_q"]
+    assert "int8 -> float conversion of a model output ('y')" in host["y"]
 
 
 def test_small_cnn_with_maxpool_and_flatten_is_bit_exact(tmp_path: Path) -> None:
@@ -187,8 +233,8 @@ def test_small_cnn_with_maxpool_and_flatten_is_bit_exact(tmp_path: Path) -> None
     model, _ = qdq_cnn()
     path = _compile(model, tmp_path)
     fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
-    cpu = lepton_edge.runtime.load(path, devices=["cpu"])
-    assert "vitis-csim:0" in str(fpga.placement)
+    cpu = cpu_reference(model, tmp_path)
+    assert [p.device for p in fpga.placement.values()] == ["vitis-csim:0"]
     shape = [2 if isinstance(d, str) else d for d in fpga.inputs[0].shape]
     x = rng.integers(-128, 128, shape).astype(np.int8)
     name = fpga.inputs[0].name
@@ -196,9 +242,10 @@ def test_small_cnn_with_maxpool_and_flatten_is_bit_exact(tmp_path: Path) -> None
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
-def test_digits_int8_artifact_runs_on_the_fpga_simulation_bit_exact(tmp_path: Path) -> None:
-    """The issue's end-to-end check: the quantized digits CNN compiled for cpu + zcu104 runs on
-    the FPGA C simulation when asked for, bit-exact with the CPU int8 build, same accuracy."""
+def test_digits_int8_artifact_places_conv_gemm_on_the_fpga_simulation(tmp_path: Path) -> None:
+    """The issue's end-to-end check: the quantized digits CNN compiled for cpu + zcu104 puts
+    its conv/gemm kernel (with the MaxPool/Reshape glue between them) on the FPGA C
+    simulation and the float boundary on the CPU, bit-exact with the CPU int8 build."""
     from lepton_edge.compress.quantize import quantize
 
     repo = Path(__file__).resolve().parents[2]
@@ -206,12 +253,40 @@ def test_digits_int8_artifact_runs_on_the_fpga_simulation_bit_exact(tmp_path: Pa
     y = np.load(repo / "samples/digits/y_test.npy")
     q = quantize(lepton_edge.load(repo / "samples/digits/digits.onnx"), x[:64])
     art = lepton_edge.compile(q, ["cpu", "zcu104"])
-    assert {t for _, t, _ in art.builds} == {"vitis", "cpu"}
     path = art.save(tmp_path / "digits_int8.lepton")
     fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"], self_test=True)
-    cpu = lepton_edge.runtime.load(path)
-    assert {p.device for p in fpga.placement.values()} == {"vitis-csim:0"}
-    assert {p.device for p in cpu.placement.values()} == {"cpu:0"}
+    assert _placement(fpga) == [
+        (("QuantizeLinear",), "cpu:0"),
+        (("Conv", "DequantizeLinear", "Gemm", "MaxPool", "QuantizeLinear", "Reshape"),
+         "vitis-csim:0"),
+        (("DequantizeLinear",), "cpu:0")], fpga.placement
+    kernel_sg = fpga.manifest["subgraphs"][1]
+    assert kernel_sg["op_counts"]["Conv"] == 2 and kernel_sg["op_counts"]["Gemm"] == 2
+    meta = next(b for b in kernel_sg["builds"] if b["target"] == "vitis")["meta"]
+    assert meta["layers"] == ["conv", "conv", "maxpool", "dense", "dense"]
+    assert [p["dtype"] for p in meta["inputs"] + meta["outputs"]] == ["int8", "int8"]
+    # the reference: the CPU int8 build of the same model
+    cpu = cpu_reference(q, tmp_path)
     got, want = fpga.run({"image": x})["logits"], cpu.run({"image": x})["logits"]
     np.testing.assert_array_equal(got, want)
     assert float((got.argmax(1) == y).mean()) >= 0.97
+
+
+def test_explain_shows_fpga_estimates_and_why_nodes_stay_on_the_cpu(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lepton_edge.cli import cli
+
+    onnx.save(qdq_float_model("conv", relu=True), tmp_path / "m.onnx")
+    result = CliRunner().invoke(cli, ["explain", str(tmp_path / "m.onnx"), "-t", "cpu",
+                                      "-t", "kv260"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "sg1: 6 nodes on vitis" in out and "sg0: 1 nodes on cpu" in out
+    assert "sg1 on vitis: vitis kernel: conv; 1 in, 1 out (int8 on AXI); parallelism 8" in out
+    estimate = next(line for line in out.splitlines() if "sg1 on vitis: estimate:" in line)
+    for key in ("2,592 MACs/sample", "cycles latency", "DSP", "BRAM18K", "LUT", "FF"):
+        assert key in estimate, estimate
+    assert "fits the kv260 budget (dsp " in out
+    assert "QuantizeLinear_0: vitis: float -> int8 conversion of 'x'" in out
+    assert "DequantizeLinear_7: vitis: int8 -> float conversion of a model output ('y')" in out
