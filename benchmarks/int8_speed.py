@@ -6,12 +6,22 @@ Models: the digits CNN at batch 64, and a BERT-shaped encoder (2 layers, d=128, 
 FFN 256) at sequence 128, batch 1. Both are quantized with lepton_edge.compress.quantize
 (MinMax, per-channel); the same QDQ model is what onnxruntime int8 runs. Engines are measured
 in alternating rounds so machine noise hits all of them alike; the medians and the ratios are
-printed. Builds use TVM's default schedules (no tuning yet).
+printed. Builds are untuned (default schedules). "lepton int8" is the default build (packed
+dot-product kernels of lowering/x86_int8.py on VNNI CPUs only); "lepton int8 dot" forces
+them (LEPTON_X86_INT8_DOT=on), on an AVX2 machine with the exact AVX2 intrinsic.
+
+Then one kernel alone: uint8 [128, 384] x int8 [384, 1536] -> int32, lepton's packed kernel
+against onnxruntime MatMulInteger and fp32 MatMul, with its bit-exactness against numpy
+(onnxruntime's AVX2 u8 x s8 kernel uses the saturating vpmaddubsw and is not exact).
+onnxruntime runs with spin-waiting off (see ort_options). The floor printed is MACs / measured int8 peak (lepton_edge.bench.cpu_peak: onnxruntime
+MatMulInteger 2048^3, on AVX2 the saturating kernel, so the exact kernels' real ceiling is
+lower).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -23,6 +33,7 @@ import onnxruntime
 
 import lepton_edge
 from lepton_edge.compress.quantize import quantize
+from lepton_edge.lowering.x86_int8 import DOT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +45,16 @@ def median_ms(fn: Callable[[], object], runs: int) -> list[float]:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def ort_options() -> onnxruntime.SessionOptions:
+    """onnxruntime without spin-waiting threads: by default its pool keeps spinning after a
+    run, which took the cores from the next engine in the alternation (the packed kernel
+    measured 16 ms after onnxruntime runs vs 6.4 ms without spinning; onnxruntime's own
+    times did not change)."""
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def models() -> dict[str, tuple[lepton_edge.Model, np.ndarray, dict[str, np.ndarray]]]:
@@ -58,20 +79,32 @@ def models() -> dict[str, tuple[lepton_edge.Model, np.ndarray, dict[str, np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--kernel-only", action="store_true", help="only the matmul kernel")
     args = parser.parse_args()
+    from lepton_edge.bench import cpu_peak
+
+    peak = cpu_peak()
+    print(f"peak: {peak}")
+    kernel_benchmark(args.runs, peak.int8_gops)
+    if args.kernel_only:
+        return
     tmp = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
-    print("| model | lepton fp32 ms | lepton int8 ms | ORT fp32 ms | ORT int8 ms | "
-          "int8/fp32 (lepton) | lepton int8 / best ORT |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | lepton fp32 ms | lepton int8 ms | lepton int8 dot ms | ORT fp32 ms | "
+          "ORT int8 ms | int8/fp32 (lepton) | lepton int8 / best ORT | "
+          "int8 floor ms (% of peak) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, (model, calib, feeds) in models().items():
         q = quantize(model, calib)
         engines: dict[str, Callable[[], object]] = {}
-        for label, m in (("lepton fp32", model), ("lepton int8", q)):
+        for label, m, dot in (("lepton fp32", model, "auto"), ("lepton int8", q, "auto"),
+                              ("lepton int8 dot", q, "on")):
+            os.environ[DOT_ENV] = dot  # "on": packed dot-product kernels on AVX2 too
             path = lepton_edge.compile(m, ["cpu"], golden_count=0).save(tmp / f"{label}.lepton")
+            os.environ.pop(DOT_ENV)
             session = lepton_edge.runtime.load(path)
             engines[label] = lambda s=session: s.run(feeds)
         for label, m in (("ORT fp32", model), ("ORT int8", q)):
-            ort = onnxruntime.InferenceSession(m.proto.SerializeToString(),
+            ort = onnxruntime.InferenceSession(m.proto.SerializeToString(), ort_options(),
                                                providers=["CPUExecutionProvider"])
             engines[label] = lambda s=ort: s.run(None, feeds)
         times: dict[str, list[float]] = {k: [] for k in engines}
@@ -82,10 +115,77 @@ def main() -> None:
                 times[label] += median_ms(fn, max(1, args.runs // 3))
         med = {k: statistics.median(v) for k, v in times.items()}
         best_ort = min(med["ORT fp32"], med["ORT int8"])
+        batch = next(iter(feeds.values())).shape[0]
+        macs = sum(sg.macs for sg in lepton_edge.partition(model, ["cpu"]).subgraphs) * batch
+        floor = f"{2 * macs / (peak.int8_gops * 1e9) * 1e3:.3f} (" + (
+            f"{100 * 2 * macs / (med['lepton int8'] / 1e3) / 1e9 / peak.int8_gops:.1f}%)"
+        ) if peak.int8_gops else "-"
         print(f"| {name} | {med['lepton fp32']:.3f} | {med['lepton int8']:.3f} | "
-              f"{med['ORT fp32']:.3f} | {med['ORT int8']:.3f} | "
+              f"{med['lepton int8 dot']:.3f} | {med['ORT fp32']:.3f} | {med['ORT int8']:.3f} | "
               f"{med['lepton int8'] / med['lepton fp32']:.2f} | "
-              f"{med['lepton int8'] / best_ort:.1f} |")
+              f"{med['lepton int8'] / best_ort:.1f} | {floor} |", flush=True)
+
+
+def kernel_benchmark(runs: int, int8_gops: float | None) -> None:
+    """The packed uint8 x int8 matmul kernel alone vs onnxruntime, alternating rounds."""
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+
+    from lepton_edge.lowering import x86_int8
+
+    m, k, n = 128, 384, 1536
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType([m, k], "uint8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(xv, relax.const(w, "int8"),
+                                                         out_dtype="int32")))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": str(
+        tvm.target.codegen.llvm_get_system_cpu())})
+    mod, _ = x86_int8.pack_int8_kernels(bb.get())
+    mod, notes = x86_int8.schedule_int8_kernels(mod, target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    xt = tvm.runtime.tensor(x)
+
+    def ort(op: str, dtype: int, w_: np.ndarray, out_type: int) -> onnxruntime.InferenceSession:
+        graph = helper.make_graph(
+            [helper.make_node(op, ["x", "w"], ["y"])], "k",
+            [helper.make_tensor_value_info("x", dtype, [m, k])],
+            [helper.make_tensor_value_info("y", out_type, [m, n])],
+            [numpy_helper.from_array(w_, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return onnxruntime.InferenceSession(model.SerializeToString(), ort_options(),
+                                            providers=["CPUExecutionProvider"])
+
+    ort_i8 = ort("MatMulInteger", TensorProto.UINT8, w, TensorProto.INT32)
+    ort_f32 = ort("MatMul", TensorProto.FLOAT, w.astype(np.float32), TensorProto.FLOAT)
+    xf = x.astype(np.float32)
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    exact = np.array_equal(vm["main"](xt).numpy(), want)
+    ort_exact = np.array_equal(ort_i8.run(None, {"x": x})[0], want)
+    engines = {"lepton packed": lambda: vm["main"](xt),
+               "ORT MatMulInteger": lambda: ort_i8.run(None, {"x": x}),
+               "ORT fp32 MatMul": lambda: ort_f32.run(None, {"x": xf})}
+    times: dict[str, list[float]] = {key: [] for key in engines}
+    for fn in engines.values():
+        fn()
+    for _ in range(3):
+        for label, fn in engines.items():
+            times[label] += median_ms(fn, max(1, runs // 3))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    ops = 2.0 * m * k * n
+    print(f"kernel u8[{m},{k}] x s8[{k},{n}] -> s32 ({notes[0]}; exact: {exact}, "
+          f"onnxruntime exact: {ort_exact})")
+    for label, ms in med.items():
+        share = f", {100 * ops / (ms / 1e3) / 1e9 / int8_gops:.0f}% of int8 peak" \
+            if int8_gops else ""
+        print(f"  {label}: {ms:.3f} ms, {ops / (ms / 1e3) / 1e9:.0f} GOPS{share}, "
+              f"x{ms / med['lepton packed']:.2f} of lepton")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,16 @@ where W is a constant int8 weight with symmetric (zero) zero points, dequantized
 or per output channel (possibly transposed), and x_q, the input scale/zero point and the
 output scale/zero point are scalars, and rewrites it to
 
-    acc   = conv2d|matmul(pad(x_q, x_zp), W_q, out_dtype=int32)      int8 x int8 -> int32
-          + (bias_q - x_zp * sum(W_q))                                 folded at compile time
+    x_u   = x_q + 128 (as uint8)                                     activations shifted
+    acc   = conv2d|matmul(pad(x_u, x_zp + 128), W_q, out_dtype=int32)  uint8 x int8 -> int32
+          + (bias_q - (x_zp + 128) * sum(W_q))                         folded at compile time
     y_q   = clip(rne((acc * m0) >> shift) + y_zp, lo, hi)             fixed-point requantize
+
+The shift to uint8 changes nothing in the integer result (x_u - (x_zp + 128) = x_q - x_zp),
+but uint8 x int8 is what the CPU dot-product instructions multiply (x86 VNNI `vpdpbusd`,
+see lowering/x86_int8.py). It is done for matmul and non-grouped conv2d with constant
+weights (the kernels that have a dot-product schedule); grouped/depthwise conv2d and
+activation x activation matmuls stay int8 x int8. `unsigned_activations=False` turns it off.
 
 with M = x_scale * w_scale / y_scale = m0 * 2^-shift (m0 a 31-bit mantissa) and rne the
 round-half-to-even that ONNX QuantizeLinear uses. Anything else stays as it was (still
@@ -83,8 +90,13 @@ def _dtype(expr: Any) -> str:
     return ""
 
 
-def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
-    """Rewrite the recognised QDQ patterns of every Relax function in `mod` to integer code."""
+def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
+                         ) -> tuple[Any, LoweringReport]:
+    """Rewrite the recognised QDQ patterns of every Relax function in `mod` to integer code.
+
+    With `unsigned_activations` the activations of matmul and non-grouped conv2d kernels
+    with constant weights are shifted to uint8 (x + 128) and the zero-point correction is
+    adjusted, so the kernels are uint8 x int8 -> int32 (bit-identical results)."""
     from tvm import relax
     from tvm.ir.expr import Constant  # TVM 0.27 moved relax.Constant into tvm.ir
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -103,6 +115,14 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
 
     @mutator
     class Rewriter(PyExprMutator):  # type: ignore[misc]
+        def emit_like(self, var: Any, value: Any) -> Any:
+            """Bind `value` like `var`: a dataflow block's output stays an output var (a
+            DataflowVar there is undefined after the block, which FuseOps trips on)."""
+            name = _name(var) + "_int"
+            if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
+                return self.builder_.emit(value, name)
+            return self.builder_.emit_output(value, name)
+
         def resolve(self, expr: Any) -> Any:
             """Follow dataflow vars to the call that produced them."""
             while isinstance(expr, relax.Var):
@@ -123,7 +143,7 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
                     report.kept_float.append(f"{op_name(value).removeprefix('relax.')} of "
                                              f"dequantized inputs: {why}; runs in float")
                 else:
-                    new_var = self.builder_.emit(new_value, _name(binding.var) + "_int")
+                    new_var = self.emit_like(binding.var, new_value)
                     self.set_var_remap(binding.var, new_var)
                     return
                 super().visit_var_binding_(binding)
@@ -134,7 +154,7 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
                 except _NotLowerable as why:
                     report.kept_float.append(str(why))
                 else:
-                    new_var = self.builder_.emit(new_value, _name(binding.var) + "_int")
+                    new_var = self.emit_like(binding.var, new_value)
                     self.set_var_remap(binding.var, new_var)
                     return
             super().visit_var_binding_(binding)
@@ -199,6 +219,9 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
                     raise _NotLowerable("bias on an activation x activation matmul") from None
                 return self.activation_matmul(x_q, x_scale, x_zp, expr.args[1])
             out_channels = w_q.shape[0] if kind == "relax.nn.conv2d" else w_q.shape[-1]
+            if unsigned_activations and (kind == "relax.matmul"
+                                         or int(expr.attrs.groups) == 1):
+                x_q, x_zp = self.to_uint8(x_q), x_zp + 128
             w_scale = np.broadcast_to(w_scale.astype(np.float64), (out_channels,))
             acc_scale = x_scale * w_scale
             bias_q = np.zeros(out_channels, np.int64)
@@ -218,8 +241,16 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
                 raise _NotLowerable("bias correction overflows int32")
             acc = self.builder_.emit(relax.op.add(
                 acc, relax.const(correction.astype(np.int32).reshape(bshape), "int32")))
+            # The report names the quantized math (int8 model), whichever operand signedness
+            # the kernel uses after the exact uint8 shift.
             report.lowered.append(f"{kind.split('.')[-1]} -> int8 x int8 -> int32")
             return acc, acc_scale, bshape
+
+        def to_uint8(self, x_q: Any) -> Any:
+            """x_q + 128 as uint8 (int8 -> uint8 with the same order, exact)."""
+            op = relax.op
+            return self.builder_.emit(op.astype(
+                op.add(op.astype(x_q, "int16"), relax.const(128, "int16")), "uint8"))
 
         def activation_matmul(self, a_q: Any, a_scale: float, a_zp: int, other: Any
                               ) -> tuple[Any, np.ndarray, tuple]:
@@ -338,14 +369,15 @@ def lower_qdq_to_integer(mod: Any) -> tuple[Any, LoweringReport]:
         def requantize(self, acc: Any, m0: np.ndarray, shift: np.ndarray, zp: int, low: int,
                        high: int) -> Any:
             op, emit = relax.op, self.builder_.emit
+            # Round half to even without comparisons (no boolean vectors in the kernel):
+            # q = (prod + 2^(shift-1) - 1 + ((prod >> shift) & 1)) >> shift. With
+            # prod = Q * 2^shift + r, the sum carries into Q exactly when r > half, or
+            # r == half and Q is odd - requantize_reference's rule. |prod| < 2^62: no overflow.
             prod = emit(op.multiply(op.astype(acc, "int64"), relax.const(m0, "int64")))
             sh = relax.const(shift, "int64")
-            q = emit(op.right_shift(prod, sh))
-            rem = emit(op.subtract(prod, op.left_shift(q, sh)))
-            half = relax.const(np.left_shift(np.int64(1), shift - 1), "int64")
-            odd = op.equal(op.bitwise_and(q, relax.const(1, "int64")), relax.const(1, "int64"))
-            up = op.logical_or(op.greater(rem, half), op.logical_and(op.equal(rem, half), odd))
-            q = emit(op.add(q, op.astype(up, "int64")))
+            odd = op.bitwise_and(op.right_shift(prod, sh), relax.const(1, "int64"))
+            bias = relax.const(np.left_shift(np.int64(1), shift - 1) - 1, "int64")
+            q = emit(op.right_shift(op.add(op.add(prod, bias), odd), sh))
             q = emit(op.add(q, relax.const(zp, "int64")))
             return op.astype(op.clip(q, low, high), "int8")
 

@@ -196,6 +196,15 @@ def tune_and_build(
             raise TuningError(f"cannot specialise main to {dict(buckets)}: {_last_line(exc)}"
                               ) from exc
 
+    if _x86_use_dot_kernels(target):
+        # after specialisation, so the packed int8 kernels of each bucket have static shapes
+        from lepton_edge.lowering import x86_int8
+
+        mod, packed = x86_int8.pack_int8_kernels(mod)
+        if packed:
+            say(f"x86 int8: {len(packed)} packed uint8 x int8 kernel(s), tuned with the "
+                f"{_x86_dot_intrinsic(target)} tensor intrinsic")
+
     from tvm.s_tir import meta_schedule as ms
 
     try:
@@ -299,7 +308,7 @@ def _tune(tasks: list[Any], target: tvm.target.Target, database: Any, trials: in
             ms.TuneContext(
                 mod=task.dispatched[0],
                 target=task.target,
-                space_generator="post-order-apply",
+                space_generator=_space_generator(task.dispatched[0], task.target),
                 search_strategy=ms.search_strategy.EvolutionarySearch(
                     population_size=256,
                     init_min_unmeasured=min(50, 4 * per_round),
@@ -346,6 +355,52 @@ def _tune(tasks: list[Any], target: tvm.target.Target, database: Any, trials: in
             + " (a target whose mcpu/mattr this CPU lacks crashes the measuring process)")
 
 
+def _x86_use_dot_kernels(target: tvm.target.Target) -> bool:
+    from lepton_edge.lowering import x86_int8
+
+    return x86_int8.use_dot_kernels(target)
+
+
+def _x86_dot_intrinsic(target: tvm.target.Target) -> str | None:
+    from lepton_edge.lowering import x86_int8
+
+    return x86_int8.dot_intrinsic(target)
+
+
+def _space_generator(task_mod: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """MetaSchedule's default space, except for the packed x86 int8 kernels
+    (lowering/x86_int8.py): those are tiled around the uint8 x int8 dot-product intrinsic
+    (VNNI, or the exact AVX2 one) and tensorized - MetaSchedule has no x86 VNNI rule of its
+    own. No AutoInline: inlining the input packing would hide the intrinsic's operand. (The
+    fused epilogue blocks stay separate loops here; the untuned rule computes them per tile.)"""
+    from tvm.s_tir import meta_schedule as ms
+
+    from lepton_edge.lowering import x86_int8
+
+    intrin = x86_int8.dot_intrinsic(target)
+    if intrin is None or x86_int8.packed_kind(tvm.s_tir.Schedule(task_mod["main"])) is None:
+        return "post-order-apply"
+    x86_int8.register_intrinsics()
+    rules = [
+        ms.schedule_rule.MultiLevelTilingWithIntrin(
+            intrin, structure="SSRSRS", tile_binds=None, max_innermost_factor=64,
+            vector_load_lens=None, reuse_read=None,
+            reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")),
+        ms.schedule_rule.ParallelizeVectorizeUnroll(
+            max_jobs_per_core=16, max_vectorize_extent=16, unroll_max_steps=[0, 16, 64, 512],
+            unroll_explicit=True),
+        ms.schedule_rule.RandomComputeLocation(),
+    ]
+    postprocs = [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteTensorize(vectorize_init_loop=False),
+    ]
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
+                                             mutator_probs="llvm")
+
+
 def _valid_records(database: Any, task_mod: tvm.IRModule, limit: int) -> int:
     """How many successful records (up to ``limit``) the database has for this kernel."""
     if not database.has_workload(task_mod):
@@ -355,19 +410,27 @@ def _valid_records(database: Any, task_mod: tvm.IRModule, limit: int) -> int:
 
 def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any, db_dir: Path,
            say: Log) -> Any:
-    """Apply the database to the prepared module and compile; other kernels keep TVM's default
-    schedules."""
+    """Apply the database to the prepared module and compile; other kernels get the default
+    schedules of lowering/schedules.py."""
     # TVM 0.27's relax.pipeline.dataflow_lower_passes(llvm) raises AttributeError: the CPU
     # backend package does not re-export it. Take both lists from the CPU pipeline module.
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
+    if _x86_dot_intrinsic(target) is not None:
+        from lepton_edge.lowering import x86_int8
+
+        x86_int8.register_intrinsics()  # records of packed int8 kernels replay tensorize
     try:
         with _lean_tensor_intrin_import() if _uses_tensor_intrinsics(db_dir) else _nothing():
             with target, database, tvm.transform.PassContext(opt_level=3):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-                # No dlight for the rest: its CPU rules made the symbolic (non-bucket) kernels of
-                # the digits CNN 1.6-4x slower than TVM's default loops (batch 2: 2.6 vs 0.6 ms).
                 tuned = _scheduled_kernels(mod)
+                # Kernels the database does not cover (other batch sizes, packed int8 kernels
+                # not tuned yet) get lepton-edge's default schedules, not TVM's plain loops.
+                from lepton_edge.lowering.schedules import apply_default_schedules
+
+                if os.environ.get("LEPTON_DEFAULT_SCHEDULES", "1") != "0":
+                    mod = apply_default_schedules(mod, target)
                 say(f"kernels: {tuned} from the tuning database, "
                     f"{_kernel_count(mod) - tuned} with default schedules")
                 lower = tvm.transform.Sequential([*cpu_pipeline.dataflow_lower_passes(target),

@@ -68,11 +68,16 @@ class CpuTarget(Target):
         target, meta = self.llvm_target(profile)
         mod = relax.import_onnx(subgraph)
         lowering = None
+        packed: list[str] = []
         if _has_qdq(subgraph):
             mod, lowering = relax.lower_int8(mod)
         cross = profile.get("cross_compiler") if meta["arch"] != host_arch() else None
         trials = profile.get("tune")
         tuning_db = profile.get("tuning_db")
+        if lowering is not None and meta["arch"] == "x86_64" and not trials and not tuning_db \
+                and _use_dot_kernels(target):
+            # untuned build; a tuned one packs after specialising the batch (tuning.py)
+            mod, packed = _x86_dot_product_kernels(mod, target)
         if trials and cross:
             raise TargetError(
                 f"cannot tune the cross build for '{profile.name}' here: kernels must be "
@@ -88,7 +93,30 @@ class CpuTarget(Target):
         if lowering is not None:
             meta["int8_kernels"] = lowering.lowered
             meta["qdq_kept_float"] = lowering.kept_float
+            if packed:
+                meta["int8_dot_kernels"] = packed
         return Build(target=self.name, profile=profile.name, files={"lib.so": library}, meta=meta)
+
+
+def _x86_dot_product_kernels(mod: Any, target: dict[str, Any]) -> tuple[Any, list[str]]:
+    """uint8 x int8 matmul/conv2d -> packed-weight kernels (lowering/x86_int8.py). The
+    default-schedule pass (lowering/schedules.py) tensorizes them with VNNI `vpdpbusd`, or
+    the exact AVX2 equivalent, through x86_int8.int8_rules after fusing their epilogues."""
+    from lepton_edge.lowering import x86_int8
+
+    del target  # the intrinsic is chosen when scheduling
+    try:
+        return x86_int8.pack_int8_kernels(mod)
+    except Exception as exc:  # noqa: BLE001 - a pass bug must not pass silently
+        raise TargetError(f"x86 int8 kernel packing failed: {str(exc).strip()[-500:]}") from exc
+
+
+def _use_dot_kernels(target: dict[str, Any]) -> bool:
+    import tvm
+
+    from lepton_edge.lowering import x86_int8
+
+    return x86_int8.use_dot_kernels(tvm.target.Target(target))
 
 
 def _has_qdq(subgraph: onnx.ModelProto) -> bool:

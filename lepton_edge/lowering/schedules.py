@@ -1,0 +1,731 @@
+"""Default CPU schedules: what an untuned (``--tune 0``) LLVM build runs instead of naive loops.
+
+TVM 0.27's ``tvm.compile`` for LLVM lowers the legalized TIR of every kernel as written: one
+scalar loop nest per operator, single-threaded. :func:`apply_default_schedules` rewrites each
+kernel (PrimFunc) that is not scheduled yet with ``tvm.s_tir.Schedule`` primitives, trying in
+order
+
+1. the int8 rules of :func:`lepton_edge.lowering.x86_int8.int8_rules` (dot-product kernels);
+2. :func:`schedule_contraction`: matmul / dense / batch-matmul and NCHW conv2d (regular,
+   strided, padded, 1x1, grouped, depthwise), any dtype. Detected structurally: one reduction
+   block ``C[...] += f(A[...], B[...])`` whose output's innermost index is a spatial iterator
+   that one operand does not read (so it is broadcast) and the other reads contiguously (unit
+   stride in its innermost dimension, or a small stride for strided convolutions). The output
+   tile (a few rows x one or two SIMD vectors) accumulates in registers over the whole
+   reduction, the tile loop runs in parallel, and the fused epilogue (bias, activation,
+   residual add, int8 requantization) is computed per tile while it is still in registers.
+   A strided convolution's input is stored de-interleaved (``[..., w % s, w // s]``) so its
+   vector loads are contiguous; padding becomes a fill plus a vectorized copy; a matmul with
+   many rows copies each weight column panel contiguously before sweeping the rows.
+3. :func:`schedule_generic`: every other block (elementwise, broadcast, transpose, pad,
+   pooling, softmax/layer-norm reductions): producers inlined, the spatial loops fused and
+   run in parallel, the innermost loop vectorized when the block is injective.
+
+Shapes may be symbolic (the runtime's batch ``N``): symbolic loops are never split, only fused
+into the parallel loop, so every schedule holds for any size. A schedule never changes what is
+computed (TVM's primitives check that); a rule that does not fit a kernel leaves it to the
+next rule, and :class:`ScheduleReport` says which rule scheduled which kernel.
+
+The pass runs after legalization and fusion and before the dataflow lowering, where TVM's GPU
+pipeline applies dlight (see :func:`cpu_pipeline`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
+from tvm.ir.expr import TensorLoad
+from tvm.sym import detect_linear_equation
+
+Rule = Callable[[Any, Any], bool]
+Log = Callable[[str], None]
+
+#: A loop nest with fewer scalar iterations than this is not worth a thread-pool launch.
+PARALLEL_MIN_WORK = 1 << 17
+#: Most vector accumulators one output tile keeps in registers (AVX2 has 16, AVX-512 32).
+_ACCUMULATORS = {256: 12, 512: 24, 128: 12}
+
+_normalize = tvm.get_global_func("s_tir.schedule.NormalizePrimFunc")
+
+
+@dataclass
+class ScheduleReport:
+    """Which rule scheduled each kernel; kernels no rule fitted keep TVM's default loops."""
+
+    rules: dict[str, str] = field(default_factory=dict)
+    #: kernel -> "rule: why" for every rule whose schedule primitive refused the kernel (the
+    #: next rule then got a fresh copy; nothing of the refused attempt is kept).
+    refused: dict[str, list[str]] = field(default_factory=dict)
+
+    def count(self, rule: str) -> int:
+        return sum(1 for r in self.rules.values() if r == rule)
+
+    def summary(self) -> str:
+        names = sorted(set(self.rules.values()))
+        text = ", ".join(f"{self.count(n)} {n}" for n in names) or "no kernels"
+        if self.refused:
+            text += f" ({sum(map(len, self.refused.values()))} rule attempt(s) refused)"
+        return text
+
+
+def apply_default_schedules(mod: tvm.IRModule, target: Any, *, log: Log | None = None,
+                            report: ScheduleReport | None = None) -> tvm.IRModule:
+    """Schedule every PrimFunc of ``mod`` that is not scheduled yet (attribute
+    ``tirx.is_scheduled``) for the LLVM ``target``; returns the new module."""
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    from lepton_edge.lowering.x86_int8 import int8_rules
+
+    rules: list[tuple[str, Rule]] = [(f"int8:{getattr(r, '__name__', 'rule')}", r)
+                                     for r in int8_rules(target)]
+    rules += [("contraction", schedule_contraction), ("generic", schedule_generic)]
+    report = report if report is not None else ScheduleReport()
+    updates: dict[Any, tirx.PrimFunc] = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        scheduled = _schedule_one(func, target, rules, report.refused.setdefault(
+            gvar.name_hint, []))
+        if not report.refused[gvar.name_hint]:
+            del report.refused[gvar.name_hint]
+        if scheduled is None:
+            report.rules[gvar.name_hint] = "unscheduled"
+            continue
+        name, new_func = scheduled
+        report.rules[gvar.name_hint] = name
+        updates[gvar] = new_func.with_attr("tirx.is_scheduled", True)
+    if log is not None:
+        log(f"default schedules: {report.summary()}")
+    if not updates:
+        return mod
+    functions = {gvar: updates.get(gvar, func) for gvar, func in mod.functions_items()}
+    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def _schedule_one(func: tirx.PrimFunc, target: Any, rules: list[tuple[str, Rule]],
+                  refused: list[str]) -> tuple[str, tirx.PrimFunc] | None:
+    for name, rule in rules:
+        sch = Schedule(tvm.IRModule({"main": func}))
+        try:
+            done = rule(sch, target)
+        except (ScheduleError, tvm.error.InternalError) as exc:
+            # A primitive refused (a layout this rule did not foresee): record why and give
+            # the next rule a fresh copy of the kernel.
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            refused.append(f"{name}: {lines[-1][:200] if lines else type(exc).__name__}")
+            continue
+        if done:
+            return name, sch.mod["main"]
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="LeptonDefaultSchedules")
+class DefaultSchedules:
+    """Module pass wrapping :func:`apply_default_schedules`."""
+
+    def __init__(self, target: Any, log: Log | None = None,
+                 report: ScheduleReport | None = None) -> None:
+        self.target = target
+        self.log = log
+        self.report = report
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        return apply_default_schedules(mod, self.target, log=self.log, report=self.report)
+
+
+def cpu_pipeline(target: Any, *, log: Log | None = None,
+                 report: ScheduleReport | None = None) -> tvm.transform.Pass:
+    """TVM 0.27's default Relax CPU pipeline with the default schedules after legalization and
+    fusion (the place where the GPU pipeline runs dlight)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="LeptonCpuPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential([
+                *cpu.library_dispatch_passes(target),
+                *cpu.legalize_passes(target),
+                DefaultSchedules(target, log, report),
+                *cpu.dataflow_lower_passes(target),
+                *cpu.finalize_passes(target),
+            ])
+            return seq(mod)
+
+    return _pipeline
+
+
+# --- analysis ----------------------------------------------------------------------------------
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def vector_bits(target: Any) -> int:
+    """SIMD register width of the LLVM target in bits: 512 (AVX-512), 256 (AVX/AVX2) or 128.
+
+    (``llvm_get_vector_width`` answers 512 for every x86 CPU in TVM 0.27; the feature flags
+    are reliable.)"""
+    from tvm.target import codegen
+
+    try:
+        with target:
+            if codegen.target_has_features("avx512f", target):
+                return 512
+            if codegen.target_has_features("avx", target):
+                return 256
+    except Exception:  # noqa: BLE001 - a non-x86 or unknown CPU: assume 128-bit SIMD
+        return 128
+    return 128
+
+
+@dataclass
+class _Block:
+    rv: Any
+    loops: list[Any]
+    iters: list[Any]  # tirx.IterVar, one per loop, same order
+    kinds: str        # "S"/"R"/"O" per iterator
+
+    @property
+    def is_reduction(self) -> bool:
+        return "R" in self.kinds
+
+
+def _blocks(sch: Schedule) -> list[_Block] | None:
+    """The root's blocks in normal form (one loop per block iterator), or None."""
+    try:
+        result = _normalize(sch)
+    except Exception:  # noqa: BLE001 - not in normal form: the rules do not apply
+        return None
+    if result is None:
+        return None
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return [_Block(b, list(loops), list(iters), "".join(kinds.get(i.iter_type, "O")
+                                                        for i in iters))
+            for b, loops, iters, _ in zip(*result)]
+
+
+def _const(expr: Any) -> int | None:
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+_IF_THEN_ELSE = ("prim.if_then_else",)  # TVM 0.27 names it so (was tir.if_then_else)
+_CHILDREN = ("a", "b", "value", "args", "indices", "condition", "true_value", "false_value",
+             "body", "seq", "then_case", "else_case")
+
+
+def _walk(node: Any, visit: Callable[[Any], None]) -> None:
+    """Post-order walk over TIR expressions/statements (TVM 0.27 has no Python visitor)."""
+    stack: list[Any] = [node]
+    order: list[Any] = []
+    while stack:
+        cur = stack.pop()
+        if cur is None:
+            continue
+        if isinstance(cur, (list, tuple)) or type(cur).__name__ == "Array":
+            stack.extend(cur)
+            continue
+        order.append(cur)
+        for name in _CHILDREN:
+            child = getattr(cur, name, None) if _has_field(cur, name) else None
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+    for cur in reversed(order):
+        visit(cur)
+
+
+def _has_field(obj: Any, name: str) -> bool:
+    try:
+        return hasattr(obj, name)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _vars_in(expr: Any) -> list[Any]:
+    found: list[Any] = []
+    _walk(expr, lambda n: found.append(n) if isinstance(n, tirx.Var) else None)
+    return found
+
+
+def _index_of(items: list[Any], obj: Any) -> int | None:
+    """Position of ``obj`` in ``items`` by identity (``==`` on TIR nodes builds expressions)."""
+    for i, item in enumerate(items):
+        if item.same_as(obj):
+            return i
+    return None
+
+
+def _uses(expr: Any, var: Any) -> bool:
+    return _index_of(_vars_in(expr), var) is not None
+
+
+def _loads(stmt: Any) -> list[Any]:
+    loads: list[Any] = []
+    _walk(stmt, lambda n: loads.append(n) if isinstance(n, TensorLoad) else None)
+    return loads
+
+
+def _nodes(expr: Any) -> list[Any]:
+    found: list[Any] = []
+    _walk(expr, found.append)
+    return found
+
+
+def _has_call(stmt: Any, names: Iterable[str]) -> bool:
+    wanted = {name.rsplit(".", 1)[-1] for name in names}
+    return any(type(n).__name__ == "Call"
+               and str(getattr(n.op, "name", "")).rsplit(".", 1)[-1] in wanted
+               for n in _nodes(stmt))
+
+
+def _unit_stride(expr: Any, var: Any) -> int | None:
+    """The coefficient of ``var`` in ``expr`` when ``expr`` is affine in it (else None)."""
+    try:
+        coeffs = detect_linear_equation(expr, [var])
+    except Exception:  # noqa: BLE001
+        return None
+    if len(coeffs) != 2:
+        return None
+    return _const(coeffs[0])
+
+
+def _work(extents: Iterable[Any]) -> float:
+    """Scalar iterations of a loop nest; a symbolic extent counts as large."""
+    total = 1.0
+    for e in extents:
+        c = _const(e)
+        total *= c if c is not None else 1
+    return total
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    for d in range(min(n, at_most), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _param_buffers(sch: Schedule) -> list[Any]:
+    """The function's parameters (TVM 0.27's PrimFunc parameters are the buffers)."""
+    return list(sch.mod["main"].params)
+
+
+# --- contraction rule (matmul, conv) -----------------------------------------------------------
+
+@dataclass
+class _Contraction:
+    block: _Block
+    vec: int              # index (in block.iters) of the vectorized spatial iterator
+    reg: int | None       # index of the register-blocked spatial iterator
+    vec_tile: int
+    reg_tile: int
+    lanes: int
+    strided: list[tuple[str, int]]  # (operand buffer name, stride of the vector axis)
+
+
+def _analyse_contraction(sch: Schedule, blk: _Block, bits: int) -> _Contraction | None:
+    block = sch.get(blk.rv)
+    if len(block.writes) != 1 or block.init is None or "O" in blk.kinds:
+        return None
+    store = block.body
+    if not isinstance(store, tirx.BufferStore):
+        return None
+    out = store.buffer
+    reads = [ld for ld in _loads(store.value) if not ld.source.same_as(out)]
+    if len({ld.source.name for ld in reads}) < 2 or not any(
+            isinstance(n, tirx.Mul) for n in _nodes(store.value)):
+        return None  # not a sum of products
+    ivars = [iv.var for iv in blk.iters]
+    spatial = [i for i, k in enumerate(blk.kinds) if k == "S"]
+    # The output is indexed by spatial iterators only, each a plain variable (or constant 0).
+    out_vars = []
+    for index in store.indices:
+        if isinstance(index, tirx.Var):
+            at = _index_of(ivars, index)
+            if at is None or blk.kinds[at] != "S":
+                return None
+            out_vars.append(at)
+        elif _const(index) is None:
+            return None
+    if not out_vars or not spatial:
+        return None
+    vec = out_vars[-1]  # the output's innermost (contiguous) axis
+    vec_extent = _const(blk.iters[vec].dom.extent)
+    if vec_extent is None:
+        return None
+    vvar = ivars[vec]
+    # One operand must not depend on the vectorized iterator (it is broadcast) and every
+    # operand that does must read it with a small constant stride in its innermost dimension.
+    broadcast = False
+    strided: list[tuple[str, int]] = []
+    for ld in reads:
+        uses = [_uses(ix, vvar) for ix in ld.indices]
+        if not any(uses):
+            broadcast = True
+            continue
+        if any(uses[:-1]):
+            return None
+        stride = _unit_stride(ld.indices[-1], vvar)
+        if stride is None or not 1 <= stride <= 4:
+            return None
+        if stride > 1 and (ld.source.name, stride) not in strided:
+            strided.append((ld.source.name, stride))
+    if not broadcast:
+        return None
+    lanes = max(1, bits // max(8, tvm.DataType(str(out.dtype)).bits))
+    vec_tile = _vector_tile(vec_extent, lanes)
+    if vec_tile is None:
+        return None
+    # Register blocking: a spatial iterator with constant extent that some operand does not
+    # read, so the other operand's vector is reused across it. Pick the longest.
+    reg, reg_extent = None, 0
+    for i in out_vars[:-1]:
+        extent = _const(blk.iters[i].dom.extent)
+        if extent is None or extent <= 1:
+            continue
+        if all(any(_uses(ix, ivars[i]) for ix in ld.indices) for ld in reads):
+            continue
+        if extent > reg_extent:
+            reg, reg_extent = i, extent
+    nvec = math.ceil(vec_tile / lanes)
+    reg_tile = 1
+    if reg is not None:
+        reg_tile = _largest_divisor(reg_extent, max(1, _ACCUMULATORS[bits] // nvec))
+    return _Contraction(blk, vec, reg, vec_tile, reg_tile, lanes, strided)
+
+
+def _vector_tile(extent: int, lanes: int) -> int | None:
+    """Elements of the vectorized axis per tile: one or two full vectors when they divide the
+    extent, else the largest divisor that fits one vector (LLVM widens a 7-lane vector to 8
+    lanes cheaply but splits a 14-lane one into odd pieces, measured 4x slower)."""
+    for tile in (2 * lanes, lanes):
+        if extent % tile == 0:
+            return tile
+    best = _largest_divisor(extent, lanes)
+    return best if best >= max(2, lanes // 2) else None
+
+
+def schedule_contraction(sch: Schedule, target: Any) -> bool:
+    """Matmul / batch-matmul / dense / NCHW conv2d kernels with their fused producers and
+    epilogues (see the module docstring). False when the kernel has no such block."""
+    blocks = _blocks(sch)
+    if blocks is None:
+        return False
+    reductions = [b for b in blocks if b.is_reduction]
+    if len(reductions) != 1:
+        return False
+    bits = vector_bits(target)
+    plan = _analyse_contraction(sch, reductions[0], bits)
+    if plan is None:
+        return False
+    work = _work(it.dom.extent for it in plan.block.iters)
+    main = plan.block.rv
+    name = sch.get(main).name_hint
+
+    # Producers: inline injective ones (transposes, casts, zero-point shifts), keep padding
+    # as its own parallel loop (inlined, its conditions would sit in the innermost loop).
+    for b in blocks:
+        if b.is_reduction or _has_call(sch.get(b.rv).body, _IF_THEN_ELSE):
+            continue
+        if _feeds(sch, b.rv, main):
+            try:
+                sch.compute_inline(b.rv)
+            except ScheduleError:
+                pass
+
+    main = sch.get_sblock(name)
+    _split_padding(sch, main)
+    for buffer_name, stride in plan.strided:
+        _deinterleave(sch, main, buffer_name, stride)
+    kinds = plan.block.kinds
+    # Accumulate in a register tile, written back (with the epilogue) once per tile.
+    writeback = sch.cache_write(main, 0, "local")
+    loops = sch.get_loops(main)
+    vec_o, vec_i = sch.split(loops[plan.vec], [None, plan.vec_tile])
+    if plan.reg is not None and plan.reg_tile > 1:
+        reg_o, reg_i = sch.split(loops[plan.reg], [None, plan.reg_tile])
+    else:
+        reg_o, reg_i = (loops[plan.reg], None) if plan.reg is not None else (None, None)
+    reduce_loops = [loops[i] for i, k in enumerate(kinds) if k == "R"]
+    others = [loops[i] for i, k in enumerate(kinds) if k == "S" and i not in (plan.vec, plan.reg)]
+    is_conv = plan.reg is not None and plan.reg < plan.vec and not _plain_reads(sch.get(main))
+    pack = None if is_conv else _packed_operand(sch.get(main), plan)
+    serial: list[Any] = []
+    if is_conv:
+        # n, f_o, y, x_o: the channel tile's weights stay in cache over the rows.
+        pre = [loops[i] for i, k in enumerate(kinds) if k == "S" and i < (plan.reg or 0)
+               and i != plan.vec]
+        post = [lp for lp in others if not any(lp.same_as(p) for p in pre)]
+        if _weights_smaller_than_input(sch.get(main), plan):
+            # Small filters (early layers): all channel tiles of a pixel tile in a row, so the
+            # input tile stays in L1 instead of sweeping the whole input once per channel tile.
+            outer = pre + post + [vec_o] + ([reg_o] if reg_o is not None else [])
+        else:
+            outer = pre + ([reg_o] if reg_o is not None else []) + post + [vec_o]
+    elif pack is not None:
+        # Matmul with many rows: each (batch, column panel) packs its weight panel [K, tile]
+        # contiguously once (a strided panel thrashes the caches' sets), then sweeps the rows.
+        outer = others + [vec_o]
+        serial = [reg_o]
+    else:
+        outer = others + [vec_o] + ([reg_o] if reg_o is not None else [])
+    inner = ([reg_i] if reg_i is not None else []) + [vec_i]
+    sch.reorder(*outer, *serial, *reduce_loops, *inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    anchor = serial[-1] if serial else fused
+    sch.reverse_compute_at(writeback, anchor, preserve_unit_loops=False)
+    # The epilogue (bias, activation, residual, requantization) joins the write-back.
+    _inline_consumers(sch, writeback)
+    for lp in reduce_loops[1:]:
+        extent = _const(sch.get(lp).extent)
+        if extent is not None and extent <= 7:
+            sch.unroll(lp)
+    if reg_i is not None:
+        sch.unroll(reg_i)
+    sch.vectorize(vec_i)
+    if pack is not None:
+        panel = sch.cache_read(main, pack, "global")
+        sch.compute_at(panel, fused, preserve_unit_loops=False)
+        _vectorize_innermost(sch, panel, below=fused, unroll_rest=False)
+    if work >= PARALLEL_MIN_WORK:
+        sch.parallel(fused)
+    if reduce_loops:
+        # The zero-initialisation moves out of the reduction, copying the tile loops' kinds.
+        sch.decompose_reduction(main, reduce_loops[0])
+    _vectorize_innermost(sch, writeback, below=anchor, unroll_rest=True)
+    # Whatever is left at the root (padding, epilogues that could not join) runs generic.
+    _schedule_rest(sch, bits)
+    return True
+
+
+def _weights_smaller_than_input(block: Any, plan: _Contraction) -> bool:
+    """Compare the operand broadcast along the vector axis (the filter) with the one read
+    along it (the input feature map), by elements per batch item (symbolic dims count 1)."""
+    vvar = plan.block.iters[plan.vec].var
+    sizes = {True: 0, False: 0}
+    for region in block.reads:
+        if region.source.name == block.writes[0].source.name:
+            continue
+        reads_vec = any(_uses(r.min, vvar) for r in region.region)
+        elements = 1
+        for dim in region.source.shape:
+            elements *= _const(dim) or 1
+        sizes[reads_vec] = max(sizes[reads_vec], elements)
+    return 0 < sizes[False] < sizes[True]
+
+
+def _packed_operand(block: Any, plan: _Contraction) -> int | None:
+    """For a matmul with at least 16 rows per batch: the index (in ``block.reads``) of the
+    operand read along the vector axis but not the row axis (the weight-like one)."""
+    if plan.reg is None:
+        return None
+    rows = _const(plan.block.iters[plan.reg].dom.extent)
+    if rows is None or rows < 16:
+        return None
+    vvar = plan.block.iters[plan.vec].var
+    rvar = plan.block.iters[plan.reg].var
+    for at, region in enumerate(block.reads):
+        mins = [r.min for r in region.region]
+        if any(_uses(m, vvar) for m in mins) and not any(_uses(m, rvar) for m in mins):
+            return at
+    return None
+
+
+def _deinterleave(sch: Schedule, main: Any, buffer_name: str, stride: int) -> None:
+    """A strided convolution reads its input at ``x * stride + rx``: store that input (the
+    padding stage's output, or a copy of the parameter) as ``[..., w % stride, w // stride]``
+    so that the vectorized output axis reads it contiguously."""
+    block = sch.get(main)
+    at = next((i for i, r in enumerate(block.reads) if r.source.name == buffer_name), None)
+    if at is None:
+        return
+    buffer = block.reads[at].source
+    width = _const(buffer.shape[-1])
+    if width is None or width % stride:
+        return  # the vector loads stay strided (gathers): slower, still correct
+    producers = [rv for rv in sch.get_producers(main)
+                 if any(w.source.same_as(buffer) for w in sch.get(rv).writes)]
+    if not producers:
+        producers = [sch.cache_read(main, at, "global")]
+    ndim = len(buffer.shape)
+
+    def split_width(*idx: Any) -> list[Any]:
+        return [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
+
+    index_map = tirx.IndexMap.from_func(split_width, ndim=ndim)
+    sch.transform_layout(producers[0], ("write", 0), index_map)
+    # Iterate the producers in the new layout too: contiguous writes in their innermost loop.
+    for producer in producers:
+        try:
+            sch.transform_block_layout(producer, index_map)
+        except ScheduleError:
+            pass
+
+
+def _split_padding(sch: Schedule, main: Any) -> None:
+    """Padding stages feeding ``main`` become a fill of the border and a condition-free copy
+    of the interior (vectorizable) instead of a bounds check per element."""
+    for rv in sch.get_producers(main):
+        if not _has_call(sch.get(rv).body, _IF_THEN_ELSE):
+            continue
+        loops = sch.get_loops(rv)
+        if not loops:
+            continue
+        try:
+            sch.decompose_padding(rv, loops[0])
+        except ScheduleError:
+            continue
+
+
+def _plain_reads(block: Any) -> bool:
+    """True when every operand index is a plain variable or constant (matmul-like)."""
+    for region in block.reads:
+        for rng in region.region:
+            if not (isinstance(rng.min, tirx.Var) or _const(rng.min) is not None):
+                return False
+    return True
+
+
+def _feeds(sch: Schedule, producer: Any, consumer: Any) -> bool:
+    return any(c.same_as(consumer) for c in sch.get_consumers(producer))
+
+
+def _inline_consumers(sch: Schedule, block: Any) -> None:
+    """Reverse-inline the elementwise consumer chain of ``block`` into it."""
+    for _ in range(16):
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except ScheduleError:
+            return
+
+
+def _vectorize_innermost(sch: Schedule, block: Any, *, below: Any, unroll_rest: bool) -> None:
+    """Vectorize the innermost loop of ``block`` under the loop ``below`` (and unroll the other
+    short loops there): the loops ``compute_at`` / ``reverse_compute_at`` created."""
+    loops = sch.get_loops(block)
+    anchor = sch.get(below)
+    at = next((i for i, lp in enumerate(loops) if sch.get(lp).same_as(anchor)), None)
+    if at is None:
+        return
+    if _has_call(sch.get(block).body, _IF_THEN_ELSE):
+        return
+    tile = [lp for lp in loops[at + 1:] if _const(sch.get(lp).extent) is not None]
+    if not tile or len(tile) != len(loops) - at - 1:
+        return
+    last = tile[-1]
+    if _const(sch.get(last).extent) > 1:
+        sch.vectorize(last)
+    if unroll_rest:
+        for lp in tile[:-1]:
+            if 1 < _const(sch.get(lp).extent) <= 16:
+                sch.unroll(lp)
+
+
+# --- generic rule ------------------------------------------------------------------------------
+
+def schedule_generic(sch: Schedule, target: Any) -> bool:
+    """Inline injective producers, then run every remaining block's spatial loops in parallel
+    and vectorize injective blocks' innermost loop. False when nothing could be done."""
+    blocks = _blocks(sch)
+    if blocks is None:
+        return False
+    params = _param_buffers(sch)
+    for b in blocks:
+        blk = sch.get(b.rv)
+        if b.is_reduction or any(_index_of(params, w.source) is not None for w in blk.writes):
+            continue
+        if _has_call(blk.body, _IF_THEN_ELSE):
+            continue  # padding: inlined, its bounds checks would run in the consumer's loops
+        try:
+            sch.compute_inline(b.rv)
+        except ScheduleError:
+            pass
+    return _schedule_rest(sch, vector_bits(target)) > 0
+
+
+def _schedule_rest(sch: Schedule, bits: int) -> int:
+    """Parallelize/vectorize every root block that still has its original loop nest."""
+    done = 0
+    for b in _untouched_blocks(sch):
+        if _schedule_block(sch, b, bits):
+            done += 1
+    return done
+
+
+def _untouched_blocks(sch: Schedule) -> list[_Block]:
+    """Root-level blocks whose loop nest is still one serial loop per block iterator, each
+    bound directly to its loop variable, with the block alone under the nest."""
+    func = sch.mod["main"]
+    try:
+        root = sch.get_sblock(func.body.block.name_hint)
+    except (AttributeError, ScheduleError):
+        return []
+    kinds_of = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    found = []
+    for rv in sch.get_child_blocks(root):
+        block = sch.get(rv)
+        loops = sch.get_loops(rv)
+        iters = list(block.iter_vars)
+        if not loops or len(loops) != len(iters):
+            continue
+        if len(sch.get_child_blocks(loops[0])) != 1:
+            continue
+        fors = [sch.get(lp) for lp in loops]
+        if any(f.kind != tirx.ForKind.SERIAL for f in fors):
+            continue
+        realize = fors[-1].body
+        values = list(getattr(realize, "iter_values", []))
+        if len(values) != len(iters) or not all(
+                v.same_as(f.loop_var) for v, f in zip(values, fors)):
+            continue
+        kinds = "".join(kinds_of.get(i.iter_type, "O") for i in iters)
+        found.append(_Block(rv, list(loops), iters, kinds))
+    return found
+
+
+def _schedule_block(sch: Schedule, b: _Block, bits: int) -> bool:
+    loops = b.loops
+    kinds = b.kinds
+    if "O" in kinds:
+        return False
+    first_r = kinds.find("R")
+    if first_r >= 0 and "S" in kinds[first_r:]:
+        return False  # reductions interleaved with spatial loops: leave as is
+    n_spatial = first_r if first_r >= 0 else len(kinds)
+    if n_spatial == 0:
+        return False
+    extents = [sch.get(lp).extent for lp in loops]
+    work = _work(extents)
+    block = sch.get(b.rv)
+    spatial = loops[:n_spatial]
+    vector = None
+    if first_r < 0 and not _has_call(block.body, _IF_THEN_ELSE):
+        dtype = block.writes[0].source.dtype if block.writes else "float32"
+        lanes = max(1, bits // max(8, tvm.DataType(str(dtype)).bits))
+        last = _const(extents[n_spatial - 1])
+        if last is not None and last % lanes == 0 and last >= lanes:
+            outer_last, vector = sch.split(spatial[-1], [None, lanes])
+            spatial = spatial[:-1] + [outer_last]
+    changed = vector is not None
+    if vector is not None:
+        sch.vectorize(vector)
+    if work >= PARALLEL_MIN_WORK:
+        # Injective blocks keep their innermost loop whole (no div/mod per element) when the
+        # outer loops alone give the threads enough chunks.
+        outer = spatial
+        if first_r < 0 and len(spatial) > 1 and _work(extents[:len(spatial) - 1]) >= 16:
+            outer = spatial[:-1]
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+        changed = True
+    return changed

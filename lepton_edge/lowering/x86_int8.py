@@ -1,0 +1,536 @@
+"""x86 int8 kernels: uint8 x int8 -> int32 dot-product tensor intrinsics and their schedules.
+
+The int8 pass (lowering/int8.py) leaves matmul and non-grouped conv2d kernels as
+uint8 activations x constant int8 weights -> int32. On x86 this module
+
+1. `pack_int8_kernels(mod)` (Relax): replaces each such `relax.matmul` / `relax.nn.conv2d`
+   by a `call_tir` to a kernel of its own whose weight is packed at compile time into
+   [N/16, K/4, 16, 4] (conv2d: [OC/16, C/4, KH, KW, 16, 4]; K, N, C, OC zero-padded to
+   multiples of 4 and 16, so any size works) and whose reduction (block "dot") is written so
+   that its innermost 16 x 4 block is exactly the dot-product intrinsic's description.
+   conv2d packs its input to NCHW[c4] inside the kernel and writes NCHW. FuseOps may fuse
+   the elementwise consumers (bias, requantization) into the kernel; the rules recognise
+   the kernel by its "dot" block (uint8 x packed int8 [.., 16, 4] -> int32), not by name.
+2. registers two implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
+   (A 4 x uint8, B 16 x 4 int8, C 16 x int32):
+   * INTRIN_VNNI: one `vpdpbusd` (llvm.x86.avx512.vpdpbusd.512 with <64 x i8> operands, as
+     this wheel's LLVM 22 declares it; TVM's bundled `dot_16x4_vnni` still passes <16 x i32> and fails
+     LLVM verification);
+   * INTRIN_AVX2: exact AVX2 code: sign/zero-extend to int16, `vpmaddwd` (exact int16 x
+     int16 -> int32 pair sums), `vphaddd` and a lane fix-up. Never `vpmaddubsw`, which
+     saturates at int16.
+3. `int8_rules(target)`: default-schedule rules (no tuning) that tile the kernels, keep the
+   accumulators in registers and tensorize with the target's intrinsic (VNNI when the target
+   has avx512vnni, else AVX2 when it has avx2, else none: the kernels then run TVM's plain
+   loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module.
+
+The same schedule is used with either intrinsic, so the AVX2 build that runs (and is checked
+bit-exactly) on a machine without VNNI exercises exactly the tiling and tensorization that
+the VNNI build uses. Builds pack by default only for VNNI targets (`use_dot_kernels`,
+LEPTON_X86_INT8_DOT=auto|on|off): exact AVX2 int8 is not faster than fp32 or than the
+generic int8 schedules (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Rule = Callable[[Any, Any], bool]
+
+LANES = 16  # int32 outputs per dot-product step (one zmm register)
+GROUP = 4  # uint8 x int8 products summed into each output per step
+KERNEL_ATTR = "lepton.x86_int8"
+INTRIN_VNNI = "lepton_dot_16x4_u8i8i32_vnni"
+INTRIN_AVX2 = "lepton_dot_16x4_u8i8i32_avx2"
+LOCAL_ACC = "_local_acc"  # suffix of the variants whose accumulator buffer is "local"
+_OUT_EWISE_FUSABLE = 4  # relax OpPatternKind: FuseOps fuses the elementwise consumers in
+
+_registered = False
+#: matmul register tile (rows, 16-column groups), at most; AVX2 has 16 ymm, AVX-512 32 zmm
+MATMUL_TILE = {INTRIN_AVX2: (1, 4), INTRIN_VNNI: (4, 4)}
+
+
+def register_intrinsics() -> None:
+    """Register INTRIN_VNNI and INTRIN_AVX2 (accumulator in memory of any scope, for
+    MetaSchedule's global caches) and their LOCAL_ACC variants (accumulator in a "local"
+    buffer: a stack array that LLVM keeps in registers), idempotently."""
+    global _registered
+    if _registered:
+        return
+    from tvm.s_tir import TensorIntrin
+
+    for acc_scope, suffix in (("global", ""), ("local", LOCAL_ACC)):
+        desc, vnni, avx2 = _intrinsic_funcs(acc_scope)
+        for name, impl in ((INTRIN_VNNI + suffix, vnni), (INTRIN_AVX2 + suffix, avx2)):
+            if TensorIntrin.get(name, allow_missing=True) is None:
+                TensorIntrin.register(name, desc, impl)
+    _registered = True
+
+
+def _intrinsic_funcs(acc_scope: str) -> tuple[Any, Any, Any]:
+    """The description and the VNNI / AVX2 implementations, accumulator in `acc_scope`."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1),
+             b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def vnni(a: T.Buffer((4,), "uint8", offset_factor=1),
+             b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            a_i32 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                c.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                b.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    @T.prim_func(s_tir=True)
+    def avx2(a: T.Buffer((4,), "uint8", offset_factor=1),
+             b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            # a0 a1 a2 a3 zero-extended to int16 and repeated 4x: one 64-bit lane, broadcast
+            a16 = T.reinterpret(T.broadcast(T.reinterpret(
+                T.cast(a.vload([0], "uint8x4"), "int16x4"), dtype="int64"), 4), dtype="int16x16")
+            for h in T.unroll(2):
+                # rows 8h..8h+3 and 8h+4..8h+7: each int32 = a0*b0 + a1*b1 or a2*b2 + a3*b3
+                p0 = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    T.cast(b.vload([h * 8, 0], dtype="int8x16"), "int16x16"), a16,
+                    dtype="int32x8")
+                p1 = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    T.cast(b.vload([h * 8 + 4, 0], dtype="int8x16"), "int16x16"), a16,
+                    dtype="int32x8")
+                # per 128-bit lane: rows (0 1 4 5 | 2 3 6 7); the shuffle restores the order
+                s = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d"), p0, p1,
+                    dtype="int32x8")
+                c[T.ramp(h * 8, 1, 8)] = c[T.ramp(h * 8, 1, 8)] + T.Shuffle(
+                    [s], [0, 1, 4, 5, 2, 3, 6, 7])
+
+    return desc, vnni, avx2
+
+
+def dot_intrinsic(target: Any) -> str | None:
+    """The dot-product intrinsic for an LLVM x86 `target`: VNNI, AVX2 or None."""
+    import tvm
+    from tvm.target import codegen
+
+    try:
+        target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+        if target.kind.name != "llvm":
+            return None
+        triple = str(target.attrs.get("mtriple", "") or "")
+        if triple and not triple.startswith(("x86_64", "i686", "i386")):
+            return None
+        if codegen.target_has_features("avx512vnni", target):
+            return INTRIN_VNNI
+        if codegen.target_has_features("avx2", target):
+            return INTRIN_AVX2
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe has no intrinsic
+        return None
+    return None
+
+
+#: LEPTON_X86_INT8_DOT: "auto" (default) packs for VNNI targets only; "on" also for AVX2
+#: targets (exact, but on a 2-core Zen 3 slower end to end than lowering/schedules.py's
+#: generic int8 kernels: it exists to run and check the VNNI schedule on AVX2 machines);
+#: "off" never.
+DOT_ENV = "LEPTON_X86_INT8_DOT"
+
+
+def use_dot_kernels(target: Any) -> bool:
+    """Whether builds for `target` should pack int8 kernels for the dot-product rules."""
+    import os
+
+    mode = os.environ.get(DOT_ENV, "auto").strip().lower()
+    if mode not in ("auto", "on", "off"):
+        from lepton_edge.errors import TargetError
+
+        raise TargetError(f"{DOT_ENV}={mode!r}: use auto, on or off")
+    intrin = dot_intrinsic(target)
+    if mode == "off" or intrin is None:
+        return False
+    return mode == "on" or intrin == INTRIN_VNNI
+
+
+# --- Relax: packed kernels -----------------------------------------------------------------
+
+def _ceil(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack_matmul_weight(w: np.ndarray) -> np.ndarray:
+    """int8 [K, N] -> [ceil(N/16), ceil(K/4), 16, 4], zero-padded."""
+    k, n = w.shape
+    kp, np_ = _ceil(k, GROUP), _ceil(n, LANES)
+    padded = np.zeros((kp, np_), np.int8)
+    padded[:k, :n] = w
+    return np.ascontiguousarray(
+        padded.reshape(kp // GROUP, GROUP, np_ // LANES, LANES).transpose(2, 0, 3, 1))
+
+
+def pack_conv2d_weight(w: np.ndarray) -> np.ndarray:
+    """int8 OIHW -> [ceil(O/16), ceil(I/4), KH, KW, 16, 4], zero-padded."""
+    o, i, kh, kw = w.shape
+    op, ip = _ceil(o, LANES), _ceil(i, GROUP)
+    padded = np.zeros((op, ip, kh, kw), np.int8)
+    padded[:o, :i] = w
+    return np.ascontiguousarray(padded.reshape(
+        op // LANES, LANES, ip // GROUP, GROUP, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+
+
+def _te_matmul(a: Any, wp: Any, n: int) -> Any:
+    """(..., M, K) uint8 x packed weight -> (..., M, n) int32."""
+    from tvm import te, tirx
+
+    *lead, k = a.shape
+    nb, kb = int(wp.shape[0]), int(wp.shape[1])
+    k = int(k)
+    src = a
+    if k % GROUP:
+        src = te.compute((*lead, kb * GROUP), lambda *i: tirx.if_then_else(
+            i[-1] < k, a[(*i[:-1], i[-1])], tirx.const(0, "uint8")), name="a_pad")
+    ko = te.reduce_axis((0, kb), "ko")
+    ki = te.reduce_axis((0, GROUP), "ki")
+    dot = te.compute(
+        (*lead, nb * LANES),
+        lambda *i: te.sum(
+            src[(*i[:-1], ko * GROUP + ki)].astype("int32")
+            * wp[i[-1] // LANES, ko, i[-1] % LANES, ki].astype("int32"), axis=[ko, ki]),
+        name="dot")
+    if nb * LANES == n:
+        return dot
+    return te.compute((*lead, n), lambda *i: dot[i], name="unpack")
+
+
+def _te_conv2d(x: Any, wp: Any, oc: int, strides: tuple[int, int],
+               dilation: tuple[int, int]) -> Any:
+    """NCHW uint8 (already padded) x packed OIHW weight -> NCHW int32."""
+    from tvm import te, tirx
+
+    n, c, h, w = x.shape
+    c = int(c)
+    ocb, icb, kh, kw = (int(v) for v in wp.shape[:4])
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = (h - (kh - 1) * dh - 1) // sh + 1
+    ow = (w - (kw - 1) * dw - 1) // sw + 1
+    packed = te.compute(
+        (n, icb, h, w, GROUP),
+        lambda b, cb, y, z, ci: tirx.if_then_else(
+            cb * GROUP + ci < c, x[b, tirx.min(cb * GROUP + ci, c - 1), y, z],
+            tirx.const(0, "uint8")),
+        name="pack")
+    rc = te.reduce_axis((0, icb), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    ri = te.reduce_axis((0, GROUP), "ri")
+    dot = te.compute(
+        (n, ocb, oh, ow, LANES),
+        lambda b, ob, y, z, oi: te.sum(
+            packed[b, rc, y * sh + ry * dh, z * sw + rx * dw, ri].astype("int32")
+            * wp[ob, rc, ry, rx, oi, ri].astype("int32"), axis=[rc, ry, rx, ri]),
+        name="dot")
+    return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // LANES, y, z, o % LANES],
+                      name="unpack")
+
+
+def pack_int8_kernels(mod: Any) -> tuple[Any, list[str]]:
+    """Replace uint8 x constant-int8 -> int32 matmul/conv2d calls by packed-weight kernels.
+
+    Returns the new module and one line per call: what was packed, or why a candidate was
+    left as it was (it then runs TVM's generic, still exact, code)."""
+    from tvm import relax, tirx
+    from tvm.ir.expr import Constant
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    notes: list[str] = []
+
+    def dtype(expr: Any) -> str:
+        info = getattr(expr, "ty", None)
+        return str(getattr(info, "dtype", "") or "")
+
+    def shape(expr: Any) -> list[Any] | None:
+        dims = getattr(getattr(expr, "ty", None), "shape", None)
+        values = getattr(dims, "values", None)
+        return None if values is None else list(values)
+
+    @mutator
+    class Packer(PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            name = str(getattr(call.op, "name", ""))
+            if name not in ("relax.matmul", "relax.nn.conv2d") or len(call.args) != 2:
+                return call
+            x, w = call.args
+            if str(call.attrs.out_dtype) != "int32" or dtype(x) != "uint8" \
+                    or not isinstance(w, Constant) or dtype(w) != "int8":
+                return call
+            weight = w.value.numpy()
+            if name == "relax.matmul":
+                return self.matmul(call, x, weight)
+            return self.conv2d(call, x, weight)
+
+        def matmul(self, call: Any, x: Any, weight: np.ndarray) -> Any:
+            dims = shape(x)
+            if weight.ndim != 2 or dims is None or len(dims) < 2 \
+                    or not isinstance(dims[-1], tirx.IntImm):
+                notes.append("matmul: weight not 2-D or reduction length not static; "
+                             "generic code")
+                return call
+            k, n = weight.shape
+            packed_np = pack_matmul_weight(weight)
+            packed = relax.const(packed_np, "int8")
+            out = self.builder_.call_te(
+                _te_matmul, x, packed, n, primfunc_name_hint="int8_matmul_packed",
+                primfunc_attrs={KERNEL_ATTR: "matmul", "op_pattern": _OUT_EWISE_FUSABLE})
+            notes.append(f"matmul K={k} N={n}: packed {list(packed_np.shape)}"
+                         + ("" if k % GROUP == 0 and n % LANES == 0 else " (zero-padded)"))
+            return out
+
+        def conv2d(self, call: Any, x: Any, weight: np.ndarray) -> Any:
+            attrs = call.attrs
+            why = None
+            if int(attrs.groups) != 1:
+                why = "grouped"
+            elif (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) \
+                    != ("NCHW", "OIHW", "NCHW"):
+                why = "layout is not NCHW/OIHW"
+            elif any(int(p) for p in attrs.padding):
+                why = "implicit padding"
+            elif shape(x) is None or not all(isinstance(d, tirx.IntImm)
+                                             for d in shape(x)[1:]):
+                why = "channels or spatial size not static"
+            if why:
+                notes.append(f"conv2d: {why}; generic code")
+                return call
+            packed_np = pack_conv2d_weight(weight)
+            packed = relax.const(packed_np, "int8")
+            out = self.builder_.call_te(
+                _te_conv2d, x, packed, int(weight.shape[0]),
+                tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
+                primfunc_name_hint="int8_conv2d_packed",
+                primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
+            notes.append(f"conv2d {list(weight.shape)}: NCHW[c4] input, packed weight "
+                         f"{list(packed_np.shape)}")
+            return out
+
+    packer = Packer(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            packer.builder_.update_func(gvar, packer.visit_expr(func))
+    return packer.builder_.get(), notes
+
+
+# --- TIR: default schedules ------------------------------------------------------------------
+
+def _extent(loop_sref: Any, sch: Any) -> int | None:
+    from tvm import tirx
+
+    ext = sch.get(loop_sref).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _divisor(value: int | None, limit: int) -> int:
+    if value is None:
+        return 1
+    return max(d for d in range(1, limit + 1) if value % d == 0)
+
+
+def _schedule_matmul(sch: Any, intrin: str) -> None:
+    dot = sch.get_sblock("dot")
+    loops = sch.get_loops(dot)
+    *spatial, ko, ki = loops
+    *lead, row, col = spatial
+    nb, ni = sch.split(col, factors=[None, LANES])
+    # register tile: row_i x nb_i accumulators of 16 int32 (AVX2: 2 ymm each, 16 ymm;
+    # AVX-512: 1 zmm each, 32 zmm). Only exact divisors: tensorize needs no predicates.
+    rows_max, cols_max = MATMUL_TILE[intrin]
+    nb_i_f = _divisor(_extent(nb, sch), cols_max)
+    row_i_f = _divisor(_extent(row, sch), rows_max)
+    row_o, row_i = sch.split(row, factors=[None, row_i_f])
+    nb_o, nb_i = sch.split(nb, factors=[None, nb_i_f])
+    # weight-stationary: a [K, 16 * nb_i] weight panel stays in cache while all rows pass
+    sch.reorder(nb_o, *lead, row_o, ko, row_i, nb_i, ni, ki)
+    outer = sch.fuse(nb_o, *lead, row_o)
+    sch.parallel(outer)  # before tensorize: parallel needs the reduction block intact
+    sch.unroll(row_i)
+    sch.unroll(nb_i)
+    cache = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(cache, outer)
+    init = sch.decompose_reduction(dot, ko)
+    sch.tensorize(ni, intrin + LOCAL_ACC)
+    _vectorize_inner(sch, init)
+    _vectorize_inner(sch, cache)
+    _schedule_around(sch, outer)
+
+
+def _schedule_conv2d(sch: Any, intrin: str) -> None:
+    dot = sch.get_sblock("dot")
+    b, ob, y, z, oi, rc, ry, rx, ri = sch.get_loops(dot)
+    budget = 6 if intrin == INTRIN_AVX2 else 16
+    ob_i_f = _divisor(_extent(ob, sch), 1 if intrin == INTRIN_AVX2 else 2)
+    z_i_f = _divisor(_extent(z, sch), max(1, budget // ob_i_f))
+    ob_o, ob_i = sch.split(ob, factors=[None, ob_i_f])
+    z_o, z_i = sch.split(z, factors=[None, z_i_f])
+    sch.reorder(b, ob_o, y, z_o, rc, ry, rx, ob_i, z_i, oi, ri)
+    outer = sch.fuse(b, ob_o, y)
+    sch.parallel(outer)
+    sch.unroll(ob_i)
+    sch.unroll(z_i)
+    cache = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(cache, z_o)
+    init = sch.decompose_reduction(dot, rc)
+    sch.tensorize(oi, intrin + LOCAL_ACC)
+    _vectorize_inner(sch, init)
+    _vectorize_inner(sch, cache)
+    _schedule_around(sch, outer)  # a whole output row: the epilogue vectorizes along W
+
+
+def _schedule_around(sch: Any, tile: Any) -> None:
+    """The other blocks of the function: the ones before the dot product (input packing,
+    anything fused in front) run as parallel loops; the ones after it (unpacking and the
+    fused elementwise epilogue: bias, requantization) are computed per output tile, in order, right after the tile's accumulators are
+    written, while they are in cache (an "unpack" copy is inlined). A block that refuses
+    gets parallel loops of its own."""
+    root = sch.get_sblock("root")
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    ours = [i for i, n in enumerate(names) if n.startswith("dot")]  # init, update, write-back
+    before = [sch.get_sblock(n) for n in names[:ours[0]]]
+    epilogue = [sch.get_sblock(n) for n in names[ours[-1] + 1:]]
+    for block in before:
+        _parallel_outer(sch, block)
+    for block in epilogue:
+        if sch.get(block).name_hint.startswith("unpack"):
+            try:  # a pure copy: read the accumulators directly
+                sch.compute_inline(block)
+                continue
+            except Exception:  # noqa: BLE001 - an output block: it stays
+                pass
+        try:  # each block per tile, in order: nothing is computed twice (no inlining)
+            sch.reverse_compute_at(block, tile)
+            loops = sch.get_loops(block)
+            extent = _extent(loops[-1], sch)
+            if extent is not None and extent % 8 == 0 and extent <= 4 * LANES:
+                sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - falls back to parallel loops of its own
+            _parallel_outer(sch, block)
+
+
+def _has_block(sch: Any, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
+        return False
+    return True
+
+
+def _vectorize_inner(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if loops and _extent(loops[-1], sch) == LANES:
+        sch.vectorize(loops[-1])
+
+
+def _parallel_outer(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) >= 2:
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+    elif loops:
+        sch.parallel(loops[0])
+
+
+_SCHEDULES = {"matmul": _schedule_matmul, "conv2d": _schedule_conv2d}
+
+
+def packed_kind(sch: Any) -> str | None:
+    """"matmul" / "conv2d" when the scheduled function holds one of our packed kernels (a
+    not yet scheduled "dot" block: uint8 x int8 packed [..., 16, 4] -> int32), else None."""
+    func = sch.mod["main"]
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+        return None
+    if not _has_block(sch, "dot"):
+        return None
+    block = sch.get(sch.get_sblock("dot"))
+    if len(block.writes) != 1 or str(block.writes[0].source.dtype) != "int32" \
+            or block.init is None:
+        return None
+    dtypes = sorted(str(r.source.dtype) for r in block.reads)
+    weights = [r.source for r in block.reads if str(r.source.dtype) == "int8"]
+    if dtypes != ["int8", "uint8"] or len(weights) != 1:
+        return None
+    shape = [int(d) if hasattr(d, "value") else None for d in weights[0].shape]
+    if shape[-2:] != [LANES, GROUP]:
+        return None
+    return {4: "matmul", 6: "conv2d"}.get(len(shape))
+
+
+def _make_rule(kind: str, intrin: str) -> Rule:
+    def rule(sch: Any, target: Any) -> bool:
+        if packed_kind(sch) != kind:
+            return False
+        register_intrinsics()
+        schedule = _SCHEDULES[kind]
+        # Dry run on a copy: a failure leaves `sch` untouched (the kernel keeps plain loops).
+        try:
+            schedule(sch.copy(), intrin)
+        except Exception:  # noqa: BLE001 - TVM schedule errors have no common type
+            return False
+        schedule(sch, intrin)
+        return True
+
+    rule.__name__ = f"x86_int8_{kind}_{'vnni' if intrin == INTRIN_VNNI else 'avx2'}"
+    return rule
+
+
+def int8_rules(target: Any) -> list[Rule]:
+    """The int8 default-schedule rules for `target`: tensorize the packed int8 kernels with
+    VNNI (avx512vnni) or the exact AVX2 dot product; none on other targets."""
+    intrin = dot_intrinsic(target)
+    if intrin is None:
+        return []
+    return [_make_rule(kind, intrin) for kind in _SCHEDULES]
+
+
+def schedule_int8_kernels(mod: Any, target: Any) -> tuple[Any, list[str]]:
+    """Apply int8_rules(target) to every not yet scheduled packed int8 kernel of `mod` (fused
+    or not) and mark it scheduled. For pipelines that do not call the rules themselves
+    (lowering/schedules.py does). Returns the module and one line per kernel found."""
+    import tvm
+
+    rules = int8_rules(target)
+    notes = []
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = tvm.s_tir.Schedule(func)
+        if packed_kind(sch) is None:
+            continue
+        used = next((r.__name__ for r in rules if r(sch, target)), None)
+        if used is None:
+            notes.append(f"{gvar.name_hint}: no dot-product schedule for this target; "
+                         "plain loops")
+            continue
+        mod[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        notes.append(f"{gvar.name_hint}: {used}")
+    return mod, notes

@@ -1,0 +1,244 @@
+"""Default CPU schedules (lowering/schedules.py): same results as onnxruntime, and the kernels
+really are scheduled (parallel outer loop, vectorized inner loop), at batch 1 and a symbolic
+batch N."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+from tvm import tirx
+
+import lepton_edge
+from lepton_edge.lowering import relax as lowering
+from lepton_edge.lowering import schedules
+from tests.conftest import assert_close, ort_run
+from tests.e2e.test_numerics import residual_bn_cnn, transformer_block
+
+rng = np.random.default_rng(3)
+TARGET = {"kind": "llvm", "mcpu": "haswell"}  # AVX2: runs on any x86 machine we test on
+
+
+def const(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def convs() -> onnx.ModelProto:
+    """One input, one output per convolution kind (each becomes its own kernel)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w3"], ["regular"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w3b"], ["valid"]),  # no padding, 3x3
+        helper.make_node("Conv", ["x", "wdw"], ["depthwise"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Conv", ["x", "w3"], ["strided"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "wg"], ["grouped"], pads=[0, 1, 2, 1], group=2),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["pointwise_s2"], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "w7"], ["big_s2"], pads=[3, 3, 3, 3], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "w3"], ["strided_odd"], pads=[1, 1, 1, 0], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "w3"], ["stride3"], pads=[1, 1, 1, 1], strides=[3, 3]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["pw"]),
+        helper.make_node("Relu", ["pw"], ["pointwise_relu"]),
+    ]
+    outs = {"regular": [16, 12, 16], "valid": [24, 10, 14], "depthwise": [8, 12, 16],
+            "strided": [16, 6, 8], "grouped": [12, 12, 16], "pointwise_s2": [16, 6, 8],
+            "big_s2": [8, 6, 8], "strided_odd": [16, 6, 8], "stride3": [16, 4, 6],
+            "pointwise_relu": [16, 12, 16]}
+    graph = helper.make_graph(
+        nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 16])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", *s]) for o, s in outs.items()],
+        [const("w3", 16, 8, 3, 3), const("w3b", 24, 8, 3, 3), const("wdw", 8, 1, 3, 3),
+         const("wg", 12, 4, 3, 3), const("w1", 16, 8, 1, 1), const("b1", 16),
+         const("w7", 8, 8, 7, 7)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def matmuls() -> onnx.ModelProto:
+    """Dense with bias + GELU (erf) epilogue, Gemm transB, and a batched matmul of activations."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["m"]),
+        helper.make_node("Add", ["m", "ba"], ["mb"]),
+        helper.make_node("Erf", ["mb"], ["e"]),
+        helper.make_node("Mul", ["mb", "e"], ["dense_erf"]),
+        helper.make_node("Gemm", ["x2d", "wg", "bg"], ["gemm"], transB=1),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["xt", "x"], ["batched"]),
+    ]
+    outs = {"dense_erf": [20, 48], "gemm": [24], "batched": [40, 40]}
+    graph = helper.make_graph(
+        nodes, "matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20, 40]),
+         helper.make_tensor_value_info("x2d", TensorProto.FLOAT, ["N", 40])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", *s]) for o, s in outs.items()],
+        [const("wa", 40, 48), const("ba", 48), const("wg", 24, 40), const("bg", 24)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def small_cnn() -> onnx.ModelProto:
+    return residual_bn_cnn()
+
+
+def _feeds(model: lepton_edge.Model, batch: int) -> dict[str, np.ndarray]:
+    return {spec.name: rng.standard_normal(
+        [batch if isinstance(d, str) else d for d in spec.shape]).astype(np.float32)
+        for spec in model.inputs}
+
+
+def _legalized(proto: onnx.ModelProto) -> tvm.IRModule:
+    return _legalized_mod(lowering.import_onnx(proto))
+
+
+def _legalized_mod(mod: tvm.IRModule) -> tvm.IRModule:
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = tvm.target.Target(TARGET)
+    with target:
+        return tvm.transform.Sequential([*cpu.library_dispatch_passes(target),
+                                         *cpu.legalize_passes(target)])(mod)
+
+
+def _loop_kinds(func: tirx.PrimFunc) -> set[str]:
+    """The kinds of the For loops in a scheduled kernel (TIR has no Python visitor here)."""
+    kinds: set[str] = set()
+    names = {tirx.ForKind.PARALLEL: "parallel", tirx.ForKind.VECTORIZED: "vectorized",
+             tirx.ForKind.UNROLLED: "unrolled", tirx.ForKind.SERIAL: "serial"}
+    stack = [func.body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tirx.For):
+            kinds.add(names.get(node.kind, str(node.kind)))
+        for attr in ("body", "block", "seq", "then_case", "else_case"):
+            child = getattr(node, attr, None) if hasattr(type(node), attr) or hasattr(
+                node, attr) else None
+            if child is None or isinstance(child, (int, str)):
+                continue
+            if isinstance(child, (list, tuple)) or type(child).__name__ == "Array":
+                stack.extend(child)
+            else:
+                stack.append(child)
+    return kinds
+
+
+@pytest.mark.parametrize("builder", [convs, matmuls, small_cnn, transformer_block])
+def test_untuned_build_matches_onnxruntime(builder, build) -> None:
+    proto = builder()
+    model = lepton_edge.load(proto)
+    _, session = build(model, golden_count=1)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    for batch in (1, 3):  # the batch dimension is symbolic: one build, any size
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+@pytest.fixture
+def small_parallel_threshold(monkeypatch):
+    """The test models are tiny: below the real threshold nothing would run in parallel."""
+    monkeypatch.setattr(schedules, "PARALLEL_MIN_WORK", 1 << 8)
+
+
+@pytest.mark.parametrize("builder, kernels", [(convs, 10), (matmuls, 3)])
+def test_heavy_kernels_are_tiled_parallel_and_vectorized(builder, kernels: int,
+                                                         small_parallel_threshold) -> None:
+    mod = _legalized(builder())
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(mod, TARGET, report=report)
+    contraction = [n for n, rule in report.rules.items() if rule == "contraction"]
+    assert len(contraction) >= kernels, report.rules
+    for gvar, func in scheduled.functions_items():
+        if gvar.name_hint not in contraction:
+            continue
+        assert func.attrs["tirx.is_scheduled"]
+        kinds = _loop_kinds(func)
+        assert {"parallel", "vectorized"} <= kinds, (gvar.name_hint, kinds)
+
+
+def test_int8_kernels_with_requantization_epilogue_are_scheduled(small_parallel_threshold
+                                                                ) -> None:
+    model = lepton_edge.load(residual_bn_cnn())
+    quantized = lepton_edge.quantize(model, rng.standard_normal((4, 3, 16, 16)).astype(
+        np.float32))
+    mod, _ = lowering.lower_int8(lowering.import_onnx(quantized.proto))
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(_legalized_mod(mod), TARGET, report=report)
+    integer = [n for n in report.rules if ("conv2d" in n or "matmul" in n) and "right_shift" in n]
+    assert len(integer) >= 5, report.rules  # 5 convolutions + the classifier, requantized
+    for name in integer:
+        assert report.rules[name] == "contraction", (name, report.rules[name])
+        kinds = _loop_kinds(scheduled[name])
+        # The classifier (N x 16 x 5 MACs) is too small for a thread-pool launch.
+        assert {"parallel", "vectorized"} <= kinds if "conv2d" in name else "vectorized" in kinds
+
+
+def test_small_kernels_stay_on_one_thread() -> None:
+    """Below PARALLEL_MIN_WORK (at batch 1) a thread-pool launch costs more than the work."""
+    mod = _legalized(matmuls())
+    scheduled = schedules.apply_default_schedules(mod, TARGET)
+    for gvar, func in scheduled.functions_items():
+        if isinstance(func, tirx.PrimFunc) and "matmul" in gvar.name_hint:
+            kinds = _loop_kinds(func)
+            assert "vectorized" in kinds and "parallel" not in kinds, (gvar.name_hint, kinds)
+
+
+def test_plain_tvm_loops_are_not_reported_as_scheduled() -> None:
+    """The structural check above can fail: TVM's legalized loops are all serial."""
+    mod = _legalized(convs())
+    for _, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            assert "parallel" not in _loop_kinds(func)
+            assert "vectorized" not in _loop_kinds(func)
+
+
+def test_int8_rules_are_tried_first_and_scheduled_kernels_are_skipped(monkeypatch) -> None:
+    from lepton_edge.lowering import x86_int8
+
+    seen: list[str] = []
+
+    def claim_first_conv(sch, target) -> bool:
+        seen.append("called")
+        if len(seen) == 1:
+            sch.annotate(sch.get_loops(sch.get_child_blocks(
+                sch.get_sblock(sch.mod["main"].body.block.name_hint))[0])[0], "claimed", 1)
+            return True
+        return False
+
+    monkeypatch.setattr(x86_int8, "int8_rules", lambda target: [claim_first_conv])
+    mod = _legalized(convs())
+    report = schedules.ScheduleReport()
+    once = schedules.apply_default_schedules(mod, TARGET, report=report)
+    assert list(report.rules.values()).count("int8:claim_first_conv") == 1
+    # Everything is scheduled now: a second application changes nothing.
+    again = schedules.ScheduleReport()
+    twice = schedules.apply_default_schedules(once, TARGET, report=again)
+    assert again.rules == {}
+    assert twice.same_as(once)
+
+
+def test_vector_width_comes_from_the_target_features() -> None:
+    assert schedules.vector_bits(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 256
+    assert schedules.vector_bits(
+        tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == 512
+    assert schedules.vector_bits(tvm.target.Target(
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})) == 128
+
+
+def test_a_refused_rule_is_reported_and_the_next_rule_gets_a_fresh_kernel(
+        monkeypatch, small_parallel_threshold) -> None:
+    from lepton_edge.lowering import x86_int8
+
+    def vectorize_a_reduction(sch, target) -> bool:
+        root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+        for block in sch.get_child_blocks(root):
+            loops = sch.get_loops(block)
+            if len(loops) == 7:  # the conv2d block: n, f, y, x, rc, ry, rx
+                sch.vectorize(loops[4])  # a reduction loop: TVM refuses (ScheduleError)
+        return True
+
+    monkeypatch.setattr(x86_int8, "int8_rules", lambda target: [vectorize_a_reduction])
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(_legalized(convs()), TARGET, report=report)
+    assert report.refused, report.rules
+    for name, why in report.refused.items():
+        assert why[0].startswith("int8:vectorize_a_reduction: "), why
+        assert report.rules[name] == "contraction"
+        assert {"parallel", "vectorized"} <= _loop_kinds(scheduled[name])
+    assert "refused" in report.summary()
