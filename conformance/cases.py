@@ -167,6 +167,57 @@ def restamp(case: Case, max_opset: int = 23) -> Case | None:
                 restamped_from=case.opset)
 
 
+# Input positions that exporters (torch.onnx, tf2onnx) emit as constants: shapes, axes,
+# sizes, scales, pads, counts. See constant_variant.
+SHAPE_LIKE: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
+    "Squeeze": (1,), "Unsqueeze": (1,), "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3),
+    "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,), "Split": (1,), "OneHot": (1,),
+    "CumSum": (1,), "Trilu": (1,), "CenterCropPad": (1, 2), "AffineGrid": (1,),
+    "BlackmanWindow": (0,), "HammingWindow": (0,), "HannWindow": (0,), "Col2Im": (1, 2),
+    "MaxUnpool": (2,), "NonMaxSuppression": (2, 3, 4), "DFT": (1, 2), "STFT": (1, 3),
+    "MelWeightMatrix": (0, 1, 2, 3, 4), "Clip": (1, 2), "Dropout": (1, 2),
+    "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
+    "ReduceProd": (1,), "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,),
+    "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+}
+
+
+def constant_variant(case: Case) -> Case | None:
+    """The case with its shape-like graph inputs turned into initializers, or None.
+
+    Node tests feed shapes, axes, scales and pads as graph inputs; a real exporter emits
+    them as constants. This variant measures that situation and is reported in its own,
+    labelled column: never in the headline numbers, where test inputs stay runtime inputs.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    model.ParseFromString(case.model)
+    input_names, _ = _graph_io(case.model)
+    if len(input_names) != len(case.inputs):
+        return None
+    wanted = set()
+    for node in model.graph.node:
+        for index in SHAPE_LIKE.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
+            if index < len(node.input) and node.input[index] in input_names:
+                wanted.add(node.input[index])
+    values = dict(zip(input_names, case.inputs, strict=True))
+    wanted = {n for n in wanted if isinstance(values[n], np.ndarray)}
+    if not wanted:
+        return None
+    kept = [v for v in model.graph.input if v.name not in wanted]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.extend(numpy_helper.from_array(values[n], n) for n in sorted(wanted))
+    return Case(name=case.name, op=case.op, expanded=case.expanded, opset=case.opset,
+                model=model.SerializeToString(),
+                inputs=[values[n] for n in input_names if n not in wanted],
+                outputs=case.outputs, rtol=case.rtol, atol=case.atol, domains=case.domains,
+                restamped_from=case.restamped_from)
+
+
 # ---------------------------------------------------------------------------------- compare
 def _low_precision(dtype: np.dtype) -> str | None:
     """ml_dtypes types numpy cannot compare directly: 'float' or 'int', else None."""

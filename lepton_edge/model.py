@@ -197,6 +197,7 @@ def _validated(
             f"{where} refers to external data files (tensors {names}); load it from its path "
             "so the data files can be found next to it"
         )
+    proto = _into_opset_range(proto, where)
     opset = _default_opset(proto, where)
     _check_ops(proto, opset, where)
     if not checked:
@@ -205,11 +206,57 @@ def _validated(
     inferred = _check(
         lambda: shape_inference.infer_shapes(proto, check_type=True, strict_mode=True), where
     )
+    try:  # with constant shape arithmetic propagated (static Expand/Reshape outputs)
+        inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+                                                data_prop=True)
+    except (onnx.checker.ValidationError, shape_inference.InferenceError, ValueError):
+        pass  # the plain inference above already succeeded
     inputs, outputs = _signature(inferred, where)
     sha = hashlib.sha256(inferred.SerializeToString(deterministic=True)).hexdigest()
     meta = {p.key: p.value for p in inferred.metadata_props}
     return Model(proto=inferred, inputs=inputs, outputs=outputs, opset=opset, sha256=sha,
                  source=where, metadata=meta)
+
+
+def _into_opset_range(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """A model declared at an opset above MAX_OPSET (up to onnx's newest), brought down.
+
+    When every op it uses is unchanged since MAX_OPSET or earlier (its schema's
+    since_version), only the declared opset changes; otherwise onnx.version_converter
+    converts it, and a model it cannot convert gets a clear error.
+    """
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions or not MAX_OPSET < max(versions) <= onnx.defs.onnx_opset_version():
+        return proto
+    opset = max(versions)
+    newer = set()
+    for node in _all_nodes(proto.graph):
+        if (node.domain or "") not in ("", "ai.onnx") or not onnx.defs.has(node.op_type, ""):
+            continue
+        try:
+            if onnx.defs.get_schema(node.op_type, opset, "").since_version > MAX_OPSET:
+                newer.add(node.op_type)
+        except onnx.defs.SchemaError:
+            continue  # _check_ops names it
+    if not newer and not proto.functions:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        for entry in copy.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = MAX_OPSET
+        return copy
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(proto, MAX_OPSET)
+    except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError and others
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+        raise ModelError(
+            f"{where} uses opset {opset}, too new (lepton-edge supports opsets "
+            f"{MIN_OPSET}-{MAX_OPSET}); its ops {sorted(newer)} changed after opset "
+            f"{MAX_OPSET} and onnx.version_converter cannot convert them down ({first}); "
+            f"re-export with opset_version=17 (torch.onnx.export)"
+        ) from None
 
 
 def _default_opset(proto: onnx.ModelProto, where: str) -> int:

@@ -39,7 +39,11 @@ def import_onnx(proto: onnx.ModelProto) -> Any:
     """Import a standalone ONNX (sub)graph into a Relax IRModule, weights as constants."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from lepton_edge.lowering import onnx_fixups
+
     try:
+        # fold constant shape arithmetic, replace ops TVM lacks or gets wrong (onnx_fixups.py)
+        proto = onnx_fixups.apply(proto)
         return from_onnx(proto, keep_params_in_input=False)
     except Exception as exc:  # noqa: BLE001 - the importer raises anything; name it for the user
         raise TargetError(f"TVM could not import the graph: {_first_line(exc)}") from exc
@@ -78,7 +82,7 @@ def build_llvm_library(
                                     log=log)
     else:
         try:
-            executable = tvm.compile(mod, target=tvm.target.Target(target))
+            executable = _compile_untuned(mod, tvm.target.Target(target), log)
         except Exception as exc:  # noqa: BLE001
             raise TargetError(f"TVM failed to compile for {target}: {_first_line(exc)}"
                               ) from exc
@@ -93,6 +97,20 @@ def build_llvm_library(
         except Exception as exc:  # noqa: BLE001
             raise TargetError(f"linking the shared library failed: {_first_line(exc)}") from exc
         return path.read_bytes()
+
+
+def _compile_untuned(mod: Any, target: Any, log: Any) -> Any:
+    """Compile without tuning: TVM's CPU pipeline plus lepton-edge's default schedules
+    (lowering/schedules.py), unless LEPTON_DEFAULT_SCHEDULES=0 asks for TVM's plain loops."""
+    import os
+
+    import tvm
+
+    if os.environ.get("LEPTON_DEFAULT_SCHEDULES", "1") == "0":
+        return tvm.compile(mod, target=target)
+    from lepton_edge.lowering.schedules import cpu_pipeline
+
+    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, log=log))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from lepton_edge.lowering import onnx_fixups
 from lepton_edge.lowering.relax import supported_onnx_ops
 
 T = onnx.TensorProto
@@ -45,18 +46,59 @@ def _used_outputs(node: onnx.NodeProto) -> int:
 
 
 def _not_constant(index: int) -> Callable[[onnx.NodeProto, Any], bool]:
+    """True when input `index` is (likely) a run-time value rather than a folded constant.
+
+    Not run-time: an initializer, or an output whose every dim is static or an `unk__` dim
+    that onnx's shape inference could not work out (shape arithmetic it does not propagate,
+    e.g. through Where). lowering/onnx_fixups.py folds such inputs before import, and refuses
+    the graph with a clear error (the subgraph then runs on onnxruntime) if it cannot. A
+    named symbolic dim (a dynamic batch) means the value really is known only at run time.
+    """
     def check(node: onnx.NodeProto, graph: Any) -> bool:
-        return len(node.input) > index and node.input[index] not in graph.initializers
+        if len(node.input) <= index or node.input[index] in graph.initializers:
+            return False
+        shape = graph.value_shapes.get(node.output[0])
+        return shape is None or not all(
+            (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d.startswith("unk__"))
+            for d in shape)
     return check
 
+
+def _empty_input(node: onnx.NodeProto, graph: Any) -> bool:
+    shape = graph.value_shapes.get(node.input[0]) if node.input else None
+    return shape is not None and any(d == 0 for d in shape)
+
+
+def _resize_downsamples(node: onnx.NodeProto, graph: Any) -> bool:
+    """Linear/cubic Resize that shrinks some axis (or antialiases): TVM 0.27 gets it wrong."""
+    mode = _attr(node, "mode", b"nearest")
+    if mode in (b"nearest", "nearest"):
+        return False
+    if _attr(node, "antialias", 0):
+        return True
+    scales = node.input[2] if len(node.input) > 2 else ""
+    if scales in graph.initializers:
+        from onnx import numpy_helper
+
+        values = numpy_helper.to_array(graph.initializers[scales])
+        if values.size and (values < 1).any():
+            return True
+    before = graph.value_shapes.get(node.input[0])
+    after = graph.value_shapes.get(node.output[0])
+    if before and after and len(before) == len(after):
+        return any(isinstance(a, int) and isinstance(b, int) and a < b
+                   for a, b in zip(after, before, strict=True))
+    return False
+
+
+_REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+           "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
 # op -> (condition on the node, why it is kept off TVM)
 _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
     "Expand": (_not_constant(1),
                "TVM 0.27 expands to the wrong shape when the shape is a runtime input"),
     "NonMaxSuppression": (lambda n, g: True, "TVM 0.27's NonMaxSuppression selects no boxes"),
-    "LayerNormalization": (lambda n, g: _used_outputs(n) > 1,
-                           "TVM 0.27 returns zeros for LayerNormalization's Mean/InvStdDev"),
     "ConvTranspose": (lambda n, g: _attr(n, "output_shape") is not None,
                       "TVM 0.27 ignores ConvTranspose's output_shape attribute"),
     "BatchNormalization": (lambda n, g: bool(_attr(n, "training_mode", 0)),
@@ -68,7 +110,10 @@ _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
     "Mod": (lambda n, g: g.value_types.get(n.input[0]) in (T.FLOAT, T.DOUBLE, T.FLOAT16,
                                                              T.BFLOAT16),
             "TVM 0.27 gets float Mod's inf/NaN and division-by-zero cases wrong"),
-    "Mish": (lambda n, g: True, "TVM 0.27's Mish is off by up to 1.3e-3 relative"),
+    **{op: (_empty_input, "TVM 0.27 returns garbage for a reduction over an empty tensor")
+       for op in _REDUCE},
+    "Resize": (_resize_downsamples,
+               "TVM 0.27's linear/cubic Resize is wrong when it shrinks an axis or antialiases"),
     "RoiAlign": (lambda n, g: _attr(n, "mode", b"avg") in (b"max", "max"),
                  "TVM 0.27's RoiAlign max mode is wrong"),
 }
@@ -79,6 +124,17 @@ def _ops() -> frozenset[str]:
     return supported_onnx_ops()
 
 
+def _input_types(node: onnx.NodeProto, graph: Any) -> dict[str, onnx.TypeProto]:
+    types = {}
+    for name in node.input:
+        if name and name in graph.value_types:
+            dims = graph.value_shapes.get(name)
+            types[name] = helper.make_tensor_type_proto(
+                graph.value_types[name],
+                None if dims is None else [d if isinstance(d, int) else None for d in dims])
+    return types
+
+
 def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
     domain = node.domain or ""
     if domain == "com.microsoft":
@@ -86,8 +142,14 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
             return f"TVM has no converter for contrib op com.microsoft.{node.op_type}"
     elif domain not in ("", "ai.onnx"):
         return f"TVM has no converter for ops of domain '{domain}'"
-    elif node.op_type not in _ops():
-        return f"TVM 0.27's ONNX importer has no converter for {node.op_type}"
+    elif onnx_fixups.needs_expansion(node):
+        # lowering/onnx_fixups.py replaces the node by its ONNX function body before import
+        if not onnx_fixups.expandable(node, graph.opset, _input_types(node, graph)):
+            why = (f"TVM 0.27's ONNX importer has no converter for {node.op_type}"
+                   if node.op_type not in _ops() else onnx_fixups.wrong_on_tvm(node))
+            if onnx_fixups.function_body(node, graph.opset, _input_types(node, graph)) is None:
+                return why
+            return f"{why}, and its ONNX function body uses ops TVM cannot take either"
     for name in list(node.input) + list(node.output):
         elem = graph.value_types.get(name)
         if elem in _UNSUPPORTED_TYPES:

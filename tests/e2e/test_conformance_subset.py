@@ -42,7 +42,8 @@ MODULES = [
     "abs", "reciprocal", "clip", "cast", "where", "expand", "resize", "quantizelinear",
     "dequantizelinear", "gelu", "hardswish", "hardsigmoid", "elu", "prelu", "softplus", "pad",
     "shape", "constantofshape", "rangeop", "topk", "einsum", "max", "min", "equal", "argmax",
-    "tile", "depthtospace", "nonmaxsuppression", "dropout", "identity",
+    "tile", "depthtospace", "nonmaxsuppression", "dropout", "identity", "attention", "mish",
+    "swish",
 ]
 
 SUBSET = [
@@ -67,6 +68,10 @@ SUBSET = [
     "test_logsoftmax_axis_1", "test_logsoftmax_large_number", "test_gelu_default_1",
     "test_gelu_tanh_1", "test_hardswish", "test_hardsigmoid", "test_elu", "test_prelu_broadcast",
     "test_softplus", "test_clip", "test_clip_default_min", "test_clip_default_int8_max",
+    "test_mish", "test_mish_expanded", "test_swish",
+    # attention (ai.onnx Attention through its function body; a fully masked row)
+    "test_attention_4d", "test_attention_4d_expanded",
+    "test_attention_23_boolmask_fullymasked_row_nan_robustness",
     # normalization
     "test_batchnorm_example", "test_batchnorm_epsilon", "test_batchnorm_example_training_mode",
     "test_layer_normalization_4d_axis_negative_1", "test_layer_normalization_2d_axis1",
