@@ -67,7 +67,8 @@ class TvmVmExecutable(Executable):
         # a small model's batch-1 time. TVM's kernels assume 64-byte aligned data, so an
         # input that is not aligned (or not contiguous) is copied into an aligned buffer.
         # Dtypes outside DLPack's numeric set (bfloat16, float8 from ml_dtypes) take the copy.
-        args = [self._tvm.from_dlpack(_aligned(a)) if a.dtype.name in _DLPACK_DTYPES
+        # Empty arrays too: TVM's DLPack import rejects their (unaligned) data pointers.
+        args = [self._tvm.from_dlpack(_aligned(a)) if a.dtype.name in _DLPACK_DTYPES and a.size
                 else self._tvm.tensor(a, self._device) for a in inputs]
         return _to_numpy(self._main(*args))
 
@@ -79,13 +80,24 @@ _DLPACK_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
     # DLPack cannot export a read-only array (e.g. np.load(mmap_mode="r")): copy those too
-    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % _ALIGN == 0:
+    # Only canonical C strides: numpy calls an array with odd strides on size-1 axes
+    # contiguous, but DLPack passes those strides on and TVM refuses them.
+    if (array.flags.writeable and array.ctypes.data % _ALIGN == 0
+            and array.strides == _c_strides(array)):
         return array
     buffer = np.empty(array.nbytes + _ALIGN, np.uint8)
     start = (-buffer.ctypes.data) % _ALIGN
     out = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
     np.copyto(out, array)
     return out
+
+
+def _c_strides(array: np.ndarray) -> tuple[int, ...]:
+    strides, step = [], array.itemsize
+    for extent in reversed(array.shape):
+        strides.append(step)
+        step *= extent
+    return tuple(reversed(strides))
 
 
 def _to_numpy(result: Any) -> list[np.ndarray]:

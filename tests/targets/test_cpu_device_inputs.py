@@ -55,3 +55,18 @@ def test_outputs_are_independent_copies(build) -> None:
     third = session.run({"x": 2 * x})["y"]
     np.testing.assert_array_equal(second, kept)  # a later run does not overwrite it
     assert not np.array_equal(third, kept)
+
+
+def test_batch_one_with_odd_strides(build) -> None:
+    model = mlp()
+    _, session = build(model)
+    row = np.arange(4, dtype=np.float32)
+    base = np.zeros(1024 + 16, np.float32)
+    base[:4] = row
+    # one row whose batch axis has a 4096-byte stride: numpy calls it contiguous, DLPack
+    # would hand TVM that stride
+    odd = np.lib.stride_tricks.as_strided(base, (1, 4), (4096, 4))
+    assert odd.flags.c_contiguous and odd.strides == (4096, 4)
+    np.testing.assert_allclose(session.run({"x": odd})["y"],
+                               ort_run(model, {"x": row[None]})["y"], rtol=1e-5, atol=1e-6)
+    # (empty tensors reach the device through the conformance subset: test_tril_zero)
