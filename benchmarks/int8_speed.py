@@ -47,13 +47,17 @@ def median_ms(fn: Callable[[], object], runs: int) -> list[float]:
     return times
 
 
+ORT_SPINNING = True  # --ort-no-spin turns it off (a diagnostic, not a fair comparison)
+
+
 def ort_options() -> onnxruntime.SessionOptions:
-    """onnxruntime without spin-waiting threads: by default its pool keeps spinning after a
-    run, which took the cores from the next engine in the alternation (the packed kernel
-    measured 16 ms after onnxruntime runs vs 6.4 ms without spinning; onnxruntime's own
-    times did not change)."""
+    """onnxruntime in its default configuration. Turning its spin-waiting threads off stops
+    them taking the cores from the engine timed next in the alternation, but it also slows
+    onnxruntime itself (digits CNN at batch 64: 0.37 -> 0.68 ms in samples/digits/demo.py), so
+    the fair comparison keeps onnxruntime's default; `--ort-no-spin` is for diagnosis only."""
     options = onnxruntime.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not ORT_SPINNING:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -80,7 +84,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--kernel-only", action="store_true", help="only the matmul kernel")
+    parser.add_argument("--ort-no-spin", action="store_true",
+                        help="onnxruntime without spin-waiting threads (diagnosis: slows it)")
     args = parser.parse_args()
+    global ORT_SPINNING
+    ORT_SPINNING = not args.ort_no_spin
     from lepton_edge.bench import cpu_peak
 
     peak = cpu_peak()
