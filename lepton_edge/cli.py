@@ -385,16 +385,11 @@ def explain_cmd(model: Path, targets: tuple[str, ...], no_fallback: bool) -> Non
     plan = lepton_edge.partition(lepton_edge.load(model), list(targets),
                                  fallback=not no_fallback)
     click.echo(plan.explain())
-    import inspect
-
     compilers = {plugin.name: plugin.make_target() for plugin, _ in plan.targets}
     chosen = {plugin.name: profile for plugin, profile in plan.targets}
     for sg in plan.subgraphs:
         if sg.target in compilers:
-            notes = compilers[sg.target].notes
-            with_profile = "profile" in inspect.signature(notes).parameters
-            for line in (notes(sg.proto, profile=chosen[sg.target]) if with_profile
-                         else notes(sg.proto)):
+            for line in compilers[sg.target].notes(sg.proto, profile=chosen[sg.target]):
                 click.echo(f"{sg.id} on {sg.target}: {line}")
 
 

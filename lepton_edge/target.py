@@ -81,10 +81,10 @@ class Target(ABC):
     def compile(self, subgraph: onnx.ModelProto, profile: Profile) -> Build:
         """Build one standalone ONNX subgraph for `profile`."""
 
-    def notes(self, subgraph: onnx.ModelProto) -> list[str]:
-        """Facts `explain` shows about how this target would build `subgraph` (optional).
-
-        An override may take a keyword `profile` (the requested Profile) as well."""
+    def notes(self, subgraph: onnx.ModelProto, profile: Profile | None = None) -> list[str]:
+        """Facts `explain` shows about how this target would build `subgraph` for `profile`
+        (optional)."""
+        del subgraph, profile
         return []
 
 

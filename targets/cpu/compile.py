@@ -31,7 +31,8 @@ class CpuTarget(Target):
     def unsupported_reason(self, node: onnx.NodeProto, graph: Any) -> str | None:
         return support.unsupported_reason(node, graph)
 
-    def notes(self, subgraph: onnx.ModelProto) -> list[str]:
+    def notes(self, subgraph: onnx.ModelProto, profile: Profile | None = None) -> list[str]:
+        del profile  # the int8 kernels do not depend on the CPU profile
         if not _has_qdq(subgraph):
             return []
         _, lowering = relax.lower_int8(relax.import_onnx(subgraph))
