@@ -203,14 +203,14 @@ def _validated(
     if not checked:
         _check(lambda: onnx.checker.check_model(proto), where)
     _name_free_dims(proto)
-    inferred = _check(
-        lambda: shape_inference.infer_shapes(proto, check_type=True, strict_mode=True), where
-    )
     try:  # with constant shape arithmetic propagated (static Expand/Reshape outputs)
         inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
                                                 data_prop=True)
-    except (onnx.checker.ValidationError, shape_inference.InferenceError, ValueError):
-        pass  # the plain inference above already succeeded
+    except Exception:  # noqa: BLE001 - any failure: retry plainly, which names it clearly
+        # without data propagation; a model that fails this too gets its clear error here
+        inferred = _check(
+            lambda: shape_inference.infer_shapes(proto, check_type=True, strict_mode=True),
+            where)
     inputs, outputs = _signature(inferred, where)
     sha = hashlib.sha256(inferred.SerializeToString(deterministic=True)).hexdigest()
     meta = {p.key: p.value for p in inferred.metadata_props}

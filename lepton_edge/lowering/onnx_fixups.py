@@ -287,10 +287,7 @@ def _precise_softplus(model: onnx.ModelProto, opset: int) -> bool:
             make("Add", [p + "pos", p + "log1p"], [y]),
         ]
         changed = True
-    if changed:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return changed
+    return _swap_nodes(graph, nodes, changed)
 
 
 def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
@@ -330,10 +327,7 @@ def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
             make("Where", [p + "use", p + "series", p + "t"], [y]),
         ]
         changed = True
-    if changed:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return changed
+    return _swap_nodes(graph, nodes, changed)
 
 
 # ops whose float16 form TVM 0.27 accumulates in float16 (see _float16_via_float32)
@@ -374,10 +368,7 @@ def _float16_via_float32(model: onnx.ModelProto, opset: int) -> bool:
             if name:
                 nodes.append(helper.make_node("Cast", [f"{p}out{i}"], [name], to=f16))
         changed = True
-    if changed:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return changed
+    return _swap_nodes(graph, nodes, changed)
 
 
 def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
@@ -427,6 +418,11 @@ def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
             make("Where", [p + "allinf", p + "inf", p + "y"], [node.output[0]]),
         ]
         changed = True
+    return _swap_nodes(graph, nodes, changed)
+
+
+def _swap_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], changed: bool) -> bool:
+    """The end of every node rewrite: put the rewritten node list in place if anything changed."""
     if changed:
         del graph.node[:]
         graph.node.extend(nodes)
@@ -466,10 +462,7 @@ def _expand_functions(model: onnx.ModelProto, opset: int) -> bool:
             continue
         nodes.extend(_expand_node(node, fn, f"{node.name or node.op_type}_{index}__", opset))
         changed = True
-    if changed:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return changed
+    return _swap_nodes(graph, nodes, changed)
 
 
 def _evaluate(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int
