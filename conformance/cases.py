@@ -355,6 +355,10 @@ def run_lepton(case: Case, workdir: str | Path | None = None) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001
                 return fail("compile_error", "compile", exc)
             result["planned"] = {sg["id"]: sg["target"] for sg in art.manifest["subgraphs"]}
+            # planned on onnxruntime because compiled code has no sequence/optional values
+            result["sequence_values"] = any(
+                "no sequence or optional values" in why
+                for by_target in art.manifest["reasons"].values() for why in by_target.values())
             result["build_errors"] = {sg["id"]: sg["build_errors"]
                                       for sg in art.manifest["subgraphs"] if sg["build_errors"]}
             try:

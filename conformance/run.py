@@ -274,6 +274,8 @@ def _why_fallback(ours: dict[str, Any]) -> str:
         return "TVM build failed"
     if ours.get("events"):
         return "TVM failed at run time"
+    if ours.get("sequence_values"):
+        return "sequence/optional values, which compiled code has none of (planned)"
     return "op not in TVM's importer (planned)"
 
 

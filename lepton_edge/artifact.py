@@ -4,7 +4,8 @@ Layout (schema version 1):
   manifest.json                     versions, signature, subgraphs and their builds, golden
                                     I/O, and the sha256 + size of every other file
   builds/<subgraph>/<target>/...    what each target produced for each subgraph
-  golden/<i>/{in,out}/<name>.npy    reference inputs and onnxruntime outputs
+  golden/<i>/{in,out}/<name>.npy    reference inputs and onnxruntime outputs (a sequence:
+                                    one <name>.<j>.npy per element; an absent optional: none)
 
 Reading verifies everything before anything is loaded: the zip itself, entry names that
 would escape the extraction folder, the schema version, and every file against its sha256.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lepton_edge.errors import ArtifactError
+from lepton_edge.signature import KINDS, TENSOR
 
 FORMAT = "lepton-edge artifact"
 SCHEMA_VERSION = 1
@@ -56,6 +58,25 @@ def array_from_bytes(data: bytes, where: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise ArtifactError(f"{where} is not a valid .npy array: {exc}") from None
+
+
+def store_value(files: dict[str, bytes], path: str, value: Any) -> str | list[str] | None:
+    """Add a golden value to `files`; return the reference the manifest records for it.
+
+    An array is stored at `path` (a .npy name) and referenced by it; a sequence (list of
+    arrays) as one file per element (`<path stem>.<i>.npy`), referenced by the list of
+    their names; an absent optional (None) stores nothing and is recorded as null.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        stem = path.removesuffix(".npy")
+        names = [f"{stem}.{i}.npy" for i in range(len(value))]
+        for name, element in zip(names, value, strict=True):
+            files[name] = array_bytes(np.asarray(element))
+        return names
+    files[path] = array_bytes(np.asarray(value))
+    return path
 
 
 def write(path: str | os.PathLike[str], manifest: dict[str, Any], files: dict[str, bytes]
@@ -113,6 +134,15 @@ class VerifiedArtifact:
 
     def array(self, name: str) -> np.ndarray:
         return array_from_bytes(self.files[name], f"{self.path.name}:{name}")
+
+    def value(self, ref: str | list[str] | None) -> Any:
+        """A golden value from its manifest reference (see store_value): an array, a list
+        of arrays (a sequence) or None (an absent optional)."""
+        if ref is None:
+            return None
+        if isinstance(ref, list):
+            return [self.array(name) for name in ref]
+        return self.array(ref)
 
     def extract(self, names: list[str], dest: Path) -> dict[str, Path]:
         """Write verified entries under `dest` (created private) and return their paths."""
@@ -227,13 +257,27 @@ def _layout_problem(manifest: dict[str, Any]) -> str | None:
     model = manifest.get("model", {})
     if not isinstance(model, dict):
         return "'model' is not a table"
+    def is_spec(s: dict[str, Any]) -> bool:
+        kind = s.get("kind", TENSOR)
+        shape = s.get("shape")
+        return (isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str)
+                and kind in KINDS and (isinstance(shape, list) and all(
+                    type(d) in (int, str) for d in shape) or shape is None and kind != TENSOR))
+
+    def is_value_map(value: Any) -> bool:  # name -> array file, list of them, or None
+        return isinstance(value, dict) and all(isinstance(k, str) and (
+            v is None or isinstance(v, str) or isinstance(v, list) and all(
+                isinstance(e, str) for e in v)) for k, v in value.items())
+
+    def value_files(refs: dict[str, Any]) -> set[str]:
+        return {n for v in refs.values() if v is not None
+                for n in ([v] if isinstance(v, str) else v)}
+
     for kind in ("inputs", "outputs"):
         specs = manifest[kind]
-        if not is_list_of_dicts(specs) or not all(
-                isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str)
-                and isinstance(s.get("shape"), list)
-                and all(type(d) in (int, str) for d in s["shape"]) for s in specs):
-            return f"'{kind}' must list tensors with a name, dtype and shape"
+        if not is_list_of_dicts(specs) or not all(is_spec(s) for s in specs):
+            return (f"'{kind}' must list tensors with a name, dtype and shape (and a known "
+                    f"kind: {', '.join(KINDS)})")
     if not is_list_of_dicts(manifest["subgraphs"]):
         return "'subgraphs' is not a list of subgraphs"
     for sg in manifest["subgraphs"]:
@@ -253,9 +297,9 @@ def _layout_problem(manifest: dict[str, Any]) -> str | None:
     if not is_list_of_dicts(golden):
         return "'golden' is not a list of cases"
     for case in golden:
-        if not (is_name_map(case.get("inputs")) and is_name_map(case.get("outputs"))):
+        if not (is_value_map(case.get("inputs")) and is_value_map(case.get("outputs"))):
             return "a golden case lacks its inputs or outputs"
-        named = set(case["inputs"].values()) | set(case["outputs"].values())
+        named = value_files(case["inputs"]) | value_files(case["outputs"])
         unlisted = sorted(named - set(files))
         if unlisted:
             return f"a golden case names files not in the artifact: {unlisted}"

@@ -324,6 +324,9 @@ def random_feeds(specs: Any, batch: int = 1, *, seed: int = 0) -> dict[str, np.n
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
+        if getattr(spec, "kind", "tensor") != "tensor":
+            raise InputError(f"cannot make random data for {spec} (not a tensor); pass real "
+                             "inputs")
         shape = tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":

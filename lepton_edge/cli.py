@@ -218,12 +218,21 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, ch
     start = time.perf_counter()
     outputs = session.run(feeds)
     elapsed = (time.perf_counter() - start) * 1e3
-    for name, value in outputs.items():
-        preview = np.array2string(value.ravel()[:6], precision=4, separator=", ")
-        click.echo(f"{name}: {value.dtype}{list(value.shape)} {preview}")
-        if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            np.save(output_dir / f"{_safe(name)}.npy", value, allow_pickle=False)
+    for name, whole in outputs.items():
+        if whole is None:  # an absent optional output
+            click.echo(f"{name}: None (absent optional)")
+            continue
+        # a sequence output is a list: one line and one DIR/<name>.<i>.npy per element
+        items = ([(f"{name}[{i}]", f"{name}.{i}", v) for i, v in enumerate(whole)]
+                 if isinstance(whole, list) else [(name, name, whole)])
+        if isinstance(whole, list):
+            click.echo(f"{name}: sequence of {len(whole)} tensor(s)")
+        for label, stem, value in items:
+            preview = np.array2string(value.ravel()[:6], precision=4, separator=", ")
+            click.echo(f"{label}: {value.dtype}{list(value.shape)} {preview}")
+            if output_dir is not None:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                np.save(output_dir / f"{_safe(stem)}.npy", value, allow_pickle=False)
     click.echo(f"ran in {elapsed:.2f} ms", err=True)
 
 

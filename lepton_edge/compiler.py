@@ -179,18 +179,20 @@ def _versions() -> dict[str, str]:
 def example_feeds(specs: tuple[TensorSpec, ...], batch: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs for a signature; symbolic dimensions take the value `batch`."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, Any] = {}
     for spec in specs:
-        shape = [d if isinstance(d, int) else batch for d in spec.shape]
+        # a sequence gets two elements; an element of unknown rank is a vector
+        shape = [d if isinstance(d, int) else batch for d in (("n",) if spec.shape is None else spec.shape)]
         dtype = np.dtype(spec.dtype)
-        if dtype.kind == "O":  # string tensors
-            feeds[spec.name] = np.full(shape, "a", dtype=object)
-        elif dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feeds[spec.name] = np.zeros(shape, dtype)
-        else:  # integer inputs are often indices: zeros are always in range
-            feeds[spec.name] = np.zeros(shape, dtype)
+        values = []
+        for _ in range(2 if spec.is_sequence else 1):
+            if dtype.kind == "O":  # string tensors
+                values.append(np.full(shape, "a", dtype=object))
+            elif dtype.kind == "f":
+                values.append(rng.standard_normal(shape).astype(dtype))
+            else:  # integer inputs are often indices: zeros are always in range
+                values.append(np.zeros(shape, dtype))
+        feeds[spec.name] = values if spec.is_sequence else values[0]
     return feeds
 
 
@@ -224,8 +226,8 @@ def _golden(model: Model, given: list[dict[str, np.ndarray]] | None, count: int,
                             ("outputs", dict(zip([o.name for o in model.outputs], outputs,
                                                  strict=True)))):
             for i, (name, value) in enumerate(named.items()):
-                path = f"golden/{index}/{kind}/{i}.npy"
-                files[path] = artifact.array_bytes(np.asarray(value))
-                entry[kind][name] = path
+                # arrays, sequences (lists) and absent optionals (None): see store_value
+                entry[kind][name] = artifact.store_value(files, f"golden/{index}/{kind}/{i}.npy",
+                                                         value)
         golden.append(entry)
     return golden

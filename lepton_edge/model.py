@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, shape_inference
 
 from lepton_edge.errors import ModelError, UnsupportedOpsError
-from lepton_edge.signature import Dim, TensorSpec
+from lepton_edge.signature import OPTIONAL, OPTIONAL_SEQUENCE, SEQUENCE, TENSOR, Dim, TensorSpec
 
 # The opsets lepton-edge is tested with. Older models: re-export or use
 # onnx.version_converter; newer ones: TVM 0.27's importer predates them.
@@ -207,15 +207,45 @@ def _validated(
         inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
                                                 data_prop=True)
     except Exception:  # noqa: BLE001 - any failure: retry plainly, which names it clearly
-        # without data propagation; a model that fails this too gets its clear error here
-        inferred = _check(
-            lambda: shape_inference.infer_shapes(proto, check_type=True, strict_mode=True),
-            where)
+        # without data propagation; a model that fails this too gets its clear error here,
+        # unless onnxruntime accepts it (see _tolerated_inference)
+        try:
+            inferred = _check(
+                lambda: shape_inference.infer_shapes(proto, check_type=True, strict_mode=True),
+                where)
+        except ModelError as exc:
+            inferred = _tolerated_inference(proto, exc)
     inputs, outputs = _signature(inferred, where)
     sha = hashlib.sha256(inferred.SerializeToString(deterministic=True)).hexdigest()
     meta = {p.key: p.value for p in inferred.metadata_props}
     return Model(proto=inferred, inputs=inputs, outputs=outputs, opset=opset, sha256=sha,
                  source=where, metadata=meta)
+
+
+def _tolerated_inference(proto: onnx.ModelProto, error: ModelError) -> onnx.ModelProto:
+    """Non-strict shape inference for a valid model strict inference trips over, or `error`.
+
+    onnx's strict inference also checks the bodies of ONNX functions as onnx expands them,
+    and some of those expansions are broken in onnx itself (MeanVarianceNormalization's
+    opset-13 body builds a Constant from an attribute reference that is empty when `axes` is
+    left at its default). Such a model is valid: the checker passed and onnxruntime, which
+    runs these ops with its own kernels, accepts it. So when onnxruntime builds a session for
+    the model, the non-strict inference is used; otherwise the strict error stands.
+    """
+    if proto.ByteSize() > PROTOBUF_LIMIT:
+        raise error
+    try:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        onnxruntime.InferenceSession(proto.SerializeToString(), options,
+                                     providers=["CPUExecutionProvider"])
+        return shape_inference.infer_shapes(proto, check_type=True, strict_mode=False,
+                                            data_prop=True)
+    except Exception:  # noqa: BLE001 - onnxruntime refuses it too: the strict error stands
+        raise error from None
 
 
 def _into_opset_range(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
@@ -348,12 +378,20 @@ def _name_free_dims(proto: onnx.ModelProto) -> None:
 
 
 def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
-    if not value.type.HasField("tensor_type"):
+    """A graph input/output: a tensor, a sequence of tensors, or an optional of either."""
+    which = value.type.WhichOneof("value")
+    kind, inner = TENSOR, value.type
+    if which == "optional_type":
+        inner = value.type.optional_type.elem_type
+        kind = OPTIONAL
+    if inner.WhichOneof("value") == "sequence_type":
+        inner = inner.sequence_type.elem_type
+        kind = OPTIONAL_SEQUENCE if kind == OPTIONAL else SEQUENCE
+    if not inner.HasField("tensor_type"):
         raise ModelError(
-            f"{where}: graph input/output '{value.name}' is not a tensor "
-            f"({value.type.WhichOneof('value')}); only tensor inputs and outputs are supported"
-        )
-    tensor_type = value.type.tensor_type
+            f"{where}: graph input/output '{value.name}' is {_describe(value.type)}; lepton-edge "
+            "takes tensors, sequences of tensors and optionals of those at the graph boundary")
+    tensor_type = inner.tensor_type
     elem_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type in (
         onnx.TensorProto.DataType.values()) else str(tensor_type.elem_type)
     if elem_name.startswith(("FLOAT8", "FLOAT4", "INT4", "UINT4", "INT2", "UINT2")):
@@ -369,14 +407,32 @@ def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
             "numpy equivalent"
         ) from None
     if not tensor_type.HasField("shape"):
-        raise ModelError(f"{where}: '{value.name}' has no shape; export the model with shapes")
+        if kind == TENSOR:
+            raise ModelError(f"{where}: '{value.name}' has no shape; export the model with "
+                             "shapes")
+        # ONNX leaves the rank of sequence elements / optional tensors open: any rank
+        return TensorSpec(name=value.name, dtype=dtype, shape=None, kind=kind)
     shape: list[Dim] = []
     for axis, dim in enumerate(tensor_type.shape.dim):
         if dim.HasField("dim_value"):
             shape.append(int(dim.dim_value))
         else:
             shape.append(dim.dim_param or f"{value.name}_dim{axis}")
-    return TensorSpec(name=value.name, dtype=dtype, shape=tuple(shape))
+    return TensorSpec(name=value.name, dtype=dtype, shape=tuple(shape), kind=kind)
+
+
+def _describe(type_proto: onnx.TypeProto) -> str:
+    """A TypeProto as short text: sequence<map<int64, tensor>>, sparse_tensor, ..."""
+    which = type_proto.WhichOneof("value")
+    if which == "sequence_type":
+        return f"sequence<{_describe(type_proto.sequence_type.elem_type)}>"
+    if which == "optional_type":
+        return f"optional<{_describe(type_proto.optional_type.elem_type)}>"
+    if which == "map_type":
+        key = onnx.helper.tensor_dtype_to_string(type_proto.map_type.key_type)
+        return f"map<{key.removeprefix('TensorProto.').lower()}, " \
+               f"{_describe(type_proto.map_type.value_type)}>"
+    return which.removesuffix("_type") if which else "untyped"
 
 
 def _signature(

@@ -37,6 +37,8 @@ class GraphView:
     # (e.g. vitis keeps host-side float Quantize/Dequantize at a boundary off the FPGA)
     nodes: tuple[onnx.NodeProto, ...] = ()
     outputs: tuple[str, ...] = ()
+    # values that are not tensors (sequences, optionals): name -> "sequence<tensor>", ...
+    value_kinds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,64 @@ def graph_view(model: Model) -> GraphView:
         shapes[name] = tuple(tensor.dims)
     return GraphView(value_types=types, value_shapes=shapes, initializers=inits,
                      opset=model.opset, nodes=tuple(graph.node),
-                     outputs=tuple(o.name for o in graph.output))
+                     outputs=tuple(o.name for o in graph.output),
+                     value_kinds=_non_tensor_values(graph))
+
+
+# Ops that always take or make a sequence, whatever shape inference recorded (a value it
+# could not type has no value_info to look at). OptionalHasElement/OptionalGetElement also
+# take plain tensors (TVM compiles those); they are judged by their values' types.
+SEQUENCE_OPS = frozenset({
+    "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt",
+    "SequenceLength", "SequenceMap", "SplitToSequence", "ConcatFromSequence",
+})
+
+
+def _type_kind(type_proto: onnx.TypeProto) -> str | None:
+    """None for a tensor, else what the value is: sequence<tensor>, optional<...>, map."""
+    which = type_proto.WhichOneof("value")
+    if which in (None, "tensor_type"):
+        return None
+    if which == "sequence_type":
+        return f"sequence<{_type_kind(type_proto.sequence_type.elem_type) or 'tensor'}>"
+    if which == "optional_type":
+        return f"optional<{_type_kind(type_proto.optional_type.elem_type) or 'tensor'}>"
+    return which.removesuffix("_type")
+
+
+def _non_tensor_values(graph: onnx.GraphProto) -> dict[str, str]:
+    """Every value of `graph` and of its nested If/Loop/Scan bodies that is not a tensor."""
+    kinds: dict[str, str] = {}
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        kind = _type_kind(value.type)
+        if kind is not None:
+            kinds[value.name] = kind
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                kinds.update(_non_tensor_values(body))
+    return kinds
+
+
+def _sequence_use(node: onnx.NodeProto, kinds: dict[str, str]) -> str | None:
+    """Why `node` needs sequence/optional values (which compiled code has none of), or None.
+
+    Looks at its inputs and outputs, values its If/Loop/Scan bodies read from outside, and
+    everything inside those bodies.
+    """
+    if (node.domain or "") in ("", "ai.onnx") and node.op_type in SEQUENCE_OPS:
+        return f"{node.op_type} works on sequence/optional values"
+    for role, names in (("consumes", _node_inputs(node)), ("produces", list(node.output))):
+        for name in names:
+            if name in kinds:
+                return f"{role} {kinds[name]} value '{name}'"
+    for attr in node.attribute:
+        for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in body.node:
+                why = _sequence_use(inner, kinds)
+                if why is not None:
+                    return f"its {attr.name} body: {why}"
+    return None
 
 
 def partition(
@@ -135,6 +194,16 @@ def partition(
     for node in nodes:
         why_not: dict[str, str] = {}
         ok: set[str] = set()
+        sequence_use = _sequence_use(node, view.value_kinds)
+        if sequence_use is not None:  # no compiled target has sequence or optional values
+            supported_by[node.name] = {n for n, _ in compilers if n == FALLBACK}
+            labels[node.name] = FALLBACK
+            why_not = {name: f"{sequence_use}; compiled code has no sequence or optional "
+                             "values, so this node runs on onnxruntime"
+                       for name, _ in compilers if name != FALLBACK}
+            if why_not:
+                reasons[node.name] = why_not
+            continue
         for name, target in compilers:
             reason = target.unsupported_reason(node, view)
             if reason is None:

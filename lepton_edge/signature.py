@@ -4,6 +4,12 @@ This module is shared by the compiler and the runtime, so it depends on numpy on
 A dimension is an int (fixed) or a str (symbolic, e.g. "N" for the batch): one artifact
 serves every value of a symbolic dimension, and all tensors naming the same symbol must
 agree on its value in one call.
+
+Besides tensors, a graph input or output may be a sequence of tensors (fed and returned as
+a Python list of arrays), an optional tensor (an array, or None when absent) or an optional
+sequence (a list, or None). `kind` says which; `dtype` and `shape` then describe the tensor
+(each element of a sequence), and `shape` is None where ONNX leaves the rank open. The
+elements of one sequence may differ in their symbolic dimensions, so those are not bound.
 """
 
 from __future__ import annotations
@@ -17,35 +23,154 @@ from lepton_edge.errors import InputError
 
 Dim = int | str
 
+TENSOR = "tensor"
+SEQUENCE = "sequence"
+OPTIONAL = "optional"  # an optional tensor
+OPTIONAL_SEQUENCE = "optional_sequence"
+KINDS = (TENSOR, SEQUENCE, OPTIONAL, OPTIONAL_SEQUENCE)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output."""
+    """One graph input or output: a tensor, a sequence of tensors or an optional of those."""
 
     name: str
-    dtype: str  # a numpy dtype name: "float32", "int64", ...
-    shape: tuple[Dim, ...]
+    dtype: str  # a numpy dtype name: "float32", "int64", ... (of the elements for sequences)
+    shape: tuple[Dim, ...] | None  # None: rank unknown (only for sequence/optional elements)
+    kind: str = TENSOR
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind in (SEQUENCE, OPTIONAL_SEQUENCE)
+
+    @property
+    def is_optional(self) -> bool:
+        return self.kind in (OPTIONAL, OPTIONAL_SEQUENCE)
+
+    def tensor_str(self) -> str:
+        """The tensor (element) type alone: float32[N, 3], or float32[...] for any rank."""
+        if self.shape is None:
+            return f"{self.dtype}[...]"
+        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+    def type_str(self) -> str:
+        """The whole type: float32[N, 3], sequence<float32[N]>, optional<sequence<...>>."""
+        text = self.tensor_str()
+        if self.is_sequence:
+            text = f"sequence<{text}>"
+        return f"optional<{text}>" if self.is_optional else text
 
     def __str__(self) -> str:
-        dims = ", ".join(str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype}[{dims}]"
+        return f"{self.name}: {self.type_str()}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        data: dict[str, Any] = {"name": self.name, "dtype": self.dtype,
+                                "shape": None if self.shape is None else list(self.shape)}
+        if self.kind != TENSOR:  # tensor entries stay exactly as artifacts have always had them
+            data["kind"] = self.kind
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorSpec:
-        shape = tuple(d if isinstance(d, str) else int(d) for d in data["shape"])
-        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=shape)
+        shape = None if data["shape"] is None else tuple(
+            d if isinstance(d, str) else int(d) for d in data["shape"])
+        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=shape,
+                   kind=str(data.get("kind", TENSOR)))
+
+
+class _Symbols:
+    """Values bound to symbolic dimensions in one call, and which input bound each."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.source: dict[str, str] = {}
+
+
+def _check_tensor(spec: TensorSpec, label: str, value: Any, symbols: _Symbols | None,
+                  problems: list[str]) -> np.ndarray | None:
+    """One tensor (an input, or one element of a sequence input) against spec's dtype/shape.
+
+    Symbolic dimensions are bound in `symbols` (None: not bound, for sequence elements, which
+    may differ). Returns the contiguous array, or None after adding a problem.
+    """
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - any conversion failure is the user's input
+        problems.append(f"{label} is not an array ({exc})")
+        return None
+    if spec.dtype == "object":  # a string tensor: onnxruntime takes object arrays of str
+        if arr.dtype.kind not in "USO":
+            problems.append(f"{label} has dtype {arr.dtype}, expected strings")
+            return None
+        arr = arr.astype(object)
+    elif arr.dtype == object:
+        problems.append(f"{label} is not a numeric array")
+        return None
+    if arr.dtype != np.dtype(spec.dtype):
+        problems.append(f"{label} has dtype {arr.dtype}, expected {spec.dtype} "
+                        f"(convert with .astype('{spec.dtype}'))")
+        return None
+    if spec.shape is None:
+        return np.asarray(arr, order="C")
+    if arr.ndim != len(spec.shape):
+        problems.append(f"{label} has rank {arr.ndim} (shape {list(arr.shape)}), "
+                        f"expected rank {len(spec.shape)} {list(spec.shape)}")
+        return None
+    for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+        if isinstance(want, int):
+            if want != got:
+                problems.append(f"{label} has shape {list(arr.shape)}, expected "
+                                f"{list(spec.shape)} (dimension {axis} must be {want})")
+                return None
+        elif symbols is None:
+            continue
+        elif want in symbols.values and symbols.values[want] != got:
+            problems.append(f"{label} dimension {axis} ('{want}') is {got} but "
+                            f"'{symbols.source[want]}' set '{want}' = {symbols.values[want]}")
+            return None
+        else:
+            if got == 0:
+                problems.append(f"{label} dimension {axis} ('{want}') is 0")
+                return None
+            symbols.values.setdefault(want, got)
+            symbols.source.setdefault(want, spec.name)
+    return np.asarray(arr, order="C")  # ascontiguousarray makes 0-d 1-d
+
+
+def _check_value(spec: TensorSpec, value: Any, symbols: _Symbols, problems: list[str]) -> Any:
+    """One input of any kind: an array, a list of arrays, or None for an absent optional."""
+    label = f"input '{spec.name}'"
+    if value is None:
+        if not spec.is_optional:
+            what = "a list of arrays" if spec.is_sequence else "an array"
+            problems.append(f"{label} is None, but it is required ({spec.type_str()}): pass "
+                            f"{what}")
+        return None
+    if not spec.is_sequence:
+        return _check_tensor(spec, label, value, symbols, problems)
+    if not isinstance(value, list | tuple):
+        given = ("one array" if isinstance(value, np.ndarray)
+                 else f"a {type(value).__name__}")
+        problems.append(
+            f"{label} is {given}, expected a list of arrays ({spec.type_str()})"
+            + (" or None" if spec.is_optional else "")
+            + ("; wrap a single array in a list" if isinstance(value, np.ndarray) else ""))
+        return None
+    before = len(problems)
+    elements = [_check_tensor(spec, f"{label}[{i}]", v, None, problems)
+                for i, v in enumerate(value)]
+    return elements if len(problems) == before else None
 
 
 def check_feeds(
     specs: tuple[TensorSpec, ...], feeds: dict[str, Any]
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Check `feeds` against `specs`; return them as contiguous arrays and the bound symbols.
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Check `feeds` against `specs`; return them (contiguous arrays) and the bound symbols.
 
-    Every problem is reported at once in one InputError, each naming the input, what was
-    expected and what was given, so a caller fixes them all in one go.
+    Tensor inputs become arrays, sequence inputs lists of arrays, absent optionals None (an
+    optional input may also be left out). Every problem is reported at once in one
+    InputError, each naming the input, what was expected and what was given, so a caller
+    fixes them all in one go.
     """
     if not isinstance(feeds, dict):
         raise InputError(
@@ -55,65 +180,20 @@ def check_feeds(
     problems: list[str] = []
     known = {s.name for s in specs}
     unknown = sorted(set(feeds) - known, key=str)  # names may not all be str
-    missing = [s.name for s in specs if s.name not in feeds]
+    missing = [s.name for s in specs if s.name not in feeds and not s.is_optional]
     if unknown:
         problems.append(f"unknown input name(s) {unknown}")
     if missing:
         problems.append(f"missing input(s) {missing}")
-    arrays: dict[str, np.ndarray] = {}
-    symbols: dict[str, int] = {}
-    symbol_source: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    symbols = _Symbols()
     for spec in specs:
         if spec.name not in feeds:
+            if spec.is_optional:
+                values[spec.name] = None
             continue
-        value = feeds[spec.name]
-        try:
-            arr = np.asarray(value)
-        except Exception as exc:  # noqa: BLE001 - any conversion failure is the user's input
-            problems.append(f"input '{spec.name}' is not an array ({exc})")
-            continue
-        if spec.dtype == "object":  # a string tensor: onnxruntime takes object arrays of str
-            if arr.dtype.kind not in "USO":
-                problems.append(f"input '{spec.name}' has dtype {arr.dtype}, expected strings")
-                continue
-            arr = arr.astype(object)
-        elif arr.dtype == object:
-            problems.append(f"input '{spec.name}' is not a numeric array")
-            continue
-        if arr.dtype != np.dtype(spec.dtype):
-            problems.append(
-                f"input '{spec.name}' has dtype {arr.dtype}, expected {spec.dtype} "
-                f"(convert with .astype('{spec.dtype}'))"
-            )
-            continue
-        if arr.ndim != len(spec.shape):
-            problems.append(
-                f"input '{spec.name}' has rank {arr.ndim} (shape {list(arr.shape)}), "
-                f"expected rank {len(spec.shape)} {list(spec.shape)}"
-            )
-            continue
-        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
-            if isinstance(want, int):
-                if want != got:
-                    problems.append(
-                        f"input '{spec.name}' has shape {list(arr.shape)}, expected "
-                        f"{list(spec.shape)} (dimension {axis} must be {want})"
-                    )
-                    break
-            elif want in symbols and symbols[want] != got:
-                problems.append(
-                    f"input '{spec.name}' dimension {axis} ('{want}') is {got} but "
-                    f"'{symbol_source[want]}' set '{want}' = {symbols[want]}"
-                )
-                break
-            else:
-                if got == 0:
-                    problems.append(f"input '{spec.name}' dimension {axis} ('{want}') is 0")
-                    break
-                symbols.setdefault(want, got)
-                symbol_source.setdefault(want, spec.name)
-        arrays[spec.name] = np.asarray(arr, order="C")  # ascontiguousarray makes 0-d 1-d
+        values[spec.name] = _check_value(spec, feeds[spec.name], symbols, problems)
     if problems:
         expected = "; ".join(str(s) for s in specs)
         raise InputError("bad inputs: " + "; ".join(problems) + f". The model takes {expected}")
-    return arrays, symbols
+    return values, symbols.values

@@ -226,37 +226,54 @@ class Session:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ running
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Run the model; returns every output by name, in the signature's order."""
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run the model; returns every output by name, in the signature's order.
+
+        Tensors are numpy arrays; a sequence input or output is a list of arrays, and an
+        absent optional is None (an optional input may also be left out of `feeds`).
+        """
         arrays, symbols = check_feeds(self.inputs, feeds)
         with self._lock:
-            env: dict[str, np.ndarray] = dict(arrays)
+            env: dict[str, Any] = dict(arrays)
             for sg in self._subgraphs:
                 values = [env[name] for name in sg.inputs]
                 outputs = self._run_subgraph(sg, values)
                 env.update(zip(sg.outputs, outputs, strict=True))
-        result = {spec.name: np.asarray(env[spec.name]) for spec in self.outputs}
+        result = {spec.name: _output_value(spec, env[spec.name]) for spec in self.outputs}
         self._check_outputs(result, symbols)
         return result
 
-    def _check_outputs(self, result: dict[str, np.ndarray], symbols: dict[str, int]) -> None:
-        """A build that returns the wrong dtype or shape is a bug: say so, never return it."""
+    def _check_outputs(self, result: dict[str, Any], symbols: dict[str, int]) -> None:
+        """A build that returns the wrong type, dtype or shape is a bug: say so, never return
+        it. Sequence outputs must be lists of arrays, absent optionals None."""
         problems = []
         for spec in self.outputs:
             value = result[spec.name]
-            expected = [symbols.get(d, d) if isinstance(d, str) else d for d in spec.shape]
-            if value.dtype != np.dtype(spec.dtype) or value.ndim != len(expected) or any(
-                    isinstance(want, int) and want != got
-                    for want, got in zip(expected, value.shape, strict=True)):
-                problems.append(f"output '{spec.name}' is {value.dtype}{list(value.shape)}, "
-                                f"expected {spec.dtype}{expected}")
+            if value is None:
+                if not spec.is_optional:
+                    problems.append(f"output '{spec.name}' is None, expected {spec.type_str()}")
+                continue
+            if spec.is_sequence != isinstance(value, list):
+                problems.append(f"output '{spec.name}' is a {type(value).__name__}, expected "
+                                f"{spec.type_str()}")
+                continue
+            if spec.is_sequence:
+                # Only the element dtype: ONNX records one merged shape for all elements, which
+                # inference may take from a declared input that the graph then outgrows (a
+                # Loop appending [i]-shaped tensors to a sequence declared of scalars); the
+                # elements come from onnxruntime, never from compiled code.
+                problems += [f"output '{spec.name}'[{i}] is {_kind_of(v)}, expected "
+                             f"{spec.dtype}" for i, v in enumerate(value)
+                             if not isinstance(v, np.ndarray) or v.dtype != np.dtype(spec.dtype)]
+            else:
+                problems += _tensor_problem(f"output '{spec.name}'", spec, value, symbols)
         if problems:
             where = ", ".join(str(p) for p in self.placement.values())
             raise DeviceError("the compiled model returned wrong outputs (" + "; ".join(problems)
                               + f"); placement: {where}. This is a compiler bug: please report it "
                               "and run with devices=['onnxruntime'] meanwhile")
 
-    def _run_subgraph(self, sg: _PlacedSubgraph, values: list[np.ndarray]) -> list[np.ndarray]:
+    def _run_subgraph(self, sg: _PlacedSubgraph, values: list[Any]) -> list[Any]:
         while True:
             assert sg.executable is not None
             try:
@@ -292,10 +309,10 @@ class Session:
         max_abs: dict[str, float] = {}
         max_rel: dict[str, float] = {}
         for case in golden:
-            feeds = {name: self._artifact.array(path) for name, path in case["inputs"].items()}
+            feeds = {name: self._artifact.value(ref) for name, ref in case["inputs"].items()}
             got = self.run(feeds)
-            for name, path in case["outputs"].items():
-                want = self._artifact.array(path)
+            for name, ref in case["outputs"].items():
+                want = self._artifact.value(ref)
                 abs_err, rel_err = compare(got[name], want)
                 max_abs[name] = max(max_abs.get(name, 0.0), abs_err)
                 max_rel[name] = max(max_rel.get(name, 0.0), rel_err)
@@ -320,8 +337,51 @@ class Session:
                 f"{', '.join(str(s) for s in self.outputs)}; {where})")
 
 
-def compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
-    """(max absolute error, max error relative to the largest reference magnitude)."""
+def _output_value(spec: TensorSpec, value: Any) -> Any:
+    """An output as returned: an array, a list of arrays (sequence) or None (absent); what
+    does not fit its spec is left for _check_outputs to report."""
+    if value is None:
+        return None
+    if spec.is_sequence and isinstance(value, list | tuple):
+        return [np.asarray(v) for v in value]
+    return value if spec.is_sequence else np.asarray(value)
+
+
+def _kind_of(value: Any) -> str:
+    return str(value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
+
+
+def _tensor_problem(label: str, spec: TensorSpec, value: np.ndarray, symbols: dict[str, int]
+                    ) -> list[str]:
+    """[] when `value` has spec's dtype and shape (symbols resolved), else what is wrong."""
+    if not isinstance(value, np.ndarray):
+        return [f"{label} is a {type(value).__name__}, expected an array"]
+    if spec.shape is None:  # any rank
+        ok = value.dtype == np.dtype(spec.dtype)
+        return [] if ok else [f"{label} is {value.dtype}, expected {spec.dtype}"]
+    expected = [symbols.get(d, d) if isinstance(d, str) else d for d in spec.shape]
+    if value.dtype != np.dtype(spec.dtype) or value.ndim != len(expected) or any(
+            isinstance(want, int) and want != got
+            for want, got in zip(expected, value.shape, strict=True)):
+        return [f"{label} is {value.dtype}{list(value.shape)}, expected {spec.dtype}{expected}"]
+    return []
+
+
+def compare(got: Any, want: Any) -> tuple[float, float]:
+    """(max absolute error, max error relative to the largest reference magnitude).
+
+    Sequences compare element-wise (the worst element counts); None matches only None.
+    """
+    if want is None or got is None:
+        return (0.0, 0.0) if want is None and got is None else (float("inf"), float("inf"))
+    if isinstance(want, list | tuple):
+        if not isinstance(got, list | tuple) or len(got) != len(want):
+            return float("inf"), float("inf")
+        errors = [compare(g, w) for g, w in zip(got, want, strict=True)]
+        return (max((e[0] for e in errors), default=0.0),
+                max((e[1] for e in errors), default=0.0))
+    if isinstance(got, list | tuple):
+        return float("inf"), float("inf")
     if got.shape != want.shape:
         return float("inf"), float("inf")
     if want.size == 0:

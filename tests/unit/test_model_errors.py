@@ -340,18 +340,71 @@ def test_model_proto_is_not_modified_when_refused() -> None:
     assert original.SerializeToString() == before
 
 
-def test_non_tensor_graph_input() -> None:
+def test_sequence_and_optional_graph_io_load() -> None:
     seq = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)
-    out = helper.make_tensor_sequence_value_info("o", TensorProto.FLOAT, None)
+    opt = helper.make_value_info("o", helper.make_optional_type_proto(
+        helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.INT64, [3]))))
+    out = helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, None)
+    n = helper.make_tensor_value_info("n", TensorProto.BOOL, [])
     model = helper.make_model(
-        helper.make_graph([helper.make_node("Identity", ["s"], ["o"], name="id")], "seq",
-                          [seq], [out]),
+        helper.make_graph([helper.make_node("Identity", ["s"], ["y"], name="id"),
+                           helper.make_node("OptionalHasElement", ["o"], ["n"], name="has")],
+                          "seq", [seq, opt], [out, n]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    loaded = lepton_edge.load(model)
+    assert [str(s) for s in loaded.inputs] == ["s: sequence<float32[...]>",
+                                               "o: optional<sequence<int64[3]>>"]
+    assert [(s.kind, s.shape) for s in loaded.inputs] == [("sequence", None),
+                                                          ("optional_sequence", (3,))]
+    assert [s.kind for s in loaded.outputs] == ["sequence", "tensor"]
+
+
+@pytest.mark.parametrize("value_type, words", [
+    (helper.make_sequence_type_proto(helper.make_sequence_type_proto(
+        helper.make_tensor_type_proto(TensorProto.FLOAT, None))),
+     "'s' is sequence<sequence<tensor>>"),
+    (helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
+        TensorProto.FLOAT, None)), "'s' is map<int64, tensor>"),
+])
+def test_nested_or_map_graph_input_is_refused(value_type, words: str) -> None:
+    model = helper.make_model(
+        helper.make_graph([], "passthrough", [helper.make_value_info("s", value_type)],
+                          [helper.make_value_info("s", value_type)]),
         opset_imports=[helper.make_opsetid("", 17)],
     )
-    error = load_error(model)
-    message = str(error)
-    assert "'s' is not a tensor (sequence_type)" in message
-    assert "only tensor inputs and outputs are supported" in message
+    message = str(load_error(model))
+    assert words in message, message
+    assert "takes tensors, sequences of tensors and optionals of those" in message
+
+
+def test_strict_inference_failure_onnxruntime_runs_is_tolerated() -> None:
+    """onnx's own MeanVarianceNormalization function body (opset 13) fails strict shape
+    inference when `axes` is left at its default; onnxruntime runs the op: it loads."""
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("MeanVarianceNormalization", ["x"], ["y"])], "mvn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3, 3, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3, 3, 1])]),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    loaded = lepton_edge.load(model)
+    assert [str(s) for s in loaded.outputs] == ["y: float32[3, 3, 3, 1]"]
+
+
+def test_really_inconsistent_shapes_still_refused() -> None:
+    """A model whose shapes contradict each other: strict inference and onnxruntime both
+    refuse it, so load names the inference error."""
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "bad",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    message = str(load_error(model))
+    assert "is not a valid ONNX model" in message and "ShapeInferenceError" in message, message
 
 
 def test_input_without_shape() -> None:

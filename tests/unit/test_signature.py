@@ -185,10 +185,58 @@ def test_check_feeds_python_lists_need_the_right_dtype() -> None:
         check_feeds((X_SPEC,), {"x": [[1.0, 2.0, 3.0, 4.0]]})
 
 
-@pytest.mark.parametrize("value", [None, object(), np.array([{"a": 1}], dtype=object)])
+@pytest.mark.parametrize("value", [object(), np.array([{"a": 1}], dtype=object)])
 def test_check_feeds_non_numeric_values(value) -> None:
     with pytest.raises(InputError, match=r"input 'x' is not a numeric array"):
         check_feeds((X_SPEC,), {"x": value})
+
+
+def test_check_feeds_none_for_a_required_tensor() -> None:
+    with pytest.raises(InputError, match=r"input 'x' is None, but it is required "
+                                         r"\(float32\[N, 4\]\): pass an array"):
+        check_feeds((X_SPEC,), {"x": None})
+
+
+SEQ_SPEC = TensorSpec("s", "float32", ("L", 4), kind="sequence")
+OPT_SPEC = TensorSpec("o", "int64", (2,), kind="optional")
+OPT_SEQ_SPEC = TensorSpec("q", "float32", None, kind="optional_sequence")
+
+
+def test_check_feeds_sequences_and_optionals() -> None:
+    elements = [np.zeros((3, 4), np.float32), np.ones((1, 4), np.float32)]
+    values, symbols = check_feeds((X_SPEC, SEQ_SPEC, OPT_SPEC, OPT_SEQ_SPEC), {
+        "x": np.zeros((2, 4), np.float32), "s": tuple(elements), "o": None,
+        "q": [np.zeros((), np.float32), np.zeros((2, 2, 2), np.float32)]})
+    assert symbols == {"N": 2}  # elements' 'L' differ (3, 1) and are not bound
+    assert isinstance(values["s"], list) and [v.shape for v in values["s"]] == [(3, 4), (1, 4)]
+    assert values["o"] is None and [v.ndim for v in values["q"]] == [0, 3]  # any rank
+    values, _ = check_feeds((SEQ_SPEC, OPT_SPEC), {"s": [], "o": np.arange(2)})
+    assert values["s"] == [] and values["o"].dtype == np.int64
+    values, _ = check_feeds((SEQ_SPEC, OPT_SPEC), {"s": []})  # an optional may be left out
+    assert values["o"] is None
+
+
+def test_check_feeds_bad_sequences_and_optionals_all_at_once() -> None:
+    with pytest.raises(InputError) as info:
+        check_feeds((SEQ_SPEC, OPT_SPEC, OPT_SEQ_SPEC), {
+            "s": [np.zeros((1, 4), np.float64), np.zeros(4, np.float32),
+                  np.zeros((1, 5), np.float32)],
+            "o": np.zeros(3, np.int64), "q": np.zeros(3, np.float32)})
+    message = str(info.value)
+    assert "input 's'[0] has dtype float64, expected float32" in message
+    assert "input 's'[1] has rank 1 (shape [4]), expected rank 2 ['L', 4]" in message
+    assert "input 's'[2] has shape [1, 5], expected ['L', 4] (dimension 1 must be 4)" in message
+    assert "input 'o' has shape [3], expected [2]" in message
+    assert ("input 'q' is one array, expected a list of arrays "
+            "(optional<sequence<float32[...]>>) or None; wrap a single array in a list") in message
+    assert "The model takes s: sequence<float32[L, 4]>; o: optional<int64[2]>" in message
+    with pytest.raises(InputError, match=r"input 's' is None, but it is required "
+                                         r"\(sequence<float32\[L, 4\]>\): pass a list"):
+        check_feeds((SEQ_SPEC,), {"s": None})
+    with pytest.raises(InputError, match=r"input 's' is a dict, expected a list of arrays"):
+        check_feeds((SEQ_SPEC,), {"s": {"a": np.zeros((1, 4), np.float32)}})
+    with pytest.raises(InputError, match=r"missing input\(s\) \['s'\]"):
+        check_feeds((SEQ_SPEC, OPT_SPEC), {"o": None})
 
 
 def test_check_feeds_ragged_list() -> None:
@@ -220,6 +268,12 @@ def test_tensor_spec_json_round_trip() -> None:
     spec = TensorSpec("x", "float32", ("N", 4, "seq"))
     assert TensorSpec.from_json(spec.to_json()) == spec
     assert str(spec) == "x: float32[N, 4, seq]"
+    assert "kind" not in spec.to_json()  # tensor entries are unchanged in manifests
+    for other, text in ((SEQ_SPEC, "s: sequence<float32[L, 4]>"),
+                        (OPT_SPEC, "o: optional<int64[2]>"),
+                        (OPT_SEQ_SPEC, "q: optional<sequence<float32[...]>>")):
+        assert TensorSpec.from_json(other.to_json()) == other
+        assert str(other) == text
 
 
 def test_signature_file_is_importable_without_the_compiler() -> None:
