@@ -1,7 +1,8 @@
-"""The vitis target: int8 QDQ subgraphs -> HLS C++, checked by C simulation of that source.
+"""The vitis target: int8 QDQ subgraphs -> TVM TIR -> HLS C++, checked by C simulation.
 
-The C simulation must be bit-exact with the CPU int8 build of the same artifact (both use
-the integer math of lepton_edge/lowering/int8.py), and used only when named in devices=.
+The C simulation must be bit-exact with the CPU int8 build of the same artifact (both lower
+the subgraph through lepton_edge/lowering/int8.py and TVM's LegalizeOps), and used only when
+named in devices=.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def test_generated_source_and_board_folder(tmp_path: Path) -> None:
         host = z.read(f"{base}/host_xrt.py").decode()
         assert f"{base}/kernel.h" in names and f"{base}/csim.so" in names
         assert not any("hls_stream.h" in n for n in names)  # sequential form: no streams
-    assert "#pragma HLS PIPELINE II=1" in kernel
+    assert "#pragma HLS PIPELINE II=1" in kernel and "#pragma HLS UNROLL" in kernel
     assert "#pragma HLS ARRAY_PARTITION" in kernel and "factor=8" in kernel
     assert "#pragma HLS INTERFACE m_axi port=in0 offset=slave bundle=gmem0" in kernel
     assert "#pragma HLS INTERFACE m_axi port=out0 offset=slave bundle=gmem1" in kernel
@@ -175,7 +176,13 @@ def test_generated_source_and_board_folder(tmp_path: Path) -> None:
     name = meta["kernel"]  # unique per kernel: lepton_<hash of its source>
     assert re.fullmatch(r"lepton_[0-9a-f]{12}", name), name
     assert f'extern "C" void {name}(const int8_t* in0, int8_t* out0, int batch)' in kernel
-    assert "static const int8_t L0_w" in kernel
+    # the kernels are the TIR PrimFuncs of the lowered subgraph, printed in order
+    tir = meta["tir_kernels"]
+    assert any("conv2d" in k for k in tir), tir
+    for i, prim in enumerate(tir):
+        assert f"// kernel {i}: TIR PrimFunc {prim} (" in kernel
+        assert f"static void k{i}_{prim}(" in kernel
+    assert re.search(r"static const int8_t c\d+\[162\] = ", kernel)  # 6x3x3x3 weights: ROM
     assert "v++ -c" in makefile and f"-k {name}" in makefile and "v++ -l" in makefile
     assert "xilinx_zcu104_base_202320_1" in makefile
     assert f"sp={name}_1.in0:DDR" in connectivity and f"sp={name}_1.out0:DDR" in connectivity
@@ -197,11 +204,16 @@ def test_parallelism_setting_and_budget() -> None:
     assert "factor=4" in build.files["kernel.cpp"].decode()
     total = build.meta["estimate"]["total"]
     # 10 outputs x ceil(24 / 4) chunks + 10 pipeline fill, + 24 + 10 bytes loaded/stored
-    assert (total["macs"], total["cycles"], total["dsp"]) == (240, 60 + 10 + 34, 4 + 4)
+    # the matmul: 10 outputs x (1 init + ceil(24 / 4) pipelined chunks), its requantize
+    # epilogue 10, + 24 + 10 elements loaded/stored; DSPs: 4 MAC lanes + the 64-bit multiply
+    (mm,) = [k for k in build.meta["estimate"]["kernels"] if k["macs"]]
+    assert (mm["macs"], mm["cycles"], mm["dsp"]) == (240, 10 * (1 + 6) + 10, 4 + 4)
+    assert total["macs"] == 240 and total["cycles"] == sum(
+        k["cycles"] for k in build.meta["estimate"]["kernels"]) + 34
     assert total["lut"] > 0 and total["ff"] > 0 and total["bram_18k"] == 0  # 240 B: LUT ROM
     tiny = Profile("tiny", "vitis", "", {"parallelism": 16, "budget": {"dsp": 8,
                                                                          "bram_18k": 10}})
-    with pytest.raises(TargetError, match=r"dsp 20 > budget 8.*layer 0 \(dense\): 240 MACs"):
+    with pytest.raises(TargetError, match=r"dsp 20 > budget 8.*kernel \d \(\w*matmul\w*\): 240 MACs"):
         VitisTarget().compile(sub, tiny)
     small = Profile("small", "vitis", "", {"parallelism": 4, "budget": {"lut": 1000}})
     with pytest.raises(TargetError, match=r"lut \d+ > budget 1000"):
@@ -263,7 +275,10 @@ def test_digits_int8_artifact_places_conv_gemm_on_the_fpga_simulation(tmp_path: 
     kernel_sg = fpga.manifest["subgraphs"][1]
     assert kernel_sg["op_counts"]["Conv"] == 2 and kernel_sg["op_counts"]["Gemm"] == 2
     meta = next(b for b in kernel_sg["builds"] if b["target"] == "vitis")["meta"]
-    assert meta["layers"] == ["conv", "conv", "maxpool", "dense", "dense"]
+    ops = [next(op for op in ("conv2d", "max_pool2d", "matmul") if op in k)
+           for k in meta["tir_kernels"] if any(op in k for op in ("conv2d", "pool", "matmul"))]
+    assert ops == ["conv2d", "conv2d", "max_pool2d", "matmul", "matmul"], meta["tir_kernels"]
+    assert meta["estimate"]["total"]["macs"] == kernel_sg["macs"]  # MACs read off the TIR
     assert [p["dtype"] for p in meta["inputs"] + meta["outputs"]] == ["int8", "int8"]
     # the reference: the CPU int8 build of the same model
     cpu = cpu_reference(q, tmp_path)
@@ -283,7 +298,8 @@ def test_explain_shows_fpga_estimates_and_why_nodes_stay_on_the_cpu(tmp_path: Pa
     assert result.exit_code == 0, result.output
     out = result.output
     assert "sg1: 6 nodes on vitis" in out and "sg0: 1 nodes on cpu" in out
-    assert "sg1 on vitis: vitis kernel: conv; 1 in, 1 out (int8 on AXI); parallelism 8" in out
+    assert re.search(r"sg1 on vitis: vitis kernel from TIR: [\w >-]*conv2d\w*; 1 in, 1 out \(AXI\); "
+                     r"parallelism 8", out), out
     estimate = next(line for line in out.splitlines() if "sg1 on vitis: estimate:" in line)
     for key in ("2,592 MACs/sample", "cycles latency", "DSP", "BRAM18K", "LUT", "FF"):
         assert key in estimate, estimate
