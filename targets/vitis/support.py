@@ -1,6 +1,6 @@
 """Which ONNX nodes the Vitis target takes, and why not.
 
-A node is taken when it is part of an int8 kernel: DequantizeLinear -> Conv / Gemm / MatMul /
+A node is taken when it is part of an int8 kernel: DequantizeLinear -> Conv / Gemm / MatMul (+ constant bias Add) /
 Add / AveragePool (-> Relu | Clip) -> QuantizeLinear, MaxPool / Flatten / Reshape between a
 DequantizeLinear and its consumers, and the constant weight/bias DequantizeLinears. Decided
 per node from its own attributes and its direct neighbours (GraphView.nodes).
@@ -86,6 +86,29 @@ def _is_weight_dq(node: onnx.NodeProto | None, graph: Any) -> bool:
             and node.input[0] in graph.initializers)
 
 
+def _bias_add(node: onnx.NodeProto, graph: Any) -> bool:
+    """Add(MatMul/Gemm result, constant per-output-channel bias): int8.py folds the bias into
+    the integer accumulator, so it is part of the matmul kernel."""
+    if node.op_type != "Add" or len(node.input) != 2 or not getattr(graph, "nodes", ()):
+        return False
+    producers, _ = _links(graph)
+    for mm, bias in (node.input, node.input[::-1]):
+        src = producers.get(mm)
+        if src is None or src.op_type not in ("MatMul", "Gemm"):
+            continue
+        const = bias if bias in graph.initializers else None
+        dq = producers.get(bias)
+        if const is None and _is_weight_dq(dq, graph):
+            const = dq.input[0]
+        out = graph.value_shapes.get(mm)
+        if const is None or not out:
+            continue
+        size = _size(graph, const)
+        if size is not None and size in (1, out[-1]):
+            return True
+    return False
+
+
 def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
     if (node.domain or "") not in ("", "ai.onnx"):
         return f"vitis generates only standard ONNX ops, not domain '{node.domain}'"
@@ -166,6 +189,8 @@ def _own_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         return None
     if op == "Add":
         a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if _bias_add(node, graph):
+            return None
         if a is None or a != b or not _static(a):
             return "vitis Add needs two inputs of one static shape (no broadcasting)"
         return None
@@ -212,7 +237,7 @@ def _context_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         if not users:
             return "its result is not used"
         if node.input[0] in graph.initializers:
-            bad = [u for u in users if u.op_type not in _MATMULS]
+            bad = [u for u in users if u.op_type not in _MATMULS and not _bias_add(u, graph)]
             if bad:
                 return f"constant dequantized for {bad[0].op_type} '{bad[0].name}', not a matmul"
             return None
@@ -231,6 +256,8 @@ def _context_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         if len(node.input) > 2 and node.input[2] and node.input[2] not in graph.initializers \
                 and not _is_weight_dq(producers.get(node.input[2]), graph):
             return f"vitis {op} needs a constant bias"
+    elif op == "Add" and _bias_add(node, graph):
+        pass  # the matmul operand's own checks decide
     elif op == "Add":
         if not all(_is_activation_dq(producers.get(name), graph) for name in node.input[:2]):
             return "vitis Add needs two dequantized int8 activations (QLinearAdd pattern)"
@@ -247,7 +274,8 @@ def _context_reason(node: onnx.NodeProto, graph: Any) -> str | None:
                                                                       "Clip"}
         if op == "AveragePool":
             follow = {"QuantizeLinear"}
-        if leaves or not users or any(u.op_type not in follow for u in users):
+        if leaves or not users or any(u.op_type not in follow and not (
+                op in ("MatMul", "Gemm") and _bias_add(u, graph)) for u in users):
             return (f"the float result of {op} must be requantized (QuantizeLinear) on the "
                     "FPGA, not used in float")
     if op in ("MaxPool", "Flatten", "Reshape"):

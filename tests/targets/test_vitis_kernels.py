@@ -134,12 +134,30 @@ def reshape_requant_model() -> onnx.ModelProto:
     return _model(nodes, [("x", ["N", 2, 8, 8])], [("y", ["N", 5])], consts)
 
 
-MODELS = {"residual": residual_model, "two_inputs": two_input_model,
+def matmul_bias_model() -> onnx.ModelProto:
+    """DQ -> MatMul(DQ W[K, N]) -> Add(DQ int32 bias) -> Relu -> Q: the exporter form of a
+    linear layer; int8.py folds the bias into the accumulator."""
+    consts = {"sx": 0.021, "zx": 4, "sy": 0.11, "zy": -7}
+    w = rng.integers(-127, 128, (12, 6)).astype(np.int8)
+    sw = rng.uniform(0.004, 0.02, 6).astype(F)
+    consts.update({"w": w, "sw": sw, "zw": np.zeros(6, np.int8),
+                   "b": rng.integers(-3000, 3000, 6).astype(np.int32),
+                   "sb": (F(0.021) * sw).astype(F), "zb": np.zeros(6, np.int32)})
+    nodes = [_dq("x", "sx", "zx", "xf"),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=1),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"], axis=0),
+             helper.make_node("MatMul", ["xf", "wf"], ["m"]),
+             helper.make_node("Add", ["m", "bf"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), _q("r", "sy", "zy", "y")]
+    return _model(nodes, [("x", ["N", 12])], [("y", ["N", 6])], consts)
+
+
+MODELS = {"residual": residual_model, "matmul_bias": matmul_bias_model, "two_inputs": two_input_model,
           "avgpool_pad": lambda: avgpool_model(1), "avgpool_nopad": lambda: avgpool_model(0),
           "reshape_requant": reshape_requant_model}
 # ops that must appear, in this order, in the names of distinct TIR kernels (FuseTIR names a
 # fused PrimFunc after its ops)
-OPS = {"residual": ["conv2d", "add"], "two_inputs": ["add", "matmul"],
+OPS = {"residual": ["conv2d", "add"], "matmul_bias": ["matmul"], "two_inputs": ["add", "matmul"],
        "avgpool_pad": ["avg_pool2d"], "avgpool_nopad": ["avg_pool2d"],
        "reshape_requant": ["max_pool2d", "reshape", "matmul"]}
 
