@@ -1,12 +1,14 @@
 """Untuned (--tune 0) lepton-edge CPU builds against onnxruntime fp32, same process, alternating.
 
     .venv/bin/python benchmarks/untuned.py [--models digits,resnet18,mobilenet_v2,bert]
-                                           [--runs R] [--warmup W] [--plain]
+                                           [--runs R] [--warmup W] [--threads T]
+                                           [--plain | --no-pack]
 
 Each model is compiled for "cpu" without tuning (the default schedules of
 lepton_edge/lowering/schedules.py; --plain sets LEPTON_DEFAULT_SCHEDULES=0 for TVM's plain
-loops, the "before" numbers) and timed with lepton_edge.bench.compare against onnxruntime fp32
-on the same random input. Printed per model and batch: MACs, the fp32 floor (2 x MACs / the
+loops, the "before" numbers; --no-pack sets LEPTON_PACK_CONV=0: pointwise convolutions keep
+their OIHW filters and vectorize along the output width) and timed with
+lepton_edge.bench.compare against onnxruntime fp32 on the same random input. Printed per model and batch: MACs, the fp32 floor (2 x MACs / the
 fp32 peak measured here), lepton and onnxruntime p50, their ratio, the largest relative
 difference of the outputs, and the compile time. Models: the digits CNN (batch 1 and 64) and
 benchmarks/models.py's ResNet-18-shaped and MobileNetV2-shaped CNNs (224x224) and BERT-base-
@@ -70,12 +72,16 @@ def main() -> None:
     parser.add_argument("--export", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true",
                         help="TVM's plain loops (LEPTON_DEFAULT_SCHEDULES=0): the 'before'")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="LEPTON_PACK_CONV=0: no packed pointwise filters (for A/B runs)")
     args = parser.parse_args()
     if args.export is not None:
         _export(args.models.split(","), args.export)
         return
     if args.plain:
         os.environ["LEPTON_DEFAULT_SCHEDULES"] = "0"
+    if args.no_pack:
+        os.environ["LEPTON_PACK_CONV"] = "0"
     if args.threads:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool
     names = [n.strip() for n in args.models.split(",") if n.strip()]

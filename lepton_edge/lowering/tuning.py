@@ -433,8 +433,11 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, database: Any, db_dir: 
                     mod = apply_default_schedules(mod, target)
                 say(f"kernels: {tuned} from the tuning database, "
                     f"{_kernel_count(mod) - tuned} with default schedules")
+                from lepton_edge.lowering.schedules import finalize_passes
+
+                # finalize_passes: TVM's, plus noalias kept next to symbolic shape functions
                 lower = tvm.transform.Sequential([*cpu_pipeline.dataflow_lower_passes(target),
-                                                  *cpu_pipeline.finalize_passes(target)])
+                                                  *finalize_passes(target)])
                 return tvm.compile(mod, target=target, relax_pipeline=lower)
     except Exception as exc:  # noqa: BLE001
         raise TuningError(f"TVM failed to compile with the tuning database: {_last_line(exc)}"
