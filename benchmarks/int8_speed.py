@@ -7,11 +7,13 @@ FFN 256) at sequence 128, batch 1. Both are quantized with lepton_edge.compress.
 (MinMax, per-channel); the same QDQ model is what onnxruntime int8 runs. Engines are measured
 in alternating rounds so machine noise hits all of them alike; the medians and the ratios are
 printed. Builds are untuned (default schedules). "lepton int8" is the default build (packed
-dot-product kernels of lowering/x86_int8.py on VNNI CPUs only); "lepton int8 dot" forces
-them (LEPTON_X86_INT8_DOT=on), on an AVX2 machine with the exact AVX2 intrinsic.
+kernels of lowering/x86_int8.py: VNNI dot products, or on AVX2 int16 `vpmaddwd` matmuls
+and uint8 dot-product convs); "lepton int8 generic" turns them off
+(LEPTON_X86_INT8_DOT=off: lowering/schedules.py's generic integer kernels).
 
 Then one kernel alone: uint8 [128, 384] x int8 [384, 1536] -> int32, lepton's packed kernel
-against onnxruntime MatMulInteger and fp32 MatMul, with its bit-exactness against numpy
+(the layout the host's default build uses) against onnxruntime MatMulInteger and fp32
+MatMul, with its bit-exactness against numpy
 (onnxruntime's AVX2 u8 x s8 kernel uses the saturating vpmaddubsw and is not exact).
 onnxruntime runs with spin-waiting off (see ort_options). The floor printed is MACs / measured int8 peak (lepton_edge.bench.cpu_peak: onnxruntime
 MatMulInteger 2048^3, on AVX2 the saturating kernel, so the exact kernels' real ceiling is
@@ -97,7 +99,7 @@ def main() -> None:
     if args.kernel_only:
         return
     tmp = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
-    print("| model | lepton fp32 ms | lepton int8 ms | lepton int8 dot ms | ORT fp32 ms | "
+    print("| model | lepton fp32 ms | lepton int8 ms | lepton int8 generic ms | ORT fp32 ms | "
           "ORT int8 ms | int8/fp32 (lepton) | lepton int8 / best ORT | "
           "int8 floor ms (% of peak) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -105,8 +107,8 @@ def main() -> None:
         q = quantize(model, calib)
         engines: dict[str, Callable[[], object]] = {}
         for label, m, dot in (("lepton fp32", model, "auto"), ("lepton int8", q, "auto"),
-                              ("lepton int8 dot", q, "on")):
-            os.environ[DOT_ENV] = dot  # "on": packed dot-product kernels on AVX2 too
+                              ("lepton int8 generic", q, "off")):
+            os.environ[DOT_ENV] = dot  # "off": no packed kernels
             path = lepton_edge.compile(m, ["cpu"], golden_count=0).save(tmp / f"{label}.lepton")
             os.environ.pop(DOT_ENV)
             session = lepton_edge.runtime.load(path)
@@ -129,9 +131,15 @@ def main() -> None:
             f"{100 * 2 * macs / (med['lepton int8'] / 1e3) / 1e9 / peak.int8_gops:.1f}%)"
         ) if peak.int8_gops else "-"
         print(f"| {name} | {med['lepton fp32']:.3f} | {med['lepton int8']:.3f} | "
-              f"{med['lepton int8 dot']:.3f} | {med['ORT fp32']:.3f} | {med['ORT int8']:.3f} | "
+              f"{med['lepton int8 generic']:.3f} | {med['ORT fp32']:.3f} | {med['ORT int8']:.3f} | "
               f"{med['lepton int8'] / med['lepton fp32']:.2f} | "
               f"{med['lepton int8'] / best_ort:.1f} | {floor} |", flush=True)
+        # on a shared machine the medians carry the neighbours' load; the minima show what
+        # each engine does with the cores to itself
+        print("|   (min) | " + " | ".join(f"{min(times[k]):.3f}" for k in (
+            "lepton fp32", "lepton int8", "lepton int8 generic", "ORT fp32", "ORT int8"))
+            + f" | {min(times['lepton int8']) / min(times['lepton fp32']):.2f} | | |",
+            flush=True)
 
 
 def kernel_benchmark(runs: int, int8_gops: float | None) -> None:
@@ -155,7 +163,7 @@ def kernel_benchmark(runs: int, int8_gops: float | None) -> None:
         bb.emit_func_output(out)
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(
         tvm.target.codegen.llvm_get_system_cpu())})
-    mod, _ = x86_int8.pack_int8_kernels(bb.get())
+    mod, _ = x86_int8.pack_int8_kernels(bb.get(), target)
     mod, notes = x86_int8.schedule_int8_kernels(mod, target)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     xt = tvm.runtime.tensor(x)

@@ -17,12 +17,16 @@ output scale/zero point are scalars, and rewrites it to
 The shift to uint8 changes nothing in the integer result (x_u - (x_zp + 128) = x_q - x_zp),
 but uint8 x int8 is what the CPU dot-product instructions multiply (x86 VNNI `vpdpbusd`,
 see lowering/x86_int8.py). It is done for matmul and non-grouped conv2d with constant
-weights (the kernels that have a dot-product schedule); grouped/depthwise conv2d and
-activation x activation matmuls stay int8 x int8. `unsigned_activations=False` turns it off.
+weights (the kernels that have a dot-product schedule); grouped/depthwise conv2d stays
+int8 x int8. `unsigned_activations=False` turns it off. Activation x activation matmuls
+(attention) subtract both zero points first, in int16: (a - za) @ (b - zb), no corrections.
 
 with M = x_scale * w_scale / y_scale = m0 * 2^-shift (m0 a 31-bit mantissa) and rne the
-round-half-to-even that ONNX QuantizeLinear uses. Anything else stays as it was (still
-correct, as float); the pass reports each quantize it left alone and why.
+round-half-to-even that ONNX QuantizeLinear uses. The requantization is one TE block
+(requantize_te), so that it fuses into the kernel's output tile. quantize(dequantize(x))
+with the same scalar scale and zero point, possibly with reshapes/transposes between, becomes
+the int8 data movement alone (exact). Anything else stays as it was (still correct, as
+float); the pass reports each quantize it left alone and why.
 """
 
 from __future__ import annotations
@@ -66,6 +70,49 @@ def requantize_reference(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, zer
     half = np.left_shift(np.int64(1), shift - 1)
     q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).astype(np.int64)
     return np.clip(q + zero_point, low, high).astype(np.int8)
+
+
+def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -128,
+                  high: int = 127) -> Any:
+    """The TE form of requantize_reference (bit-exact): int32 tensor `acc` -> int8.
+
+    m0/shift are Python ints (per tensor) or te tensors (m0 int32, shift int64) that
+    broadcast against acc from the right with the same rank (per channel, e.g. (C,) or
+    (1, C, 1, 1)). Round half to even without comparisons:
+    q = (prod + 2^(shift-1) - 1 + ((prod >> shift) & 1)) >> shift; with prod = Q * 2^shift + r
+    the sum carries into Q exactly when r > half, or r == half and Q is odd. |prod| < 2^62.
+    One block, prod bound once (a Let), and m0 widened from int32 so that LLVM multiplies
+    32 x 32 -> 64 bits (vpmuldq) instead of emulating a 64-bit multiply."""
+    from tvm import te, tirx
+
+    i64 = "int64"
+    one = tirx.const(1, i64)
+    ndim = len(acc.shape)
+
+    def at(table: Any, index: tuple) -> Any:
+        lead = ndim - len(table.shape)
+        return table[tuple(0 if int(d) == 1 else index[lead + n]
+                           for n, d in enumerate(table.shape))]
+
+    def body(*index: Any) -> Any:
+        if isinstance(m0, int):
+            mult, sh = tirx.const(m0, i64), tirx.const(shift, i64)
+            rnd = tirx.const((1 << (shift - 1)) - 1, i64)
+        else:
+            mult, sh = at(m0, index).astype(i64), at(shift, index)
+            rnd = (one << (sh - one)) - one
+        prod = tirx.Var("prod", i64)
+        q = (prod + rnd + ((prod >> sh) & one)) >> sh
+        q = tirx.max(tirx.min(q + tirx.const(zero_point, i64), tirx.const(high, i64)),
+                     tirx.const(low, i64))
+        return tirx.Let(prod, acc[index].astype(i64) * mult, q).astype("int8")
+
+    return te.compute(acc.shape, body, name="requantize")
+
+
+#: ops that only move or relabel elements: they commute with a per-tensor (de)quantize
+_MOVEMENT_OPS = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze",
+                 "relax.flatten")
 
 
 @dataclass
@@ -170,6 +217,9 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
             expr = self.resolve(quant.args[0])
             low, high = -128, 127
             y_scale_f, y_zp_i = float(y_scale.ravel()[0]), int(y_zp.ravel()[0])
+            moved = self.requantized_copy(expr, y_scale_f, y_zp_i)
+            if moved is not None:
+                return moved
             if op_name(expr) == "relax.nn.relu":
                 low = max(low, y_zp_i)
                 expr = self.resolve(expr.args[0])
@@ -198,6 +248,29 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
             except _NotLowerable as why:
                 raise _NotLowerable(f"QuantizeLinear of {kind.removeprefix('relax.')}: {why}; "
                                     "runs as float fake-quant") from None
+
+        def requantized_copy(self, expr: Any, scale: float, zp: int) -> Any:
+            """quantize(movement*(dequantize(x))) with the same scalar scale and zero point
+            is movement*(x): the int8 values are only moved (exact, as in ONNX: an integer
+            times s divided by s rounds back to itself). Else None."""
+            moves = []
+            while op_name(expr) in _MOVEMENT_OPS:
+                moves.append(expr)
+                expr = self.resolve(expr.args[0])
+            if op_name(expr) != "relax.dequantize" or _dtype(expr.args[0]) != "int8":
+                return None
+            scale_in, zp_in = expr.args[1:3]
+            if not (isinstance(scale_in, Constant) and isinstance(zp_in, Constant)):
+                return None
+            scale_v, zp_v = const(scale_in), const(zp_in)
+            if scale_v.size != 1 or zp_v.size != 1 or int(zp_v.ravel()[0]) != zp \
+                    or np.float32(scale_v.ravel()[0]) != np.float32(scale):
+                return None
+            value = self.visit_expr(expr.args[0])
+            for move in reversed(moves):
+                value = self.builder_.emit(relax.Call(move.op, [value, *move.args[1:]],
+                                                      move.attrs, move.ty_args))
+            return value
 
         def lower_core(self, kind: str, expr: Any, bias: Any, y_scale_f: float, y_zp_i: int,
                        low: int, high: int) -> Any:
@@ -255,7 +328,7 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
         def activation_matmul(self, a_q: Any, a_scale: float, a_zp: int, other: Any
                               ) -> tuple[Any, np.ndarray, tuple]:
             """a @ b with both operands dequantized int8 activations (attention's QK^T, AV):
-            sum (a - za)(b - zb) = a.b - zb*rowsum(a) - za*colsum(b) + K*za*zb."""
+            sum (a - za)(b - zb), the zero points subtracted in int16 before the matmul."""
             node = self.resolve(other)
             transpose = None
             if op_name(node) == "relax.permute_dims":
@@ -270,17 +343,17 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
             values = getattr(shape, "values", None)
             if not values or not hasattr(values[-1], "value"):
                 raise _NotLowerable("the reduction length is not static")
-            k = int(values[-1].value)
+            if int(values[-1].value) * 255 * 255 >= 2**31:
+                raise _NotLowerable("the reduction is too long for an int32 accumulator")
+            # (a - za) @ (b - zb) with the zero points subtracted first, in int16 (|a - za|
+            # <= 255): no row/column-sum corrections, so the matmul kernel's epilogue is a
+            # plain chain (each step read once) that the schedules fuse into the output tile;
+            # the subtractions fuse into a neighbouring elementwise kernel.
             op, emit = relax.op, self.builder_.emit
+            if a_zp or b_zp:
+                a_q = emit(op.subtract(op.astype(a_q, "int16"), relax.const(a_zp, "int16")))
+                b_q = emit(op.subtract(op.astype(b_q, "int16"), relax.const(b_zp, "int16")))
             acc = emit(op.matmul(a_q, b_q, out_dtype="int32"))
-            if b_zp:
-                rows = emit(op.sum(op.astype(a_q, "int32"), axis=-1, keepdims=True))
-                acc = emit(op.subtract(acc, op.multiply(rows, relax.const(b_zp, "int32"))))
-            if a_zp:
-                cols = emit(op.sum(op.astype(b_q, "int32"), axis=-2, keepdims=True))
-                acc = emit(op.subtract(acc, op.multiply(cols, relax.const(a_zp, "int32"))))
-            if a_zp and b_zp:
-                acc = emit(op.add(acc, relax.const(k * a_zp * b_zp, "int32")))
             report.lowered.append("matmul -> int8 x int8 -> int32 (activation x activation)")
             return acc, np.array([a_scale * b_scale]), (1,)
 
@@ -368,18 +441,16 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
 
         def requantize(self, acc: Any, m0: np.ndarray, shift: np.ndarray, zp: int, low: int,
                        high: int) -> Any:
-            op, emit = relax.op, self.builder_.emit
-            # Round half to even without comparisons (no boolean vectors in the kernel):
-            # q = (prod + 2^(shift-1) - 1 + ((prod >> shift) & 1)) >> shift. With
-            # prod = Q * 2^shift + r, the sum carries into Q exactly when r > half, or
-            # r == half and Q is odd - requantize_reference's rule. |prod| < 2^62: no overflow.
-            prod = emit(op.multiply(op.astype(acc, "int64"), relax.const(m0, "int64")))
-            sh = relax.const(shift, "int64")
-            odd = op.bitwise_and(op.right_shift(prod, sh), relax.const(1, "int64"))
-            bias = relax.const(np.left_shift(np.int64(1), shift - 1) - 1, "int64")
-            q = emit(op.right_shift(op.add(op.add(prod, bias), odd), sh))
-            q = emit(op.add(q, relax.const(zp, "int64")))
-            return op.astype(op.clip(q, low, high), "int8")
+            """One elementwise kernel, requantize_te (a single TIR block: FuseOps fuses it
+            into the conv/matmul's epilogue, and the schedules compute it per output tile)."""
+            if np.all(m0 == m0.ravel()[0]) and np.all(shift == shift.ravel()[0]):
+                m0_arg: Any = int(m0.ravel()[0])
+                shift_arg: Any = int(shift.ravel()[0])
+            else:  # m0 < 2^31 (fixed_point_multiplier): int32 tables
+                m0_arg = relax.const(m0.astype(np.int32), "int32")
+                shift_arg = relax.const(shift.astype(np.int64), "int64")
+            return self.builder_.call_te(requantize_te, acc, m0_arg, shift_arg, zp, low, high,
+                                         primfunc_name_hint="requantize")
 
     # Pass 1 lowers whole DQ -> op -> Q patterns; pass 2 the conv/matmuls over dequantized
     # int8 operands whose result stays float (attention matmuls, final layers).

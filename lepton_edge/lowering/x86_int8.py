@@ -3,32 +3,39 @@
 The int8 pass (lowering/int8.py) leaves matmul and non-grouped conv2d kernels as
 uint8 activations x constant int8 weights -> int32. On x86 this module
 
-1. `pack_int8_kernels(mod)` (Relax): replaces each such `relax.matmul` / `relax.nn.conv2d`
-   by a `call_tir` to a kernel of its own whose weight is packed at compile time into
-   [N/16, K/4, 16, 4] (conv2d: [OC/16, C/4, KH, KW, 16, 4]; K, N, C, OC zero-padded to
-   multiples of 4 and 16, so any size works) and whose reduction (block "dot") is written so
-   that its innermost 16 x 4 block is exactly the dot-product intrinsic's description.
-   conv2d packs its input to NCHW[c4] inside the kernel and writes NCHW. FuseOps may fuse
-   the elementwise consumers (bias, requantization) into the kernel; the rules recognise
-   the kernel by its "dot" block (uint8 x packed int8 [.., 16, 4] -> int32), not by name.
+1. `pack_int8_kernels(mod, target=None)` (Relax): replaces each such `relax.matmul` /
+   `relax.nn.conv2d` by a `call_tir` to a kernel of its own whose weight is packed at
+   compile time into [N/16, K/4, 16, 4] (conv2d: [OC/16, C/4, KH, KW, 16, 4]; K, N, C, OC
+   zero-padded to multiples of 4 and 16, so any size works) and whose reduction (block
+   "dot") is written so that its innermost 16 x 4 block is exactly the dot-product
+   intrinsic's description. conv2d packs its input to NCHW[c4] inside the kernel and writes
+   NCHW. For an AVX2 target without VNNI, weights are instead widened to int16 at compile
+   time, [N/8, K/2, 8, 2] (conv2d: [OC/8, C/2, KH, KW, 8, 2]), and the kernel widens its
+   uint8 activations once (matmul: block "widen"; conv2d: NCHW[c2] int16); one-channel
+   convs stay generic there. FuseOps may fuse the elementwise
+   consumers (bias, requantization) into the kernel; the rules recognise the kernel by its
+   "dot" block, not by name.
 2. registers two implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
    (A 4 x uint8, B 16 x 4 int8, C 16 x int32):
    * INTRIN_VNNI: one `vpdpbusd` (llvm.x86.avx512.vpdpbusd.512 with <64 x i8> operands, as
-     this wheel's LLVM 22 declares it; TVM's bundled `dot_16x4_vnni` still passes <16 x i32> and fails
-     LLVM verification);
+     this wheel's LLVM 22 declares it; TVM's bundled `dot_16x4_vnni` still passes <16 x i32>
+     and fails LLVM verification);
    * INTRIN_AVX2: exact AVX2 code: sign/zero-extend to int16, `vpmaddwd` (exact int16 x
      int16 -> int32 pair sums), `vphaddd` and a lane fix-up. Never `vpmaddubsw`, which
      saturates at int16.
+   and INTRIN_I16 for the int16 layout, C[i] += A[0] * B[i, 0] + A[1] * B[i, 1] (8 x int32):
+   one `vpmaddwd` with the activation pair broadcast, one `vpaddd`, no fix-up.
 3. `int8_rules(target)`: default-schedule rules (no tuning) that tile the kernels, keep the
    accumulators in registers and tensorize with the target's intrinsic (VNNI when the target
-   has avx512vnni, else AVX2 when it has avx2, else none: the kernels then run TVM's plain
-   loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module.
+   has avx512vnni, else AVX2 / I16 when it has avx2, else none: the kernels then run TVM's
+   plain loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module.
 
-The same schedule is used with either intrinsic, so the AVX2 build that runs (and is checked
-bit-exactly) on a machine without VNNI exercises exactly the tiling and tensorization that
-the VNNI build uses. Builds pack by default only for VNNI targets (`use_dot_kernels`,
-LEPTON_X86_INT8_DOT=auto|on|off): exact AVX2 int8 is not faster than fp32 or than the
-generic int8 schedules (benchmarks/RESULTS.md).
+The uint8 schedule is the same with either intrinsic, so an AVX2 build (packed without a
+target) exercises exactly the tiling and tensorization that the VNNI build uses. Builds pack
+by default for VNNI targets, and for AVX2 targets when untuned (`use_dot_kernels`,
+LEPTON_X86_INT8_DOT=auto|on|off; measurements in benchmarks/RESULTS.md). On a Zen 3 core
+`vpmaddwd` issues about as many MACs per cycle as fp32 FMA, so exact int8 matmuls there
+match fp32 kernels at best; VNNI's `vpdpbusd` does 4x the MACs.
 """
 
 from __future__ import annotations
@@ -48,9 +55,13 @@ INTRIN_AVX2 = "lepton_dot_16x4_u8i8i32_avx2"
 LOCAL_ACC = "_local_acc"  # suffix of the variants whose accumulator buffer is "local"
 _OUT_EWISE_FUSABLE = 4  # relax OpPatternKind: FuseOps fuses the elementwise consumers in
 
+#: AVX2 without VNNI: int16 x int16 -> int32 pairs, one `vpmaddwd` per 8 outputs x 2
+INTRIN_I16 = "lepton_dot_8x2_i16i16i32_avx2"
+I16_LANES, I16_GROUP = 8, 2
+
 _registered = False
-#: matmul register tile (rows, 16-column groups), at most; AVX2 has 16 ymm, AVX-512 32 zmm
-MATMUL_TILE = {INTRIN_AVX2: (1, 4), INTRIN_VNNI: (4, 4)}
+#: matmul register tile (rows, column groups), at most; AVX2 has 16 ymm, AVX-512 32 zmm
+MATMUL_TILE = {INTRIN_AVX2: (1, 4), INTRIN_VNNI: (4, 4), INTRIN_I16: (4, 2)}
 
 
 def register_intrinsics() -> None:
@@ -64,9 +75,12 @@ def register_intrinsics() -> None:
 
     for acc_scope, suffix in (("global", ""), ("local", LOCAL_ACC)):
         desc, vnni, avx2 = _intrinsic_funcs(acc_scope)
-        for name, impl in ((INTRIN_VNNI + suffix, vnni), (INTRIN_AVX2 + suffix, avx2)):
+        desc16, impl16 = _intrinsic_funcs_i16(acc_scope)
+        for name, d, impl in ((INTRIN_VNNI + suffix, desc, vnni),
+                              (INTRIN_AVX2 + suffix, desc, avx2),
+                              (INTRIN_I16 + suffix, desc16, impl16)):
             if TensorIntrin.get(name, allow_missing=True) is None:
-                TensorIntrin.register(name, desc, impl)
+                TensorIntrin.register(name, d, impl)
     _registered = True
 
 
@@ -132,6 +146,42 @@ def _intrinsic_funcs(acc_scope: str) -> tuple[Any, Any, Any]:
     return desc, vnni, avx2
 
 
+def _intrinsic_funcs_i16(acc_scope: str) -> tuple[Any, Any]:
+    """C[i] += A[0] * B[i, 0] + A[1] * B[i, 1] (A 2 x int16, B 8 x 2 int16, C 8 x int32) and
+    its AVX2 implementation: one `vpmaddwd` (exact: int16 x int16 products summed in pairs
+    into int32; only -32768 * -32768 twice could overflow, and the operands here are widened
+    int8/uint8) with the activation pair broadcast as one int32, and one `vpaddd`."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((2,), "int16", offset_factor=1),
+             b: T.Buffer((8, 2), "int16", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:2], b[0:8, 0:2])
+            T.writes(c[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((2,), "int16", offset_factor=1),
+             b: T.Buffer((8, 2), "int16", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:2], b[0:8, 0:2])
+            T.writes(c[0:8])
+            pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                b.vload([0, 0], dtype="int16x16"),
+                T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"), dtype="int32x8")
+
+    return desc, impl
+
+
 def dot_intrinsic(target: Any) -> str | None:
     """The dot-product intrinsic for an LLVM x86 `target`: VNNI, AVX2 or None."""
     import tvm
@@ -153,15 +203,17 @@ def dot_intrinsic(target: Any) -> str | None:
     return None
 
 
-#: LEPTON_X86_INT8_DOT: "auto" (default) packs for VNNI targets only; "on" also for AVX2
-#: targets (exact, but on a 2-core Zen 3 slower end to end than lowering/schedules.py's
-#: generic int8 kernels: it exists to run and check the VNNI schedule on AVX2 machines);
+#: LEPTON_X86_INT8_DOT: "auto" (default) packs for VNNI targets, and for AVX2 targets in
+#: untuned builds (pack_int8_kernels(mod, target): the int16 `vpmaddwd` layout; faster
+#: than lowering/schedules.py's generic int8 kernels, benchmarks/RESULTS.md); "on"
+#: also packs tuned AVX2 builds (uint8 layout, MetaSchedule tunes it with INTRIN_AVX2);
 #: "off" never.
 DOT_ENV = "LEPTON_X86_INT8_DOT"
 
 
-def use_dot_kernels(target: Any) -> bool:
-    """Whether builds for `target` should pack int8 kernels for the dot-product rules."""
+def use_dot_kernels(target: Any, *, untuned: bool = False) -> bool:
+    """Whether builds for `target` should pack int8 kernels for the dot-product rules
+    (`untuned`: a build with the default schedules only, no MetaSchedule tuning)."""
     import os
 
     mode = os.environ.get(DOT_ENV, "auto").strip().lower()
@@ -172,7 +224,7 @@ def use_dot_kernels(target: Any) -> bool:
     intrin = dot_intrinsic(target)
     if mode == "off" or intrin is None:
         return False
-    return mode == "on" or intrin == INTRIN_VNNI
+    return mode == "on" or intrin == INTRIN_VNNI or untuned
 
 
 # --- Relax: packed kernels -----------------------------------------------------------------
@@ -189,6 +241,27 @@ def pack_matmul_weight(w: np.ndarray) -> np.ndarray:
     padded[:k, :n] = w
     return np.ascontiguousarray(
         padded.reshape(kp // GROUP, GROUP, np_ // LANES, LANES).transpose(2, 0, 3, 1))
+
+
+def pack_matmul_weight_i16(w: np.ndarray) -> np.ndarray:
+    """int8 [K, N] -> int16 [ceil(N/8), ceil(K/2), 8, 2], widened at compile time, zero-padded."""
+    k, n = w.shape
+    kp, np_ = _ceil(k, I16_GROUP), _ceil(n, I16_LANES)
+    padded = np.zeros((kp, np_), np.int16)
+    padded[:k, :n] = w
+    return np.ascontiguousarray(padded.reshape(
+        kp // I16_GROUP, I16_GROUP, np_ // I16_LANES, I16_LANES).transpose(2, 0, 3, 1))
+
+
+def pack_conv2d_weight_i16(w: np.ndarray) -> np.ndarray:
+    """int8 OIHW -> int16 [ceil(O/8), ceil(I/2), KH, KW, 8, 2], widened, zero-padded."""
+    o, i, kh, kw = w.shape
+    op, ip = _ceil(o, I16_LANES), _ceil(i, I16_GROUP)
+    padded = np.zeros((op, ip, kh, kw), np.int16)
+    padded[:o, :i] = w
+    return np.ascontiguousarray(padded.reshape(
+        op // I16_LANES, I16_LANES, ip // I16_GROUP, I16_GROUP, kh, kw).transpose(
+            0, 2, 4, 5, 1, 3))
 
 
 def pack_conv2d_weight(w: np.ndarray) -> np.ndarray:
@@ -225,40 +298,74 @@ def _te_matmul(a: Any, wp: Any, n: int) -> Any:
     return te.compute((*lead, n), lambda *i: dot[i], name="unpack")
 
 
+def _te_matmul_i16(a: Any, wp: Any, n: int) -> Any:
+    """(..., M, K) uint8 x packed int16 weight -> (..., M, n) int32. The activations are
+    widened to int16 once ("widen", K zero-padded to even), not per use."""
+    from tvm import te, tirx
+
+    *lead, k = a.shape
+    nb, kb = int(wp.shape[0]), int(wp.shape[1])
+    k = int(k)
+    if k % I16_GROUP:
+        wide = te.compute((*lead, kb * I16_GROUP), lambda *i: tirx.if_then_else(
+            i[-1] < k, a[(*i[:-1], tirx.min(i[-1], k - 1))].astype("int16"),
+            tirx.const(0, "int16")), name="widen")
+    else:
+        wide = te.compute((*lead, k), lambda *i: a[i].astype("int16"), name="widen")
+    ko = te.reduce_axis((0, kb), "ko")
+    ki = te.reduce_axis((0, I16_GROUP), "ki")
+    dot = te.compute(
+        (*lead, nb * I16_LANES),
+        lambda *i: te.sum(
+            wide[(*i[:-1], ko * I16_GROUP + ki)].astype("int32")
+            * wp[i[-1] // I16_LANES, ko, i[-1] % I16_LANES, ki].astype("int32"),
+            axis=[ko, ki]),
+        name="dot")
+    if nb * I16_LANES == n:
+        return dot
+    return te.compute((*lead, n), lambda *i: dot[i], name="unpack")
+
+
 def _te_conv2d(x: Any, wp: Any, oc: int, strides: tuple[int, int],
                dilation: tuple[int, int]) -> Any:
-    """NCHW uint8 (already padded) x packed OIHW weight -> NCHW int32."""
+    """NCHW uint8 (already padded) x packed OIHW weight -> NCHW int32. The weight's last two
+    axes give the layout: [.., 16, 4] int8 (input packed NCHW[c4] uint8) or [.., 8, 2] int16
+    (input widened and packed NCHW[c2] int16)."""
     from tvm import te, tirx
 
     n, c, h, w = x.shape
     c = int(c)
-    ocb, icb, kh, kw = (int(v) for v in wp.shape[:4])
+    ocb, icb, kh, kw, lanes, group = (int(v) for v in wp.shape)
+    dtype = "int16" if str(wp.dtype) == "int16" else "uint8"
     (sh, sw), (dh, dw) = strides, dilation
     oh = (h - (kh - 1) * dh - 1) // sh + 1
     ow = (w - (kw - 1) * dw - 1) // sw + 1
     packed = te.compute(
-        (n, icb, h, w, GROUP),
+        (n, icb, h, w, group),
         lambda b, cb, y, z, ci: tirx.if_then_else(
-            cb * GROUP + ci < c, x[b, tirx.min(cb * GROUP + ci, c - 1), y, z],
-            tirx.const(0, "uint8")),
+            cb * group + ci < c, x[b, tirx.min(cb * group + ci, c - 1), y, z].astype(dtype),
+            tirx.const(0, dtype)),
         name="pack")
     rc = te.reduce_axis((0, icb), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
-    ri = te.reduce_axis((0, GROUP), "ri")
+    ri = te.reduce_axis((0, group), "ri")
     dot = te.compute(
-        (n, ocb, oh, ow, LANES),
+        (n, ocb, oh, ow, lanes),
         lambda b, ob, y, z, oi: te.sum(
             packed[b, rc, y * sh + ry * dh, z * sw + rx * dw, ri].astype("int32")
             * wp[ob, rc, ry, rx, oi, ri].astype("int32"), axis=[rc, ry, rx, ri]),
         name="dot")
-    return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // LANES, y, z, o % LANES],
+    return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // lanes, y, z, o % lanes],
                       name="unpack")
 
 
-def pack_int8_kernels(mod: Any) -> tuple[Any, list[str]]:
+def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
     """Replace uint8 x constant-int8 -> int32 matmul/conv2d calls by packed-weight kernels.
 
+    For an AVX2 `target` without VNNI, kernels get the int16 layout (weights widened at
+    compile time, `vpmaddwd` per 8 x 2, INTRIN_I16); otherwise (and without a target) every
+    kernel gets the uint8 x int8 [.., 16, 4] layout of the VNNI / AVX2 dot intrinsics.
     Returns the new module and one line per call: what was packed, or why a candidate was
     left as it was (it then runs TVM's generic, still exact, code)."""
     from tvm import relax, tirx
@@ -266,6 +373,7 @@ def pack_int8_kernels(mod: Any) -> tuple[Any, list[str]]:
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     notes: list[str] = []
+    avx2_only = target is not None and dot_intrinsic(target) == INTRIN_AVX2
 
     def dtype(expr: Any) -> str:
         info = getattr(expr, "ty", None)
@@ -300,13 +408,18 @@ def pack_int8_kernels(mod: Any) -> tuple[Any, list[str]]:
                              "generic code")
                 return call
             k, n = weight.shape
-            packed_np = pack_matmul_weight(weight)
-            packed = relax.const(packed_np, "int8")
+            if avx2_only:
+                packed_np, te_func, what = pack_matmul_weight_i16(weight), _te_matmul_i16, "int16"
+                aligned = k % I16_GROUP == 0 and n % I16_LANES == 0
+            else:
+                packed_np, te_func, what = pack_matmul_weight(weight), _te_matmul, "int8"
+                aligned = k % GROUP == 0 and n % LANES == 0
+            packed = relax.const(packed_np, what)
             out = self.builder_.call_te(
-                _te_matmul, x, packed, n, primfunc_name_hint="int8_matmul_packed",
+                te_func, x, packed, n, primfunc_name_hint="int8_matmul_packed",
                 primfunc_attrs={KERNEL_ATTR: "matmul", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"matmul K={k} N={n}: packed {list(packed_np.shape)}"
-                         + ("" if k % GROUP == 0 and n % LANES == 0 else " (zero-padded)"))
+            notes.append(f"matmul K={k} N={n}: packed {what} {list(packed_np.shape)}"
+                         + ("" if aligned else " (zero-padded)"))
             return out
 
         def conv2d(self, call: Any, x: Any, weight: np.ndarray) -> Any:
@@ -322,18 +435,25 @@ def pack_int8_kernels(mod: Any) -> tuple[Any, list[str]]:
             elif shape(x) is None or not all(isinstance(d, tirx.IntImm)
                                              for d in shape(x)[1:]):
                 why = "channels or spatial size not static"
+            elif avx2_only and weight.shape[1] == 1:
+                # AVX2: one channel padded to 4 wastes 3/4 of the dot product; the generic
+                # kernel was 2-3x faster on digits' first conv
+                why = "one input channel"
             if why:
                 notes.append(f"conv2d: {why}; generic code")
                 return call
-            packed_np = pack_conv2d_weight(weight)
-            packed = relax.const(packed_np, "int8")
+            if avx2_only:
+                packed_np, what, group = pack_conv2d_weight_i16(weight), "int16", I16_GROUP
+            else:
+                packed_np, what, group = pack_conv2d_weight(weight), "int8", GROUP
+            packed = relax.const(packed_np, what)
             out = self.builder_.call_te(
                 _te_conv2d, x, packed, int(weight.shape[0]),
                 tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
                 primfunc_name_hint="int8_conv2d_packed",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"conv2d {list(weight.shape)}: NCHW[c4] input, packed weight "
-                         f"{list(packed_np.shape)}")
+            notes.append(f"conv2d {list(weight.shape)}: NCHW[c{group}] input, packed {what} "
+                         f"weight {list(packed_np.shape)}")
             return out
 
     packer = Packer(mod)
@@ -359,15 +479,20 @@ def _divisor(value: int | None, limit: int) -> int:
 
 
 def _schedule_matmul(sch: Any, intrin: str) -> None:
+    lanes = I16_LANES if intrin == INTRIN_I16 else LANES
     dot = sch.get_sblock("dot")
     loops = sch.get_loops(dot)
     *spatial, ko, ki = loops
     *lead, row, col = spatial
-    nb, ni = sch.split(col, factors=[None, LANES])
-    # register tile: row_i x nb_i accumulators of 16 int32 (AVX2: 2 ymm each, 16 ymm;
-    # AVX-512: 1 zmm each, 32 zmm). Only exact divisors: tensorize needs no predicates.
+    nb, ni = sch.split(col, factors=[None, lanes])
+    # register tile: row_i x nb_i accumulators of `lanes` int32 (AVX2: 16 ymm; AVX-512:
+    # 32 zmm). Only exact divisors: tensorize needs no predicates.
     rows_max, cols_max = MATMUL_TILE[intrin]
     nb_i_f = _divisor(_extent(nb, sch), cols_max)
+    if _extent(row, sch) is None and lead and _extent(lead[-1], sch) is not None:
+        # (seq, N, d) layouts: the rows are the symbolic batch; tile the static axis
+        # before it instead, so that a tile still has several rows that share the weights
+        lead, row = [*lead[:-1], row], lead[-1]
     row_i_f = _divisor(_extent(row, sch), rows_max)
     row_o, row_i = sch.split(row, factors=[None, row_i_f])
     nb_o, nb_i = sch.split(nb, factors=[None, nb_i_f])
@@ -381,16 +506,21 @@ def _schedule_matmul(sch: Any, intrin: str) -> None:
     sch.reverse_compute_at(cache, outer)
     init = sch.decompose_reduction(dot, ko)
     sch.tensorize(ni, intrin + LOCAL_ACC)
-    _vectorize_inner(sch, init)
-    _vectorize_inner(sch, cache)
+    _vectorize_inner(sch, init, lanes)
+    _vectorize_inner(sch, cache, lanes)
     _schedule_around(sch, outer)
 
 
+#: conv register tile: (accumulator vectors, output-channel blocks at most)
+CONV_TILE = {INTRIN_AVX2: (6, 1), INTRIN_VNNI: (16, 2), INTRIN_I16: (8, 2)}
+
+
 def _schedule_conv2d(sch: Any, intrin: str) -> None:
+    lanes = I16_LANES if intrin == INTRIN_I16 else LANES
     dot = sch.get_sblock("dot")
     b, ob, y, z, oi, rc, ry, rx, ri = sch.get_loops(dot)
-    budget = 6 if intrin == INTRIN_AVX2 else 16
-    ob_i_f = _divisor(_extent(ob, sch), 1 if intrin == INTRIN_AVX2 else 2)
+    budget, ob_max = CONV_TILE[intrin]
+    ob_i_f = _divisor(_extent(ob, sch), ob_max)
     z_i_f = _divisor(_extent(z, sch), max(1, budget // ob_i_f))
     ob_o, ob_i = sch.split(ob, factors=[None, ob_i_f])
     z_o, z_i = sch.split(z, factors=[None, z_i_f])
@@ -403,8 +533,8 @@ def _schedule_conv2d(sch: Any, intrin: str) -> None:
     sch.reverse_compute_at(cache, z_o)
     init = sch.decompose_reduction(dot, rc)
     sch.tensorize(oi, intrin + LOCAL_ACC)
-    _vectorize_inner(sch, init)
-    _vectorize_inner(sch, cache)
+    _vectorize_inner(sch, init, lanes)
+    _vectorize_inner(sch, cache, lanes)
     _schedule_around(sch, outer)  # a whole output row: the epilogue vectorizes along W
 
 
@@ -446,9 +576,10 @@ def _has_block(sch: Any, name: str) -> bool:
     return True
 
 
-def _vectorize_inner(sch: Any, block: Any) -> None:
+def _vectorize_inner(sch: Any, block: Any, lanes: int = LANES) -> None:
     loops = sch.get_loops(block)
-    if loops and _extent(loops[-1], sch) == LANES:
+    extent = _extent(loops[-1], sch) if loops else None
+    if extent is not None and extent % lanes == 0 and extent <= 4 * LANES:
         sch.vectorize(loops[-1])
 
 
@@ -460,12 +591,14 @@ def _parallel_outer(sch: Any, block: Any) -> None:
         sch.parallel(loops[0])
 
 
-_SCHEDULES = {"matmul": _schedule_matmul, "conv2d": _schedule_conv2d}
+_SCHEDULES = {"matmul": _schedule_matmul, "conv2d": _schedule_conv2d,
+              "matmul_i16": _schedule_matmul, "conv2d_i16": _schedule_conv2d}
 
 
 def packed_kind(sch: Any) -> str | None:
     """"matmul" / "conv2d" when the scheduled function holds one of our packed kernels (a
-    not yet scheduled "dot" block: uint8 x int8 packed [..., 16, 4] -> int32), else None."""
+    not yet scheduled "dot" block: uint8 x int8 packed [..., 16, 4] -> int32), "matmul_i16"
+    for the int16 one (int16 x int16 packed [N/8, K/2, 8, 2] -> int32), else None."""
     func = sch.mod["main"]
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
@@ -476,10 +609,19 @@ def packed_kind(sch: Any) -> str | None:
             or block.init is None:
         return None
     dtypes = sorted(str(r.source.dtype) for r in block.reads)
+
+    def static(buf: Any) -> list[int | None]:
+        return [int(d) if hasattr(d, "value") else None for d in buf.shape]
+
+    if dtypes == ["int16", "int16"]:
+        for sh in (static(r.source) for r in block.reads):
+            if sh[-2:] == [I16_LANES, I16_GROUP] and len(sh) in (4, 6):
+                return {4: "matmul_i16", 6: "conv2d_i16"}[len(sh)]
+        return None
     weights = [r.source for r in block.reads if str(r.source.dtype) == "int8"]
     if dtypes != ["int8", "uint8"] or len(weights) != 1:
         return None
-    shape = [int(d) if hasattr(d, "value") else None for d in weights[0].shape]
+    shape = static(weights[0])
     if shape[-2:] != [LANES, GROUP]:
         return None
     return {4: "matmul", 6: "conv2d"}.get(len(shape))
@@ -509,7 +651,10 @@ def int8_rules(target: Any) -> list[Rule]:
     intrin = dot_intrinsic(target)
     if intrin is None:
         return []
-    return [_make_rule(kind, intrin) for kind in _SCHEDULES]
+    rules = [_make_rule(kind, intrin) for kind in ("matmul", "conv2d")]
+    if intrin == INTRIN_AVX2:
+        rules += [_make_rule(kind, INTRIN_I16) for kind in ("matmul_i16", "conv2d_i16")]
+    return rules
 
 
 def schedule_int8_kernels(mod: Any, target: Any) -> tuple[Any, list[str]]:

@@ -103,11 +103,12 @@ def _x86_dot_product_kernels(mod: Any, target: dict[str, Any]) -> tuple[Any, lis
     """uint8 x int8 matmul/conv2d -> packed-weight kernels (lowering/x86_int8.py). The
     default-schedule pass (lowering/schedules.py) tensorizes them with VNNI `vpdpbusd`, or
     the exact AVX2 equivalent, through x86_int8.int8_rules after fusing their epilogues."""
+    import tvm
+
     from lepton_edge.lowering import x86_int8
 
-    del target  # the intrinsic is chosen when scheduling
-    try:
-        return x86_int8.pack_int8_kernels(mod)
+    try:  # the target picks the layout (AVX2 without VNNI: int16 matmuls)
+        return x86_int8.pack_int8_kernels(mod, tvm.target.Target(target))
     except Exception as exc:  # noqa: BLE001 - a pass bug must not pass silently
         raise TargetError(f"x86 int8 kernel packing failed: {str(exc).strip()[-500:]}") from exc
 
@@ -117,7 +118,7 @@ def _use_dot_kernels(target: dict[str, Any]) -> bool:
 
     from lepton_edge.lowering import x86_int8
 
-    return x86_int8.use_dot_kernels(tvm.target.Target(target))
+    return x86_int8.use_dot_kernels(tvm.target.Target(target), untuned=True)
 
 
 def _has_qdq(subgraph: onnx.ModelProto) -> bool:

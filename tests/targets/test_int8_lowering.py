@@ -14,9 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lepton_edge
+from lepton_edge.reference import reference_session
 from tests.conftest import spec_output
 from lepton_edge.lowering.int8 import (
-    fixed_point_multiplier, lower_qdq_to_integer, requantize_reference,
+    fixed_point_multiplier, lower_qdq_to_integer, requantize_reference, requantize_te,
 )
 
 rng = np.random.default_rng(7)
@@ -37,6 +38,48 @@ def test_requantize_rounds_half_to_even_like_quantizelinear() -> None:
     acc = np.array([1, 3, 5, -1, -3, -5, 7, 1000])
     got = requantize_reference(acc, m0, shift, 0)
     assert got.tolist() == [0, 2, 2, 0, -2, -2, 4, 127]  # 0.5->0, 1.5->2, 2.5->2, ... clipped
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_compiled_requantize_equals_reference(per_channel: bool) -> None:
+    """requantize_te (one block, prod bound once, m0 widened from int32) against the numpy
+    definition: extreme accumulators, exact ties, shifts below and above 32, clipping."""
+    import tvm
+    from tvm import te
+
+    c = 6
+    multipliers = np.array([0.5, 3.1e-3, 0.75, 1.7e-6, 0.99, 0.0123])
+    if not per_channel:
+        multipliers = multipliers[1:2]
+    m0, shift = fixed_point_multiplier(multipliers)
+    assert shift.min() < 32 < shift.max() or not per_channel
+    acc = rng.integers(-2**31, 2**31, (5, c, 7), dtype=np.int64)
+    acc[0] = rng.integers(-3000, 3000, (c, 7))
+    acc[1, :, :4] = [[-2**31, 2**31 - 1, 3, -3]] * c  # extremes and 0.5-ties (M = 0.5)
+    acc[2] = (np.arange(c * 7).reshape(c, 7) - 21) * 3
+    acc = acc.astype(np.int32)
+    shape = (1, -1, 1) if per_channel else ()
+    x = te.placeholder(acc.shape, "int32", "acc")
+    if per_channel:
+        m0_t = te.placeholder((1, c, 1), "int32", "m0")
+        shift_t = te.placeholder((1, c, 1), "int64", "shift")
+        out = requantize_te(x, m0_t, shift_t, -3, -100, 120)
+        args = [x, m0_t, shift_t, out]
+        feeds = [acc, m0.astype(np.int32).reshape(shape), shift.reshape(shape)]
+    else:
+        out = requantize_te(x, int(m0[0]), int(shift[0]), -3, -100, 120)
+        args, feeds = [x, out], [acc]
+    func = te.create_prim_func(args)
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock("requantize")
+    sch.vectorize(sch.get_loops(block)[-1])  # vector code, as in the scheduled kernels
+    host = {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())}
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(host))
+    tensors = [tvm.runtime.tensor(f) for f in feeds]
+    got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
+    lib["main"](*tensors, got)
+    want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 def conv_int64(x: np.ndarray, w: np.ndarray, pads: list[int], strides: list[int],
@@ -319,3 +362,36 @@ def test_float_output_matmul_runs_in_integers(build) -> None:
     got = session.run({"x_q": x_q})["acc"]
     want = ort_spec(model, x_q)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_requantized_data_movement_is_integer_and_exact(build) -> None:
+    """Q(Transpose(DQ(x))) and Q(Reshape(DQ(.))) with the same scale and zero point are int8
+    data movement (no float); a Q with another scale stays float (reported)."""
+    s, z = 0.037, -4
+    inits = [numpy_helper.from_array(np.array(s, np.float32), "s"),
+             numpy_helper.from_array(np.array(z, np.int8), "z"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s2"),
+             numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")]
+    nodes = [helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x"]),
+             helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("QuantizeLinear", ["t", "s", "z"], ["t_q"]),
+             helper.make_node("DequantizeLinear", ["t_q", "s", "z"], ["t_f"]),
+             helper.make_node("Reshape", ["t_f", "shape"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["y_q"]),
+             helper.make_node("QuantizeLinear", ["r", "s2", "z"], ["y2_q"])]
+    graph = helper.make_graph(
+        nodes, "qdq_move", [helper.make_tensor_value_info("x_q", TensorProto.INT8, [2, 3, 4])],
+        [helper.make_tensor_value_info("y_q", TensorProto.INT8, [2, 12]),
+         helper.make_tensor_value_info("y2_q", TensorProto.INT8, [2, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from tvm.relax.frontend.onnx import from_onnx
+
+    _, report = lower_qdq_to_integer(from_onnx(model, keep_params_in_input=False))
+    assert len(report.kept_float) == 1 and "reshape" in report.kept_float[0], report
+    _, session = build(lepton_edge.load(model))
+    x_q = rng.integers(-128, 128, (2, 3, 4)).astype(np.int8)
+    got = session.run({"x_q": x_q})
+    np.testing.assert_array_equal(got["y_q"], x_q.transpose(0, 2, 1).reshape(2, 12))
+    want_float_path = reference_session(model).run(["y2_q"], {"x_q": x_q})[0]
+    np.testing.assert_array_equal(got["y2_q"], want_float_path)
+
