@@ -19,8 +19,9 @@ rewrite here turns such a graph into an equivalent one the importer handles (fou
   handle ShapeExpr inputs", "Reshape requires the input new shape to be Shape").
 
 Graph *inputs* are never treated as constants: a shape, axes or scales tensor that is a
-runtime input stays one (and a node that needs it constant fails TVM's import with a clear
-message; the planner then runs it on onnxruntime).
+runtime input stays one. lowering/dynamic_ops.py converts Reduce*, CumSum, Pad, TopK, Split
+and Reshape with such inputs; any other node that needs it constant fails TVM's import with
+a clear message, and the planner then runs it on onnxruntime.
 """
 
 from __future__ import annotations
@@ -388,7 +389,8 @@ def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
         name = node.input[0] if node.input else ""
         elem = types[name].tensor_type.elem_type if (
             node.op_type in ("ReduceMax", "ReduceMin") and (node.domain or "") in _DEFAULT
-            and name in types and not node.name.endswith("__fixed")) else None
+            and name in types and not node.name.endswith("__fixed")
+            and not _runtime_axes(node, graph)) else None
         if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                         onnx.TensorProto.FLOAT16):
             nodes.append(node)
@@ -419,6 +421,16 @@ def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
         ]
         changed = True
     return _swap_nodes(graph, nodes, changed)
+
+
+def _runtime_axes(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    """A Reduce whose axes tensor is not constant: lowering/dynamic_ops.py converts it, and
+    its max/min start from -inf/+inf, so the all-infinities rewrite is not needed."""
+    if len(node.input) < 2 or not node.input[1]:
+        return False
+    name = node.input[1]
+    return not any(t.name == name for t in graph.initializer) and not any(
+        name in n.output for n in graph.node if n.op_type == "Constant")
 
 
 def _swap_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], changed: bool) -> bool:
@@ -612,10 +624,6 @@ def apply(proto: onnx.ModelProto, max_rounds: int = 6) -> onnx.ModelProto:
         changed = _fold_constants(model, opset) or changed
         if not changed:
             break
-    inits = {t.name for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Expand" and node.input[1] not in inits:
-            raise ValueError(
-                f"Expand node '{node.name}' takes its shape at run time; TVM 0.27 expands to "
-                "the wrong shape then (the planner runs such nodes on onnxruntime)")
+    # Expand with a run-time shape: lowering/dynamic_ops.py converts a shape tensor, and
+    # refuses a shape value made by Shape ops (TVM 0.27 expands to the wrong shape then).
     return model

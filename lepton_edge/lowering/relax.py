@@ -37,14 +37,13 @@ def system_cpu() -> str:
 
 def import_onnx(proto: onnx.ModelProto) -> Any:
     """Import a standalone ONNX (sub)graph into a Relax IRModule, weights as constants."""
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from lepton_edge.lowering import onnx_fixups
+    from lepton_edge.lowering import dynamic_ops, onnx_fixups
 
     try:
         # fold constant shape arithmetic, replace ops TVM lacks or gets wrong (onnx_fixups.py)
         proto = onnx_fixups.apply(proto)
-        return from_onnx(proto, keep_params_in_input=False)
+        # TVM's importer, plus converters for axes/pads/k/... given at run time (dynamic_ops.py)
+        return dynamic_ops.from_onnx(proto)
     except Exception as exc:  # noqa: BLE001 - the importer raises anything; name it for the user
         raise TargetError(f"TVM could not import the graph: {_first_line(exc)}") from exc
 

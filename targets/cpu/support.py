@@ -69,6 +69,19 @@ def _empty_input(node: onnx.NodeProto, graph: Any) -> bool:
     return shape is not None and any(d == 0 for d in shape)
 
 
+def _graph_input(name: str, graph: Any) -> bool:
+    """`name` is a graph input (no node makes it, no initializer holds it)."""
+    return bool(name) and name not in graph.initializers and not any(
+        name in n.output for n in graph.nodes)
+
+
+def _empty_reduction(node: onnx.NodeProto, graph: Any) -> bool:
+    """An empty input to TVM's own Reduce converter (constant axes). With run-time axes,
+    lowering/dynamic_ops.py's kernels start from the identity and handle empty inputs."""
+    runtime_axes = len(node.input) > 1 and _graph_input(node.input[1], graph)
+    return _empty_input(node, graph) and not runtime_axes
+
+
 def _resize_downsamples(node: onnx.NodeProto, graph: Any) -> bool:
     """Linear/cubic Resize that shrinks some axis (or antialiases): TVM 0.27 gets it wrong."""
     mode = _attr(node, "mode", b"nearest")
@@ -94,10 +107,45 @@ def _resize_downsamples(node: onnx.NodeProto, graph: Any) -> bool:
 _REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
+def _runtime(name: str, graph: Any) -> bool:
+    """`name` is not a constant (no initializer, no Constant node makes it)."""
+    return bool(name) and name not in graph.initializers and not any(
+        name in n.output for n in graph.nodes if n.op_type == "Constant")
+
+
+_INT_TYPES = {T.INT8, T.INT16, T.INT32, T.INT64, T.UINT8, T.UINT16, T.UINT32, T.UINT64}
+_FLOAT_TYPES = {T.FLOAT, T.DOUBLE, T.FLOAT16, T.BFLOAT16}
+
+
+def _dynamic_refused(node: onnx.NodeProto, graph: Any) -> bool:
+    """A run-time axes/k input that lowering/dynamic_ops.py cannot convert (it would fail the
+    whole subgraph's import): integer Mean/L2/LogSum(Exp), an axes tensor of unknown length
+    with keepdims=0, TopK over an axis of unknown length."""
+    if len(node.input) < 2 or not _runtime(node.input[1], graph):
+        return False
+    elem = graph.value_types.get(node.input[0])
+    if node.op_type == "TopK":
+        shape = graph.value_shapes.get(node.input[0])
+        axis = _attr(node, "axis", -1)
+        return shape is None or not isinstance(shape[axis % len(shape)], int) or (
+            shape[axis % len(shape)] <= 0)
+    if elem == T.BOOL:
+        ok = node.op_type in ("ReduceMax", "ReduceMin")
+    elif elem in _INT_TYPES:
+        ok = node.op_type not in ("ReduceMean", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")
+    else:
+        ok = elem in _FLOAT_TYPES
+    axes = graph.value_shapes.get(node.input[1])
+    known = axes is not None and len(axes) == 1 and isinstance(axes[0], int)
+    return not ok or (not known and _attr(node, "keepdims", 1) == 0)
+
+
 # op -> (condition on the node, why it is kept off TVM)
 _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
-    "Expand": (_not_constant(1),
-               "TVM 0.27 expands to the wrong shape when the shape is a runtime input"),
+    # a graph-input shape is converted by lowering/dynamic_ops.py; one computed in the graph
+    # may reach TVM's converter as a shape value, which it expands wrongly
+    "Expand": (lambda n, g: _not_constant(1)(n, g) and not _graph_input(n.input[1], g),
+               "TVM 0.27 expands to the wrong shape when the shape is computed at run time"),
     "NonMaxSuppression": (lambda n, g: True, "TVM 0.27's NonMaxSuppression selects no boxes"),
     "ConvTranspose": (lambda n, g: _attr(n, "output_shape") is not None,
                       "TVM 0.27 ignores ConvTranspose's output_shape attribute"),
@@ -110,8 +158,10 @@ _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
     "Mod": (lambda n, g: g.value_types.get(n.input[0]) in (T.FLOAT, T.DOUBLE, T.FLOAT16,
                                                              T.BFLOAT16),
             "TVM 0.27 gets float Mod's inf/NaN and division-by-zero cases wrong"),
-    **{op: (_empty_input, "TVM 0.27 returns garbage for a reduction over an empty tensor")
+    **{op: (_empty_reduction,
+            "TVM 0.27 returns garbage for a reduction over an empty tensor")
        for op in _REDUCE},
+    "TopK": (_dynamic_refused, "TopK with a run-time k needs a static length of its axis"),
     "Resize": (_resize_downsamples,
                "TVM 0.27's linear/cubic Resize is wrong when it shrinks an axis or antialiases"),
     "RoiAlign": (lambda n, g: _attr(n, "mode", b"avg") in (b"max", "max"),
@@ -158,4 +208,8 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         condition, why = _WRONG_ON_TVM[node.op_type]
         if condition(node, graph):
             return why
+    if domain in ("", "ai.onnx") and node.op_type in _REDUCE and _dynamic_refused(node, graph):
+        return (f"{node.op_type} with run-time axes is compiled for float inputs (and integer "
+                "Sum/Max/Min/Prod/L1/SumSquare, bool Max/Min) with an axes tensor of known "
+                "length")
     return None

@@ -99,10 +99,24 @@ def test_quantized_weights_are_not_folded_to_float():
         "DequantizeLinear", "MatMul"]
 
 
-def test_expand_with_runtime_shape_is_refused_with_a_reason():
+def test_expand_with_a_runtime_shape_tensor_computes_numpy_broadcasting():
+    # a shape tensor given at run time: lowering/dynamic_ops.py converts it
     nodes = [h.make_node("Expand", ["x", "shape"], ["y"])]
-    model = _model(nodes, [_vi("x", T.FLOAT, [3, 1]), _vi("shape", T.INT64, [2])],
-                   [_vi("y", T.FLOAT, None)])
+    model = _model(nodes, [_vi("x", T.FLOAT, [3, 1]), _vi("shape", T.INT64, [3])],
+                   [_vi("y", T.FLOAT, [None, None, None])])
+    x = np.arange(3, dtype=np.float32).reshape(3, 1)
+    for shape in ([2, 1, 4], [1, 3, 1], [2, 3, 0]):
+        feeds = {"x": x, "shape": np.array(shape, np.int64)}
+        np.testing.assert_array_equal(_run_tvm(model, feeds)[0], _reference(model, feeds)[0])
+    with pytest.raises(Exception, match="does not broadcast"):  # noqa: B017 - a TVM error
+        _run_tvm(model, {"x": x, "shape": np.array([1, 2, 4], np.int64)})
+
+
+def test_expand_with_a_shape_value_from_shape_ops_is_refused_with_a_reason():
+    # Shape(z) reaches TVM's importer as a shape value, which TVM 0.27 expands wrongly
+    nodes = [h.make_node("Shape", ["z"], ["shape"]), h.make_node("Expand", ["x", "shape"], ["y"])]
+    model = _model(nodes, [_vi("x", T.FLOAT, [3, 1]), _vi("z", T.FLOAT, ["N", 3, 4])],
+                   [_vi("y", T.FLOAT, ["N", 3, 4])])
     with pytest.raises(TargetError, match="takes its shape at run time"):
         lowering.import_onnx(model)
 
@@ -228,3 +242,17 @@ def test_resize_that_shrinks_and_empty_reductions_are_kept_off_tvm():
     empty = _model([h.make_node("ReduceSum", ["x"], ["y"], keepdims=1)],
                    [_vi("x", T.FLOAT, [2, 0, 3])], [_vi("y", T.FLOAT, None)], opset=11)
     assert "empty tensor" in _reason(empty)
+
+
+def test_reduce_max_with_runtime_axes_keeps_infinities_without_the_rewrite():
+    # Runtime axes go to lowering/dynamic_ops.py, whose max starts from -inf: the all -inf
+    # rewrite (which cannot broadcast two run-time shapes) must leave the node alone.
+    nodes = [h.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=1)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [2, 3]), _vi("axes", T.INT64, [1])],
+                   [_vi("y", T.FLOAT, [None, None])], opset=18)
+    fixed = onnx_fixups.apply(model)
+    assert [n.op_type for n in fixed.graph.node] == ["ReduceMax"]
+    x = np.array([[-np.inf, -np.inf, -np.inf], [1.0, -2.0, 3.0]], np.float32)
+    for axes in ([1], [-2], [0]):
+        feeds = {"x": x, "axes": np.array(axes, np.int64)}
+        np.testing.assert_array_equal(_run_tvm(model, feeds)[0], _reference(model, feeds)[0])

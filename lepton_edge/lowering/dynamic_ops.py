@@ -1,0 +1,746 @@
+"""ONNX nodes whose axes / pads / k / split / shape inputs arrive at run time, on TVM.
+
+TVM 0.27's ONNX importer needs these inputs at compile time ("Only constant axes currently
+supported", "Dynamic pads are not supported yet", "TopK k must be a constant", ...).
+lowering/onnx_fixups.py folds every such input that is constant; what is left is a real
+run-time value (a graph input, or computed from one). This module converts those nodes
+itself, for any value the op allows:
+
+* the output *rank* is static (it follows from the static length of the axes/pads tensor),
+  the output *dims* are computed at run time by a small TIR kernel that reads the value,
+  checks it (an axis out of range, a repeated axis, ...) with TIR asserts, and writes the
+  output shape; `R.tensor_to_shape` + `match_cast` turn that into symbolic dims;
+* the op itself is a TIR kernel over those symbolic dims.
+
+A value the op does not allow stops the run with a TVM error naming the op and the problem
+(the CPU device raises it as a DeviceError); nothing reads out of bounds.
+
+`Importer` is TVM's ONNX graph importer with these converters consulted first; a converter
+returns None when its inputs are constants, and TVM's own converter then runs as before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+from tvm.script import tirx as T
+
+# --------------------------------------------------------------------------- shared parts
+
+_FLOATS = ("float16", "float32", "float64", "bfloat16")
+_INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _is_runtime(expr: Any) -> bool:
+    """A tensor value known only at run time (not a constant folded before import)."""
+    return (expr is not None and isinstance(expr, relax.Expr)
+            and not isinstance(expr, tvm.ir.GenericConst)
+            and isinstance(expr.ty, relax.TensorType))
+
+
+def _static_len(expr: Any) -> int | None:
+    """Number of elements of a 0-d/1-d tensor when it is static, else None."""
+    shape = expr.ty.shape
+    if shape is None or not isinstance(shape, relax.ShapeExpr):
+        return None
+    if len(shape.values) == 0:
+        return 1
+    if len(shape.values) != 1 or not isinstance(shape.values[0], tirx.IntImm):
+        return None
+    return int(shape.values[0].value)
+
+
+def _rank(expr: Any) -> int | None:
+    ty = expr.ty
+    return None if not isinstance(ty, relax.TensorType) or ty.ndim < 0 else int(ty.ndim)
+
+
+def _scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Kernels of scalar loops (no blocks): keep the default schedules and fusion away."""
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque
+
+
+def _as_int64(bb: relax.BlockBuilder, expr: relax.Expr) -> relax.Expr:
+    if expr.ty.dtype != "int64":
+        expr = bb.emit(relax.op.astype(expr, "int64"))
+    return expr
+
+
+def _dims_tensor(bb: relax.BlockBuilder, data: relax.Expr) -> relax.Expr:
+    """int64[rank] tensor of `data`'s dims (static or symbolic), without Python at run time."""
+    rank = _rank(data)
+
+    def dims(x: te.Tensor) -> te.Tensor:
+        def value(i: Any) -> Any:
+            out = tirx.const(0, "int64")
+            for axis in reversed(range(rank)):
+                out = tirx.Select(i == axis, tirx.Cast("int64", x.shape[axis]), out)
+            return out
+        return te.compute((rank,), value, name="dims")
+
+    return bb.emit_te(dims, data, primfunc_name_hint="lepton_dims")
+
+
+def _to_shape(bb: relax.BlockBuilder, tensor: relax.Expr, ndim: int, prefix: str
+              ) -> list[tirx.Var]:
+    """Symbolic dims holding the run-time int64[ndim] `tensor`'s values."""
+    shape = bb.emit(relax.op.tensor_to_shape(tensor))
+    dims = [tirx.Var(f"{prefix}{i}", "int64") for i in range(ndim)]
+    bb.match_cast(shape, relax.ShapeType(dims))
+    return dims
+
+
+# ------------------------------------------------------------------------------- Reduce*
+
+@T.prim_func(private=True)
+def _reduce_shape(dims_h: T.handle, axes_h: T.handle, keep_h: T.handle, sq_h: T.handle):
+    r = T.int64()
+    n = T.int64()
+    m = T.int64()
+    dims = T.match_buffer(dims_h, (r,), "int64")
+    axes = T.match_buffer(axes_h, (n,), "int64")
+    keep = T.match_buffer(keep_h, (r,), "int64")
+    sq = T.match_buffer(sq_h, (m,), "int64")
+    c = T.alloc_buffer((1,), "int64", scope="local")
+    flag = T.alloc_buffer((1,), "int64", scope="local")
+    for j in range(n):
+        assert axes[j] >= -r and axes[j] < r, (
+            "Reduce: an axes value is outside [-rank, rank-1]")
+        for k in range(j):
+            assert (axes[j] + r) % r != (axes[k] + r) % r, "Reduce: axes repeats an axis"
+    c[0] = T.int64(0)
+    for i in range(r):
+        flag[0] = T.int64(0)
+        for j in range(n):
+            if (axes[j] + r) % r == i:
+                flag[0] = T.int64(1)
+        if flag[0] == T.int64(1):
+            keep[i] = T.int64(1)
+        else:
+            keep[i] = dims[i]
+            if c[0] < m:
+                sq[c[0]] = dims[i]
+            c[0] = c[0] + T.int64(1)
+
+
+def _accumulator(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+def _extreme(dtype: str, largest: bool) -> Any:
+    if dtype.startswith("float") or dtype.startswith("bfloat"):
+        return tirx.const(math.inf if largest else -math.inf, dtype)
+    return tvm.tirx.max_value(dtype) if largest else tvm.tirx.min_value(dtype)
+
+
+# op -> (element map, reducer, finish(acc, count)); dtype-dependent parts are built lazily.
+_REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+               "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+# ops whose result is meaningless (sqrt/log/division) on integers: those stay on TVM's or
+# onnxruntime's path
+_FLOAT_ONLY = {"ReduceMean", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp"}
+
+
+def reduce_dtype_ok(op: str, dtype: str) -> bool:
+    return dtype in _FLOATS or (dtype in _INTS and op not in _FLOAT_ONLY)
+
+
+def _max(a: Any, b: Any) -> Any:
+    return tirx.Max(a, b)
+
+
+def _min(a: Any, b: Any) -> Any:
+    return tirx.Min(a, b)
+
+
+def _reduce_kernel(op: str, rank: int, out_dims: list[tirx.Var]
+                   ) -> Callable[[te.Tensor], te.Tensor]:
+    def kernel(x: te.Tensor) -> te.Tensor:
+        dtype = str(x.dtype)
+        acc = _accumulator(dtype)
+        # window i covers the whole axis where the output dim is 1 and the axis is reduced,
+        # one element where the axis is kept: extent = dim - out_dim + 1, index = o + k.
+        # A dim that may be 0 gives an empty window; TIR never runs a reduction's init for
+        # a zero-trip loop, so such windows run once and read the reducer's identity.
+        extents = [x.shape[i] - out_dims[i] + 1 for i in range(rank)]
+        maybe_empty = [not (isinstance(x.shape[i], tirx.IntImm) and int(x.shape[i]) > 0)
+                       for i in range(rank)]
+
+        def axes() -> list[Any]:
+            return [te.reduce_axis((0, tirx.max(extents[i], 1) if maybe_empty[i]
+                                    else extents[i]), name=f"k{i}") for i in range(rank)]
+
+        def at(o: tuple[Any, ...], ks: list[Any], identity: Any) -> Any:
+            v = x[tuple(o[i] + ks[i] for i in range(rank))]
+            v = v if acc == dtype else tirx.Cast(acc, v)
+            guards = [ks[i] < extents[i] for i in range(rank) if maybe_empty[i]]
+            if not guards:
+                return v
+            return tirx.if_then_else(tirx.all(*guards), v, identity)
+
+        def reduce_with(combine: Callable[[Any, Any], Any], identity: Any, name: str,
+                        element: Callable[[Any], Any] = lambda v: v) -> te.Tensor:
+            reducer = te.comm_reducer(combine, lambda t: identity, name=name)
+
+            def body(*o: Any) -> Any:
+                ks = axes()
+                return reducer(element(at(o, ks, identity)), axis=ks)
+            return te.compute(list(out_dims), body, name=name)
+
+        zero, one = tirx.const(0, acc), tirx.const(1, acc)
+        if op in ("ReduceMax", "ReduceMin"):
+            largest = op == "ReduceMax"
+            out = reduce_with(_max if largest else _min, _extreme(acc, not largest),
+                              "max" if largest else "min")
+        elif op == "ReduceProd":
+            out = reduce_with(lambda a, b: a * b, one, "prod")
+        elif op == "ReduceLogSumExp":
+            hi = reduce_with(_max, _extreme(acc, False), "peak")
+
+            def body(*o: Any) -> Any:
+                ks = axes()
+                return te.sum(tirx.exp(at(o, ks, hi[o]) - hi[o]), axis=ks)
+            total = te.compute(list(out_dims), body, name="sumexp")
+            # an infinite peak (an all -inf or empty window, or a +inf) is the answer itself
+            out = te.compute(list(out_dims), lambda *o: tirx.Select(
+                tirx.isinf(hi[o]), hi[o], hi[o] + tirx.log(total[o])), name="logsumexp")
+        else:
+            def element(v: Any) -> Any:
+                if op == "ReduceL1" and not acc.startswith("uint"):
+                    return tirx.abs(v)
+                if op in ("ReduceL2", "ReduceSumSquare"):
+                    return v * v
+                return v
+            total = reduce_with(lambda a, b: a + b, zero, "sum", element)
+            if op == "ReduceMean":
+                count = tirx.const(1, "int64")
+                for e in extents:
+                    count = count * e
+                out = te.compute(list(out_dims), lambda *o: total[o] / tirx.Cast(acc, count),
+                                 name="mean")
+            elif op == "ReduceL2":
+                out = te.compute(list(out_dims), lambda *o: tirx.sqrt(total[o]), name="l2")
+            elif op == "ReduceLogSum":
+                out = te.compute(list(out_dims), lambda *o: tirx.log(total[o]), name="logsum")
+            else:
+                out = total
+        return _cast_back(out, dtype)
+    return kernel
+
+
+def _cast_back(t: te.Tensor, dtype: str) -> te.Tensor:
+    if str(t.dtype) == dtype:
+        return t
+    return te.compute(t.shape, lambda *o: tirx.Cast(dtype, t[o]), name="cast")
+
+
+def convert_reduce(bb: relax.BlockBuilder, op: str, inputs: list[Any], attrs: dict[str, Any],
+                   opset: int) -> relax.Expr | None:
+    """Reduce* (opset 18+, ReduceSum 13+) with a run-time `axes` tensor, else None."""
+    if len(inputs) < 2 or not _is_runtime(inputs[1]):
+        return None
+    data, axes = inputs[0], inputs[1]
+    rank, count = _rank(data), _static_len(axes)
+    if rank is None or count is None:
+        raise ValueError(f"{op}: the axes tensor's length and the data's rank must be static")
+    if data.ty.dtype == "bool" and op in ("ReduceMax", "ReduceMin"):  # any / all
+        out = convert_reduce(bb, op, [bb.emit(relax.op.astype(data, "uint8")), axes], attrs,
+                             opset)
+        return relax.op.astype(bb.emit(out), "bool")
+    if not reduce_dtype_ok(op, data.ty.dtype):
+        raise ValueError(f"{op} on {data.ty.dtype} with run-time axes is not supported")
+    keepdims = int(attrs.get("keepdims", 1))
+    if count == 0:
+        if int(attrs.get("noop_with_empty_axes", 0)):
+            return data
+        axes = relax.const(list(range(rank)), "int64")  # reduce over everything
+        count = rank
+    if count > rank:
+        raise ValueError(f"{op}: {count} axes for a rank-{rank} input")
+    axes = _as_int64(bb, axes)
+    dims = _dims_tensor(bb, data)
+    shapes = bb.emit(relax.call_tir(
+        bb.add_func(_scheduled(_reduce_shape), "lepton_reduce_shape"), [dims, axes],
+        [relax.TensorType([rank], "int64"), relax.TensorType([rank - count], "int64")]))
+    keep = bb.emit(relax.TupleGetItem(shapes, 0))
+    out_dims = _to_shape(bb, keep, rank, "reduce_d")
+    reduced = bb.emit_te(_reduce_kernel(op, rank, out_dims), data,
+                         primfunc_name_hint=f"lepton_{op.lower()}")
+    if keepdims:
+        return reduced
+    squeezed = bb.emit(relax.TupleGetItem(shapes, 1))
+    sq_dims = _to_shape(bb, squeezed, rank - count, "reduce_s")
+    return relax.op.reshape(reduced, relax.ShapeExpr(sq_dims))
+
+
+# -------------------------------------------------------------------------------- CumSum
+
+def _flat(bb: relax.BlockBuilder, data: relax.Expr) -> tuple[relax.Expr, Any]:
+    """`data` as a 1-d tensor, and its element count."""
+    count = tirx.const(1, "int64")
+    for d in data.ty.shape.values:
+        count = count * d
+    return bb.emit(relax.op.reshape(data, relax.ShapeExpr([count]))), count
+
+
+def _cumsum_kernel(dtype: str, exclusive: bool, reverse: bool) -> tirx.PrimFunc:
+    @T.prim_func(private=True)
+    def cumsum(x_h: T.handle, dims_h: T.handle, axis_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        r = T.int64()
+        x = T.match_buffer(x_h, (n,), dtype)
+        dims = T.match_buffer(dims_h, (r,), "int64")
+        axis = T.match_buffer(axis_h, (), "int64")
+        y = T.match_buffer(y_h, (n,), dtype)
+        a = T.alloc_buffer((1,), "int64", scope="local")
+        stride = T.alloc_buffer((1,), "int64", scope="local")
+        assert axis[()] >= -r and axis[()] < r, "CumSum: axis is outside [-rank, rank-1]"
+        a[0] = (axis[()] + r) % r
+        stride[0] = T.int64(1)
+        for i in range(r):
+            if i > a[0]:
+                stride[0] = stride[0] * dims[i]
+        for i in range(n):
+            # o walks the axis forwards (or backwards): its neighbour is already done
+            o = T.if_then_else(reverse, n - 1 - i, i)
+            pos = o // stride[0] % dims[a[0]]
+            first = T.if_then_else(reverse, pos == dims[a[0]] - 1, pos == 0)
+            prev = T.if_then_else(reverse, o + stride[0], o - stride[0])
+            if first:
+                y[o] = T.if_then_else(exclusive, T.Cast(dtype, 0), x[o])
+            else:
+                y[o] = y[prev] + T.if_then_else(exclusive, x[prev], x[o])
+    return _scheduled(cumsum)
+
+
+def convert_cumsum(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                   opset: int) -> relax.Expr | None:
+    """CumSum with a run-time `axis` (any value in [-rank, rank-1]), else None."""
+    if len(inputs) < 2 or not _is_runtime(inputs[1]):
+        return None
+    data, axis = inputs[0], inputs[1]
+    if _rank(data) is None or not isinstance(data.ty.shape, relax.ShapeExpr):
+        raise ValueError("CumSum with a run-time axis needs the data's rank")
+    if _rank(axis) not in (0, 1) or _static_len(axis) != 1:
+        raise ValueError("CumSum: axis must hold exactly one value")
+    axis = _as_int64(bb, axis)
+    if _rank(axis) == 1:
+        axis = bb.emit(relax.op.reshape(axis, relax.ShapeExpr([])))
+    dims = _dims_tensor(bb, data)
+    flat, count = _flat(bb, data)
+    kernel = _cumsum_kernel(str(data.ty.dtype), bool(attrs.get("exclusive", 0)),
+                            bool(attrs.get("reverse", 0)))
+    out = bb.emit(relax.call_tir(bb.add_func(kernel, "lepton_cumsum"), [flat, dims, axis],
+                                 relax.TensorType([count], data.ty.dtype)))
+    return relax.op.reshape(out, data.ty.shape)
+
+
+# ------------------------------------------------------------------------------- Reshape
+
+def _reshape_kernel(allowzero: bool) -> tirx.PrimFunc:
+    @T.prim_func(private=True)
+    def reshape_shape(dims_h: T.handle, shape_h: T.handle, out_h: T.handle):
+        r = T.int64()
+        k = T.int64()
+        dims = T.match_buffer(dims_h, (r,), "int64")
+        shape = T.match_buffer(shape_h, (k,), "int64")
+        out = T.match_buffer(out_h, (k,), "int64")
+        total = T.alloc_buffer((1,), "int64", scope="local")
+        known = T.alloc_buffer((1,), "int64", scope="local")
+        infer = T.alloc_buffer((1,), "int64", scope="local")
+        total[0] = T.int64(1)
+        for i in range(r):
+            total[0] = total[0] * dims[i]
+        known[0] = T.int64(1)
+        infer[0] = T.int64(-1)
+        for j in range(k):
+            assert shape[j] >= -1, "Reshape: a shape value is below -1"
+            if shape[j] == -1:
+                assert infer[0] == -1, "Reshape: more than one -1 in the shape"
+                infer[0] = j
+                out[j] = T.int64(1)
+            elif shape[j] == 0 and not allowzero:
+                assert j < r, "Reshape: a 0 copies an input dim that does not exist"
+                out[j] = dims[j]
+            else:
+                out[j] = shape[j]
+            known[0] = known[0] * out[j]
+        if infer[0] >= 0:
+            assert known[0] != 0 and total[0] % known[0] == 0, (
+                "Reshape: no size for the -1 dim matches the input's element count")
+            out[infer[0]] = total[0] // known[0]
+        else:
+            assert known[0] == total[0], (
+                "Reshape: the new shape's element count differs from the input's")
+    return _scheduled(reshape_shape)
+
+
+def convert_reshape(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                    opset: int) -> relax.Expr | None:
+    """Reshape with a run-time `shape` tensor (0 / -1 / allowzero as ONNX says), else None."""
+    if len(inputs) < 2 or not _is_runtime(inputs[1]):
+        return None
+    data, shape = inputs[0], inputs[1]
+    if not isinstance(data.ty, relax.TensorType):
+        return None  # a shape value: TVM's converter
+    ndim = _static_len(shape)
+    if _rank(data) is None or ndim is None or _rank(shape) != 1:
+        raise ValueError("Reshape with a run-time shape needs the data's rank and the shape's "
+                         "length")
+    kernel = _reshape_kernel(bool(attrs.get("allowzero", 0)))
+    out_shape = bb.emit(relax.call_tir(
+        bb.add_func(kernel, "lepton_reshape_shape"), [_dims_tensor(bb, data),
+                                                      _as_int64(bb, shape)],
+        relax.TensorType([ndim], "int64")))
+    return relax.op.reshape(data, relax.ShapeExpr(_to_shape(bb, out_shape, ndim, "reshape_d")))
+
+
+# ----------------------------------------------------------------------------------- Pad
+
+def _pad_kernel(wraps: bool, reflect: bool) -> tirx.PrimFunc:
+    """Full-rank pads [before..., after...] and output dims from (pads, axes), checked."""
+    @T.prim_func(private=True)
+    def pad_shape(dims_h: T.handle, pads_h: T.handle, axes_h: T.handle, full_h: T.handle,
+                  out_h: T.handle):
+        r = T.int64()
+        n = T.int64()
+        m = T.int64()
+        dims = T.match_buffer(dims_h, (r,), "int64")
+        pads = T.match_buffer(pads_h, (m,), "int64")
+        axes = T.match_buffer(axes_h, (n,), "int64")
+        full = T.match_buffer(full_h, (r * 2,), "int64")
+        out = T.match_buffer(out_h, (r,), "int64")
+        assert m == n * 2, "Pad: pads must hold 2 values per padded axis"
+        for i in range(r * 2):
+            full[i] = T.int64(0)
+        for j in range(n):
+            assert axes[j] >= -r and axes[j] < r, "Pad: an axes value is outside [-rank, rank-1]"
+            for k in range(j):
+                assert (axes[j] + r) % r != (axes[k] + r) % r, "Pad: axes repeats an axis"
+            full[(axes[j] + r) % r] = pads[j]
+            full[(axes[j] + r) % r + r] = pads[j + n]
+        for i in range(r):
+            out[i] = dims[i] + full[i] + full[i + r]
+            assert out[i] >= 0, "Pad: negative pads remove more than the whole axis"
+            # edge/reflect/wrap pad what is left after cropping (negative pads) first
+            if wraps:
+                assert out[i] == 0 or dims[i] - T.max(-full[i], T.int64(0)) - T.max(
+                    -full[i + r], T.int64(0)) > 0, (
+                    "Pad: edge/reflect/wrap padding of an empty (or fully cropped) axis")
+            if reflect:
+                assert T.max(full[i], full[i + r]) < dims[i] - T.max(
+                    -full[i], T.int64(0)) - T.max(-full[i + r], T.int64(0)), (
+                    "Pad: reflect pads must be smaller than the axis")
+    return _scheduled(pad_shape)
+
+
+def _pad_compute(mode: str, rank: int, out_dims: list[tirx.Var]) -> Callable[..., te.Tensor]:
+    def kernel(x: te.Tensor, full: te.Tensor, value: te.Tensor | None = None) -> te.Tensor:
+        def body(*o: Any) -> Any:
+            index, inside = [], []
+            zero = tirx.const(0, "int64")
+            for i in range(rank):
+                if mode != "constant":  # the axis after cropping: [lo, lo + d)
+                    lo = tirx.Max(-full[i], zero)
+                    d = x.shape[i] - lo - tirx.Max(-full[i + rank], zero)
+                    j = o[i] - tirx.Max(full[i], zero)
+                else:
+                    d = x.shape[i]
+                    j = o[i] - full[i]
+                if mode == "constant":
+                    inside.append(tirx.all(j >= 0, j < d))
+                    index.append(tirx.Select(tirx.all(j >= 0, j < d), j, tirx.const(0, "int64")))
+                elif mode == "edge":
+                    index.append(tirx.Max(tirx.Min(j, d - 1), tirx.const(0, "int64")))
+                elif mode == "wrap":
+                    index.append(tirx.floormod(j, d))
+                else:  # reflect: period 2(d-1); a length-1 axis repeats its element
+                    period = tirx.Max(d * 2 - 2, tirx.const(1, "int64"))
+                    k = tirx.floormod(j, period)
+                    index.append(tirx.Select(d == 1, tirx.const(0, "int64"),
+                                             tirx.Select(k < d, k, period - k)))
+            if mode != "constant":
+                return x[tuple(index[i] + tirx.Max(-full[i], zero) for i in range(rank))]
+            return tirx.if_then_else(tirx.all(*inside), x[tuple(index)], value[()])
+        return te.compute(list(out_dims), body, name="pad")
+    return kernel
+
+
+def convert_pad(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                opset: int) -> relax.Expr | None:
+    """Pad (opset 11+) whose pads, constant_value or axes is a run-time tensor, else None."""
+    if opset < 11 or not any(_is_runtime(inputs[i]) for i in range(1, len(inputs))):
+        return None
+    data = inputs[0]
+    rank = _rank(data)
+    if rank is None:
+        raise ValueError("Pad with run-time pads needs the data's rank")
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        raise ValueError(f"Pad: unknown mode {mode!r}")
+    pads = _as_int64(bb, inputs[1])
+    axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else relax.const(
+        list(range(rank)), "int64")
+    axes = _as_int64(bb, axes)
+    dims = _dims_tensor(bb, data)
+    result = bb.emit(relax.call_tir(
+        bb.add_func(_pad_kernel(mode != "constant", mode == "reflect"), "lepton_pad_shape"), [dims, pads, axes],
+        [relax.TensorType([2 * rank], "int64"), relax.TensorType([rank], "int64")]))
+    full = bb.emit(relax.TupleGetItem(result, 0))
+    out_dims = _to_shape(bb, bb.emit(relax.TupleGetItem(result, 1)), rank, "pad_d")
+    args = [data, full]
+    if mode == "constant":
+        value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else relax.const(
+            0, data.ty.dtype)
+        if value.ty.dtype != data.ty.dtype:
+            value = bb.emit(relax.op.astype(value, data.ty.dtype))
+        if _rank(value) != 0:
+            value = bb.emit(relax.op.reshape(value, relax.ShapeExpr([])))
+        args.append(value)
+    return bb.emit_te(_pad_compute(mode, rank, out_dims), *args,
+                      primfunc_name_hint="lepton_pad")
+
+
+# ---------------------------------------------------------------------------------- TopK
+
+def _topk_kernel(dtype: str, largest: bool) -> tirx.PrimFunc:
+    """Selection, k passes over each row: the j-th pick is the best element that comes
+    after pick j-1 in the order (value, then lower index first): ONNX's tie rule."""
+    @T.prim_func(private=True)
+    def topk(x_h: T.handle, k_h: T.handle, v_h: T.handle, i_h: T.handle):
+        rows = T.int64()
+        length = T.int64()
+        k = T.int64()
+        x = T.match_buffer(x_h, (rows, length), dtype)
+        k_in = T.match_buffer(k_h, (1,), "int64")
+        values = T.match_buffer(v_h, (rows, k), dtype)
+        indices = T.match_buffer(i_h, (rows, k), "int64")
+        # k (the output dim) is the value clipped to [0, length]: any other value is refused
+        assert k_in[0] == k, "TopK: k is negative or larger than the axis"
+        best = T.alloc_buffer((1,), "int64", scope="local")
+        for row, j in T.grid(rows, k):
+            best[0] = T.int64(-1)
+            for i in range(length):
+                later = T.if_then_else(
+                    j == 0, True,
+                    T.if_then_else(largest, x[row, i] < values[row, j - 1],
+                                   x[row, i] > values[row, j - 1])
+                    or (x[row, i] == values[row, j - 1] and i > indices[row, j - 1]))
+                if later:
+                    if best[0] < 0:
+                        best[0] = i
+                    elif T.if_then_else(largest, x[row, i] > x[row, best[0]],
+                                        x[row, i] < x[row, best[0]]):
+                        best[0] = i
+            # only NaNs (unordered) can leave a pick empty: refuse rather than read x[-1]
+            assert best[0] >= 0, "TopK: the row holds NaN values this kernel cannot order"
+            values[row, j] = x[row, best[0]]
+            indices[row, j] = best[0]
+    return _scheduled(topk)
+
+
+def convert_topk(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                 opset: int) -> relax.Expr | None:
+    """TopK (opset 10+) with a run-time k, else None. Sorted output (also for sorted=0,
+    which lets the order be any)."""
+    if len(inputs) < 2 or not _is_runtime(inputs[1]):
+        return None
+    data, k = inputs[0], inputs[1]
+    rank = _rank(data)
+    if rank is None or rank == 0 or not isinstance(data.ty.shape, relax.ShapeExpr):
+        raise ValueError("TopK with a run-time k needs the data's rank")
+    if _static_len(k) != 1:
+        raise ValueError("TopK: k must hold exactly one value")
+    axis = int(attrs.get("axis", -1))
+    if not -rank <= axis < rank:
+        raise ValueError(f"TopK: axis {axis} is outside [-{rank}, {rank - 1}]")
+    axis %= rank
+    dims = list(data.ty.shape.values)
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    moved = data if axis == rank - 1 else bb.emit(relax.op.permute_dims(data, perm))
+    rows = tirx.const(1, "int64")
+    for i in perm[:-1]:
+        rows = rows * dims[i]
+    flat = bb.emit(relax.op.reshape(moved, relax.ShapeExpr([rows, dims[axis]])))
+    k = _as_int64(bb, k)
+    if _rank(k) == 0:
+        k = bb.emit(relax.op.reshape(k, relax.ShapeExpr([1])))
+    length = dims[axis]
+    if not isinstance(length, tirx.IntImm):
+        raise ValueError("TopK with a run-time k needs a static axis length")
+    clipped = bb.emit(relax.op.clip(k, 0, int(length)))
+    (kv,) = _to_shape(bb, clipped, 1, "topk_k")
+    dtype = str(data.ty.dtype)
+    result = bb.emit(relax.call_tir(
+        bb.add_func(_topk_kernel(dtype, bool(attrs.get("largest", 1))), "lepton_topk"),
+        [flat, k],
+        [relax.TensorType([rows, kv], dtype), relax.TensorType([rows, kv], "int64")]))
+    outs = []
+    for index in range(2):
+        part = bb.emit(relax.TupleGetItem(result, index))
+        part = bb.emit(relax.op.reshape(part, relax.ShapeExpr(
+            [dims[i] for i in perm[:-1]] + [kv])))
+        if axis != rank - 1:
+            inverse = [perm.index(i) for i in range(rank)]
+            part = bb.emit(relax.op.permute_dims(part, inverse))
+        outs.append(part)
+    return relax.Tuple(outs)
+
+
+# --------------------------------------------------------------------------------- Split
+
+def _split_kernel(axis: int) -> tirx.PrimFunc:
+    @T.prim_func(private=True)
+    def split_sizes(dims_h: T.handle, split_h: T.handle, sizes_h: T.handle, offs_h: T.handle):
+        r = T.int64()
+        m = T.int64()
+        dims = T.match_buffer(dims_h, (r,), "int64")
+        split = T.match_buffer(split_h, (m,), "int64")
+        sizes = T.match_buffer(sizes_h, (m,), "int64")
+        offsets = T.match_buffer(offs_h, (m,), "int64")
+        total = T.alloc_buffer((1,), "int64", scope="local")
+        total[0] = T.int64(0)
+        for i in range(m):
+            assert split[i] >= 0, "Split: a split size is negative"
+            offsets[i] = total[0]
+            sizes[i] = split[i]
+            total[0] = total[0] + split[i]
+        assert total[0] == dims[axis], "Split: the split sizes do not add up to the axis"
+    return _scheduled(split_sizes)
+
+
+def convert_split(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                  opset: int) -> relax.Expr | None:
+    """Split (opset 13+) with a run-time `split` tensor, else None."""
+    if opset < 13 or len(inputs) < 2 or not _is_runtime(inputs[1]):
+        return None
+    data, split = inputs[0], inputs[1]
+    rank, count = _rank(data), _static_len(split)
+    if rank is None or count is None or count == 0:
+        raise ValueError("Split with run-time sizes needs the data's rank and the number of "
+                         "outputs")
+    axis = int(attrs.get("axis", 0))
+    if not -rank <= axis < rank:
+        raise ValueError(f"Split: axis {axis} is outside [-{rank}, {rank - 1}]")
+    axis %= rank
+    result = bb.emit(relax.call_tir(
+        bb.add_func(_split_kernel(axis), "lepton_split_sizes"),
+        [_dims_tensor(bb, data), _as_int64(bb, split)],
+        [relax.TensorType([count], "int64"), relax.TensorType([count], "int64")]))
+    sizes = _to_shape(bb, bb.emit(relax.TupleGetItem(result, 0)), count, "split_d")
+    offsets = bb.emit(relax.TupleGetItem(result, 1))
+    outs = []
+    for i in range(count):
+        def part(x: te.Tensor, offs: te.Tensor, _i: int = i) -> te.Tensor:
+            shape = [sizes[_i] if d == axis else x.shape[d] for d in range(rank)]
+            return te.compute(shape, lambda *o: x[tuple(
+                o[d] + offs[_i] if d == axis else o[d] for d in range(rank))], name="split")
+        outs.append(bb.emit_te(part, data, offsets, primfunc_name_hint="lepton_split"))
+    return relax.Tuple(outs)
+
+
+# -------------------------------------------------------------------------------- Expand
+
+@T.prim_func(private=True)
+def _expand_shape(dims_h: T.handle, shape_h: T.handle, out_h: T.handle):
+    r = T.int64()
+    k = T.int64()
+    m = T.int64()
+    dims = T.match_buffer(dims_h, (r,), "int64")
+    shape = T.match_buffer(shape_h, (k,), "int64")
+    out = T.match_buffer(out_h, (m,), "int64")
+    # numpy broadcasting of the input's dims with the shape, both aligned to the right
+    for i in range(m):
+        if i - (m - r) >= 0 and i - (m - k) >= 0:
+            assert shape[i - (m - k)] >= 0, "Expand: a shape value is negative"
+            assert dims[i - (m - r)] == shape[i - (m - k)] or dims[i - (m - r)] == 1 or shape[
+                i - (m - k)] == 1, "Expand: the shape does not broadcast with the input"
+            out[i] = T.if_then_else(dims[i - (m - r)] == 1, shape[i - (m - k)],
+                                    dims[i - (m - r)])
+        elif i - (m - r) >= 0:
+            out[i] = dims[i - (m - r)]
+        else:
+            assert shape[i - (m - k)] >= 0, "Expand: a shape value is negative"
+            out[i] = shape[i - (m - k)]
+
+
+def convert_expand(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                   opset: int) -> relax.Expr | None:
+    """Expand with a run-time `shape` tensor, else None (a constant shape: TVM's converter)."""
+    if len(inputs) < 2 or isinstance(inputs[1], tvm.ir.GenericConst):
+        return None
+    data, shape = inputs[0], inputs[1]
+    if not _is_runtime(shape) or not isinstance(data.ty, relax.TensorType):
+        # a shape value made by Shape ops: TVM 0.27 expands it to the wrong shape
+        raise ValueError("Expand takes its shape at run time as a shape value; TVM 0.27 "
+                         "expands to the wrong shape then")
+    rank, count = _rank(data), _static_len(shape)
+    if rank is None or count is None or _rank(shape) != 1:
+        raise ValueError("Expand with a run-time shape needs the data's rank and the shape's "
+                         "length")
+    ndim = max(rank, count)
+    out_shape = bb.emit(relax.call_tir(
+        bb.add_func(_scheduled(_expand_shape), "lepton_expand_shape"),
+        [_dims_tensor(bb, data), _as_int64(bb, shape)], relax.TensorType([ndim], "int64")))
+    out_dims = _to_shape(bb, out_shape, ndim, "expand_d")
+
+    def expand(x: te.Tensor) -> te.Tensor:
+        def body(*o: Any) -> Any:
+            index = []
+            for i in range(rank):
+                d = x.shape[i]
+                index.append(tirx.Select(d == 1, tirx.const(0, "int64"), o[ndim - rank + i]))
+            return x[tuple(index)]
+        return te.compute(list(out_dims), body, name="expand")
+
+    return bb.emit_te(expand, data, primfunc_name_hint="lepton_expand")
+
+
+# ----------------------------------------------------------------------------- importer
+
+_CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
+    **{op: (lambda bb, inputs, attrs, opset, _op=op: convert_reduce(bb, _op, inputs, attrs,
+                                                                     opset))
+       for op in _REDUCE_OPS},
+    "CumSum": convert_cumsum,
+    "Reshape": convert_reshape,
+    "Pad": convert_pad,
+    "TopK": convert_topk,
+    "Split": convert_split,
+    "Expand": convert_expand,
+}
+
+
+class Importer(ONNXGraphImporter):
+    """TVM's ONNX importer, with lepton-edge's run-time-input converters consulted first."""
+
+    def _convert_operator(self, op_name: str, inputs: list[relax.Expr], attrs: dict,
+                          opset: int) -> relax.Expr:
+        converter = _CONVERTERS.get(op_name)
+        if converter is not None:
+            out = converter(self.bb, inputs, attrs, opset)
+            if out is not None:
+                return self.bb.normalize(out) if isinstance(out, relax.Expr) else out
+        return super()._convert_operator(op_name, inputs, attrs, opset)
+
+
+def from_onnx(model: Any) -> tvm.IRModule:
+    """Like tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    # TVM's importer reads a declared 0 dim as unknown; an empty 1-d int64 input (the empty
+    # axes of a Reduce) must stay length 0 so its converter knows the output rank.
+    empty = {}
+    for value in model.graph.input:
+        t = value.type.tensor_type
+        dims = list(t.shape.dim) if t.HasField("shape") else None
+        if (t.elem_type == onnx.TensorProto.INT64 and dims is not None and len(dims) == 1
+                and dims[0].HasField("dim_value") and dims[0].dim_value == 0):
+            empty[value.name] = [0]
+    return Importer(empty, "float32", keep_params_in_input=False).from_onnx(model.graph, opset)
