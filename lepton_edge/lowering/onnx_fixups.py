@@ -7,7 +7,8 @@ rewrite here turns such a graph into an equivalent one the importer handles (fou
 * `Constant` nodes with `value_float(s)` / `value_int(s)` / `value_string(s)`: the importer
   only reads `value` ("no value in Constant"). Rewritten to the `value` tensor form.
 * Function ops: ops that TVM has no converter for (Swish, Celu, RotaryEmbedding, the window
-  functions, NegativeLogLikelihoodLoss, ...) or converts wrongly (ai.onnx Attention is sent
+  functions, NegativeLogLikelihoodLoss, ...; QLinearConv, QLinearMatMul and ConvInteger get
+  exact bodies of our own from lowering/qlinear.py) or converts wrongly (ai.onnx Attention is sent
   to the com.microsoft Attention converter; LayerNormalization returns zeros for its Mean /
   InvStdDev outputs; Mish and Softplus lose precision, see `_PRECISE_SOFTPLUS`) are replaced
   by their ONNX function body, which uses ops TVM does handle.
@@ -108,6 +109,10 @@ def function_body(
                 return None
             fn = onnx.FunctionProto()
             fn.ParseFromString(data)
+    if fn is None:  # QOperator integer ops: bodies of our own (lowering/qlinear.py)
+        from lepton_edge.lowering import qlinear
+
+        fn = qlinear.body(node, opset, types)
     if fn is None or not fn.node:
         return None
     # The body is written against the function's own opset; its ops must mean the same at
@@ -160,12 +165,37 @@ def expandable(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto
     fn = function_body(node, opset, types)
     if fn is None or depth > 4:
         return False
-    for inner in fn.node:
+    inner_nodes = _expand_node(node, fn, "_x__", opset)
+    inner_types: dict[str, onnx.TypeProto] | None = None
+    for inner in inner_nodes:
         if needs_expansion(inner):
-            # nested bodies: their input types are unknown here; only plain functions.
-            if not expandable(inner, opset, {}, depth + 1):
+            if inner_types is None:  # a nested context-dependent body needs its input types
+                inner_types = _body_types(node, inner_nodes, opset, types)
+            if not expandable(inner, opset, inner_types, depth + 1):
                 return False
     return True
+
+
+def _body_types(node: onnx.NodeProto, body: list[onnx.NodeProto], opset: int,
+                types: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    """Types of the values inside an expanded body (shape inference over the body alone,
+    from the caller's input types); {} when they cannot be inferred."""
+    inputs = [name for name in dict.fromkeys(node.input) if name]
+    if any(name not in types for name in inputs):
+        return {}
+    graph = helper.make_graph(
+        body, "body", [helper.make_value_info(name, types[name]) for name in inputs],
+        [helper.make_value_info(name, onnx.TypeProto()) for name in node.output if name])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - unknown types: nested bodies then are not expandable
+        return {}
+    found = dict(types)
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            found[value.name] = value.type
+    return found
 
 
 def _expand_node(node: onnx.NodeProto, fn: onnx.FunctionProto, prefix: str, opset: int

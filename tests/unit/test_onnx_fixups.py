@@ -256,3 +256,21 @@ def test_reduce_max_with_runtime_axes_keeps_infinities_without_the_rewrite():
     for axes in ([1], [-2], [0]):
         feeds = {"x": x, "axes": np.array(axes, np.int64)}
         np.testing.assert_array_equal(_run_tvm(model, feeds)[0], _reference(model, feeds)[0])
+
+
+def test_softmax_cross_entropy_expands_through_its_nested_context_dependent_body():
+    """SoftmaxCrossEntropyLoss's body calls NegativeLogLikelihoodLoss, whose own body depends
+    on the input types: the planner infers them inside the outer body and keeps it on TVM."""
+    node = h.make_node("SoftmaxCrossEntropyLoss", ["x", "t", "w"], ["loss", "logp"],
+                       reduction="mean", ignore_index=2)
+    model = _model([node], [_vi("x", T.FLOAT, [3, 5, 2]), _vi("t", T.INT64, [3, 2]),
+                            _vi("w", T.FLOAT, [5])],
+                   [_vi("loss", T.FLOAT, []), _vi("logp", T.FLOAT, [3, 5, 2])], opset=13)
+    assert _reason(model) is None
+    rng = np.random.default_rng(9)
+    feeds = {"x": rng.standard_normal((3, 5, 2)).astype(np.float32),
+             "t": np.array([[0, 2], [4, 1], [2, 3]], np.int64),
+             "w": rng.uniform(0.5, 2, 5).astype(np.float32)}
+    for got, want in zip(_run_tvm(onnx_fixups.apply(model), feeds), _reference(model, feeds),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,107 @@
+"""QLinearMatMul / QLinearConv / ConvInteger compiled on TVM through lowering/qlinear.py's
+function bodies, checked exactly against onnx's reference implementation of the op."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import lepton_edge
+from lepton_edge.lowering import qlinear
+
+rng = np.random.default_rng(5)
+NP = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+
+
+def _run_compiled(model: onnx.ModelProto, feeds: dict, tmp_path) -> tuple[list, dict]:
+    art = lepton_edge.compile(lepton_edge.load(model), ["cpu"], golden_count=0)
+    session = lepton_edge.runtime.load(art.save(tmp_path / "m.lepton"))
+    out = session.run(feeds)
+    return [out[o.name] for o in model.graph.output], {
+        k: p.device for k, p in session.placement.items()}
+
+
+def _check(model: onnx.ModelProto, feeds: dict, tmp_path) -> None:
+    want = ReferenceEvaluator(model).run(None, feeds)
+    got, placement = _run_compiled(model, feeds, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}, placement  # on TVM, no fallback
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
+def _q(shape, elem) -> np.ndarray:
+    info = np.iinfo(NP[elem])
+    return rng.integers(info.min, info.max + 1, shape).astype(NP[elem])
+
+
+@pytest.mark.parametrize("elem", [TensorProto.INT8, TensorProto.UINT8])
+def test_qlinearconv_per_channel_with_bias(elem: int, tmp_path) -> None:
+    x, w = _q((2, 3, 7, 6), elem), _q((4, 3, 3, 2), TensorProto.INT8)
+    consts = [numpy_helper.from_array(v, n) for n, v in {
+        "xs": np.array(0.02, np.float32), "xz": _q((), elem),
+        "w": w, "ws": rng.uniform(0.003, 0.03, 4).astype(np.float32),
+        "wz": np.zeros(4, np.int8), "ys": np.array(0.07, np.float32), "yz": _q((), elem),
+        "b": rng.integers(-2000, 2000, 4).astype(np.int32)}.items()]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+                            ["y"], pads=[1, 0, 1, 1], strides=[2, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, x.shape)],
+                              [helper.make_tensor_value_info("y", elem, [2, 4, 4, 6])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    _check(model, {"x": x}, tmp_path)
+
+
+@pytest.mark.parametrize("elem", [TensorProto.INT8, TensorProto.UINT8])
+def test_qlinearmatmul_runtime_operands(elem: int, tmp_path) -> None:
+    """Both operands are runtime inputs (an activation x activation product)."""
+    a, b = _q((3, 5, 8), elem), _q((8, 6), elem)
+    consts = [numpy_helper.from_array(v, n) for n, v in {
+        "as": np.array(0.05, np.float32), "az": _q((), elem),
+        "bs": np.array(0.011, np.float32), "bz": _q((), elem),
+        "ys": np.array(0.9, np.float32), "yz": _q((), elem)}.items()]
+    node = helper.make_node("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"],
+                            ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", elem, a.shape),
+                                            helper.make_tensor_value_info("b", elem, b.shape)],
+                              [helper.make_tensor_value_info("y", elem, [3, 5, 6])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    _check(model, {"a": a, "b": b}, tmp_path)
+
+
+def test_convinteger_per_channel_weight_zero_point(tmp_path) -> None:
+    x, w = _q((1, 2, 5, 5), TensorProto.UINT8), _q((3, 2, 2, 2), TensorProto.UINT8)
+    consts = [numpy_helper.from_array(np.array([1, 200, 128], np.uint8), "wz"),
+              numpy_helper.from_array(np.array(17, np.uint8), "xz"),
+              numpy_helper.from_array(w, "w")]
+    node = helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], pads=[1, 1, 0, 0])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.UINT8, x.shape)], [helper.make_tensor_value_info(
+            "y", TensorProto.INT32, [1, 3, 5, 5])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    _check(model, {"x": x}, tmp_path)
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_round_half_even_forms_match_numpy_rint(opset: int, tmp_path) -> None:
+    """The Floor-based form used before opset 11 and Round agree with np.rint on ties."""
+    y = np.array([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.49999999999, 2.5000000001,
+                  -3.7, 4.2, 1e12 + 0.5, -(2.0**40) - 0.5, 0.0], np.float64)
+    builder = qlinear._Builder(helper.make_node("Identity", ["y"], ["r"]))
+    out = builder.round_half_even("y", opset)
+    graph = helper.make_graph(builder.nodes, "g", [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, [len(y)])], [helper.make_tensor_value_info(
+            out, TensorProto.DOUBLE, [len(y)])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    (ref,) = ReferenceEvaluator(model).run(None, {"y": y})
+    np.testing.assert_array_equal(ref, np.rint(y))
+    (got,), _ = _run_compiled(model, {"y": y}, tmp_path)
+    np.testing.assert_array_equal(got, np.rint(y))
+
+
+def test_unknown_types_give_no_body() -> None:
+    node = helper.make_node("QLinearConv", [f"i{k}" for k in range(8)], ["y"])
+    assert qlinear.body(node, 13, {}) is None  # no types: the planner keeps onnxruntime
+    assert qlinear.body(helper.make_node("Relu", ["x"], ["y"]), 13, {}) is None
