@@ -7,8 +7,8 @@ rewrite here turns such a graph into an equivalent one the importer handles (fou
 * `Constant` nodes with `value_float(s)` / `value_int(s)` / `value_string(s)`: the importer
   only reads `value` ("no value in Constant"). Rewritten to the `value` tensor form.
 * Function ops: ops that TVM has no converter for (Swish, Celu, RotaryEmbedding, the window
-  functions, NegativeLogLikelihoodLoss, ...; QLinearConv, QLinearMatMul and ConvInteger get
-  exact bodies of our own from lowering/qlinear.py) or converts wrongly (ai.onnx Attention is sent
+  functions, NegativeLogLikelihoodLoss, ...; QLinearConv, QLinearMatMul, ConvInteger,
+  LpNormalization and EyeLike with a dtype get bodies of our own from lowering/bodies.py) or converts wrongly (ai.onnx Attention is sent
   to the com.microsoft Attention converter; LayerNormalization returns zeros for its Mean /
   InvStdDev outputs; Mish and Softplus lose precision, see `_PRECISE_SOFTPLUS`) are replaced
   by their ONNX function body, which uses ops TVM does handle.
@@ -65,6 +65,10 @@ def wrong_on_tvm(node: onnx.NodeProto) -> str | None:
         return "TVM 0.27 returns zeros for LayerNormalization's Mean/InvStdDev"
     if node.op_type == "Mish":
         return "TVM 0.27's Mish is off by up to 1.3e-3 relative"
+    if node.op_type == "RMSNormalization":
+        return "TVM 0.27's RMSNormalization fails to build when it normalizes every axis"
+    if node.op_type == "EyeLike" and any(a.name == "dtype" for a in node.attribute):
+        return "TVM 0.27's EyeLike refuses a dtype attribute that differs from its input's"
     return None
 
 
@@ -109,10 +113,10 @@ def function_body(
                 return None
             fn = onnx.FunctionProto()
             fn.ParseFromString(data)
-    if fn is None:  # QOperator integer ops: bodies of our own (lowering/qlinear.py)
-        from lepton_edge.lowering import qlinear
+    if fn is None:  # ops with no ONNX body: bodies of our own (lowering/bodies.py)
+        from lepton_edge.lowering import bodies
 
-        fn = qlinear.body(node, opset, types)
+        fn = bodies.body(node, opset, types)
     if fn is None or not fn.node:
         return None
     # The body is written against the function's own opset; its ops must mean the same at
@@ -357,6 +361,44 @@ def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
             make("Abs", [x], [p + "abs"]), make("Less", [p + "abs", p + "small"], [p + "use"]),
             make("Where", [p + "use", p + "series", p + "t"], [y]),
         ]
+        changed = True
+    return _swap_nodes(graph, nodes, changed)
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+           onnx.TensorProto.BFLOAT16}
+# integer bases whose powers are exact through float64 (every in-range result < 2**53)
+_SMALL_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32}
+
+
+def _pow_through_float64(model: onnx.ModelProto, opset: int) -> bool:
+    """Pow with mixed base/exponent types, or an integer base: computed in float64, cast back
+    to the base's type (what numpy, onnx's reference and onnxruntime compute).
+
+    TVM 0.27 refuses Pow whose operands differ in type ("Binary operators must have the same
+    datatype") and fails to build an integer Pow. int64 bases stay as they are (their powers
+    above 2**53 are not exact in float64), so TVM's build fails and onnxruntime runs them.
+    """
+    graph = model.graph
+    types = _value_types(graph)
+    nodes: list[onnx.NodeProto] = []
+    changed = False
+    for index, node in enumerate(graph.node):
+        base = exp = None
+        if node.op_type == "Pow" and (node.domain or "") in _DEFAULT and all(
+                name in types for name in node.input[:2]):
+            base, exp = (types[n].tensor_type.elem_type for n in node.input[:2])
+        if base is None or not ((base in _FLOATS and base != exp and exp not in _FLOATS
+                                 and exp is not None) or base in _SMALL_INTS):
+            nodes.append(node)
+            continue
+        p = f"{node.name or 'Pow'}_{index}__"
+        make = helper.make_node
+        nodes += [make("Cast", [node.input[0]], [p + "b"], to=onnx.TensorProto.DOUBLE),
+                  make("Cast", [node.input[1]], [p + "e"], to=onnx.TensorProto.DOUBLE),
+                  make("Pow", [p + "b", p + "e"], [p + "r"]),
+                  make("Cast", [p + "r"], [node.output[0]], to=base)]
         changed = True
     return _swap_nodes(graph, nodes, changed)
 
@@ -650,6 +692,7 @@ def apply(proto: onnx.ModelProto, max_rounds: int = 6) -> onnx.ModelProto:
         changed = _precise_softplus(model, opset) or changed
         changed = _reduce_extreme_of_infinities(model, opset) or changed
         changed = _precise_tanh(model, opset) or changed
+        changed = _pow_through_float64(model, opset) or changed
         changed = _float16_via_float32(model, opset) or changed
         changed = _fold_constants(model, opset) or changed
         if not changed:

@@ -87,7 +87,8 @@ def const(name: str, *shape: int) -> onnx.TensorProto:
     return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
 
 
-def conv_model(extra_node: onnx.NodeProto | None = None) -> onnx.ModelProto:
+def conv_model(extra_node: onnx.NodeProto | None = None,
+               extra_inits: tuple[onnx.TensorProto, ...] = ()) -> onnx.ModelProto:
     """Conv -> Relu -> Conv -> Relu (fakeacc) -> Flatten -> Gemm -> Softmax (cpu only)."""
     nodes = [
         helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
@@ -106,6 +107,7 @@ def conv_model(extra_node: onnx.NodeProto | None = None) -> onnx.ModelProto:
         nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         [const("c1", 4, 2, 3, 3), const("c2", 4, 4, 3, 3), const("fc", 4, 144)])
+    graph.initializer.extend(extra_inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -203,28 +205,30 @@ def test_devices_argument_restricts_placement(build) -> None:
 
 
 def test_op_tvm_cannot_compile_runs_on_onnxruntime(build, tmp_path: Path) -> None:
-    # LpNormalization: no TVM converter, and no ONNX function body onnx_fixups could expand
-    lpn = helper.make_node("LpNormalization", ["f"], ["g"], axis=-1, p=2, name="lpn")
-    model = lepton_edge.load(conv_model(lpn))
+    # ReverseSequence: no TVM converter, and no ONNX function body onnx_fixups could expand
+    lpn = helper.make_node("ReverseSequence", ["f", "lens"], ["g"], batch_axis=0, time_axis=1,
+                           name="lpn")
+    lens = numpy_helper.from_array(np.array([4, 1, 3, 2], np.int64), "lens")
+    model = lepton_edge.load(conv_model(lpn, (lens,)))
     plan = lepton_edge.partition(model, ["cpu"])
     assert [(sg.target, sg.op_counts) for sg in plan.subgraphs] == [
         ("cpu", {"Conv": 2, "Relu": 2, "Flatten": 1, "Gemm": 1}),
-        ("onnxruntime", {"LpNormalization": 1}),
+        ("onnxruntime", {"ReverseSequence": 1}),
         ("cpu", {"Softmax": 1}),
     ]
-    assert "no converter for LpNormalization" in plan.reasons["lpn"]["cpu"]
-    _, session = build(model, ["cpu"])
+    assert "no converter for ReverseSequence" in plan.reasons["lpn"]["cpu"]
+    _, session = build(model, ["cpu"], golden_count=0)  # lens fixes the batch at 4
     assert [p.target for p in session.placement.values()] == ["cpu", "onnxruntime", "cpu"]
     f = feeds(4)
     assert_close(session.run(f), ort_run(model.proto, f))
-    with pytest.raises(UnsupportedOpsError, match=r"LpNormalization \(node lpn\).*no converter"):
+    with pytest.raises(UnsupportedOpsError, match=r"ReverseSequence \(node lpn\).*no converter"):
         lepton_edge.partition(model, ["cpu"], fallback=False)
     onnx.save(model.proto, tmp_path / "lpn.onnx")
     out = subprocess.run([sys.executable, "-m", "lepton_edge.cli", "explain",
                           str(tmp_path / "lpn.onnx")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "sg1: 1 nodes on onnxruntime fallback" in out.stdout
-    assert "lpn: cpu: TVM 0.27's ONNX importer has no converter for LpNormalization" in out.stdout
+    assert "lpn: cpu: TVM 0.27's ONNX importer has no converter for ReverseSequence" in out.stdout
 
 
 def test_subgraphs_never_form_a_cycle() -> None:

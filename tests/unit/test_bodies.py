@@ -1,5 +1,5 @@
-"""QLinearMatMul / QLinearConv / ConvInteger compiled on TVM through lowering/qlinear.py's
-function bodies, checked exactly against onnx's reference implementation of the op."""
+"""Ops with bodies of our own (lowering/bodies.py) or rewritten before import
+(lowering/onnx_fixups.py), compiled on TVM and checked exactly against onnx's reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import lepton_edge
-from lepton_edge.lowering import qlinear
+from lepton_edge.lowering import bodies
 
 rng = np.random.default_rng(5)
 NP = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
@@ -89,7 +89,7 @@ def test_round_half_even_forms_match_numpy_rint(opset: int, tmp_path) -> None:
     """The Floor-based form used before opset 11 and Round agree with np.rint on ties."""
     y = np.array([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.49999999999, 2.5000000001,
                   -3.7, 4.2, 1e12 + 0.5, -(2.0**40) - 0.5, 0.0], np.float64)
-    builder = qlinear._Builder(helper.make_node("Identity", ["y"], ["r"]))
+    builder = bodies._Builder(helper.make_node("Identity", ["y"], ["r"]))
     out = builder.round_half_even("y", opset)
     graph = helper.make_graph(builder.nodes, "g", [helper.make_tensor_value_info(
         "y", TensorProto.DOUBLE, [len(y)])], [helper.make_tensor_value_info(
@@ -103,5 +103,56 @@ def test_round_half_even_forms_match_numpy_rint(opset: int, tmp_path) -> None:
 
 def test_unknown_types_give_no_body() -> None:
     node = helper.make_node("QLinearConv", [f"i{k}" for k in range(8)], ["y"])
-    assert qlinear.body(node, 13, {}) is None  # no types: the planner keeps onnxruntime
-    assert qlinear.body(helper.make_node("Relu", ["x"], ["y"]), 13, {}) is None
+    assert bodies.body(node, 13, {}) is None  # no types: the planner keeps onnxruntime
+    assert bodies.body(helper.make_node("Relu", ["x"], ["y"]), 13, {}) is None
+
+
+def _single(op: str, inputs: list, out_elem: int, out_shape, opset: int, **attrs):
+    node = helper.make_node(op, [name for name, _, _ in inputs], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, e, s)
+                                            for n, e, s in inputs],
+                              [helper.make_tensor_value_info("y", out_elem, out_shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_lp_normalization_with_a_zero_slice(p: int, tmp_path) -> None:
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    x[1] = 0
+    model = _single("LpNormalization", [("x", TensorProto.FLOAT, [3, 4])], TensorProto.FLOAT,
+                    [3, 4], 22, axis=1, p=p)
+    (got,), placement = _run_compiled(model, {"x": x}, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}
+    norm = np.linalg.norm(x.astype(np.float64), ord=p, axis=1, keepdims=True)
+    want = np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert not np.isnan(got).any()
+
+
+def test_eyelike_with_a_dtype_attribute(tmp_path) -> None:
+    model = _single("EyeLike", [("x", TensorProto.INT32, [3, 5])], TensorProto.DOUBLE, [3, 5],
+                    22, dtype=TensorProto.DOUBLE, k=1)
+    _check(model, {"x": np.zeros((3, 5), np.int32)}, tmp_path)
+
+
+@pytest.mark.parametrize("base, exp", [(TensorProto.FLOAT, TensorProto.INT64),
+                                       (TensorProto.INT32, TensorProto.FLOAT),
+                                       (TensorProto.INT32, TensorProto.INT32)])
+def test_pow_with_mixed_or_integer_types(base: int, exp: int, tmp_path) -> None:
+    model = _single("Pow", [("x", base, [6]), ("e", exp, [6])], base, [6], 15)
+    x = np.array([1, 2, 3, -2, 5, 7]).astype(helper.tensor_dtype_to_np_dtype(base))
+    e = np.array([0, 3, 2, 3, 1.5 if exp == TensorProto.FLOAT else 4, 2]).astype(
+        helper.tensor_dtype_to_np_dtype(exp))
+    _check(model, {"x": x, "e": e}, tmp_path)
+
+
+def test_rms_normalization_over_every_axis(tmp_path) -> None:
+    model = _single("RMSNormalization", [("x", TensorProto.FLOAT, [2, 3]),
+                                         ("s", TensorProto.FLOAT, [2, 3])],
+                    TensorProto.FLOAT, [2, 3], 23, axis=0)
+    x, s = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((2, 3)).astype(
+        np.float32)
+    (got,), placement = _run_compiled(model, {"x": x, "s": s}, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}
+    (want,) = ReferenceEvaluator(model).run(None, {"x": x, "s": s})
+    np.testing.assert_allclose(got, want, rtol=1e-5)

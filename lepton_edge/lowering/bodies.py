@@ -1,7 +1,8 @@
-"""Function bodies for the QOperator-format integer ops TVM 0.27's ONNX importer lacks.
+"""Function bodies of our own for ops that have neither an ONNX function body nor a correct
+TVM 0.27 converter: the QOperator-format integer ops (QLinearMatMul, QLinearConv,
+ConvInteger), LpNormalization, and EyeLike with a `dtype` attribute.
 
-QLinearMatMul, QLinearConv and ConvInteger have no ONNX function body and no TVM converter.
-`body(node, types)` builds an equivalent `FunctionProto` from ops TVM does convert, and
+`body(node, opset, types)` builds an equivalent `FunctionProto` from ops TVM does convert, and
 lowering/onnx_fixups.py expands it like any other function op (so the planner, `explain` and
 the importer treat these nodes the same way).
 
@@ -152,6 +153,27 @@ def body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
         scale = b.add("Reshape", [scale, b.const(np.array([1, -1] + [1] * (rank - 2),
                                                           np.int64))])
         return b.function(b.requantize(acc, scale, y_zp, out_type, opset), opset)
+    if op == "LpNormalization" and len(ins) == 1:
+        attrs = _conv_attrs(node)
+        p, axis = int(attrs.get("p", 2)), int(attrs.get("axis", -1))
+        if p not in (1, 2):
+            return None
+        reduce = "ReduceL2" if p == 2 else "ReduceL1"
+        if opset >= 18:
+            norm = b.add(reduce, [ins[0], b.const(np.array([axis], np.int64))], keepdims=1)
+        else:
+            norm = b.add(reduce, [ins[0]], axes=[axis], keepdims=1)
+        # a zero norm gives 0, not 0/0 (as onnx's reference and onnxruntime do)
+        zero = b.add("Sub", [ins[0], ins[0]])
+        is_zero = b.add("Equal", [norm, b.add("Sub", [norm, norm])])
+        return b.function(b.add("Where", [is_zero, zero, b.add("Div", [ins[0], norm])]),
+                          opset)
+    if op == "EyeLike" and len(ins) == 1:
+        attrs = _conv_attrs(node)
+        if "dtype" not in attrs:
+            return None
+        eye = b.add("EyeLike", [ins[0]], k=int(attrs.get("k", 0)))
+        return b.function(b.add("Cast", [eye], to=int(attrs["dtype"])), opset)
     if op == "ConvInteger" and len(ins) >= 2:
         x, w = ins[:2]
         x_zp = ins[2] if len(ins) > 2 else ""
