@@ -4,7 +4,9 @@
 
 Models: the digits CNN at batch 64, and a BERT-shaped encoder (2 layers, d=128, 4 heads,
 FFN 256) at sequence 128, batch 1. Both are quantized with lepton_edge.compress.quantize
-(MinMax, per-channel); the same QDQ model is what onnxruntime int8 runs. Engines are measured
+(MinMax, per-channel) twice: with its default op_types="lepton" (QDQ only where lepton-edge's
+integer lowering pays off) and with op_types="all" (onnxruntime's default: every op type it
+registers, "all ops" columns); onnxruntime int8 runs both QDQ models. Engines are measured
 in alternating rounds so machine noise hits all of them alike; the medians and the ratios are
 printed. Builds are untuned (default schedules). "lepton int8" is the default build (packed
 kernels of lowering/x86_int8.py: VNNI dot products, or on AVX2 int16 `vpmaddwd` matmuls
@@ -99,21 +101,29 @@ def main() -> None:
     if args.kernel_only:
         return
     tmp = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
-    print("| model | lepton fp32 ms | lepton int8 ms | lepton int8 generic ms | ORT fp32 ms | "
-          "ORT int8 ms | int8/fp32 (lepton) | lepton int8 / best ORT | "
+    columns = ("lepton fp32", "lepton int8", "lepton int8 all ops", "lepton int8 generic",
+               "ORT fp32", "ORT int8", "ORT int8 all ops")
+    print("| model | " + " | ".join(f"{c} ms" for c in columns)
+          + " | int8/fp32 (lepton) | all-ops int8/fp32 | lepton int8 / best ORT | "
           "int8 floor ms (% of peak) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("|" + " --- |" * (len(columns) + 5))
     for name, (model, calib, feeds) in models().items():
         q = quantize(model, calib)
+        q_all = quantize(model, calib, op_types="all")
+        print(f"<!-- {name}: QDQ nodes {q.op_counts().get('QuantizeLinear', 0)} Q + "
+              f"{q.op_counts().get('DequantizeLinear', 0)} DQ (lepton), "
+              f"{q_all.op_counts().get('QuantizeLinear', 0)} Q + "
+              f"{q_all.op_counts().get('DequantizeLinear', 0)} DQ (all ops) -->", flush=True)
         engines: dict[str, Callable[[], object]] = {}
         for label, m, dot in (("lepton fp32", model, "auto"), ("lepton int8", q, "auto"),
+                              ("lepton int8 all ops", q_all, "auto"),
                               ("lepton int8 generic", q, "off")):
             os.environ[DOT_ENV] = dot  # "off": no packed kernels
             path = lepton_edge.compile(m, ["cpu"], golden_count=0).save(tmp / f"{label}.lepton")
             os.environ.pop(DOT_ENV)
             session = lepton_edge.runtime.load(path)
             engines[label] = lambda s=session: s.run(feeds)
-        for label, m in (("ORT fp32", model), ("ORT int8", q)):
+        for label, m in (("ORT fp32", model), ("ORT int8", q), ("ORT int8 all ops", q_all)):
             ort = onnxruntime.InferenceSession(m.proto.SerializeToString(), ort_options(),
                                                providers=["CPUExecutionProvider"])
             engines[label] = lambda s=ort: s.run(None, feeds)
@@ -124,22 +134,22 @@ def main() -> None:
             for label, fn in engines.items():
                 times[label] += median_ms(fn, max(1, args.runs // 3))
         med = {k: statistics.median(v) for k, v in times.items()}
-        best_ort = min(med["ORT fp32"], med["ORT int8"])
+        best_ort = min(med["ORT fp32"], med["ORT int8"], med["ORT int8 all ops"])
         batch = next(iter(feeds.values())).shape[0]
         macs = sum(sg.macs for sg in lepton_edge.partition(model, ["cpu"]).subgraphs) * batch
         floor = f"{2 * macs / (peak.int8_gops * 1e9) * 1e3:.3f} (" + (
             f"{100 * 2 * macs / (med['lepton int8'] / 1e3) / 1e9 / peak.int8_gops:.1f}%)"
         ) if peak.int8_gops else "-"
-        print(f"| {name} | {med['lepton fp32']:.3f} | {med['lepton int8']:.3f} | "
-              f"{med['lepton int8 generic']:.3f} | {med['ORT fp32']:.3f} | {med['ORT int8']:.3f} | "
-              f"{med['lepton int8'] / med['lepton fp32']:.2f} | "
+        print(f"| {name} | " + " | ".join(f"{med[c]:.3f}" for c in columns)
+              + f" | {med['lepton int8'] / med['lepton fp32']:.2f} | "
+              f"{med['lepton int8 all ops'] / med['lepton fp32']:.2f} | "
               f"{med['lepton int8'] / best_ort:.1f} | {floor} |", flush=True)
         # on a shared machine the medians carry the neighbours' load; the minima show what
         # each engine does with the cores to itself
-        print("|   (min) | " + " | ".join(f"{min(times[k]):.3f}" for k in (
-            "lepton fp32", "lepton int8", "lepton int8 generic", "ORT fp32", "ORT int8"))
-            + f" | {min(times['lepton int8']) / min(times['lepton fp32']):.2f} | | |",
-            flush=True)
+        low = {c: min(times[c]) for c in columns}
+        print("|   (min) | " + " | ".join(f"{low[c]:.3f}" for c in columns)
+              + f" | {low['lepton int8'] / low['lepton fp32']:.2f} | "
+              f"{low['lepton int8 all ops'] / low['lepton fp32']:.2f} | | |", flush=True)
 
 
 def kernel_benchmark(runs: int, int8_gops: float | None) -> None:

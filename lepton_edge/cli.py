@@ -134,9 +134,15 @@ def prune_cmd(model: Path, output: Path, calib: Path, mode: str, sparsity: float
               help="Keep the worst layers float until every output's cosine to fp32 >= this.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the per-layer error plot (PNG).")
+@click.option("--quantize-ops", default="lepton", show_default=True, metavar="lepton|all|OPS",
+              help="Which nodes get QDQ: 'lepton' (where lepton-edge's integer kernels pay "
+                   "off), 'all' (onnxruntime's default) or comma-separated op types.")
+@click.option("--activation-matmuls", is_flag=True,
+              help="With 'lepton': also quantize matmuls of two activations (attention).")
 def quantize_cmd(model: Path, output: Path, calib: Path, method: str, per_tensor: bool,
                  symmetric_activations: bool, scale: float | None, keep_float: tuple[str, ...],
-                 min_cosine: float | None, plot: Path | None) -> None:
+                 min_cosine: float | None, plot: Path | None, quantize_ops: str,
+                 activation_matmuls: bool) -> None:
     """Quantize MODEL to int8 QDQ ONNX, calibrated on --calib, and report the error."""
     import onnx
 
@@ -147,7 +153,9 @@ def quantize_cmd(model: Path, output: Path, calib: Path, method: str, per_tensor
     quantized = quantize(lepton_edge.load(model), data, method=method,
                          per_channel=not per_tensor, symmetric_activations=symmetric_activations,
                          scale=scale, keep_float=keep_float, min_output_cosine=min_cosine,
-                         progress=True)
+                         progress=True, activation_matmuls=activation_matmuls,
+                         op_types=(quantize_ops if quantize_ops in ("lepton", "all")
+                                   else [t.strip() for t in quantize_ops.split(",") if t.strip()]))
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(quantized.proto, output)
     click.echo(quantized.report.table())

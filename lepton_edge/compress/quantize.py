@@ -6,6 +6,17 @@ here: calibration data in the forms users have it, a fixed-scale mode, a per-lay
 report (SQNR and cosine of every quantized tensor against fp32), the reason each node stayed
 float, and an automatic mode that keeps the most damaged layers in float until the output
 meets an accuracy budget.
+
+Which nodes get QDQ (`op_types`): onnxruntime's default quantizes every op type it registers
+(Add, Mul, Softmax, LayerNormalization, ...). lepton-edge's lowering (lowering/int8.py) turns
+only DequantizeLinear -> Conv/MatMul/Gemm (+bias, +Relu/Clip) -> QuantizeLinear into integer
+kernels and int8 reshapes/transposes between them into plain data movement; every other QDQ
+pair runs as float fake-quant, i.e. extra quantize/dequantize passes and extra rounding. So
+the default, "lepton", decides per node (select_nodes): the integer kernels and the data
+movement, pooling, Relu/Clip and residual Adds that lie between them are quantized, elementwise
+chains whose results feed no integer kernel (GELU's interior, LayerNorm, Softmax) stay float,
+and so do matmuls of two activations (attention), whose only integer form today is slower
+than fp32. "all" is onnxruntime's behaviour.
 """
 
 from __future__ import annotations
@@ -31,6 +42,23 @@ from lepton_edge.reference import reference_session
 METHODS = ("minmax", "percentile", "entropy")
 # The layers whose weights are quantized; the candidates for keeping float.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# op_types presets: "lepton" = select_nodes' per-node rules, "all" = onnxruntime's default.
+OP_TYPE_PRESETS = ("lepton", "all")
+# Ops lowering/int8.py turns into integer kernels (with a constant int8 weight).
+KERNEL_OPS = ("Conv", "Gemm", "MatMul")
+# Ops whose int8 result keeps its input's scale (onnxruntime quantizes them with the input's
+# parameters): data movement and pooling. Between integer kernels they move int8 values
+# (a quarter of float's bytes; reshapes/transposes are exact int8 copies in the lowering).
+MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
+                          "Gather", "Split", "Pad", "MaxPool", "AveragePool", "Resize"})
+# Activations the requantization absorbs (the clamp of quantize(relu|clip(conv/matmul))).
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+# Measured on a 2-core Zen 3 (AVX2, no VNNI), encoder at sequence 128: an attention matmul of
+# two int8 activations runs int16 x int16 on the generic schedule (no packed kernel: there is
+# no constant weight to pack) in 0.14 ms per call against 0.05 ms in fp32.
+_ACT_MATMUL_WHY = ("MatMul of two activations (attention): lepton-edge's integer form of it "
+                   "(int16 x int16, generic schedule, no packed weight) is slower than fp32 "
+                   "(0.14 vs 0.05 ms per call on AVX2); activation_matmuls=True quantizes it")
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,8 @@ class QuantReport:
     kept_float: dict[str, str]  # node -> reason
     output_cosine: dict[str, float]  # model output -> cosine vs fp32 on the calibration data
     steps: tuple[str, ...] = field(default_factory=tuple)
+    quantized: dict[str, str] = field(default_factory=dict)  # node -> why it is int8
+    op_types: str = "lepton"
 
     def table(self) -> str:
         rows = [f"{'tensor':<40} {'node':<24} {'kind':<10} {'SQNR dB':>8} {'cosine':>8}"]
@@ -60,6 +90,9 @@ class QuantReport:
                         f"{layer.sqnr_db:8.2f} {layer.cosine:8.5f}")
         rows.append("outputs: " + ", ".join(f"{k} cosine {v:.5f}"
                                              for k, v in self.output_cosine.items()))
+        rows.append(f"op_types: {self.op_types}")
+        for node, reason in self.quantized.items():
+            rows.append(f"int8: {node}: {reason}")
         for node, reason in self.kept_float.items():
             rows.append(f"float: {node}: {reason}")
         return "\n".join(rows)
@@ -99,6 +132,8 @@ def quantize(
     percentile: float = 99.999,
     batch_size: int = 16,
     progress: bool = False,
+    op_types: str | tuple[str, ...] | list[str] = "lepton",
+    activation_matmuls: bool = False,
 ) -> Model:
     """Quantize `model` to int8 QDQ ONNX, calibrated on `calibration`.
 
@@ -107,6 +142,13 @@ def quantize(
     point 0) instead of calibrating it. `keep_float` names nodes to leave in float. With
     `min_output_cosine`, the layers with the worst error are kept in float one by one until
     every output's cosine similarity to fp32 on the calibration data reaches the budget.
+
+    `op_types` chooses which nodes get QDQ: "lepton" (default) the nodes lepton-edge's
+    integer lowering pays off for (select_nodes: Conv/MatMul/Gemm with constant weights and
+    the data movement, pooling, Relu/Clip and residual Adds between them; every other node
+    stays float, with its reason in `report.kept_float`); "all" every op type onnxruntime
+    registers (its own default); or a list of op types for onnxruntime's rules on just those.
+    `activation_matmuls` also quantizes matmuls of two activations (attention) in "lepton".
     The returned Model carries the QuantReport as `model.report`.
     """
     if not isinstance(model, Model):
@@ -120,6 +162,7 @@ def quantize(
     if unknown:
         raise InputError(f"keep_float names unknown node(s) {unknown}; nodes are listed by "
                          "`lepton-edge explain`")
+    op_types = _check_op_types(model, op_types, activation_matmuls)
     if any(not n.name for n in model.proto.graph.node):
         model = _with_node_names(model)
     batches = calibration_batches(calibration, model.inputs, batch_size)
@@ -128,9 +171,19 @@ def quantize(
     kept = {n: "kept float by request" for n in keep_float}
     steps: list[str] = []
     while True:
+        try:
+            selection = select_nodes(model, op_types, activation_matmuls=activation_matmuls,
+                                     keep_float=kept)
+        except ModelError:
+            if not steps:
+                raise
+            raise ModelError(
+                f"cannot reach output cosine {min_output_cosine}: with every integer kernel "
+                f"in float it is still below ({steps[-1]}); relax the budget or use another "
+                "method") from None
         quantized = _quantize_once(model, batches, method, per_channel, symmetric_activations,
-                                   scale, list(kept), percentile, progress)
-        report = _report(model, quantized, batches, reference, method, kept, steps)
+                                   scale, list(kept), percentile, progress, selection)
+        report = _report(model, quantized, batches, reference, method, kept, steps, selection)
         worst = min(report.output_cosine.values()) if report.output_cosine else 1.0
         if min_output_cosine is None or worst >= min_output_cosine:
             break
@@ -144,6 +197,208 @@ def quantize(
     result = load(quantized)
     object.__setattr__(result, "report", report)
     return result
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which nodes onnxruntime's quantizer is given, and why each node is int8 or float."""
+
+    op_types: str  # "lepton", "all" or the op types joined by commas
+    nodes: frozenset[str] | None  # None: every node of onnxruntime's op types
+    ort_op_types: tuple[str, ...] | None  # None: onnxruntime's default list
+    int8: dict[str, str]  # node -> why it is quantized (intended)
+    floats: dict[str, str]  # node -> why it stays float
+    exclude_output_quantization: tuple[str, ...] = ()
+
+
+def _check_op_types(model: Model, op_types: Any, activation_matmuls: bool) -> Any:
+    if isinstance(op_types, str):
+        if op_types not in OP_TYPE_PRESETS:
+            raise InputError(f"op_types must be one of {OP_TYPE_PRESETS} or a list of op types, "
+                             f"got '{op_types}'")
+    else:
+        op_types = tuple(op_types)
+        if not op_types or not all(isinstance(t, str) and t for t in op_types):
+            raise InputError("op_types must be 'lepton', 'all' or a non-empty list of op type "
+                             f"names, got {op_types!r}")
+        present = {n.op_type for n in model.proto.graph.node}
+        missing = sorted(set(op_types) - present)
+        if missing:
+            raise InputError(f"op_types names op type(s) {missing} that the model does not "
+                             f"have; it has {sorted(present)}")
+    if activation_matmuls and op_types != "lepton":
+        raise InputError("activation_matmuls=True applies to op_types='lepton' only (with "
+                         "'all' or a list, onnxruntime's rules decide)")
+    return op_types
+
+
+def select_nodes(model: Model, op_types: Any = "lepton", *, activation_matmuls: bool = False,
+                 keep_float: dict[str, str] | None = None) -> Selection:
+    """Decide per node whether it gets QDQ, with the reason (see the module docstring).
+
+    "lepton": quantize
+    - Conv (2-D), MatMul and Gemm whose weight is constant: lowering/int8.py's integer kernels
+      (activation x activation MatMuls only with `activation_matmuls`);
+    - data movement and pooling (MOVEMENT_OPS), Relu/Clip and residual Adds (two activation
+      inputs) whose result reaches such a kernel through ops of these kinds: int8 between
+      kernels; onnxruntime quantizes a movement op only when its input is int8 already, so
+      movement right after float math stays float and is quantized where the kernel reads it;
+    and nothing else. MatMul results are not quantized by the MatMul itself (onnxruntime's
+    OpTypesToExcludeOutputQuantization): exporters write a linear layer as MatMul + bias Add,
+    and quantize(add(matmul, bias)) is one integer kernel only without a QDQ pair between them;
+    a MatMul result that stays float is accumulated in int32 and scaled once.
+    """
+    kept = dict(keep_float or {})
+    graph = model.proto.graph
+    if op_types == "all":
+        return Selection("all", None, None, {}, kept)
+    if not isinstance(op_types, str):
+        chosen = set(op_types)
+        int8 = {n.name: f"{n.op_type} is in op_types (onnxruntime's QDQ rules)"
+                for n in graph.node if n.op_type in chosen and n.name not in kept}
+        floats = {n.name: f"{n.op_type} is not in op_types" for n in graph.node
+                  if n.op_type not in chosen}
+        floats.update(kept)
+        return Selection(",".join(op_types), frozenset(int8), tuple(sorted(chosen)), int8,
+                         floats)
+
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE}
+    producers = {o: n for n in graph.node for o in n.output}
+    int8: dict[str, str] = {}
+    floats: dict[str, str] = {}
+    kernels: set[str] = set()
+    for node in graph.node:
+        if node.name in kept or node.op_type not in KERNEL_OPS + ("ConvTranspose",):
+            continue
+        why = _kernel_reason(node, constants, ranks, activation_matmuls)
+        if why.startswith("int8"):
+            kernels.add(node.name)
+            int8[node.name] = why.removeprefix("int8: ")
+        else:
+            floats[node.name] = why
+
+    # Backwards over the (topologically sorted) graph: which tensors reach a kernel's
+    # activation input through movement, Relu/Clip and residual Adds only.
+    feeds: dict[str, str] = {}  # tensor -> the kernel it reaches
+
+    def transparent(node: onnx.NodeProto) -> bool:
+        if node.name in kept:
+            return False
+        if node.op_type in MOVEMENT_OPS or node.op_type in FUSED_ACTIVATIONS:
+            return True
+        return _residual_add(node, constants)
+
+    for node in reversed(graph.node):
+        if node.name in kernels:
+            feeds.setdefault(node.input[0], node.name)
+            if node.op_type == "MatMul" and node.input[1] not in constants:
+                feeds.setdefault(node.input[1], node.name)
+        elif transparent(node) and node.output and node.output[0] in feeds:
+            data = node.input if node.op_type == "Add" else node.input[:1]
+            for name in data:
+                if name:
+                    feeds.setdefault(name, feeds[node.output[0]])
+
+    for node in graph.node:
+        name, op = node.name, node.op_type
+        if name in kept or name in int8 or name in floats:
+            continue
+        out = node.output[0] if node.output else ""
+        data_in = [i for i in node.input if i and i not in constants]
+        reached = feeds.get(out)
+        if op in ("Shape", "Size"):
+            floats[name] = f"{op} reads only the tensor's shape: nothing to quantize"
+        elif data_in and not any(types.get(i) in floating for i in data_in):
+            floats[name] = "computes on integer/bool values (shapes, indices): nothing to quantize"
+        elif reached is not None and op in MOVEMENT_OPS:
+            int8[name] = f"data movement between integer kernels (feeds {reached}): int8"
+        elif reached is not None and op in FUSED_ACTIVATIONS:
+            src = producers.get(node.input[0])
+            int8[name] = (f"{op} on the way to {reached}: absorbed by the requantization of "
+                          f"{src.name if src is not None else node.input[0]}")
+        elif reached is not None and _residual_add(node, constants):
+            int8[name] = (f"residual Add feeding {reached}: int8 in and out (one fused pass; the "
+                          "QDQ Add the Vitis target runs)")
+        elif op == "Add" and _bias_of(node, producers, constants, kernels) is not None:
+            mm = _bias_of(node, producers, constants, kernels)
+            floats[name] = (f"bias Add of {mm}: part of its integer kernel (the bias is folded "
+                            "into the int32 accumulator when the result is requantized), so "
+                            "no QDQ pair between them")
+        elif op in MOVEMENT_OPS or op in FUSED_ACTIVATIONS:
+            floats[name] = (f"{op} whose result reaches no integer kernel: stays float (QDQ "
+                            "here would only add quantize/dequantize passes)")
+        elif reached is not None:
+            floats[name] = (f"{op} computes in float (no integer kernel for it); its result is "
+                            f"quantized where {reached} reads it")
+        else:
+            floats[name] = (f"{op} computes in float: its result feeds no integer kernel, so "
+                            "QDQ around it would only add quantize/dequantize passes "
+                            "(op_types='all' quantizes it as onnxruntime does)")
+    floats.update(kept)
+    if not int8:
+        raise ModelError("nothing to quantize for lepton-edge's integer lowering: no Conv, "
+                         "MatMul or Gemm with a constant weight ("
+                         + "; ".join(f"{k}: {v}" for k, v in list(floats.items())[:3])
+                         + "); op_types='all' quantizes with onnxruntime's rules anyway")
+    ops = tuple(sorted({n.op_type for n in graph.node if n.name in int8}))
+    return Selection("lepton", frozenset(int8), ops, int8, floats, ("MatMul",))
+
+
+def _kernel_reason(node: onnx.NodeProto, constants: set[str], ranks: dict[str, int],
+                   activation_matmuls: bool) -> str:
+    """'int8: why' for a Conv/MatMul/Gemm lowering/int8.py makes an integer kernel, else why
+    not."""
+    op = node.op_type
+    if op == "ConvTranspose":
+        return ("ConvTranspose: no integer kernel in lepton-edge's lowering, QDQ would run as "
+                "float fake-quant (op_types='all' quantizes it)")
+    weight = node.input[1] if len(node.input) > 1 else ""
+    if op == "Conv":
+        if weight not in constants:
+            return "Conv with a non-constant weight: no integer kernel for it"
+        rank = ranks.get(weight, 4)
+        if rank != 4:
+            return (f"Conv{rank - 2}d: lepton-edge's integer kernels are 2-D convolutions; "
+                    "QDQ would run as float fake-quant")
+        return "int8: Conv with a constant weight -> int8 x int8 -> int32 kernel"
+    if op == "Gemm":
+        if weight not in constants or node.input[0] in constants:
+            return "Gemm without a constant weight B: no integer kernel for it"
+        return "int8: Gemm with a constant weight -> int8 x int8 -> int32 kernel"
+    if node.input[0] in constants:
+        return ("MatMul with the constant on the left: the integer kernel takes the weight as "
+                "the second operand")
+    if weight in constants:
+        return "int8: MatMul with a constant weight -> int8 x int8 -> int32 kernel"
+    if activation_matmuls:
+        return ("int8: MatMul of two activations (activation_matmuls=True) -> int16 x int16 "
+                "-> int32 kernel")
+    return _ACT_MATMUL_WHY
+
+
+def _residual_add(node: onnx.NodeProto, constants: set[str]) -> bool:
+    return (node.op_type == "Add" and len(node.input) == 2
+            and not any(i in constants for i in node.input))
+
+
+def _bias_of(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], constants: set[str],
+             kernels: set[str]) -> str | None:
+    """The MatMul/Gemm kernel whose result this Add adds a constant bias to, else None."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for mm, bias in (node.input, node.input[::-1]):
+        src = producers.get(mm)
+        if bias in constants and src is not None and src.name in kernels \
+                and src.op_type in ("MatMul", "Gemm"):
+            return src.name
+    return None
 
 
 def _with_node_names(model: Model) -> Model:
@@ -179,7 +434,8 @@ class _Reader:
 
 def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: str,
                    per_channel: bool, symmetric: bool, scale: float | None,
-                   exclude: list[str], percentile: float, progress: bool) -> onnx.ModelProto:
+                   exclude: list[str], percentile: float, progress: bool,
+                   selection: Selection) -> onnx.ModelProto:
     from onnxruntime.quantization import (
         CalibrationMethod, QuantFormat, QuantType, quantize_static,
     )
@@ -188,6 +444,8 @@ def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: s
              "entropy": CalibrationMethod.Entropy}[method]
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric or scale is not None,
                              "WeightSymmetric": True}
+    if selection.exclude_output_quantization:
+        extra["OpTypesToExcludeOutputQuantization"] = list(selection.exclude_output_quantization)
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     if method == "entropy":
@@ -221,6 +479,10 @@ def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: s
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, per_channel=per_channel,
                     calibrate_method=calib, nodes_to_exclude=exclude, extra_options=extra,
+                    op_types_to_quantize=(list(selection.ort_op_types)
+                                          if selection.ort_op_types else None),
+                    nodes_to_quantize=(sorted(selection.nodes)
+                                       if selection.nodes is not None else None),
                 )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"quantization failed: {exc}") from None
@@ -302,9 +564,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _report(model: Model, quantized: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
             reference: dict[str, list[np.ndarray]], method: str, kept: dict[str, str],
-            steps: list[str]) -> QuantReport:
-    from onnxruntime.quantization.registry import QDQRegistry
-
+            steps: list[str], selection: Selection) -> QuantReport:
     graph = quantized.graph
     producers = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
@@ -321,7 +581,12 @@ def _report(model: Model, quantized: onnx.ModelProto, batches: list[dict[str, np
             continue
         src = producers.get(node.input[0])
         if src is not None and src.op_type == "QuantizeLinear":
-            activation_dq.setdefault(src.input[0], node.output[0])
+            # a quantized model output: onnxruntime renames its float value
+            # '<out>_QuantizeLinear_Input' and the DequantizeLinear result takes the output's name
+            tensor = src.input[0]
+            if tensor not in reference and tensor.endswith("_QuantizeLinear_Input"):
+                tensor = tensor.removesuffix("_QuantizeLinear_Input")
+            activation_dq.setdefault(tensor, node.output[0])
         elif node.input[0] in inits:
             weight_dq.append(node)
     quant_values = _run_with_intermediates(
@@ -354,20 +619,57 @@ def _report(model: Model, quantized: onnx.ModelProto, batches: list[dict[str, np
         user = consumers.get(original_name, "")
         layers.append(LayerError(original_name, user, ops.get(user, ""), "weight",
                                  sqnr_db(ref, deq), cosine(ref, deq)))
-    kept_float = dict(kept)
-    quantized_nodes = _quantized_nodes(model, quantized)
-    for node in model.proto.graph.node:
-        if node.name in kept_float or node.name in quantized_nodes:
-            continue
-        if node.op_type not in QDQRegistry:
-            kept_float[node.name] = f"no int8 handler for {node.op_type} (stays float)"
-        elif node.op_type in WEIGHTED_OPS:
-            kept_float[node.name] = "quantizer left it float (unsupported attributes or inputs)"
+    kept_float, int8 = _decisions(model, quantized, kept, selection)
     outputs = {o.name: cosine(np.concatenate([v.ravel() for v in reference[o.name]]),
                               np.concatenate([v.ravel() for v in quant_values[o.name]]))
                for o in model.proto.graph.output if o.name in quant_values}
     return QuantReport(method=method, layers=tuple(layers), kept_float=kept_float,
-                       output_cosine=outputs, steps=tuple(steps))
+                       output_cosine=outputs, steps=tuple(steps), quantized=int8,
+                       op_types=selection.op_types)
+
+
+def _decisions(model: Model, quantized: onnx.ModelProto, kept: dict[str, str],
+               selection: Selection) -> tuple[dict[str, str], dict[str, str]]:
+    """(node -> why float, node -> why int8) for every node of `model`, as it turned out."""
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    kept_float = dict(kept)
+    int8: dict[str, str] = {}
+    quantized_nodes = _quantized_nodes(model, quantized)
+    remaining = {n.name: n for n in quantized.graph.node}
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    if selection.op_types == "all":
+        for node in model.proto.graph.node:
+            if node.name in kept_float:
+                continue
+            if node.name in quantized_nodes:
+                int8[node.name] = "op_types='all': onnxruntime's QDQ rules"
+            elif node.name not in remaining:
+                int8[node.name] = "folded into the int8 result before it (onnxruntime removed it)"
+            elif node.op_type not in QDQRegistry:
+                kept_float[node.name] = f"no int8 handler for {node.op_type} (stays float)"
+            elif node.op_type in WEIGHTED_OPS:
+                kept_float[node.name] = ("quantizer left it float (unsupported attributes or "
+                                         "inputs)")
+        return kept_float, int8
+    for node in model.proto.graph.node:
+        name = node.name
+        if name in kept_float:
+            continue
+        if name not in selection.int8:
+            kept_float[name] = selection.floats.get(name, f"{node.op_type} is not selected")
+        elif name in quantized_nodes:
+            int8[name] = selection.int8[name]
+        elif name not in remaining:  # a Relu/Clip onnxruntime folded into the scale before it
+            int8[name] = selection.int8[name]
+        elif node.op_type in KERNEL_OPS:
+            kept_float[name] = "quantizer left it float (unsupported attributes or inputs)"
+        else:
+            src = producers.get(remaining[name].input[0])
+            what = f"{src.op_type} '{src.name}'" if src is not None else "a graph input"
+            kept_float[name] = (f"{node.op_type} on the float result of {what}: stays float, "
+                                "quantized after it where the integer kernel reads it")
+    return kept_float, int8
 
 
 def _producer_name(model: Model, tensor: str) -> str:
@@ -395,7 +697,8 @@ def _quantized_nodes(model: Model, quantized: onnx.ModelProto) -> set[str]:
 
 def _worst_layer(report: QuantReport, kept: dict[str, str]) -> str | None:
     weighted = [x for x in report.layers
-                if x.op_type in WEIGHTED_OPS and x.node and x.node not in kept]
+                if x.op_type in WEIGHTED_OPS and x.node and x.node not in kept
+                and x.node in report.quantized]
     if not weighted:
         return None
     return min(weighted, key=lambda x: x.sqnr_db).node

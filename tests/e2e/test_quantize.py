@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +123,12 @@ def test_cli_quantize_then_compile(digits, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "lepton_edge.cli"]
     out = subprocess.run(cli + ["quantize", str(DIGITS / "digits.onnx"), "-o",
                                 str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npy"),
-                                "--plot", str(tmp_path / "q.png")],
+                                "--plot", str(tmp_path / "q.png"), "--quantize-ops", "lepton"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "SQNR dB" in out.stdout and (tmp_path / "q.png").exists()
+    assert "op_types: lepton" in out.stdout
+    assert "int8: node_max_pool2d: data movement between integer kernels" in out.stdout
     out = subprocess.run(cli + ["compile", str(tmp_path / "q.onnx"), "-o",
                                 str(tmp_path / "q.lepton")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -139,12 +142,10 @@ def test_cli_quantize_then_compile(digits, tmp_path: Path) -> None:
     assert out.returncode == 0 and "self-test PASS" in out.stdout, out.stdout + out.stderr
 
 
-def test_bert_shaped_encoder_int8_keeps_cosine(tmp_path: Path) -> None:
-    """A 2-layer encoder (attention + LayerNorm + GELU): int8 kernels for every linear layer,
-    output cosine >= 0.99 against fp32 on held-out inputs."""
+@pytest.fixture(scope="module")
+def encoder():
+    """A 2-layer BERT-shaped encoder (attention + LayerNorm + GELU), calibration and test data."""
     torch = pytest.importorskip("torch")
-    from lepton_edge.compress.quantize import cosine
-
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128,
                                              dropout=0.0, activation="gelu", batch_first=True)
@@ -154,11 +155,158 @@ def test_bert_shaped_encoder_int8_keeps_cosine(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((32, 16, 64)).astype(np.float32)
     test = rng.standard_normal((8, 16, 64)).astype(np.float32)
+    return model, calib, test
+
+
+def test_bert_shaped_encoder_int8_keeps_cosine(encoder, tmp_path: Path) -> None:
+    """Default quantization: int8 kernels for every linear layer (the attention matmuls and
+    GELU stay float), output cosine >= 0.99 against fp32 on held-out inputs."""
+    from lepton_edge.compress.quantize import cosine
+
+    model, calib, test = encoder
     q = quantize(model, calib)
     art = lepton_edge.compile(q, ["cpu"])
     meta = art.manifest["subgraphs"][0]["builds"][0]["meta"]
-    kernels = meta["int8_kernels"]  # per layer: in-projection, out-projection, 2 FFN, QK^T, AV
-    assert len(kernels) == 12 and sum("activation x activation" in k for k in kernels) == 4
+    kernels = meta["int8_kernels"]  # per layer: in-projection, out-projection, 2 FFN
+    assert len(kernels) == 8 and not any("activation x activation" in k for k in kernels)
     session = lepton_edge.runtime.load(art.save(tmp_path / "enc.lepton"), self_test=True)
     fp32 = spec_output(model.proto, {"tokens": test})
     assert cosine(session.run({"tokens": test})["hidden"], fp32) >= 0.99
+
+
+def dq_fed(proto: onnx.ModelProto) -> dict[str, list[bool]]:
+    """node -> for each non-constant input: does it come from a DequantizeLinear?"""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    return {n.name: [producers.get(i) is not None
+                     and producers[i].op_type == "DequantizeLinear"
+                     for i in n.input if i and i not in inits]
+            for n in proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+
+
+def test_default_quantizes_only_where_integer_kernels_pay_off(encoder) -> None:
+    """op_types='lepton' (default) vs 'all' (onnxruntime's own default) on the encoder: which
+    nodes get QDQ, the reasons shown, and the cosine of each against fp32."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from lepton_edge.compress.quantize import cosine
+
+    model, calib, test = encoder
+    ops = {n.name: n.op_type for n in model.proto.graph.node}
+    inits = {t.name for t in model.proto.graph.initializer}
+    weight_mm = {n.name for n in model.proto.graph.node
+                 if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits}
+    act_mm = {n.name for n in model.proto.graph.node
+              if n.op_type == "MatMul" and n.input[1] not in inits}
+    assert len(weight_mm) == 8 and len(act_mm) == 4
+    fp32 = spec_output(model.proto, {"tokens": test})
+
+    q = quantize(model, calib)
+    fed = dq_fed(q.proto)
+    assert {n for n in q.report.quantized} == weight_mm
+    assert all(all(fed[n]) for n in weight_mm)  # integer kernels read int8
+    for name in act_mm:  # attention matmuls stay float, and say why
+        assert not any(fed[name])
+        assert "activation_matmuls=True" in q.report.kept_float[name]
+    float_math = [n for n, op in ops.items()
+                  if op in ("Softmax", "LayerNormalization", "Erf", "Div")]
+    assert len(float_math) == 10 and not any(any(fed[n]) for n in float_math)
+    gelu_div = next(n for n, op in ops.items() if op == "Div")
+    assert "feeds no integer kernel" in q.report.kept_float[gelu_div]
+    layer_norm = next(n for n, op in ops.items() if op == "LayerNormalization")
+    assert "quantized where" in q.report.kept_float[layer_norm]
+    bias_add = [n for n, why in q.report.kept_float.items() if why.startswith("bias Add of")]
+    assert len(bias_add) == 6  # the MatMul + Add linear layers; the two Gemms carry their bias
+    assert f"int8: {sorted(weight_mm)[0]}: " in q.report.table()
+    cos_default = cosine(spec_output(q.proto, {"tokens": test}), fp32)
+    assert cos_default >= 0.99
+
+    every = quantize(model, calib, op_types="all")
+    fed_all = dq_fed(every.proto)
+    assert every.report.op_types == "all"
+    assert all(all(fed_all[n]) for n in act_mm | weight_mm)
+    # onnxruntime has no QDQ Erf: its Div (input) and Add (output) are quantized instead
+    assert all(any(fed_all[n]) for n in float_math if ops[n] != "Erf")
+    # "all" is onnxruntime's own default: the same graph as quantize_static called directly
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
+        onnx.save(model.proto, src)
+        reader = iter([{"tokens": calib[i:i + 16]} for i in range(0, 32, 16)])
+        quantize_static(str(src), str(dst), type("R", (), {"get_next": lambda s: next(
+            reader, None)})(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        direct = onnx.load(dst)
+    assert sorted(n.op_type for n in every.proto.graph.node) == \
+        sorted(n.op_type for n in direct.graph.node)
+    assert every.op_counts()["QuantizeLinear"] >= 5 * q.op_counts()["QuantizeLinear"]
+    assert cosine(spec_output(every.proto, {"tokens": test}), fp32) >= 0.99
+
+    attention = quantize(model, calib, activation_matmuls=True)
+    fed_att = dq_fed(attention.proto)
+    assert set(attention.report.quantized) == weight_mm | act_mm
+    assert all(all(fed_att[n]) for n in act_mm)
+    assert not any(any(fed_att[n]) for n in float_math)
+    assert cosine(spec_output(attention.proto, {"tokens": test}), fp32) >= 0.99
+
+    only = quantize(model, calib, op_types=["Gemm"])
+    assert {ops[n] for n in only.report.quantized} == {"Gemm"}
+    assert only.report.kept_float[sorted(weight_mm - set(only.report.quantized))[0]] == \
+        "MatMul is not in op_types"
+    with pytest.raises(InputError, match=r"does not have.*'MatMul'"):
+        quantize(model, calib[:4], op_types=["matmul"])
+    with pytest.raises(InputError, match="op_types must be one of"):
+        quantize(model, calib[:4], op_types="some")
+    with pytest.raises(InputError, match="applies to op_types='lepton' only"):
+        quantize(model, calib[:4], op_types="all", activation_matmuls=True)
+
+
+def residual_cnn() -> lepton_edge.Model:
+    """x -> conv -> relu -> conv -> Add(., relu) -> relu -> conv -> GlobalAveragePool ->
+    Flatten -> Gemm: a ResNet-style block (random weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32),
+                                       name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="residual"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "resblock", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                          ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 8, 8, 3, 3), w("b2", 8),
+         w("w3", 8, 8, 3, 3), w("b3", 8), w("wf", 5, 8), w("bf", 5)])
+    return lepton_edge.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_residual_add_between_kernels_is_quantized() -> None:
+    """A residual Add whose result feeds an integer kernel is int8 in and out (the QDQ Add
+    the Vitis target runs); pooling into a float Gemm input is float math, not movement."""
+    from lepton_edge.compress.quantize import cosine
+
+    model = residual_cnn()
+    x = np.random.default_rng(2).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    q = quantize(model, x[:32])
+    fed = dq_fed(q.proto)
+    assert fed["residual"] == [True, True]
+    assert q.report.quantized["residual"].startswith("residual Add feeding conv3")
+    consumers = [n.op_type for n in q.proto.graph.node
+                 if any(o in n.input for o in next(m for m in q.proto.graph.node
+                                                    if m.name == "residual").output)]
+    assert consumers == ["QuantizeLinear"]  # relu2 folded into the Add's output scale
+    assert {"conv1", "conv2", "conv3", "fc"} <= set(q.report.quantized)
+    assert q.report.kept_float["gap"].startswith("GlobalAveragePool computes in float")
+    assert not any(fed["flatten"])  # float movement after float math, quantized for fc
+    assert cosine(spec_output(q.proto, {"x": x[32:]}), spec_output(model.proto,
+                                                                  {"x": x[32:]})) >= 0.99
