@@ -365,6 +365,34 @@ def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
     return _swap_nodes(graph, nodes, changed)
 
 
+def dropout_in_inference(node: onnx.NodeProto) -> bool:
+    """Dropout without a training_mode input: by definition y = x and the mask is all true."""
+    return node.op_type == "Dropout" and (len(node.input) < 3 or not node.input[2])
+
+
+def _inference_dropout(model: onnx.ModelProto, opset: int) -> bool:
+    """Inference-mode Dropout with its mask output used -> Identity + an all-true mask.
+
+    TVM 0.27 returns the mask as float (ONNX: bool); without training_mode nothing is dropped.
+    """
+    graph = model.graph
+    nodes: list[onnx.NodeProto] = []
+    changed = False
+    for index, node in enumerate(graph.node):
+        if not (dropout_in_inference(node) and (node.domain or "") in _DEFAULT
+                and _used_outputs(node) > 1 and opset >= 10):
+            nodes.append(node)
+            continue
+        p = f"{node.name or 'Dropout'}_{index}__"
+        graph.initializer.append(numpy_helper.from_array(np.array(True), p + "true"))
+        make = helper.make_node
+        nodes += [make("Identity", [node.input[0]], [node.output[0] or p + "y"]),
+                  make("Shape", [node.input[0]], [p + "shape"]),
+                  make("Expand", [p + "true", p + "shape"], [node.output[1]])]
+        changed = True
+    return _swap_nodes(graph, nodes, changed)
+
+
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
            onnx.TensorProto.BFLOAT16}
 # integer bases whose powers are exact through float64 (every in-range result < 2**53)
@@ -693,6 +721,7 @@ def apply(proto: onnx.ModelProto, max_rounds: int = 6) -> onnx.ModelProto:
         changed = _reduce_extreme_of_infinities(model, opset) or changed
         changed = _precise_tanh(model, opset) or changed
         changed = _pow_through_float64(model, opset) or changed
+        changed = _inference_dropout(model, opset) or changed
         changed = _float16_via_float32(model, opset) or changed
         changed = _fold_constants(model, opset) or changed
         if not changed:

@@ -153,8 +153,10 @@ _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
                            "TVM 0.27 computes wrong running statistics in training mode"),
     "IsInf": (lambda n, g: not _attr(n, "detect_negative", 1) or not _attr(
         n, "detect_positive", 1), "TVM 0.27 ignores IsInf's detect_negative/detect_positive"),
-    "Dropout": (lambda n, g: _used_outputs(n) > 1 or len(n.input) > 2,
-                "TVM 0.27 returns a float mask and ignores training_mode"),
+    "Dropout": (lambda n, g: not onnx_fixups.dropout_in_inference(n) or (
+        _used_outputs(n) > 1 and g.opset < 10),
+                "TVM 0.27 ignores training_mode (lepton-edge compiles inference-mode Dropout, "
+                "with a bool mask from opset 10)"),
     "Mod": (lambda n, g: g.value_types.get(n.input[0]) in (T.FLOAT, T.DOUBLE, T.FLOAT16,
                                                              T.BFLOAT16),
             "TVM 0.27 gets float Mod's inf/NaN and division-by-zero cases wrong"),

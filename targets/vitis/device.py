@@ -6,7 +6,7 @@ The kind is used only when named (devices=["vitis", ...]). probe() reports:
   otherwise one absent entry saying why. A build runs on it only with an xclbin built from
   the build's build/ folder (LEPTON_VITIS_XCLBIN=/path/lepton_<hash>.xclbin, or a folder of
   them): lepton-edge does not synthesize, so an artifact never carries one.
-- `vitis-csim:0`: the C simulation (csim.so, the exact kernel source built with g++). It is
+- `fpga-sim:0`: the C simulation (csim.so, the exact kernel source built with g++). It is
   refused while a board is present, unless LEPTON_VITIS_SIMULATE=1 asks for it on purpose.
 Both go through the build's generated host code (host_xrt.py); only the kernel call differs.
 """
@@ -74,7 +74,7 @@ class VitisDevice(Device):
             infos.append(DeviceInfo(kind="vitis", name="vitis-xrt", present=False,
                                     details={"simulation": False}, reason=why))
         infos.append(DeviceInfo(
-            kind="vitis", name="vitis-csim:0", present=True,
+            kind="vitis", name="fpga-sim:0", present=True,
             details={"simulation": True, "hardware_present": bool(boards),
                      "what": "C simulation of the generated HLS kernel (g++), not hardware",
                      "hardware": ", ".join(n for _, n in boards) or why}))

@@ -130,7 +130,7 @@ def test_csim_is_bit_exact_with_cpu_int8(case: str, tmp_path: Path) -> None:
     core = ("Conv" if "conv" in case else "Gemm", "DequantizeLinear", "QuantizeLinear") + (
         ("Relu",) if "relu" in case else ())
     assert _placement(fpga) == [(("QuantizeLinear",), "cpu:0"),
-                                (tuple(sorted(core)), "vitis-csim:0"),
+                                (tuple(sorted(core)), "fpga-sim:0"),
                                 (("DequantizeLinear",), "cpu:0")], fpga.placement
     assert "cpu" in str(cpu.placement)
     x = _inputs(fpga)
@@ -146,7 +146,7 @@ def test_cpu_is_used_unless_vitis_is_named(tmp_path: Path) -> None:
     path = _compile(qdq_float_model("conv"), tmp_path)
     session = lepton_edge.runtime.load(path)
     placement = str(session.placement)
-    assert "vitis-csim" not in placement and "cpu" in placement, placement
+    assert "fpga-sim" not in placement and "cpu" in placement, placement
 
 
 def test_generated_source_and_board_folder(tmp_path: Path) -> None:
@@ -246,7 +246,7 @@ def test_small_cnn_with_maxpool_and_flatten_is_bit_exact(tmp_path: Path) -> None
     path = _compile(model, tmp_path)
     fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
     cpu = cpu_reference(model, tmp_path)
-    assert [p.device for p in fpga.placement.values()] == ["vitis-csim:0"]
+    assert [p.device for p in fpga.placement.values()] == ["fpga-sim:0"]
     shape = [2 if isinstance(d, str) else d for d in fpga.inputs[0].shape]
     x = rng.integers(-128, 128, shape).astype(np.int8)
     name = fpga.inputs[0].name
@@ -270,7 +270,7 @@ def test_digits_int8_artifact_places_conv_gemm_on_the_fpga_simulation(tmp_path: 
     assert _placement(fpga) == [
         (("QuantizeLinear",), "cpu:0"),
         (("Conv", "DequantizeLinear", "Gemm", "MaxPool", "QuantizeLinear", "Reshape"),
-         "vitis-csim:0"),
+         "fpga-sim:0"),
         (("DequantizeLinear",), "cpu:0")], fpga.placement
     kernel_sg = fpga.manifest["subgraphs"][1]
     assert kernel_sg["op_counts"]["Conv"] == 2 and kernel_sg["op_counts"]["Gemm"] == 2

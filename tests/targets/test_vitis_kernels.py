@@ -182,7 +182,7 @@ def _run_build(build, tmp_path: Path, inputs: list[np.ndarray]) -> list[np.ndarr
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
         files[name] = folder / name
-    info = DeviceInfo("vitis", "vitis-csim:0", True, {"simulation": True})
+    info = DeviceInfo("vitis", "fpga-sim:0", True, {"simulation": True})
     return VitisDevice().load(info, files, build.meta).run(inputs)
 
 
@@ -192,7 +192,7 @@ def test_kernel_kind_is_bit_exact_with_cpu_int8(case: str, tmp_path: Path) -> No
     path = lepton_edge.compile(lepton_edge.load(model), ["cpu", "zcu104"]).save(
         tmp_path / "m.lepton")
     fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
-    assert [p.device for p in fpga.placement.values()] == ["vitis-csim:0"], fpga.placement
+    assert [p.device for p in fpga.placement.values()] == ["fpga-sim:0"], fpga.placement
     (sg,) = fpga.manifest["subgraphs"]
     meta = next(b for b in sg["builds"] if b["target"] == "vitis")["meta"]
     assert in_order(OPS[case], meta["tir_kernels"]), meta["tir_kernels"]
@@ -301,7 +301,7 @@ def test_alveo_profile_builds_the_dataflow_form_end_to_end(tmp_path: Path) -> No
     art = lepton_edge.compile(lepton_edge.load(model), ["cpu", "u250"])
     path = art.save(tmp_path / "m.lepton")
     fpga = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
-    assert [p.device for p in fpga.placement.values()] == ["vitis-csim:0"]
+    assert [p.device for p in fpga.placement.values()] == ["fpga-sim:0"]
     kernel = next(data for name, data in art.files.items() if name.endswith("kernel.cpp"))
     assert b"#pragma HLS DATAFLOW" in kernel and b"xilinx_u250" not in kernel
     makefile = next(d for n, d in art.files.items() if n.endswith("build/Makefile"))

@@ -139,8 +139,8 @@ def test_no_xrt_here_is_reported_and_the_board_is_absent(monkeypatch) -> None:
     infos = {i.name: i for i in VitisDevice().probe()}
     assert not infos["vitis-xrt"].present
     assert "pyxrt cannot be imported" in infos["vitis-xrt"].reason
-    assert infos["vitis-csim:0"].details["simulation"] is True
-    assert infos["vitis-csim:0"].details["hardware_present"] is False
+    assert infos["fpga-sim:0"].details["simulation"] is True
+    assert infos["fpga-sim:0"].details["hardware_present"] is False
 
 
 def test_board_runs_the_generated_pyxrt_host_code(artifact, tmp_path: Path,
@@ -184,7 +184,7 @@ def test_board_without_xclbin_never_runs_the_simulation_silently(artifact, monke
         lepton_edge.runtime.load(path, devices=["vitis", "cpu"], fallback=False)
     monkeypatch.setenv("LEPTON_VITIS_SIMULATE", "1")  # the simulation, asked for on purpose
     session = lepton_edge.runtime.load(path, devices=["vitis", "cpu"])
-    assert [p.device for p in session.placement.values()] == ["vitis-csim:0"]
+    assert [p.device for p in session.placement.values()] == ["fpga-sim:0"]
 
 
 def test_xclbin_of_another_kernel_is_refused_not_run(artifact, tmp_path: Path,

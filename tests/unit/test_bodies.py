@@ -156,3 +156,20 @@ def test_rms_normalization_over_every_axis(tmp_path) -> None:
     assert set(placement.values()) == {"cpu:0"}
     (want,) = ReferenceEvaluator(model).run(None, {"x": x, "s": s})
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_inference_dropout_mask_is_bool_and_all_true(tmp_path) -> None:
+    node = helper.make_node("Dropout", ["x", "r"], ["y", "m"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          [3, 4]),
+                                            helper.make_tensor_value_info("r", TensorProto.FLOAT,
+                                                                          [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4]),
+                               helper.make_tensor_value_info("m", TensorProto.BOOL, [3, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    x[0, 0] = np.nan
+    (y, m), placement = _run_compiled(model, {"x": x, "r": np.array(0.5, np.float32)}, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}
+    np.testing.assert_array_equal(y, x)
+    assert m.dtype == np.bool_ and m.all()
