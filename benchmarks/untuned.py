@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/untuned.py [--models digits,resnet18,mobilenet_v2,bert]
                                            [--runs R] [--warmup W] [--threads T]
-                                           [--plain | --no-pack]
+                                           [--plain | --no-pack] [--gap-ms G]
 
 Each model is compiled for "cpu" without tuning (the default schedules of
 lepton_edge/lowering/schedules.py; --plain sets LEPTON_DEFAULT_SCHEDULES=0 for TVM's plain
@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for both engines (TVM_NUM_THREADS, onnxruntime "
                              "intra_op_num_threads); 0 = each engine's default (all cores)")
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="with --threads: idle time before each timed call, so the other "
+                             "engine's spinning worker threads have stopped (onnxruntime's "
+                             "spin after a run and TVM's pool then waits for the busy core)")
     parser.add_argument("--export", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true",
                         help="TVM's plain loops (LEPTON_DEFAULT_SCHEDULES=0): the 'before'")
@@ -78,6 +82,8 @@ def main() -> None:
     if args.export is not None:
         _export(args.models.split(","), args.export)
         return
+    if args.gap_ms and not args.threads:
+        parser.error("--gap-ms needs --threads")
     if args.plain:
         os.environ["LEPTON_DEFAULT_SCHEDULES"] = "0"
     if args.no_pack:
@@ -158,6 +164,8 @@ def _alternate(path: Path, onnx_path: Path, feeds: dict[str, np.ndarray], args: 
     for i in range(args.runs):
         order = list(engines) if i % 2 == 0 else list(reversed(engines))
         for key in order:
+            if args.gap_ms:
+                time.sleep(args.gap_ms / 1e3)
             start = time.perf_counter()
             engines[key]()
             times[key].append((time.perf_counter() - start) * 1e3)

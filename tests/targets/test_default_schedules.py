@@ -347,3 +347,76 @@ def test_kernels_keep_noalias_next_to_symbolic_shape_functions() -> None:
     # TVM's own passes lose noalias on kernel arguments (if this fails, TVM fixed it and
     # MarkShapeFuncsNoAlias can go).
     assert ours > plain, (ours, plain)
+
+
+def depthwise_large() -> onnx.ModelProto:
+    """Depthwise 3x3 convolutions on planes large enough to be padded per channel inside the
+    convolution (schedules.STAGE_MIN_PLANE), stride 1 and 2, with a ReLU6 epilogue."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wdw"], ["s1"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["s1", "lo", "hi"], ["dw_s1"]),
+        helper.make_node("Conv", ["x", "wdw"], ["dw_s2"], pads=[1, 1, 1, 1], group=8,
+                         strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                           ["N", 8, 56, 56])],
+        [helper.make_tensor_value_info("dw_s1", TensorProto.FLOAT, ["N", 8, 56, 56]),
+         helper.make_tensor_value_info("dw_s2", TensorProto.FLOAT, ["N", 8, 28, 28])],
+        [const("wdw", 8, 1, 3, 3), numpy_helper.from_array(np.array(0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _parallel_loops(func: tirx.PrimFunc) -> list[Any]:
+    found: list[Any] = []
+    stack = [func.body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.PARALLEL:
+            found.append(node)
+        for attr in ("body", "block", "seq", "then_case", "else_case"):
+            child = getattr(node, attr, None) if hasattr(node, attr) else None
+            if child is None or isinstance(child, (int, str)):
+                continue
+            if isinstance(child, (list, tuple)) or type(child).__name__ == "Array":
+                stack.extend(child)
+            else:
+                stack.append(child)
+    return found
+
+
+def test_large_depthwise_pads_each_channel_inside_the_convolution(
+        small_parallel_threshold) -> None:
+    """One parallel loop over (batch, channel) per depthwise kernel: the padding (and the
+    stride-2 de-interleaving) happens per channel inside it, not as passes of its own."""
+    mod = _legalized(depthwise_large())
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(mod, TARGET, report=report)
+    depthwise = [n for n in report.rules if "conv2d" in n]
+    assert len(depthwise) == 2, report.rules
+    for name in depthwise:
+        assert report.rules[name] == "contraction", report.refused.get(name)
+        loops = _parallel_loops(scheduled[name])
+        assert len(loops) == 1, (name, len(loops))
+        # The padded input is written under the parallel loop (fill and copy, vectorized).
+        text = scheduled[name].script()
+        body = text[text.index("T.parallel("):]
+        assert "pad_temp_pad_const" in body and "T.vectorized" in body, name
+    # Small planes keep the whole-input padding passes (staging measured slower there).
+    small = schedules.apply_default_schedules(_legalized(convs()), TARGET)
+    dw = [f for _, f in small.functions_items() if isinstance(f, tirx.PrimFunc)
+          and [_const_shape(p) for p in f.params][1:2] == [[8, 1, 3, 3]]]
+    assert len(dw) == 1 and len(_parallel_loops(dw[0])) >= 2
+
+
+def _const_shape(buffer: Any) -> list[int | None]:
+    return [int(d) if isinstance(d, tirx.IntImm) else None for d in buffer.shape]
+
+
+def test_large_depthwise_matches_onnxruntime(build) -> None:
+    model = lepton_edge.load(depthwise_large())
+    _, session = build(model, golden_count=1)
+    for batch in (1, 2):
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
