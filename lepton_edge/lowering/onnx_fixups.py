@@ -28,6 +28,7 @@ a clear message, and the planner then runs it on onnxruntime.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -295,23 +296,21 @@ def _precise_softplus(model: onnx.ModelProto, opset: int) -> bool:
         return False
     graph = model.graph
     types = _value_types(graph)
-    nodes: list[onnx.NodeProto] = []
-    changed = False
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         elem = types.get(node.input[0]).tensor_type.elem_type if (
             node.op_type == "Softplus" and (node.domain or "") in _DEFAULT
             and node.input[0] in types) else None
         if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                         onnx.TensorProto.FLOAT16):
-            nodes.append(node)
-            continue
+            return None
         p = f"{node.name or 'Softplus'}_{index}__"
         dtype = helper.tensor_dtype_to_np_dtype(elem)
         graph.initializer.extend([numpy_helper.from_array(np.array(1, dtype), p + "one"),
                                   numpy_helper.from_array(np.array(0, dtype), p + "zero")])
         x, y = node.input[0], node.output[0]
         make = helper.make_node
-        nodes += [
+        out = [
             make("Abs", [x], [p + "a"]), make("Neg", [p + "a"], [p + "na"]),
             make("Exp", [p + "na"], [p + "e"]), make("Add", [p + "one", p + "e"], [p + "u"]),
             make("Sub", [p + "u", p + "one"], [p + "d"]), make("Log", [p + "u"], [p + "l"]),
@@ -321,8 +320,9 @@ def _precise_softplus(model: onnx.ModelProto, opset: int) -> bool:
             make("Max", [x, p + "zero"], [p + "pos"]),
             make("Add", [p + "pos", p + "log1p"], [y]),
         ]
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+        return out
+
+    return _rewrite(graph, replace)
 
 
 def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
@@ -336,15 +336,13 @@ def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
         return False
     graph = model.graph
     types = _value_types(graph)
-    nodes: list[onnx.NodeProto] = []
-    changed = False
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         elem = types[node.input[0]].tensor_type.elem_type if (
             node.op_type == "Tanh" and (node.domain or "") in _DEFAULT
             and node.input[0] in types and not node.name.endswith("__fixed")) else None
         if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-            nodes.append(node)
-            continue
+            return None
         p = f"{node.name or 'Tanh'}_{index}__"
         dtype = helper.tensor_dtype_to_np_dtype(elem)
         graph.initializer.extend([
@@ -353,7 +351,7 @@ def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
             numpy_helper.from_array(np.array(2 / 15, dtype), p + "c5")])
         x, y = node.input[0], node.output[0]
         make = helper.make_node
-        nodes += [
+        out = [
             make("Tanh", [x], [p + "t"], name=p + "__fixed"),
             make("Mul", [x, x], [p + "x2"]), make("Mul", [p + "x2", p + "c5"], [p + "a"]),
             make("Add", [p + "a", p + "c3"], [p + "b"]), make("Mul", [p + "b", p + "x2"], [p + "c"]),
@@ -361,8 +359,9 @@ def _precise_tanh(model: onnx.ModelProto, opset: int) -> bool:
             make("Abs", [x], [p + "abs"]), make("Less", [p + "abs", p + "small"], [p + "use"]),
             make("Where", [p + "use", p + "series", p + "t"], [y]),
         ]
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+        return out
+
+    return _rewrite(graph, replace)
 
 
 def dropout_in_inference(node: onnx.NodeProto) -> bool:
@@ -376,21 +375,20 @@ def _inference_dropout(model: onnx.ModelProto, opset: int) -> bool:
     TVM 0.27 returns the mask as float (ONNX: bool); without training_mode nothing is dropped.
     """
     graph = model.graph
-    nodes: list[onnx.NodeProto] = []
-    changed = False
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         if not (dropout_in_inference(node) and (node.domain or "") in _DEFAULT
                 and _used_outputs(node) > 1 and opset >= 10):
-            nodes.append(node)
-            continue
+            return None
         p = f"{node.name or 'Dropout'}_{index}__"
         graph.initializer.append(numpy_helper.from_array(np.array(True), p + "true"))
         make = helper.make_node
-        nodes += [make("Identity", [node.input[0]], [node.output[0] or p + "y"]),
-                  make("Shape", [node.input[0]], [p + "shape"]),
-                  make("Expand", [p + "true", p + "shape"], [node.output[1]])]
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+        out = [make("Identity", [node.input[0]], [node.output[0] or p + "y"]),
+               make("Shape", [node.input[0]], [p + "shape"]),
+               make("Expand", [p + "true", p + "shape"], [node.output[1]])]
+        return out
+
+    return _rewrite(graph, replace)
 
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -410,25 +408,24 @@ def _pow_through_float64(model: onnx.ModelProto, opset: int) -> bool:
     """
     graph = model.graph
     types = _value_types(graph)
-    nodes: list[onnx.NodeProto] = []
-    changed = False
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         base = exp = None
         if node.op_type == "Pow" and (node.domain or "") in _DEFAULT and all(
                 name in types for name in node.input[:2]):
             base, exp = (types[n].tensor_type.elem_type for n in node.input[:2])
         if base is None or not ((base in _FLOATS and base != exp and exp not in _FLOATS
                                  and exp is not None) or base in _SMALL_INTS):
-            nodes.append(node)
-            continue
+            return None
         p = f"{node.name or 'Pow'}_{index}__"
         make = helper.make_node
-        nodes += [make("Cast", [node.input[0]], [p + "b"], to=onnx.TensorProto.DOUBLE),
-                  make("Cast", [node.input[1]], [p + "e"], to=onnx.TensorProto.DOUBLE),
-                  make("Pow", [p + "b", p + "e"], [p + "r"]),
-                  make("Cast", [p + "r"], [node.output[0]], to=base)]
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+        out = [make("Cast", [node.input[0]], [p + "b"], to=onnx.TensorProto.DOUBLE),
+               make("Cast", [node.input[1]], [p + "e"], to=onnx.TensorProto.DOUBLE),
+               make("Pow", [p + "b", p + "e"], [p + "r"]),
+               make("Cast", [p + "r"], [node.output[0]], to=base)]
+        return out
+
+    return _rewrite(graph, replace)
 
 
 # ops whose float16 form TVM 0.27 accumulates in float16 (see _float16_via_float32)
@@ -444,32 +441,32 @@ def _float16_via_float32(model: onnx.ModelProto, opset: int) -> bool:
     """
     graph = model.graph
     types = _value_types(graph)
-    nodes: list[onnx.NodeProto] = []
-    changed = False
     f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         first = node.input[0] if node.input else ""
         if not (node.op_type in _ACCUMULATING and (node.domain or "") in _DEFAULT
                 and first in types and types[first].tensor_type.elem_type == f16):
-            nodes.append(node)
-            continue
+            return None
         p = f"{node.name or node.op_type}_{index}__f32_"
+        out: list[onnx.NodeProto] = []
         new = onnx.NodeProto()
         new.CopyFrom(node)
         # the float inputs (data operands; Reduce axes and the like are int64) go to float32
         for i, name in enumerate(node.input):
             if name and name in types and types[name].tensor_type.elem_type == f16:
-                nodes.append(helper.make_node("Cast", [name], [f"{p}in{i}"], to=f32))
+                out.append(helper.make_node("Cast", [name], [f"{p}in{i}"], to=f32))
                 new.input[i] = f"{p}in{i}"
         for i, name in enumerate(node.output):
             if name:
                 new.output[i] = f"{p}out{i}"
-        nodes.append(new)
+        out.append(new)
         for i, name in enumerate(node.output):
             if name:
-                nodes.append(helper.make_node("Cast", [f"{p}out{i}"], [name], to=f16))
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+                out.append(helper.make_node("Cast", [f"{p}out{i}"], [name], to=f16))
+        return out
+
+    return _rewrite(graph, replace)
 
 
 def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
@@ -483,9 +480,8 @@ def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
         return False
     graph = model.graph
     types = _value_types(graph)
-    nodes: list[onnx.NodeProto] = []
-    changed = False
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         name = node.input[0] if node.input else ""
         elem = types[name].tensor_type.elem_type if (
             node.op_type in ("ReduceMax", "ReduceMin") and (node.domain or "") in _DEFAULT
@@ -493,8 +489,7 @@ def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
             and not _runtime_axes(node, graph)) else None
         if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                         onnx.TensorProto.FLOAT16):
-            nodes.append(node)
-            continue
+            return None
         p = f"{node.name or node.op_type}_{index}__"
         dtype = helper.tensor_dtype_to_np_dtype(elem)
         inf = -np.inf if node.op_type == "ReduceMax" else np.inf
@@ -512,15 +507,16 @@ def _reduce_extreme_of_infinities(model: onnx.ModelProto, opset: int) -> bool:
         counted.name = p + "count__fixed"
         counted.input[0] = p + "other"
         counted.output[0] = p + "n"
-        nodes += [
+        out = [
             reduced, make("Equal", [name, p + "inf"], [p + "isinf"]),
             make("Not", [p + "isinf"], [p + "notinf"]),
             make("Cast", [p + "notinf"], [p + "other"], to=elem), counted,
             make("Equal", [p + "n", p + "zero"], [p + "allinf"]),
             make("Where", [p + "allinf", p + "inf", p + "y"], [node.output[0]]),
         ]
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+        return out
+
+    return _rewrite(graph, replace)
 
 
 def _runtime_axes(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
@@ -533,8 +529,16 @@ def _runtime_axes(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
         name in n.output for n in graph.node if n.op_type == "Constant")
 
 
-def _swap_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], changed: bool) -> bool:
-    """The end of every node rewrite: put the rewritten node list in place if anything changed."""
+def _rewrite(graph: onnx.GraphProto,
+             replace: Callable[[int, onnx.NodeProto], list[onnx.NodeProto] | None]) -> bool:
+    """The skeleton of every node rewrite: `replace(index, node)` returns the nodes standing
+    for `node` (None keeps it); the node list is swapped only if anything changed."""
+    nodes: list[onnx.NodeProto] = []
+    changed = False
+    for index, node in enumerate(graph.node):
+        new = replace(index, node)
+        nodes.extend([node] if new is None else new)
+        changed = changed or new is not None
     if changed:
         del graph.node[:]
         graph.node.extend(nodes)
@@ -565,16 +569,14 @@ def _static_shape(t: onnx.TypeProto | None) -> tuple[int, ...] | None:
 def _expand_functions(model: onnx.ModelProto, opset: int) -> bool:
     graph = model.graph
     types = _value_types(graph)
-    changed = False
-    nodes: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
+
+    def replace(index: int, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         fn = function_body(node, opset, types) if needs_expansion(node) else None
         if fn is None:
-            nodes.append(node)
-            continue
-        nodes.extend(_expand_node(node, fn, f"{node.name or node.op_type}_{index}__", opset))
-        changed = True
-    return _swap_nodes(graph, nodes, changed)
+            return None
+        return _expand_node(node, fn, f"{node.name or node.op_type}_{index}__", opset)
+
+    return _rewrite(graph, replace)
 
 
 def _evaluate(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int
