@@ -99,26 +99,29 @@ def _legalized_mod(mod: tvm.IRModule) -> tvm.IRModule:
                                          *cpu.legalize_passes(target)])(mod)
 
 
-def _loop_kinds(func: tirx.PrimFunc) -> set[str]:
-    """The kinds of the For loops in a scheduled kernel (TIR has no Python visitor here)."""
-    kinds: set[str] = set()
-    names = {tirx.ForKind.PARALLEL: "parallel", tirx.ForKind.VECTORIZED: "vectorized",
-             tirx.ForKind.UNROLLED: "unrolled", tirx.ForKind.SERIAL: "serial"}
+def _loops(func: tirx.PrimFunc) -> list[tirx.For]:
+    """Every For loop of a scheduled kernel (TIR has no Python visitor here)."""
+    found: list[tirx.For] = []
     stack = [func.body]
     while stack:
         node = stack.pop()
         if isinstance(node, tirx.For):
-            kinds.add(names.get(node.kind, str(node.kind)))
+            found.append(node)
         for attr in ("body", "block", "seq", "then_case", "else_case"):
-            child = getattr(node, attr, None) if hasattr(type(node), attr) or hasattr(
-                node, attr) else None
+            child = getattr(node, attr, None) if hasattr(node, attr) else None
             if child is None or isinstance(child, (int, str)):
                 continue
             if isinstance(child, (list, tuple)) or type(child).__name__ == "Array":
                 stack.extend(child)
             else:
                 stack.append(child)
-    return kinds
+    return found
+
+
+def _loop_kinds(func: tirx.PrimFunc) -> set[str]:
+    names = {tirx.ForKind.PARALLEL: "parallel", tirx.ForKind.VECTORIZED: "vectorized",
+             tirx.ForKind.UNROLLED: "unrolled", tirx.ForKind.SERIAL: "serial"}
+    return {names.get(loop.kind, str(loop.kind)) for loop in _loops(func)}
 
 
 @pytest.mark.parametrize("builder", [convs, matmuls, small_cnn, transformer_block])
@@ -369,21 +372,7 @@ def depthwise_large() -> onnx.ModelProto:
 
 
 def _parallel_loops(func: tirx.PrimFunc) -> list[Any]:
-    found: list[Any] = []
-    stack = [func.body]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.PARALLEL:
-            found.append(node)
-        for attr in ("body", "block", "seq", "then_case", "else_case"):
-            child = getattr(node, attr, None) if hasattr(node, attr) else None
-            if child is None or isinstance(child, (int, str)):
-                continue
-            if isinstance(child, (list, tuple)) or type(child).__name__ == "Array":
-                stack.extend(child)
-            else:
-                stack.append(child)
-    return found
+    return [loop for loop in _loops(func) if loop.kind == tirx.ForKind.PARALLEL]
 
 
 def test_large_depthwise_pads_each_channel_inside_the_convolution(

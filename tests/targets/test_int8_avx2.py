@@ -15,9 +15,10 @@ import pytest
 import lepton_edge
 from lepton_edge.lowering import x86_int8
 from lepton_edge.target import host_arch
-from tests.targets.test_int8_lowering import CASES, conv_int64, qdq_model, reference
+from tests.targets.test_int8_lowering import CASES, qdq_model, reference
 from tests.targets.test_vnni import (
-    CASCADELAKE, CONVS, HOST, MATMULS, disassembly, extreme_int8, extreme_uint8, run,
+    CASCADELAKE, CONVS, HOST, MATMULS, dilated_conv_int64, disassembly, extreme_int8,
+    extreme_uint8, run,
     single_op_module,
 )
 
@@ -77,12 +78,7 @@ def test_int16_conv2d_is_bit_exact(case: str) -> None:
     assert scheduled == ["int8_conv2d_packed: x86_int8_conv2d_i16_avx2"]
     shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
     x = extreme_uint8(shape)
-    dil = attrs.get("dilation", [1, 1])[0]
-    w_dilated = np.zeros((w_shape[0], w_shape[1], (w_shape[2] - 1) * dil + 1,
-                          (w_shape[3] - 1) * dil + 1), np.int64)
-    w_dilated[:, :, ::dil, ::dil] = weight
-    want = conv_int64(x.astype(np.int64), w_dilated, [0, 0, 0, 0],
-                      attrs.get("strides", [1, 1]), 1)
+    want = dilated_conv_int64(x, weight, attrs)
     np.testing.assert_array_equal(run(executable, x), want)
 
 

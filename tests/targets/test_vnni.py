@@ -32,6 +32,15 @@ HOST = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_ge
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
 
 
+def dilated_conv_int64(x: np.ndarray, weight: np.ndarray, attrs: dict) -> np.ndarray:
+    """Exact int64 reference of an unpadded conv2d with the kernel's strides/dilation."""
+    dil = attrs.get("dilation", [1, 1])[0]
+    w = np.zeros((*weight.shape[:2], (weight.shape[2] - 1) * dil + 1,
+                  (weight.shape[3] - 1) * dil + 1), np.int64)
+    w[:, :, ::dil, ::dil] = weight
+    return conv_int64(x.astype(np.int64), w, [0, 0, 0, 0], attrs.get("strides", [1, 1]), 1)
+
+
 def host_has_vnni() -> bool:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return "avx512_vnni" in flags.split()
@@ -132,12 +141,7 @@ def test_packed_conv2d_is_bit_exact(case: str) -> None:
     shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
     x = extreme_uint8(shape)
     got = run(executable, x)
-    dil = attrs.get("dilation", [1, 1])[0]
-    w_dilated = np.zeros((w_shape[0], w_shape[1], (w_shape[2] - 1) * dil + 1,
-                          (w_shape[3] - 1) * dil + 1), np.int64)
-    w_dilated[:, :, ::dil, ::dil] = weight
-    want = conv_int64(x.astype(np.int64), w_dilated, [0, 0, 0, 0],
-                      attrs.get("strides", [1, 1]), 1)
+    want = dilated_conv_int64(x, weight, attrs)
     np.testing.assert_array_equal(got, want)
 
 
