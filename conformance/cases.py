@@ -359,6 +359,11 @@ def run_lepton(case: Case, workdir: str | Path | None = None) -> dict[str, Any]:
             result["sequence_values"] = any(
                 "no sequence or optional values" in why
                 for by_target in art.manifest["reasons"].values() for why in by_target.values())
+            whys = [why for by_target in art.manifest["reasons"].values()
+                    for why in by_target.values()]
+            # planned on onnxruntime: ops revised after opset 25, or ai.onnx.ml ops
+            result["newer_opset"] = any("TVM's importer covers opsets up to" in w for w in whys)
+            result["ml_domain"] = any("TVM has no ai.onnx.ml importer" in w for w in whys)
             result["build_errors"] = {sg["id"]: sg["build_errors"]
                                       for sg in art.manifest["subgraphs"] if sg["build_errors"]}
             try:

@@ -276,6 +276,10 @@ def _why_fallback(ours: dict[str, Any]) -> str:
         return "TVM failed at run time"
     if ours.get("sequence_values"):
         return "sequence/optional values, which compiled code has none of (planned)"
+    if ours.get("newer_opset"):
+        return f"ops revised after opset {MAX_OPSET}, which TVM's importer predates (planned)"
+    if ours.get("ml_domain"):
+        return "ai.onnx.ml ops, which TVM has no importer for (planned)"
     return "op not in TVM's importer (planned)"
 
 
@@ -319,7 +323,7 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any])
         f"results are in `{out.with_suffix('.json').name}`.")
     add("")
     add("*Restamped* variants: onnx generates each case at the op's newest opset (up to "
-        f"28), outside lepton-edge's opset range ({MIN_OPSET}-{MAX_OPSET}) for ops revised "
+        f"28), outside the opsets TVM compiles ({MIN_OPSET}-{MAX_OPSET}) for ops revised "
         "lately. For single-node cases of ops revised after opset 23, `name@opsetN` is the same "
         "case declared at the newest opset <= 23 that has the op, kept only if onnx's full "
         "checker accepts it and onnx's reference implementation reproduces the expected "

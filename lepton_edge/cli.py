@@ -299,8 +299,10 @@ def inspect_cmd(artifact: Path, as_json: bool) -> None:
     total = sum(len(d) for d in verified.files.values())
     click.echo(f"{artifact}: verified ({len(verified.files)} files, {total:,} bytes, "
                f"schema {m['schema_version']}, created {m.get('created', '?')})")
-    click.echo(f"model: {m['model']['name']} opset {m['model']['opset']} "
-               f"sha256 {m['model']['sha256'][:16]}...")
+    opsets = m["model"].get("opsets") or {"ai.onnx": m["model"]["opset"]}
+    click.echo(f"model: {m['model']['name']} opset "
+               + ", ".join(f"{v}" if d == "ai.onnx" else f"{d} {v}" for d, v in opsets.items())
+               + f" sha256 {m['model']['sha256'][:16]}...")
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for kind in ("inputs", "outputs"):
         specs = ", ".join(str(TensorSpec.from_json(s)) for s in m[kind])

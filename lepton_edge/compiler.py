@@ -111,8 +111,12 @@ def compile(  # noqa: A001 - the public verb of the pipeline
                 warnings.warn(
                     f"{sg.id} runs on onnxruntime because every build failed: "
                     + "; ".join(f"{t}: {r}" for t, r in errors.items()), stacklevel=2)
-            builds.append(get_plugin(FALLBACK).make_target().compile(
-                sg.proto, Profile(name=FALLBACK, target=FALLBACK, description="")))
+            try:
+                builds.append(get_plugin(FALLBACK).make_target().compile(
+                    sg.proto, Profile(name=FALLBACK, target=FALLBACK, description="")))
+            except TargetError as exc:
+                raise TargetError(f"{sg.id} cannot run on the onnxruntime fallback: {exc}"
+                                  ) from None
         entries = []
         for build in builds:
             plugin = get_plugin(build.target)
@@ -135,7 +139,10 @@ def compile(  # noqa: A001 - the public verb of the pipeline
         "schema_version": artifact.SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
+        # opset: the ai.onnx opset (0: none declared); opsets: every domain's, as declared
         "model": {"name": model.name, "sha256": model.sha256, "opset": model.opset,
+                  "opsets": {o.domain or "ai.onnx": o.version
+                             for o in model.proto.opset_import},
                   "source": Path(model.source).name, "nodes": len(model.proto.graph.node),
                   "metadata": model.metadata},
         "inputs": [s.to_json() for s in model.inputs],
@@ -168,11 +175,16 @@ def _output_steps(model: Model) -> dict[str, float]:
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
     import tvm
 
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
     return {"lepton_edge": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "onnxruntime": ort_version, "numpy": np.__version__,
             "python": sys.version.split()[0]}
 
 

@@ -1,13 +1,16 @@
 """Model: a validated ONNX model and its signature, from a path, bytes, a proto or torch.
 
 `load()` is the front door: it checks everything about the model that does not depend on a
-target (readable, valid, opset in range, every op known to ONNX) before any heavy work, and
-reports all unknown ops in one error. Which target can run which op is asked later, by
-`partition()`.
+target (readable, valid, opset known, every op known to ONNX, ai.onnx.ml or onnxruntime's
+contrib domain) before any heavy work, and reports all unknown ops in one error. Models below
+MIN_OPSET are upgraded; models above MAX_OPSET are brought down where onnx can, else keep
+their opset and `partition()` runs the ops revised since MAX_OPSET on onnxruntime. Which
+target can run which op is asked later, by `partition()`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -24,12 +27,15 @@ from onnx import external_data_helper, shape_inference
 from lepton_edge.errors import ModelError, UnsupportedOpsError
 from lepton_edge.signature import OPTIONAL, OPTIONAL_SEQUENCE, SEQUENCE, TENSOR, Dim, TensorSpec
 
-# The opsets lepton-edge is tested with. Older models: re-export or use
-# onnx.version_converter; newer ones: TVM 0.27's importer predates them.
+# The ai.onnx opsets TVM compiles. Older models are upgraded with onnx.version_converter;
+# newer ones (TVM 0.27's importer predates them) are relabelled or converted down when
+# possible, else their revised ops run on onnxruntime (see plan.py).
 MIN_OPSET = 7
 MAX_OPSET = 25
 # Non-default op domains whose ops the runtime can execute (onnxruntime's contrib ops).
-KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+# ONNX's traditional-ML domain (scikit-learn exports): onnxruntime runs it, TVM cannot.
+ML_DOMAIN = "ai.onnx.ml"
 PROTOBUF_LIMIT = 2**31 - 1
 
 
@@ -44,6 +50,8 @@ class Model:
     sha256: str
     source: str
     metadata: dict[str, str] = field(default_factory=dict)
+    # how load() changed the declared ai.onnx opset (for `explain`), "" when it did not
+    opset_note: str = ""
 
     @property
     def name(self) -> str:
@@ -197,7 +205,7 @@ def _validated(
             f"{where} refers to external data files (tensors {names}); load it from its path "
             "so the data files can be found next to it"
         )
-    proto = _into_opset_range(proto, where)
+    proto, opset_note = _into_opset_range(proto, where)
     opset = _default_opset(proto, where)
     _check_ops(proto, opset, where)
     if not checked:
@@ -219,7 +227,7 @@ def _validated(
     sha = hashlib.sha256(inferred.SerializeToString(deterministic=True)).hexdigest()
     meta = {p.key: p.value for p in inferred.metadata_props}
     return Model(proto=inferred, inputs=inputs, outputs=outputs, opset=opset, sha256=sha,
-                 source=where, metadata=meta)
+                 source=where, metadata=meta, opset_note=opset_note)
 
 
 def _tolerated_inference(proto: onnx.ModelProto, error: ModelError) -> onnx.ModelProto:
@@ -248,67 +256,147 @@ def _tolerated_inference(proto: onnx.ModelProto, error: ModelError) -> onnx.Mode
         raise error from None
 
 
-def _into_opset_range(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """A model declared at an opset above MAX_OPSET (up to onnx's newest), brought down.
+def revised_op(op_type: str, domain: str, opset: int) -> int | None:
+    """The opset at which a default-domain op took the form it has at `opset`, when that is
+    newer than MAX_OPSET (TVM's importer predates it); None for any other op."""
+    if (domain or "") not in ("", "ai.onnx") or opset <= MAX_OPSET:
+        return None
+    try:
+        since = onnx.defs.get_schema(op_type, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return None  # not an ONNX op at that opset: _check_ops names it
+    return since if since > MAX_OPSET else None
 
-    When every op it uses is unchanged since MAX_OPSET or earlier (its schema's
-    since_version), only the declared opset changes; otherwise onnx.version_converter
-    converts it, and a model it cannot convert gets a clear error.
+
+def same_at_max_opset(node: onnx.NodeProto, elem_types: dict[str, int], opset: int) -> bool:
+    """Whether a revised op's node, with these element types, is unchanged at MAX_OPSET.
+
+    Most revisions only add types or attributes: onnx.version_converter then brings the node
+    down as it is (a type-restriction adapter). A node it returns unchanged means the same at
+    MAX_OPSET, so TVM can compile it even when the converter fails on the model as a whole.
+    Nodes with bodies or an unknown element type are never assumed unchanged.
+    """
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for a in node.attribute):
+        return False
+    names = [n for n in list(node.input) + list(node.output) if n]
+    if any(not elem_types.get(n) for n in names):
+        return False
+    bare = onnx.NodeProto()
+    bare.CopyFrom(node)
+    bare.name = ""
+    key = (bare.SerializeToString(deterministic=True), opset,
+           tuple(elem_types[n] for n in names))
+    return _unchanged_by_converter(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unchanged_by_converter(key: tuple[bytes, int, tuple[int, ...]]) -> bool:
+    from onnx import version_converter
+
+    data, opset, types = key
+    node = onnx.NodeProto()
+    node.ParseFromString(data)
+    typed = dict(zip([n for n in list(node.input) + list(node.output) if n], types,
+                     strict=True))
+    inputs = list(dict.fromkeys(n for n in node.input if n))
+    graph = onnx.helper.make_graph(
+        [node], "node", [onnx.helper.make_tensor_value_info(n, typed[n], None) for n in inputs],
+        [onnx.helper.make_tensor_value_info(n, typed[n], None) for n in node.output if n])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        converted = version_converter.convert_version(model, MAX_OPSET)
+    except Exception:  # noqa: BLE001 - no adapter, or the types are not allowed at MAX_OPSET
+        return False
+    if len(converted.graph.node) != 1:
+        return False
+    return converted.graph.node[0].SerializeToString(deterministic=True) == data
+
+
+def _revised_ops(proto: onnx.ModelProto, opset: int) -> set[str]:
+    return {n.op_type for n in _all_nodes(proto.graph) + [
+        n for f in proto.functions for n in _all_nodes_of(f.node)]
+        if revised_op(n.op_type, n.domain, opset) is not None}
+
+
+def _into_opset_range(proto: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, str]:
+    """A model declared at an opset outside MIN_OPSET..MAX_OPSET, brought into it if it can be.
+
+    Older models are upgraded to MIN_OPSET with onnx.version_converter (semantics-preserving).
+    Newer ones (up to onnx's newest): when every op is unchanged since MAX_OPSET or earlier
+    (its schema's since_version), only the declared opset changes; otherwise
+    onnx.version_converter converts it down. A model it cannot convert keeps its opset: the
+    ops revised after MAX_OPSET then run on onnxruntime (plan.py says so per node) and
+    everything else still compiles, relabelled to MAX_OPSET. Returns the model and a note
+    saying what was done ("" for nothing).
     """
     versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if versions and max(versions) < MIN_OPSET:
+        return (_upgraded(proto, max(versions), where),
+                f"declared {max(versions)}, upgraded with onnx.version_converter")
     if not versions or not MAX_OPSET < max(versions) <= onnx.defs.onnx_opset_version():
-        return proto
+        return proto, ""
     opset = max(versions)
-    newer = set()
-    for node in _all_nodes(proto.graph):
-        if (node.domain or "") not in ("", "ai.onnx") or not onnx.defs.has(node.op_type, ""):
-            continue
-        try:
-            if onnx.defs.get_schema(node.op_type, opset, "").since_version > MAX_OPSET:
-                newer.add(node.op_type)
-        except onnx.defs.SchemaError:
-            continue  # _check_ops names it
-    if not newer and not proto.functions:
+    if not _revised_ops(proto, opset) and not proto.functions:
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
         for entry in copy.opset_import:
             if entry.domain in ("", "ai.onnx"):
                 entry.version = MAX_OPSET
-        return copy
+        return copy, f"declared {opset}; every op it uses is unchanged since {MAX_OPSET}"
     try:
         from onnx import version_converter
 
-        return version_converter.convert_version(proto, MAX_OPSET)
+        converted = version_converter.convert_version(proto, MAX_OPSET)
+        onnx.checker.check_model(converted)
+        return converted, f"declared {opset}, converted down with onnx.version_converter"
+    except Exception:  # noqa: BLE001 - the converter raises RuntimeError and others
+        # planned per node: see plan.py's fallback reasons
+        return proto, (f"onnx.version_converter cannot convert the whole model down to "
+                       f"{MAX_OPSET}: revised ops it cannot bring down node by node run on "
+                       "onnxruntime")
+
+
+def _upgraded(proto: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:
+    """An opset < MIN_OPSET model upgraded with onnx.version_converter, or a clear error."""
+    _check(lambda: onnx.checker.check_model(proto), where)  # an invalid model: say so first
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(proto, MIN_OPSET)
+        onnx.checker.check_model(converted)
+        return converted
     except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError and others
-        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+        text = str(exc).strip()
+        first = text.splitlines()[-1][:200] if text else type(exc).__name__
         raise ModelError(
-            f"{where} uses opset {opset}, too new (lepton-edge supports opsets "
-            f"{MIN_OPSET}-{MAX_OPSET}); its ops {sorted(newer)} changed after opset "
-            f"{MAX_OPSET} and onnx.version_converter cannot convert them down ({first}); "
-            f"re-export with opset_version=17 (torch.onnx.export)"
+            f"{where} uses opset {opset}, too old (lepton-edge supports opsets "
+            f"{MIN_OPSET}-{MAX_OPSET} and upgrades older models with onnx.version_converter, "
+            f"which failed: {first}); re-export the model at opset 17"
         ) from None
 
 
 def _default_opset(proto: onnx.ModelProto, where: str) -> int:
+    """The model's ai.onnx opset; 0 for a model with only ai.onnx.ml (or other) ops."""
     versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not versions:
         found = sorted({o.domain for o in proto.opset_import})
+        if found and not any((n.domain or "") in ("", "ai.onnx") for n in _all_nodes(
+                proto.graph)):
+            return 0  # e.g. a scikit-learn model of ai.onnx.ml ops only
         raise ModelError(
             f"{where} declares no default-domain (ai.onnx) opset"
             + (f"; it uses only {found}" if found else " (opset_import is empty)")
-            + ". lepton-edge compiles ai.onnx models")
+            + " but has ai.onnx nodes; declare the ai.onnx opset it was written for")
     opset = max(versions)
-    if opset < MIN_OPSET:
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
         raise ModelError(
-            f"{where} uses opset {opset}, too old (lepton-edge supports opsets "
-            f"{MIN_OPSET}-{MAX_OPSET}); upgrade it with onnx.version_converter.convert_version"
-            "(model, 17) or re-export it"
-        )
-    if opset > MAX_OPSET:
-        raise ModelError(
-            f"{where} uses opset {opset}, too new (lepton-edge supports opsets "
-            f"{MIN_OPSET}-{MAX_OPSET}); re-export with opset_version=17 (torch.onnx.export) or "
-            f"convert it down with onnx.version_converter"
+            f"{where} uses opset {opset}, too new (onnx {onnx.__version__} knows opsets up to "
+            f"{newest}; lepton-edge compiles opsets {MIN_OPSET}-{MAX_OPSET} with TVM and runs "
+            f"ops revised in {MAX_OPSET + 1}-{newest} on onnxruntime); re-export with "
+            "opset_version=17 (torch.onnx.export) or convert it down with "
+            "onnx.version_converter"
         )
     return opset
 
@@ -341,6 +429,14 @@ def _check_ops(proto: onnx.ModelProto, opset: int, where: str) -> None:
                     reason = f"does not exist in opset {opset}"
         elif domain_versions.get(domain) is None:
             reason = f"domain '{domain}' is used but not declared in opset_import"
+        elif domain == ML_DOMAIN:
+            if not onnx.defs.has(node.op_type, ML_DOMAIN):
+                reason = f"not an {ML_DOMAIN} operator"
+            else:
+                try:
+                    onnx.defs.get_schema(node.op_type, domain_versions[domain], ML_DOMAIN)
+                except onnx.defs.SchemaError:
+                    reason = f"does not exist in {ML_DOMAIN} opset {domain_versions[domain]}"
         if reason:
             key = f"{node.op_type or '<empty op_type>'}" + (f" ({domain})" if domain else "")
             problems.setdefault(f"{key}: {reason}", []).append(str(node.name or "<unnamed>"))
@@ -353,8 +449,13 @@ def _check_ops(proto: onnx.ModelProto, opset: int, where: str) -> None:
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return _all_nodes_of(graph.node)
+
+
+def _all_nodes_of(graph_nodes: Any) -> list[onnx.NodeProto]:
+    """`graph_nodes` and every node of their If/Loop/Scan bodies, recursively."""
     nodes = []
-    for node in graph.node:
+    for node in graph_nodes:
         nodes.append(node)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
@@ -388,9 +489,13 @@ def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
         inner = inner.sequence_type.elem_type
         kind = OPTIONAL_SEQUENCE if kind == OPTIONAL else SEQUENCE
     if not inner.HasField("tensor_type"):
+        described = _describe(value.type)
         raise ModelError(
-            f"{where}: graph input/output '{value.name}' is {_describe(value.type)}; lepton-edge "
-            "takes tensors, sequences of tensors and optionals of those at the graph boundary")
+            f"{where}: graph input/output '{value.name}' is {described}; lepton-edge "
+            "takes tensors, sequences of tensors and optionals of those at the graph boundary"
+            + ("; a scikit-learn classifier's ZipMap output is one: convert it with skl2onnx "
+               "options={'zipmap': False} to get a probability tensor" if "map<" in described
+               else ""))
     tensor_type = inner.tensor_type
     elem_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type in (
         onnx.TensorProto.DataType.values()) else str(tensor_type.elem_type)

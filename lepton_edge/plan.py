@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from lepton_edge.errors import TargetError, UnsupportedOpsError
-from lepton_edge.model import Model
+from lepton_edge.model import MAX_OPSET, ML_DOMAIN, Model, revised_op, same_at_max_opset
 from lepton_edge.target import Profile, Target, TargetPlugin, resolve
 
 FALLBACK = "onnxruntime"
@@ -74,6 +74,7 @@ class Plan:
         """The plan as text a person reads: subgraphs, op counts, MACs, transfers, reasons."""
         lines = [f"model {self.model.name}: {len(self.model.proto.graph.node)} nodes, "
                  f"{sum(sg.macs for sg in self.subgraphs):,} MACs per sample"]
+        lines.append(_opset_line(self.model))
         lines.append("targets: " + ", ".join(f"{p.name} (profile {pr.name})"
                                               for p, pr in self.targets))
         for sg in self.subgraphs:
@@ -96,6 +97,14 @@ class Plan:
         return "\n".join(lines)
 
 
+def _opset_line(model: Model) -> str:
+    """The model's ai.onnx opset, and how load() got it into the opsets TVM compiles."""
+    if model.opset == 0:
+        return "opset: no ai.onnx opset (only " + ", ".join(sorted(
+            {o.domain for o in model.proto.opset_import})) + " ops)"
+    return f"opset: {model.opset}" + (f" ({model.opset_note})" if model.opset_note else "")
+
+
 def graph_view(model: Model) -> GraphView:
     graph = model.proto.graph
     types: dict[str, int] = {}
@@ -111,8 +120,10 @@ def graph_view(model: Model) -> GraphView:
     for name, tensor in inits.items():
         types[name] = tensor.data_type
         shapes[name] = tuple(tensor.dims)
+    # Targets only see nodes that mean the same at MAX_OPSET (revised ones are planned on
+    # onnxruntime, see _fallback_only), so they judge them at the opset TVM knows.
     return GraphView(value_types=types, value_shapes=shapes, initializers=inits,
-                     opset=model.opset, nodes=tuple(graph.node),
+                     opset=min(model.opset, MAX_OPSET), nodes=tuple(graph.node),
                      outputs=tuple(o.name for o in graph.output),
                      value_kinds=_non_tensor_values(graph))
 
@@ -173,6 +184,58 @@ def _sequence_use(node: onnx.NodeProto, kinds: dict[str, str]) -> str | None:
     return None
 
 
+def _fallback_only(node: onnx.NodeProto, kinds: dict[str, str], opset: int,
+                   functions: dict[tuple[str, str], onnx.FunctionProto],
+                   types: dict[str, int]) -> str | None:
+    """Why no compiled target can take `node`, whatever it supports, or None.
+
+    Sequence/optional values (compiled code has none), ai.onnx.ml ops (TVM has no importer
+    for that domain) and ops revised after MAX_OPSET (TVM's importer predates them) run on
+    onnxruntime; also when they sit inside the node's If/Loop/Scan bodies or its model-local
+    function.
+    """
+    sequence_use = _sequence_use(node, kinds)
+    if sequence_use is not None:
+        return f"{sequence_use}; compiled code has no sequence or optional values"
+    return _unimportable(node, opset, functions, types)
+
+
+def _unimportable(node: onnx.NodeProto, opset: int,
+                  functions: dict[tuple[str, str], onnx.FunctionProto],
+                  types: dict[str, int] | None = None) -> str | None:
+    """Why TVM's ONNX importer cannot take `node` (its domain or opset), or None.
+
+    `types` (element types by value name) are known for the main graph's nodes; a revised
+    op's node that onnx.version_converter brings down unchanged for them is importable.
+    """
+    if (node.domain or "") == ML_DOMAIN:
+        return f"{node.op_type} is an {ML_DOMAIN} op and TVM has no {ML_DOMAIN} importer"
+    since = revised_op(node.op_type, node.domain, opset)
+    if since is not None and not (types is not None
+                                  and same_at_max_opset(node, types, opset)):
+        try:
+            onnx.defs.get_schema(node.op_type, MAX_OPSET, "")
+            change = "was revised"
+        except onnx.defs.SchemaError:
+            change = "was added"
+        return (f"{node.op_type} {change} at opset {since}; TVM's importer covers opsets up "
+                f"to {MAX_OPSET} and onnx.version_converter cannot convert this node down to "
+                "it")
+    inner: list[onnx.NodeProto] = []
+    for attr in node.attribute:
+        for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            inner.extend(body.node)
+    function = functions.get((node.domain or "", node.op_type))
+    if function is not None:
+        inner.extend(function.node)
+        functions = {k: v for k, v in functions.items() if v is not function}  # no cycles
+    for child in inner:
+        why = _unimportable(child, opset, functions)
+        if why is not None:
+            return f"its {'function' if function is not None else 'body'} uses {why}"
+    return None
+
+
 def partition(
     model: Model, targets: list[str] | tuple[str, ...] = ("cpu",), *, fallback: bool = True
 ) -> Plan:
@@ -187,6 +250,7 @@ def partition(
     proto = _named_copy(model.proto)
     view = graph_view(model)
     nodes = list(proto.graph.node)
+    functions = {(f.domain, f.name): f for f in proto.functions}
 
     labels: dict[str, str] = {}
     supported_by: dict[str, set[str]] = {}
@@ -194,13 +258,12 @@ def partition(
     for node in nodes:
         why_not: dict[str, str] = {}
         ok: set[str] = set()
-        sequence_use = _sequence_use(node, view.value_kinds)
-        if sequence_use is not None:  # no compiled target has sequence or optional values
+        only_fallback = _fallback_only(node, view.value_kinds, model.opset, functions,
+                                       view.value_types)
+        if only_fallback is not None:  # no compiled target can take it
             supported_by[node.name] = {n for n, _ in compilers if n == FALLBACK}
             labels[node.name] = FALLBACK
-            why_not = {name: f"{sequence_use}; compiled code has no sequence or optional "
-                             "values, so this node runs on onnxruntime"
-                       for name, _ in compilers if name != FALLBACK}
+            why_not = {name: only_fallback for name, _ in compilers if name != FALLBACK}
             if why_not:
                 reasons[node.name] = why_not
             continue
@@ -220,15 +283,19 @@ def partition(
         raise UnsupportedOpsError(
             [f"{n.op_type} (node {n.name}): " + "; ".join(
                 f"{t}: {r}" for t, r in reasons[n.name].items()) for n in unplaced],
-            hint="Pass fallback=True (CLI: drop --no-fallback) to run them on onnxruntime",
+            hint="Pass fallback=True (CLI: drop --no-fallback) to run them on onnxruntime"
+            + (f", or re-export the model at opset <= {MAX_OPSET}" if model.opset > MAX_OPSET
+               else ""),
         )
 
     groups = _group(nodes, labels)
+    constants = _small_constants(nodes)
     subgraphs = []
     for index, ((label, level), members) in enumerate(groups):
         candidates = tuple(name for name, _ in compilers
                            if all(name in supported_by[n.name] for n in members))
-        subgraphs.append(_subgraph(f"sg{index}", label, candidates, level, members, proto, view))
+        subgraphs.append(_subgraph(f"sg{index}", label, candidates, level, members, proto, view,
+                                   constants, model.opset))
     return Plan(model=model, targets=tuple(ordered), subgraphs=tuple(subgraphs),
                 reasons=reasons, fallback=fallback)
 
@@ -341,9 +408,56 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
     return None
 
 
+# Constant nodes up to this many elements are copied into every subgraph that reads them.
+MAX_SHARED_CONSTANT = 4096
+
+
+def _small_constants(nodes: list[onnx.NodeProto]) -> dict[str, onnx.TensorProto]:
+    """Output name -> value of every small `Constant` node (shapes, axes, scalars).
+
+    A subgraph that reads one from another subgraph gets the value as its own initializer
+    instead of as an input: to onnxruntime (and TVM) it stays a constant, which their shape
+    inference needs (e.g. the Unsqueeze axes inside a Scan body, without which onnxruntime
+    cannot type the body's outputs and refuses to run the Scan), and no transfer is needed.
+    """
+    constants = {}
+    for node in nodes:
+        if node.op_type != "Constant" or (node.domain or "") not in ("", "ai.onnx") or len(
+                node.output) != 1 or not node.output[0]:
+            continue
+        tensor = _constant_value(node)
+        if tensor is not None and int(np.prod(tensor.dims)) <= MAX_SHARED_CONSTANT:
+            tensor.name = node.output[0]
+            constants[node.output[0]] = tensor
+    return constants
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a Constant node makes (every value_* form but sparse), or None."""
+    if len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    T = onnx.TensorProto
+    value = helper.get_attribute_value(attr)
+    if attr.name == "value":
+        copy = onnx.TensorProto()
+        copy.CopyFrom(value)
+        return copy if not copy.HasField("data_location") or copy.data_location == (
+            T.DEFAULT) else None
+    scalar = attr.name in ("value_float", "value_int", "value_string")
+    kind = {"value_float": T.FLOAT, "value_floats": T.FLOAT, "value_int": T.INT64,
+            "value_ints": T.INT64, "value_string": T.STRING, "value_strings": T.STRING
+            }.get(attr.name)
+    if kind is None:
+        return None  # sparse_value: stays an input
+    values = [value] if scalar else list(value)
+    return helper.make_tensor("", kind, [] if scalar else [len(values)], values)
+
+
 def _subgraph(
     sg_id: str, label: str, candidates: tuple[str, ...], level: int,
     members: list[onnx.NodeProto], proto: onnx.ModelProto, view: GraphView,
+    constants: dict[str, onnx.TensorProto], opset: int,
 ) -> Subgraph:
     graph = proto.graph
     member_names = {n.name for n in members}
@@ -359,10 +473,16 @@ def _subgraph(
                 continue
             if name in view.initializers:
                 inits.append(view.initializers[name])
+            elif name in constants:  # made by a Constant node in another subgraph
+                inits.append(constants[name])
             else:
                 inputs.append(name)
+    # A small Constant read elsewhere travels as the reader's own initializer, not an output
+    # (unless nothing else is left to output).
     outputs = [o for n in members for o in n.output
-               if o and (o in consumed_outside or o in graph_outputs)]
+               if o and (o in consumed_outside and o not in constants or o in graph_outputs)]
+    if not outputs:
+        outputs = [o for n in members for o in n.output if o and o in consumed_outside]
     # Graph outputs keep the model's order where they are produced here.
     outputs.sort(key=lambda o: graph_outputs.index(o) if o in graph_outputs else len(
         graph_outputs))
@@ -384,6 +504,8 @@ def _subgraph(
     sub_model = helper.make_model(sub, opset_imports=list(proto.opset_import),
                                   ir_version=proto.ir_version)
     sub_model.functions.extend(proto.functions)
+    if label != FALLBACK and opset > MAX_OPSET:
+        _relabel(sub_model, opset)
     counts: dict[str, int] = {}
     for node in members:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -393,3 +515,25 @@ def _subgraph(
         macs=sum(_macs(n, view) for n in members), inputs=tuple(inputs), outputs=tuple(outputs),
         proto=sub_model,
     )
+
+
+def _relabel(sub_model: onnx.ModelProto, opset: int) -> None:
+    """Declare a compiled subgraph of a newer-opset model at MAX_OPSET, for TVM's importer.
+
+    Its nodes are unchanged since MAX_OPSET or earlier, or revised ones that
+    onnx.version_converter brings down unchanged (the others are planned on onnxruntime), so
+    they mean the same there. Model-local functions using revised ops are dropped: no
+    compiled node can call them.
+    """
+    def relabelled(imports: Any) -> None:
+        for entry in imports:
+            if entry.domain in ("", "ai.onnx") and entry.version > MAX_OPSET:
+                entry.version = MAX_OPSET
+
+    relabelled(sub_model.opset_import)
+    kept = [f for f in sub_model.functions
+            if not any(revised_op(n.op_type, n.domain, opset) is not None for n in f.node)]
+    del sub_model.functions[:]
+    sub_model.functions.extend(kept)
+    for function in sub_model.functions:
+        relabelled(function.opset_import)

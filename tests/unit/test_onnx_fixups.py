@@ -15,7 +15,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from lepton_edge.errors import ModelError, TargetError
+from lepton_edge.errors import TargetError
 from lepton_edge.lowering import onnx_fixups
 from lepton_edge.lowering import relax as lowering
 
@@ -191,13 +191,16 @@ def test_newer_opset_with_unchanged_ops_loads_at_max_opset():
     assert loaded.opset == lepton_model.MAX_OPSET
 
 
-def test_newer_op_without_an_older_version_is_a_clear_model_error():
+def test_newer_op_without_an_older_version_is_planned_on_onnxruntime():
+    # (H1 #6: such ops now run on onnxruntime, see tests/unit/test_opsets.py)
     from lepton_edge import model as lepton_model
+    from lepton_edge.plan import partition
 
     nodes = [h.make_node("BitCast", ["x"], ["y"], to=T.INT32)]
     model = _model(nodes, [_vi("x", T.FLOAT, [2])], [_vi("y", T.INT32, [2])], opset=26)
-    with pytest.raises(ModelError, match=r"too new.*BitCast.*version_converter"):
-        lepton_model.load(model)
+    loaded = lepton_model.load(model)
+    assert loaded.opset == 26
+    assert [sg.target for sg in partition(loaded, ["cpu"]).subgraphs] == ["onnxruntime"]
 
 
 def test_float16_matmul_and_softmax_accumulate_in_float32():
