@@ -13,10 +13,14 @@
   "Offline" scenario): `ThroughputStats` with samples/s = batch / median call time.
 - `compare(artifact, feeds, ...)` runs the same feeds through the compiled artifact and the
   reference engines (onnxruntime fp32 on the original ONNX, onnxruntime int8 on a QDQ model,
-  optionally a torch module). Engines alternate in rounds inside one process (the order
-  rotates every round) so machine noise hits all of them alike; the report gives each
-  engine's median and its time relative to lepton, and the fraction of this CPU's measured
-  peak ("roofline") when the artifact's manifest knows the model's MACs.
+  optionally a torch module) in one process, in per-engine blocks (see `Protocol`): each
+  round runs every engine once as a block of back-to-back calls, the engine order rotating
+  from round to round, with a pause before each block so the previous engine's worker
+  threads have gone idle. Slow drifts of the machine's load hit all engines alike, and no
+  engine is timed while another one's spinning threads hold the cores. The report gives each
+  engine's p50/p90 over all its timed calls, its time relative to lepton, and the fraction
+  of this CPU's measured peak ("roofline") when the artifact's manifest knows the model's
+  MACs; its footer states the protocol.
 - `cpu_peak()` measures what this machine reaches on big matrix products, cached per
   process: fp32 GFLOPS from numpy's BLAS sgemm (2 flops per FMA) and int8 GOPS from
   onnxruntime's MatMulInteger (uint8 x int8 -> int32, 2 ops per MAC), both on all cores.
@@ -25,6 +29,16 @@
   roofline fraction is therefore "share of what a good GEMM library gets here".
 
 Everything measured here is wall-clock time of whole `run` calls, input checks included.
+
+Why blocks and not call-by-call alternation: on a machine with as many cores as threads per
+engine, onnxruntime's intra-op threads busy-wait for a while after each run and TVM's thread
+pool waits for all its workers, so a lepton call right after an onnxruntime call ran up to 8x
+slower than after a pause (benchmarks/RESULTS.md, 2026-11-29); ratios measured call by call
+swung from 2.3x to 3.35x between identical runs. A block measures each engine in its own
+steady state (SingleStream: one query after another), the untimed first call of a block
+absorbs waking the thread pool, and rotating the order cancels slow drifts. The default
+100 ms pause: after a run, onnxruntime 1.32's threads burnt ~36-39 ms of CPU within 100 ms
+and nothing more in the next 100 ms (BERT-shaped layer, 2 cores); TVM's pool burnt none.
 """
 
 from __future__ import annotations
@@ -95,6 +109,30 @@ class ThroughputStats:
     def __str__(self) -> str:
         return (f"{self.samples_per_s:,.1f} samples/s at batch {self.batch} "
                 f"(call p50 {self.latency.p50:.3f} ms, {self.latency.runs} runs)")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How `compare` interleaves engines: `rounds` rounds; in each, every engine in turn (the
+    order rotated by one per round) gets a pause of `pause_ms`, `settle` untimed calls, then
+    up to `block` timed calls back to back, until each engine has `runs` timed calls.
+    Before the first round each engine gets `warmup` untimed calls, in its own block."""
+
+    runs: int
+    warmup: int
+    block: int
+    pause_ms: float
+    settle: int = 1
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.runs // self.block)
+
+    def describe(self) -> str:
+        return (f"protocol: per-engine blocks, {self.warmup} warm-up call(s) per engine, then "
+                f"{self.rounds} round(s) in rotating engine order; each block: pause "
+                f"{self.pause_ms:g} ms, {self.settle} untimed call(s), up to {self.block} timed "
+                f"calls back to back; p50/p90 over all {self.runs} timed calls per engine")
 
 
 def _check_counts(warmup: int, runs: int) -> None:
@@ -241,7 +279,13 @@ class BenchReport:
     macs: int | None  # per call (per-sample manifest MACs x batch); None if unknown
     engines: dict[str, EngineResult] = field(default_factory=dict)
     peak: Peak | None = None
-    order: str = "alternating rounds, rotating order"
+    protocol: Protocol | None = None
+    threads: str = "each engine's default"
+
+    @property
+    def order(self) -> str:
+        """The protocol in words (kept for callers of the older report)."""
+        return self.protocol.describe() if self.protocol else "not recorded"
 
     def ratios(self) -> dict[str, float]:
         return {name: r.ratio for name, r in self.engines.items()}
@@ -250,6 +294,8 @@ class BenchReport:
         return {
             "artifact": self.artifact, "batch": self.batch, "macs": self.macs,
             "peak": asdict(self.peak) if self.peak else None, "order": self.order,
+            "protocol": asdict(self.protocol) if self.protocol else None,
+            "threads": self.threads,
             "engines": {name: {**asdict(r), "latency": asdict(r.latency)}
                         for name, r in self.engines.items()},
         }
@@ -268,7 +314,8 @@ class BenchReport:
                          f"{r.latency.runs:>5} {r.samples_per_s:>11,.1f} "
                          f"{r.ratio:>9.2f}x {roof:>9} {err:>12}")
         lines.append("vs lepton = engine p50 / lepton p50 (above 1: lepton is faster); "
-                     f"{self.order}")
+                     f"threads: {self.threads}")
+        lines.append(self.order)
         if self.peak is not None:
             lines.append(f"roofline = share of measured peak: {self.peak}")
         return "\n".join(lines)
@@ -277,13 +324,18 @@ class BenchReport:
         return self.table()
 
 
-def _ort_session(path: Path, what: str) -> Any:
+def _ort_session(path: Path, what: str, threads: int | None = None) -> Any:
     import onnxruntime
 
     if not path.is_file():
         raise ModelError(f"{what} not found: {path}")
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
         raise ModelError(f"onnxruntime cannot load {what} {path}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
@@ -317,6 +369,31 @@ def _torch_runner(module: Any, feeds: dict[str, np.ndarray], names: list[str]
         return [o.detach().numpy() for o in outs]
 
     return run
+
+
+def interleave(runners: Mapping[str, Callable[[], Any]], protocol: Protocol
+               ) -> dict[str, list[float]]:
+    """Time every runner by `protocol`: {name: [ms per timed call]} with `protocol.runs` each.
+
+    Round r runs the engines in the order rotated by r; an engine's block is a pause, the
+    untimed settle call(s), then up to `protocol.block` timed calls.
+    """
+    names = list(runners)
+    for name in names:  # warm-up, one engine at a time
+        if protocol.warmup:
+            time.sleep(protocol.pause_ms / 1e3)
+        for _ in range(protocol.warmup):
+            runners[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(protocol.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            count = min(protocol.block, protocol.runs - len(times[name]))
+            time.sleep(protocol.pause_ms / 1e3)
+            for _ in range(protocol.settle):
+                runners[name]()
+            times[name].extend(_time_ms(runners[name]) for _ in range(count))
+    return times
 
 
 def random_feeds(specs: Any, batch: int = 1, *, seed: int = 0) -> dict[str, np.ndarray]:
@@ -370,20 +447,35 @@ def compare(
     warmup: int = 5,
     peak: bool | Peak = True,
     devices: list[str] | None = None,
+    block: int = 3,
+    pause_ms: float = 100.0,
+    threads: int | None = None,
 ) -> BenchReport:
-    """Time the artifact against reference engines on the same `feeds`, alternating rounds.
+    """Time the artifact against reference engines on the same `feeds`, in per-engine blocks.
 
     `vs` picks the references: "onnxruntime" (fp32, needs `model_path`, the original .onnx:
     the artifact does not contain it), "onnxruntime-int8" (needs `int8_model`, a QDQ .onnx;
     added automatically when `int8_model` is given) and "torch" (needs `torch_module`;
     added automatically when one is given). Each engine is warmed up `warmup` times, then
-    `runs` rounds each time every engine once, in an order that rotates every round. `peak`
-    True measures `cpu_peak()` (cached) for the roofline column, a `Peak` uses that one,
-    False skips it.
+    timed `runs` times in blocks of `block` back-to-back calls, one block per engine per
+    round, the engine order rotating every round, each block after a `pause_ms` pause and
+    one untimed call (`Protocol`). `threads` sets onnxruntime's intra-op threads (default:
+    its own, all cores); lepton's TVM thread pool follows `TVM_NUM_THREADS`, which must be
+    set before TVM starts (so: before this process first runs an artifact). `peak` True
+    measures `cpu_peak()` (cached) for the roofline column, a `Peak` uses that one, False
+    skips it.
     """
     from lepton_edge import runtime
 
     _check_counts(warmup, runs)
+    if block < 1:
+        raise InputError(f"block must be >= 1 timed calls, got {block}")
+    if pause_ms < 0:
+        raise InputError(f"pause_ms must be >= 0, got {pause_ms}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1 (or None for each engine's default), got "
+                         f"{threads}")
+    protocol = Protocol(runs=runs, warmup=warmup, block=min(block, runs), pause_ms=pause_ms)
     wanted = list(dict.fromkeys(vs))
     if int8_model is not None and "onnxruntime-int8" not in wanted:
         wanted.append("onnxruntime-int8")
@@ -416,26 +508,19 @@ def compare(
     precision = {LEPTON: "int8" if session.manifest.get("quantized") else "fp32"}
     if "onnxruntime" in wanted:
         runners["onnxruntime"] = _ort_runner(
-            _ort_session(Path(model_path), "model"), arrays, str(model_path))
+            _ort_session(Path(model_path), "model", threads), arrays, str(model_path))
         precision["onnxruntime"] = "fp32"
     if "onnxruntime-int8" in wanted:
         runners["onnxruntime-int8"] = _ort_runner(
-            _ort_session(Path(int8_model), "int8 model"), arrays, str(int8_model))
+            _ort_session(Path(int8_model), "int8 model", threads), arrays, str(int8_model))
         precision["onnxruntime-int8"] = "int8"
     if "torch" in wanted:
         runners["torch"] = _torch_runner(torch_module, arrays, in_names)
         precision["torch"] = "fp32"
 
     errors = {name: _max_rel_err(fn(), want) for name, fn in runners.items() if name != LEPTON}
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
     names = list(runners)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(runs):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(_time_ms(runners[name]))
+    times = interleave(runners, protocol)
 
     batch = _batch_of(arrays)
     per_sample = sum(int(sg.get("macs", 0) or 0) for sg in session.manifest["subgraphs"])
@@ -443,7 +528,12 @@ def compare(
     measured = peak if isinstance(peak, Peak) else (cpu_peak() if peak else None)
     stats = {n: LatencyStats.from_samples(t) for n, t in times.items()}
     base = stats[LEPTON].p50
-    report = BenchReport(artifact=str(art), batch=batch, macs=macs, peak=measured)
+    ort_threads = f"onnxruntime {threads}" if threads else "onnxruntime default"
+    tvm_threads = os.environ.get("TVM_NUM_THREADS") or "default"
+    report = BenchReport(artifact=str(art), batch=batch, macs=macs, peak=measured,
+                         protocol=protocol,
+                         threads=f"{ort_threads}, lepton TVM_NUM_THREADS={tvm_threads}, "
+                                 f"{os.cpu_count()} CPUs")
     for name in names:
         lat = stats[name]
         roof = None
@@ -459,6 +549,7 @@ def compare(
 
 
 __all__ = [
-    "BenchReport", "EngineResult", "LatencyStats", "Peak", "ThroughputStats",
-    "compare", "cpu_peak", "offline", "random_feeds", "roofline_fraction", "single_stream",
+    "BenchReport", "EngineResult", "LatencyStats", "Peak", "Protocol", "ThroughputStats",
+    "compare", "cpu_peak", "interleave", "offline", "random_feeds", "roofline_fraction",
+    "single_stream",
 ]

@@ -7,6 +7,7 @@ a bug and says so (exit 3). `--debug` shows tracebacks.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -254,25 +255,36 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, ch
               help="An input array (repeatable); without it, random inputs at --batch.")
 @click.option("--batch", default=1, show_default=True,
               help="Batch size of the random inputs (ignored with --input).")
-@click.option("--runs", default=30, show_default=True, help="Timed rounds per engine.")
+@click.option("--runs", default=30, show_default=True, help="Timed calls per engine.")
 @click.option("--warmup", default=5, show_default=True, help="Untimed calls per engine.")
+@click.option("--block", default=3, show_default=True,
+              help="Timed calls per engine block (engines take turns block by block).")
+@click.option("--pause-ms", default=100.0, show_default=True,
+              help="Idle time before each block, so the other engine's threads go idle.")
+@click.option("--threads", type=int, default=None,
+              help="Threads for every engine (TVM_NUM_THREADS, onnxruntime intra-op) "
+                   "[default: each engine's own].")
 @click.option("--no-peak", is_flag=True, help="Skip the CPU peak measurement (roofline).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_cmd(artifact: Path, model_path: Path | None, int8_model: Path | None,
-              inputs: tuple[str, ...], batch: int, runs: int, warmup: int, no_peak: bool,
-              as_json: bool) -> None:
-    """Time ARTIFACT against onnxruntime (fp32, int8) on the same inputs, alternating."""
-    from lepton_edge import bench, runtime
-
+              inputs: tuple[str, ...], batch: int, runs: int, warmup: int, block: int,
+              pause_ms: float, threads: int | None, no_peak: bool, as_json: bool) -> None:
+    """Time ARTIFACT against onnxruntime (fp32, int8) on the same inputs, in per-engine
+    blocks (rotating order, a pause before each block); the report's footer says how."""
     if batch < 1:
         raise click.UsageError(f"--batch {batch}: must be >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError(f"--threads {threads}: must be >= 1")
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM starts its thread pool
+    from lepton_edge import bench, runtime
     specs = runtime.load(artifact).inputs
     feeds: dict[str, Any] = (_parse_inputs(inputs, [s.name for s in specs]) if inputs
                              else bench.random_feeds(specs, batch))
     vs = ("onnxruntime",) if model_path is not None else ()
     report = bench.compare(artifact, feeds, vs=vs, model_path=model_path,
                            int8_model=int8_model, runs=runs, warmup=warmup,
-                           peak=not no_peak)
+                           peak=not no_peak, block=block, pause_ms=pause_ms, threads=threads)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:

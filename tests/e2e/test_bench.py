@@ -89,7 +89,35 @@ def test_compare_runs_both_engines(mlp_files: tuple[Path, Path]) -> None:
     assert ort.max_rel_err is not None and ort.max_rel_err < 1e-4
     table = report.table()
     assert "lepton" in table and "onnxruntime" in table and "roofline" in table
-    assert report.to_dict()["engines"]["onnxruntime"]["latency"]["runs"] == 5
+    assert report.protocol == bench.Protocol(runs=5, warmup=1, block=3, pause_ms=100.0)
+    assert table.splitlines()[-2] == report.protocol.describe()  # footer states the protocol
+    data = report.to_dict()
+    assert data["engines"]["onnxruntime"]["latency"]["runs"] == 5
+    assert data["protocol"]["block"] == 3 and "TVM_NUM_THREADS" in data["threads"]
+
+
+def test_interleave_runs_engines_in_rotating_blocks() -> None:
+    """Each engine: warm-up calls in one block, then per round a pause, one untimed call and
+    up to `block` timed calls back to back; the engine order rotates every round."""
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    protocol = bench.Protocol(runs=7, warmup=2, block=3, pause_ms=0.0)
+    times = bench.interleave(runners, protocol)
+    assert {n: len(t) for n, t in times.items()} == {"a": 7, "b": 7, "c": 7}
+    assert all(ms >= 0 for t in times.values() for ms in t)
+    assert protocol.rounds == 3
+    warm, rest = calls[:6], calls[6:]
+    assert warm == ["a", "a", "b", "b", "c", "c"]
+    blocks = []  # (engine, calls) runs of the same engine
+    for name in rest:
+        if blocks and blocks[-1][0] == name:
+            blocks[-1][1] += 1
+        else:
+            blocks.append([name, 1])
+    # 1 untimed settle call + 3, 3, then the remaining 1 timed call per engine
+    assert blocks == [["a", 4], ["b", 4], ["c", 4], ["b", 4], ["c", 4], ["a", 4],
+                      ["c", 2], ["a", 2], ["b", 2]]
+    assert "3 round(s)" in protocol.describe() and "up to 3 timed" in protocol.describe()
 
 
 def test_compare_errors(mlp_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -107,6 +135,11 @@ def test_compare_errors(mlp_files: tuple[Path, Path], tmp_path: Path) -> None:
                       runs=1, warmup=0, peak=False)
     with pytest.raises(InputError, match="artifact not found"):
         bench.compare(tmp_path / "none.lepton", {"x": x}, model_path=onnx_path, peak=False)
+    for bad, match in (({"block": 0}, "block"), ({"pause_ms": -1.0}, "pause_ms"),
+                       ({"threads": 0}, "threads")):
+        with pytest.raises(InputError, match=match):
+            bench.compare(art, {"x": x}, model_path=onnx_path, runs=1, warmup=0, peak=False,
+                          **bad)
 
 
 def test_cpu_peak_is_cached() -> None:
@@ -123,8 +156,12 @@ def test_cli_bench_json(mlp_files: tuple[Path, Path]) -> None:
     art, model = mlp_files
     out = subprocess.run([sys.executable, "-m", "lepton_edge.cli", "bench", str(art), "--model",
                           str(model), "--batch", "4", "--runs", "3", "--warmup", "1",
+                          "--block", "2", "--pause-ms", "5", "--threads", "1",
                           "--no-peak", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert set(report["engines"]) == {"lepton", "onnxruntime"}
     assert report["batch"] == 4
+    assert report["protocol"] == {"runs": 3, "warmup": 1, "block": 2, "pause_ms": 5.0,
+                                  "settle": 1}
+    assert "onnxruntime 1" in report["threads"] and "TVM_NUM_THREADS=1" in report["threads"]

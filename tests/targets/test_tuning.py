@@ -65,11 +65,14 @@ def run(executable: object, x: np.ndarray) -> np.ndarray:
 
 
 def test_tuning_writes_records_and_logs_progress(tuned: Tuned) -> None:
-    # Buckets N=1 and N=64 are two static kernels: 4 trials each.
-    assert tuned.records == 8
+    # Buckets N=1 and N=64 are two static kernels: 4 trials each, plus one measurement of
+    # each kernel's default schedule (the baseline a tuned schedule must beat).
+    assert 10 <= tuned.records <= 12  # + a re-measured default per kernel it beat head to head
     text = "\n".join(tuned.logs)
     assert "specialising N to [1, 64]" in text
     assert "tuning 2 of 2 kernels, 8 trials" in text
+    assert "default schedules measured as the baseline" in text
+    assert "no default-schedule baseline" not in text
     assert "kernels: 2 from the tuning database" in text
 
 
@@ -105,7 +108,7 @@ def test_symbolic_kernels_are_not_tuned_without_buckets(tmp_path: Path) -> None:
     tuning.tune_and_build(mod, cpu_target(), trials=4, database_dir=tmp_path, log=logs.append,
                           buckets={})
     assert tuning.count_records(tmp_path) == 0
-    assert any("symbolic shapes stay untuned" in line for line in logs), logs
+    assert any("symbolic shapes or scalar parameters stay untuned" in line for line in logs), logs
     assert any("no tunable kernels" in line for line in logs), logs
 
 
@@ -155,3 +158,58 @@ def test_cross_builds_cannot_be_tuned_here() -> None:
         pytest.skip("needs g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)")
     with pytest.raises(TargetError, match="measured on the device itself"):
         lepton_edge.compile(matmul_relu_model(), ["rpi4"], tune=8, fallback=False)
+
+
+def test_fixture_records_are_counted_per_task(tuned: Tuned) -> None:
+    """The share check counts every record of a kernel (failed ones too), per kernel."""
+    from tvm.s_tir import meta_schedule as ms
+
+    target = cpu_target()
+    prepared = tuning._prepare(tuning.specialize(tuned.mod, {"N": [1, 64]}), target)
+    tasks = tuning._tunable_tasks(prepared, target, lambda _msg: None)
+    database = ms.database.JSONDatabase(work_dir=str(tuned.db), module_equality="structural")
+    counts = tuning._records_per_task(database, tasks)  # 4 trials + baseline (+ re-measure)
+    assert len(counts) == 2 and all(c in (5, 6) for c in counts), counts
+    assert sum(counts) == tuned.records
+
+
+def gather_after_matmul_model() -> onnx.ModelProto:
+    """x [N, 64] @ w -> Gather(columns 3, 0, 7): the gather kernel reads its indices from a
+    buffer, which MetaSchedule's runner would fill with random (out-of-bounds) values."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    idx = numpy_helper.from_array(np.array([3, 0, 7], np.int64), "idx")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("Gather", ["y", "idx"], ["z"], axis=1)],
+        "matmul_gather",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])],
+        [w, idx],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gathers_and_scalar_parameter_kernels_are_not_tuned() -> None:
+    """MetaSchedule's runner feeds random buffers and cannot feed scalars: a gather (its
+    indices would be out of bounds: the measuring process crashes) and a kernel taking the
+    batch size as a scalar (``Unsupported argument type``) are left out of the tasks."""
+    from tvm.s_tir import meta_schedule as ms
+
+    target = cpu_target()
+    prepared = tuning._prepare(
+        tuning.specialize(lowering.import_onnx(gather_after_matmul_model()), {"N": [1]}), target)
+    everything = {t.task_name: t for t in ms.relax_integration.extract_tasks(prepared, target)}
+    gathers = {n for n, t in everything.items()
+               if tuning._has_data_dependent_index(t.dispatched[0]["main"])}
+    assert gathers and all(n.startswith("take") for n in gathers), everything
+    logs: list[str] = []
+    kept = tuning._tunable_tasks(prepared, target, logs.append)
+    names = {t.task_name for t in kept}
+    assert names and not names & gathers
+    assert any(n.startswith("matmul") for n in names), names  # the static N=1 matmul stays
+    for task in kept:  # every kept kernel has static buffer parameters only
+        assert all(getattr(p, "shape", None) is not None for p in task.dispatched[0]["main"].params)
+    text = "\n".join(logs)
+    assert "data-dependent indices (gathers) stay untuned" in text
+    assert "symbolic shapes or scalar parameters stay untuned" in text and "shape_to_tensor" in text
