@@ -1,6 +1,8 @@
 """Function bodies of our own for ops that have neither an ONNX function body nor a correct
 TVM 0.27 converter: the QOperator-format integer ops (QLinearMatMul, QLinearConv,
-ConvInteger), LpNormalization, and EyeLike with a `dtype` attribute.
+ConvInteger), LpNormalization, EyeLike with a `dtype` attribute, RNN/GRU/LSTM (unrolled over
+a static sequence of at most `_MAX_STEPS` steps x directions), BatchNormalization in training
+mode and IsInf with detect_positive/detect_negative off.
 
 `body(node, opset, types)` builds an equivalent `FunctionProto` from ops TVM does convert, and
 lowering/onnx_fixups.py expands it like any other function op (so the planner, `explain` and
@@ -92,10 +94,16 @@ class _Builder:
 
     def function(self, result: str, opset: int) -> onnx.FunctionProto:
         """The body's formal inputs are `_in<i>`, one per input slot of the node."""
-        self.nodes.append(helper.make_node("Identity", [result], ["_out0"]))
+        return self.functions([result], opset)
+
+    def functions(self, results: list[str], opset: int) -> onnx.FunctionProto:
+        """`function` with several outputs `_out<i>`."""
+        outs = [f"_out{i}" for i in range(len(results))]
+        for result, out in zip(results, outs, strict=True):
+            self.nodes.append(helper.make_node("Identity", [result], [out]))
         return helper.make_function(
             "lepton", self.node.op_type, [f"_in{i}" for i in range(len(self.node.input))],
-            ["_out0"], self.nodes, [helper.make_opsetid("", opset)])
+            outs, self.nodes, [helper.make_opsetid("", opset)])
 
 
 def _elem(types: dict[str, onnx.TypeProto], name: str) -> int | None:
@@ -116,8 +124,8 @@ def _conv_attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
          ) -> onnx.FunctionProto | None:
-    """An equivalent function body for QLinearMatMul / QLinearConv / ConvInteger, or None
-    (another op, or input types not known)."""
+    """An equivalent function body for the ops listed at the top of this module, or None
+    (another op, a configuration without a body, or input types not known)."""
     op = node.op_type
     real = list(node.input)
     ins = [f"_in{i}" if name else "" for i, name in enumerate(real)]
@@ -174,6 +182,22 @@ def body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
             return None
         eye = b.add("EyeLike", [ins[0]], k=int(attrs.get("k", 0)))
         return b.function(b.add("Cast", [eye], to=int(attrs["dtype"])), opset)
+    if op == "IsInf" and len(ins) == 1:
+        attrs = _conv_attrs(node)
+        pos, neg = int(attrs.get("detect_positive", 1)), int(attrs.get("detect_negative", 1))
+        elem = elem_of(0)
+        if elem is None or (pos and neg):
+            return None
+        zero = b.const(np.zeros((), helper.tensor_dtype_to_np_dtype(elem)))
+        inf = b.add("IsInf", [ins[0]])
+        if not pos and not neg:
+            return b.function(b.add("And", [inf, b.add("Not", [inf])]), opset)
+        sign = b.add("Greater" if pos else "Less", [ins[0], zero])
+        return b.function(b.add("And", [inf, sign]), opset)
+    if op == "BatchNormalization" and len(ins) == 5 and opset >= 14:
+        return _batchnorm_training(b, node, ins, rank_of(0), elem_of(0), opset)
+    if op in _GATES and len(ins) >= 3:
+        return _recurrent(b, node, ins, types, real, opset)
     if op == "ConvInteger" and len(ins) >= 2:
         x, w = ins[:2]
         x_zp = ins[2] if len(ins) > 2 else ""
@@ -185,3 +209,219 @@ def body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
                     **_conv_attrs(node))
         return b.function(b.add("Cast", [acc], to=T.INT32), opset)
     return None
+
+
+def _batchnorm_training(b: _Builder, node: onnx.NodeProto, ins: list[str], rank: int | None,
+                        elem: int | None, opset: int) -> onnx.FunctionProto | None:
+    """BatchNormalization with training_mode=1: batch statistics (population variance), and
+    the running mean/variance updated with `momentum`, as ONNX's reference computes them."""
+    attrs = _conv_attrs(node)
+    if not int(attrs.get("training_mode", 0)) or rank is None or rank < 2 or elem not in (
+            T.FLOAT, T.DOUBLE, T.FLOAT16):
+        return None
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    momentum = float(attrs.get("momentum", 0.9))
+    epsilon = float(attrs.get("epsilon", 1e-5))
+    x, scale, bias, mean_in, var_in = ins
+    axes = [a for a in range(rank) if a != 1]
+
+    def mean_of(v: str) -> str:
+        if opset >= 18:
+            return b.add("ReduceMean", [v, b.const(np.array(axes, np.int64))], keepdims=1)
+        return b.add("ReduceMean", [v], axes=axes, keepdims=1)
+
+    channel = b.const(np.array([-1] + [1] * (rank - 2), np.int64))
+    flat = b.const(np.array([-1], np.int64))
+    mean = mean_of(x)
+    centered = b.add("Sub", [x, mean])
+    var = mean_of(b.add("Mul", [centered, centered]))
+    y = b.add("Add", [b.add("Div", [
+        b.add("Mul", [b.add("Reshape", [scale, channel]), centered]),
+        b.add("Sqrt", [b.add("Add", [var, b.const(np.array(epsilon, np_type))])])]),
+        b.add("Reshape", [bias, channel])])
+    keep = b.const(np.array(momentum, np_type))
+    rest = b.const(np.array(1 - momentum, np_type))
+    run_mean = b.add("Add", [b.add("Mul", [mean_in, keep]),
+                             b.add("Mul", [b.add("Reshape", [mean, flat]), rest])])
+    run_var = b.add("Add", [b.add("Mul", [var_in, keep]),
+                            b.add("Mul", [b.add("Reshape", [var, flat]), rest])])
+    return b.functions([y, run_mean, run_var][:len(node.output)], opset)
+
+
+# ------------------------------------------------------------------- RNN / GRU / LSTM
+# Unrolled over the (static) sequence: per direction, X @ W^T for every step at once, then
+# one step after the other (H @ R^T, the gates, the state update), ONNX's equations verbatim.
+# Only ops that mean the same at every opset the ops exist in (Gather, Reshape, Concat,
+# MatMul, ...) are used, so the body is valid at the model's opset.
+
+# Unrolled steps (sequence length x directions) beyond which the op stays on onnxruntime: each
+# step adds ~15-25 kernels, and compiling a 3-step bidirectional GRU takes ~13 s on 2 cores.
+_MAX_STEPS = 32
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_DEFAULT_ACTS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+# activations with their parameters' defaults (those with no default are refused)
+_ACTS = {"Tanh": (), "Sigmoid": (), "Relu": (), "Softsign": (), "Softplus": (),
+         "LeakyRelu": (("alpha", 0.01),), "HardSigmoid": (("alpha", 0.2), ("beta", 0.5)),
+         "Elu": (("alpha", 1.0),)}
+
+
+def _dims(types: dict[str, onnx.TypeProto], name: str) -> list[int] | None:
+    t = types.get(name)
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.tensor_type.shape.dim]
+    return None if any(d < 0 for d in dims) else dims
+
+
+def _recurrent(b: _Builder, node: onnx.NodeProto, ins: list[str],
+               types: dict[str, onnx.TypeProto], real: list[str], opset: int
+               ) -> onnx.FunctionProto | None:
+    op = node.op_type
+    attrs = _conv_attrs(node)
+
+    def decode(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+    direction = decode(attrs.get("direction", "forward"))
+    dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(direction)
+    hidden = attrs.get("hidden_size")
+    layout = int(attrs.get("layout", 0))
+    elem = _elem(types, real[0])
+    x_dims = _dims(types, real[0])
+    if (dirs is None or hidden is None or elem not in (T.FLOAT, T.DOUBLE) or x_dims is None
+            or len(x_dims) != 3 or attrs.get("activation_alpha") or attrs.get("activation_beta")
+            or int(attrs.get("input_forget", 0))):
+        return None
+    steps, batch = (x_dims[0], x_dims[1]) if layout == 0 else (x_dims[1], x_dims[0])
+    if steps < 1 or steps * len(dirs) > _MAX_STEPS:
+        return None
+    acts = [decode(a) for a in attrs.get("activations", [])] or _DEFAULT_ACTS[op] * len(dirs)
+    per_dir = len(_DEFAULT_ACTS[op])
+    if len(acts) != per_dir * len(dirs) or any(a not in _ACTS for a in acts):
+        return None
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    gates, h = _GATES[op], int(hidden)
+    clip = attrs.get("clip")
+    has = [i < len(ins) and bool(ins[i]) for i in range(8)]
+    seq_lens = ins[4] if has[4] else None
+    if seq_lens and (len(dirs) > 1 or dirs[0]):
+        return None  # variable lengths in reverse: per-batch start steps, not unrolled here
+
+    def const(v: Any) -> str:
+        return b.const(np.asarray(v, np_type))
+
+    def index(v: Any) -> str:
+        return b.const(np.asarray(v, np.int64))
+
+    def gather(x: str, idx: Any, axis: int) -> str:
+        return b.add("Gather", [x, index(idx)], axis=axis)
+
+    def reshape(x: str, shape: list[int]) -> str:
+        return b.add("Reshape", [x, index(shape)])
+
+    def act(name: str, x: str) -> str:
+        params = {k: v for k, v in _ACTS[name]}
+        return b.add(name, [x], **params)
+
+    def clipped(x: str) -> str:
+        if clip is None:
+            return x
+        return b.add("Max", [b.add("Min", [x, const(clip)]), const(-clip)])
+
+    def part(x: str, k: int) -> str:  # gate k of a [..., gates*h] tensor
+        return gather(x, list(range(k * h, (k + 1) * h)), -1)
+
+    x = ins[0] if layout == 0 else b.add("Transpose", [ins[0]], perm=[1, 0, 2])
+    init_h = ins[5] if has[5] else None
+    init_c = ins[6] if has[6] and op == "LSTM" else None
+    if layout == 1:
+        init_h = init_h and b.add("Transpose", [init_h], perm=[1, 0, 2])
+        init_c = init_c and b.add("Transpose", [init_c], perm=[1, 0, 2])
+    mask = None
+    if seq_lens:
+        lens = reshape(b.add("Cast", [seq_lens], to=T.INT64), [batch, 1])
+    outs_y, outs_h, outs_c = [], [], []
+    for d, reverse in enumerate(dirs):
+        w = b.add("Transpose", [gather(ins[1], d, 0)], perm=[1, 0])  # [I, gates*h]
+        r = b.add("Transpose", [gather(ins[2], d, 0)], perm=[1, 0])  # [h, gates*h]
+        xw = b.add("MatMul", [x, w])  # [steps, batch, gates*h]
+        bias_r = None
+        if has[3]:
+            bias = gather(ins[3], d, 0)
+            bias_w = gather(bias, list(range(gates * h)), 0)
+            bias_r = gather(bias, list(range(gates * h, 2 * gates * h)), 0)
+            if op != "GRU" or not int(attrs.get("linear_before_reset", 0)):
+                xw = b.add("Add", [xw, b.add("Add", [bias_w, bias_r])])
+                bias_r = None
+            else:  # Rb is added per gate: the h gate's stays inside r * (H R^T + Rbh)
+                xw = b.add("Add", [xw, bias_w])
+        state = gather(init_h, d, 0) if init_h else const(np.zeros((batch, h)))
+        cell = None
+        if op == "LSTM":
+            cell = gather(init_c, d, 0) if init_c else const(np.zeros((batch, h)))
+            if has[7]:
+                peep = gather(ins[7], d, 0)
+                p_i, p_o, p_f = (gather(peep, list(range(k * h, (k + 1) * h)), 0)
+                                 for k in range(3))
+        f_act, *rest = acts[d * per_dir:(d + 1) * per_dir]
+        ys: list[str] = [""] * steps
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            xt = gather(xw, t, 0)  # [batch, gates*h]
+            if op == "RNN":
+                new = act(f_act, clipped(b.add("Add", [xt, b.add("MatMul", [state, r])])))
+            elif op == "GRU":
+                def gate_in(k: int) -> str:
+                    pre = b.add("Add", [part(xt, k), b.add("MatMul", [state, part(r, k)])])
+                    return pre if bias_r is None else b.add("Add", [pre, part(bias_r, k)])
+                z = act(f_act, clipped(gate_in(0)))
+                rr = act(f_act, clipped(gate_in(1)))
+                if int(attrs.get("linear_before_reset", 0)):
+                    hr = b.add("MatMul", [state, part(r, 2)])
+                    if bias_r is not None:
+                        hr = b.add("Add", [hr, part(bias_r, 2)])
+                    pre = b.add("Add", [part(xt, 2), b.add("Mul", [rr, hr])])
+                else:
+                    pre = b.add("Add", [part(xt, 2), b.add("MatMul", [
+                        b.add("Mul", [rr, state]), part(r, 2)])])
+                cand = act(rest[0], clipped(pre))
+                one_minus = b.add("Sub", [const(1.0), z])
+                new = b.add("Add", [b.add("Mul", [one_minus, cand]), b.add("Mul", [z, state])])
+            else:  # LSTM, gates i, o, f, c
+                gate = b.add("Add", [xt, b.add("MatMul", [state, r])])
+                gi, go, gf, gc = (part(gate, k) for k in range(4))
+                if has[7]:
+                    gi = b.add("Add", [gi, b.add("Mul", [p_i, cell])])
+                    gf = b.add("Add", [gf, b.add("Mul", [p_f, cell])])
+                i_t = act(f_act, clipped(gi))
+                f_t = act(f_act, clipped(gf))
+                c_t = act(rest[0], clipped(gc))
+                new_cell = b.add("Add", [b.add("Mul", [f_t, cell]), b.add("Mul", [i_t, c_t])])
+                if has[7]:
+                    go = b.add("Add", [go, b.add("Mul", [p_o, new_cell])])
+                o_t = act(f_act, clipped(go))
+                new = b.add("Mul", [o_t, act(rest[1], new_cell)])
+            if seq_lens:
+                mask = b.add("Less", [index(t), lens])  # [batch, 1]
+                ys[t] = b.add("Where", [mask, new, const(0.0)])
+                new = b.add("Where", [mask, new, state])
+                if op == "LSTM":
+                    new_cell = b.add("Where", [mask, new_cell, cell])
+            else:
+                ys[t] = new
+            state = new
+            if op == "LSTM":
+                cell = new_cell
+        outs_y.append([reshape(y, [1, 1, batch, h]) for y in ys])
+        outs_h.append(reshape(state, [1, batch, h]))
+        if op == "LSTM":
+            outs_c.append(reshape(cell, [1, batch, h]))
+    per_step = [b.add("Concat", [outs_y[d][t] for d in range(len(dirs))], axis=1)
+                if len(dirs) > 1 else outs_y[0][t] for t in range(steps)]
+    y = b.add("Concat", per_step, axis=0) if steps > 1 else per_step[0]  # [steps, D, B, h]
+    y_h = b.add("Concat", outs_h, axis=0) if len(dirs) > 1 else outs_h[0]
+    results = [y, y_h]
+    if op == "LSTM":
+        results.append(b.add("Concat", outs_c, axis=0) if len(dirs) > 1 else outs_c[0])
+    if layout == 1:
+        results = [b.add("Transpose", [results[0]], perm=[2, 0, 1, 3])] + [
+            b.add("Transpose", [v], perm=[1, 0, 2]) for v in results[1:]]
+    return b.functions(results[:len(node.output)], opset)

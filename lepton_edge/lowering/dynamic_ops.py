@@ -15,8 +15,18 @@ itself, for any value the op allows:
 A value the op does not allow stops the run with a TVM error naming the op and the problem
 (the CPU device raises it as a DeviceError); nothing reads out of bounds.
 
+The same way (a small kernel computes the output dims, `match_cast` binds them): Range,
+ConstantOfShape and AffineGrid with run-time inputs, and Resize (opset 11+) in every mode with
+constant or run-time scales/sizes/roi (TVM 0.27's converter cannot take run-time ones and is
+wrong when linear/cubic shrinks an axis, antialiases, or align_corners meets a fractional
+output width; ONNX's test data divide by the fractional width scale * length there, which
+onnxruntime does not), and Upsample-9 as Resize. Shape of a tensor whose dims were computed
+that way is an int64 tensor (TVM's shape value is refused by its elementwise converters).
+
 `Importer` is TVM's ONNX graph importer with these converters consulted first; a converter
 returns None when its inputs are constants, and TVM's own converter then runs as before.
+`_fence_symbolic_dims` then keeps FuseOps from moving a kernel that uses run-time dims ahead
+of the match_cast defining them.
 """
 
 from __future__ import annotations
@@ -89,11 +99,17 @@ def _dims_tensor(bb: relax.BlockBuilder, data: relax.Expr) -> relax.Expr:
 
 def _to_shape(bb: relax.BlockBuilder, tensor: relax.Expr, ndim: int, prefix: str
               ) -> list[tirx.Var]:
-    """Symbolic dims holding the run-time int64[ndim] `tensor`'s values."""
+    """Symbolic dims holding the run-time int64[ndim] `tensor`'s values (see
+    `_fence_symbolic_dims` for what keeps the match_cast ahead of their uses)."""
     shape = bb.emit(relax.op.tensor_to_shape(tensor))
     dims = [tirx.Var(f"{prefix}{i}", "int64") for i in range(ndim)]
     bb.match_cast(shape, relax.ShapeType(dims))
+    _RUNTIME_DIMS.extend(dims)
     return dims
+
+
+# The dims `_to_shape` made during the current import (see `convert_shape`).
+_RUNTIME_DIMS: list[tirx.Var] = []
 
 
 # ------------------------------------------------------------------------------- Reduce*
@@ -703,6 +719,580 @@ def convert_expand(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, A
     return bb.emit_te(expand, data, primfunc_name_hint="lepton_expand")
 
 
+# -------------------------------------------------------------------------------- Resize
+#
+# Resize (opset 11+) as separable 1-d passes, one per resized axis, in float64 like ONNX's
+# reference: each output position along the axis maps to a source coordinate (the
+# coordinate_transformation_mode), whose neighbours are weighted (nearest / linear / cubic,
+# antialiased or not, exclude_outside), indices clamped to the axis (edge padding). TVM 0.27's
+# converter cannot take run-time scales/sizes/roi and is wrong for linear/cubic downsampling,
+# antialias and align_corners with a fractional output width; this one follows the spec in
+# every mode. Output dims come from the scales/sizes (computed here when they are constants,
+# by a small TIR kernel when they arrive at run time).
+
+_RESIZE_COORD = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners",
+                 "asymmetric", "tf_crop_and_resize", "tf_half_pixel_for_nn")
+_NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _text(attrs: dict[str, Any], name: str, default: str) -> str:
+    value = attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _const_value(expr: Any) -> Any:
+    import numpy as np
+
+    if expr is None:
+        return None
+    if isinstance(expr, tvm.ir.GenericConst):
+        return np.asarray(expr.value.numpy())
+    return None
+
+
+def _resize_taps(mode: str, antialias: bool, scale: float) -> int:
+    """Taps per output position (the reference's coefficient count)."""
+    if mode == "cubic" or (mode == "linear" and antialias):
+        if not antialias:
+            return 4
+        support = 2.0 if mode == "cubic" else 1.0
+        start = math.floor(-support / min(scale, 1.0)) + 1
+        return 2 - 2 * start
+    return 2
+
+
+def _resize_params_kernel(use_sizes: bool, policy: str, mode: str, antialias: bool,
+                          roi_dtype: str, vals_dtype: str) -> tirx.PrimFunc:
+    support = 2.0 if mode == "cubic" else 1.0
+    fixed_taps = 4 if mode == "cubic" else 2
+    keep_ratio = policy != "stretch"
+    not_larger = policy == "not_larger"
+
+    @T.prim_func(private=True)
+    def resize_params(dims_h: T.handle, axes_h: T.handle, vals_h: T.handle, roi_h: T.handle,
+                      out_h: T.handle, taps_h: T.handle, par_h: T.handle):
+        r = T.int64()
+        k = T.int64()
+        m = T.int64()
+        q = T.int64()
+        dims = T.match_buffer(dims_h, (r,), "int64")
+        axes = T.match_buffer(axes_h, (k,), "int64")
+        vals = T.match_buffer(vals_h, (m,), vals_dtype)
+        roi = T.match_buffer(roi_h, (q,), roi_dtype)
+        out = T.match_buffer(out_h, (r,), "int64")
+        taps = T.match_buffer(taps_h, (r,), "int64")
+        par = T.match_buffer(par_h, (r * 3,), "float64")
+        pick = T.alloc_buffer((1,), "float64", scope="local")
+        assert m == k, "Resize: scales/sizes must hold one value per resized axis"
+        assert q == 0 or q == k * 2, "Resize: roi must hold 2 values per resized axis"
+        for i in range(r):
+            out[i] = dims[i]
+            par[i] = T.float64(1)
+            par[r + i] = T.float64(0)
+            par[r * 2 + i] = T.float64(1)
+        for j in range(k):
+            if use_sizes:
+                assert vals[j] >= 0, "Resize: a sizes value is negative"
+                assert dims[axes[j]] > 0, "Resize: sizes given for an empty axis"
+                out[axes[j]] = T.Cast("int64", vals[j])
+                par[axes[j]] = T.Cast("float64", vals[j]) / T.Cast("float64", dims[axes[j]])
+            else:
+                assert vals[j] > T.Cast(vals_dtype, 0), "Resize: a scales value is not positive"
+                par[axes[j]] = T.Cast("float64", vals[j])
+                out[axes[j]] = T.Cast("int64", T.floor(
+                    T.Cast("float64", vals[j]) * T.Cast("float64", dims[axes[j]])))
+            if q > 0:
+                par[r + axes[j]] = T.Cast("float64", roi[j])
+                par[r * 2 + axes[j]] = T.Cast("float64", roi[k + j])
+        if keep_ratio:
+            pick[0] = par[axes[0]]
+            for j in range(k):
+                if not_larger:
+                    pick[0] = T.min(pick[0], par[axes[j]])
+                else:
+                    pick[0] = T.max(pick[0], par[axes[j]])
+            for j in range(k):
+                par[axes[j]] = pick[0]
+                out[axes[j]] = T.Cast("int64", T.floor(
+                    pick[0] * T.Cast("float64", dims[axes[j]]) + T.float64(0.5)))
+        for i in range(r):
+            if antialias:
+                taps[i] = T.int64(2) - T.int64(2) * (T.Cast("int64", T.floor(
+                    T.float64(-support) / T.min(par[i], T.float64(1)))) + T.int64(1))
+            else:
+                taps[i] = T.int64(fixed_taps)
+    return _scheduled(resize_params)
+
+
+def _resize_axis(cfg: dict[str, Any], axis: int, n_out: Any, taps_: Any
+                 ) -> Callable[..., te.Tensor]:
+    """One 1-d resize pass along `axis` of a float64 tensor."""
+    mode, coord, f64 = cfg["mode"], cfg["coord"], "float64"
+
+    def kernel(x: te.Tensor, par: te.Tensor, _taps: te.Tensor | None = None) -> te.Tensor:
+        # `_taps` (shape [taps]) only binds a run-time tap count to a kernel argument
+        taps = taps_ if _taps is None else _taps.shape[0]
+        rank = len(x.shape)
+        n_in = x.shape[axis]
+        scale = par[axis]
+        in_f = tirx.Cast(f64, n_in)
+        out_f = scale * in_f  # the reference's (fractional) output width
+        one, half = tirx.const(1.0, f64), tirx.const(0.5, f64)
+
+        def source(o: Any) -> Any:
+            y = tirx.Cast(f64, o)
+            if coord == "align_corners":
+                return tirx.Select(out_f == one, tirx.const(0.0, f64),
+                                   y * (in_f - one) / (out_f - one))
+            if coord == "asymmetric":
+                return y / scale
+            if coord == "tf_half_pixel_for_nn":
+                return (y + half) / scale
+            if coord == "tf_crop_and_resize":
+                start, end = par[rank + axis], par[2 * rank + axis]
+                width = end - start
+                if cfg["roi_f32"]:
+                    width = tirx.Cast(f64, tirx.Cast("float32", end) - tirx.Cast("float32",
+                                                                                  start))
+                return tirx.Select(out_f == one, width * (in_f - one) / tirx.const(2.0, f64),
+                                   y * width * (in_f - one) / (out_f - one)) + start * (
+                                       in_f - one)
+            if coord == "pytorch_half_pixel":
+                return tirx.Select(out_f == one, -half, (y + half) / scale - half)
+            if coord == "half_pixel_symmetric":
+                adjust = tirx.Cast(f64, n_out) / out_f
+                offset = in_f / tirx.const(2.0, f64) * (one - adjust)
+                return offset + (y + half) / scale - half
+            return (y + half) / scale - half  # half_pixel
+
+        src = te.compute((n_out,), source, name="resize_src")
+
+        def base(o: Any) -> tuple[Any, Any]:
+            """(index left of the source coordinate, ratio in (0, 1])."""
+            s = src[o]
+            low = tirx.floor(s)
+            exact = s == low
+            left = tirx.Cast("int64", low) - tirx.Select(exact, tirx.const(1, "int64"),
+                                                         tirx.const(0, "int64"))
+            return left, tirx.Select(exact, one, s - low)
+
+        def clamp(i: Any) -> Any:
+            return tirx.Max(tirx.Min(i, n_in - 1), tirx.const(0, "int64"))
+
+        def at(o: tuple[Any, ...], i: Any) -> Any:
+            return x[tuple(i if d == axis else o[d] for d in range(rank))]
+
+        if mode == "nearest":
+            nearest = cfg["nearest"]
+
+            def pick(*o: Any) -> Any:
+                left, ratio = base(o[axis])
+                up = {"round_prefer_floor": ratio > half, "round_prefer_ceil": ratio >= half,
+                      "floor": ratio == one, "ceil": tirx.const(True, "bool")}[nearest]
+                return at(o, clamp(left + tirx.Select(up, tirx.const(1, "int64"),
+                                                      tirx.const(0, "int64"))))
+            out = te.compute([n_out if d == axis else x.shape[d] for d in range(rank)], pick,
+                             name="resize_nearest")
+        else:
+            a = tirx.const(float(cfg["cubic_a"]), f64)
+            antialias = cfg["antialias"]
+            shrink = tirx.Min(scale, one)
+
+            def cubic(d: Any) -> Any:  # the cubic kernel at |d| <= 2 (antialias form)
+                d = tirx.abs(d)
+                d2 = d * d
+                d3 = d * d2
+                return tirx.Select(d <= one, (a + 2) * d3 - (a + 3) * d2 + one, tirx.Select(
+                    d < tirx.const(2.0, f64), a * d3 - a * 5 * d2 + a * 8 * d - a * 4,
+                    tirx.const(0.0, f64)))
+
+            def coeff(o: Any, k: Any) -> Any:
+                left, ratio = base(o)
+                i = k + 1 - taps // 2  # offset of tap k from `left`
+                fi = tirx.Cast(f64, i)
+                if mode == "linear" and not antialias:
+                    w = tirx.Select(k == 0, one - ratio, ratio)
+                elif mode == "linear":
+                    w = tirx.Max(tirx.Min(one - tirx.abs((fi - ratio) * shrink), one),
+                                 tirx.const(0.0, f64))
+                elif antialias:
+                    w = cubic(shrink * (fi - ratio))
+                else:
+                    r1, r0 = ratio + one, one - ratio
+                    w = tirx.Select(k == 0, ((a * r1 - a * 5) * r1 + a * 8) * r1 - a * 4,
+                                    tirx.Select(k == 1, ((a + 2) * ratio - (a + 3)) * ratio
+                                                * ratio + one,
+                                                tirx.Select(k == 2, ((a + 2) * r0 - (a + 3))
+                                                            * r0 * r0 + one,
+                                                            ((a * (r0 + one) - a * 5) * (
+                                                                r0 + one) + a * 8) * (
+                                                                r0 + one) - a * 4)))
+                if cfg["exclude_outside"]:
+                    w = tirx.Select(tirx.all(left + i >= 0, left + i < n_in), w,
+                                    tirx.const(0.0, f64))
+                return w
+
+            taps64 = tirx.IntImm("int64", taps) if isinstance(taps, int) else taps
+            weights = te.compute((n_out, taps64), coeff, name="resize_w")
+            if antialias or cfg["exclude_outside"]:
+                kk = te.reduce_axis((0, taps64), name="kk")
+                total = te.compute((n_out,), lambda o: te.sum(weights[o, kk], axis=kk),
+                                   name="resize_wsum")
+                weights = te.compute((n_out, taps64), lambda o, k: weights[o, k] / tirx.Select(
+                    total[o] == tirx.const(0.0, f64), one, total[o]), name="resize_wn")
+
+            def mix(*o: Any) -> Any:
+                k = te.reduce_axis((0, taps64), name="k")
+                left, _ = base(o[axis])
+                w = weights[o[axis], k]
+                w = w if x.dtype == f64 else tirx.Cast(x.dtype, w)
+                return te.sum(w * at(o, clamp(left + k + 1 - taps // 2)), axis=k)
+            out = te.compute([n_out if d == axis else x.shape[d] for d in range(rank)], mix,
+                             name="resize_mix")
+        if coord == "tf_crop_and_resize":
+            fill = tirx.const(float(cfg["extrapolation"]), out.dtype)
+            out_ = out
+            out = te.compute(out_.shape, lambda *o: tirx.Select(tirx.any(
+                src[o[axis]] < tirx.const(0.0, f64), src[o[axis]] > in_f - one), fill,
+                out_[o]), name="resize_fill")
+        return out
+    return kernel
+
+
+def convert_resize(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                   opset: int) -> relax.Expr | None:
+    """Resize (opset 11+), every mode, constant or run-time scales/sizes/roi (TVM's converter
+    is left only opset 10 and non-numeric linear/cubic)."""
+    import numpy as np
+
+    if opset < 11:
+        return None
+    data = inputs[0]
+    extra = [inputs[i] if len(inputs) > i else None for i in (1, 2, 3)]
+    roi, scales, sizes = extra
+    mode = _text(attrs, "mode", "nearest")
+    dtype = str(data.ty.dtype)
+    if mode != "nearest" and dtype not in _FLOATS + _INTS:
+        return None
+    if _rank(data) is None or not isinstance(data.ty.shape, relax.ShapeExpr):
+        raise ValueError("Resize needs the data's rank")
+    rank = _rank(data)
+    coord = _text(attrs, "coordinate_transformation_mode", "half_pixel")
+    nearest = _text(attrs, "nearest_mode", "round_prefer_floor")
+    policy = _text(attrs, "keep_aspect_ratio_policy", "stretch")
+    antialias = bool(attrs.get("antialias", 0)) and mode != "nearest"
+    if coord not in _RESIZE_COORD or nearest not in _NEAREST or mode not in (
+            "nearest", "linear", "cubic") or policy not in ("stretch", "not_larger",
+                                                            "not_smaller"):
+        raise ValueError(f"Resize: unsupported mode {mode}/{coord}/{nearest}/{policy}")
+    axes = [int(a) for a in attrs.get("axes", range(rank))]
+    if any(not -rank <= a < rank for a in axes):
+        raise ValueError(f"Resize: an axes value is outside [-{rank}, {rank - 1}]")
+    axes = [a % rank for a in axes]
+    if len(set(axes)) != len(axes):
+        raise ValueError("Resize: axes repeats an axis")
+
+    def given(v: Any) -> bool:
+        return v is not None and _static_len(v) != 0
+    use_sizes = given(sizes)
+    vals = sizes if use_sizes else scales
+    if vals is None or not given(vals) or (use_sizes and given(scales)):
+        raise ValueError("Resize needs exactly one of scales and sizes")
+    if coord != "tf_crop_and_resize" or not given(roi):
+        roi = None
+    cfg = {"mode": mode, "coord": coord, "nearest": nearest, "antialias": antialias,
+           "cubic_a": float(attrs.get("cubic_coeff_a", -0.75)),
+           "exclude_outside": bool(attrs.get("exclude_outside", 0)),
+           "extrapolation": float(attrs.get("extrapolation_value", 0.0)),
+           "roi_f32": roi is not None and str(roi.ty.dtype) == "float32"}
+    static_dims = list(data.ty.shape.values)
+    consts = [_const_value(v) for v in (vals, roi)]
+    resized: list[int] = list(axes)
+    if consts[0] is not None and consts[0].size == len(axes) and not use_sizes:
+        # an axis scaled by exactly 1 with the whole roi is left as it is (its dim may be
+        # symbolic: a run-time batch)
+        whole = [True] * len(axes) if consts[1] is None or roi is None else [
+            consts[1].reshape(-1)[j] == 0 and consts[1].reshape(-1)[len(axes) + j] == 1
+            for j in range(len(axes))]
+        resized = [a for j, a in enumerate(axes)
+                   if not (consts[0].reshape(-1)[j] == 1 and whole[j])]
+    known = all(isinstance(static_dims[a], tirx.IntImm) for a in resized)
+    if known and consts[0] is not None and (roi is None or consts[1] is not None):
+        # everything is known now: the reference's arithmetic in numpy
+        dims: list[Any] = [int(d) if isinstance(d, tirx.IntImm) else d for d in static_dims]
+        par = np.ones(3 * rank)
+        par[rank:2 * rank] = 0.0
+        out = list(dims)
+        values = consts[0].reshape(-1)
+        if len(values) != len(axes):
+            raise ValueError("Resize: scales/sizes must hold one value per resized axis")
+        for j, a in enumerate(axes):
+            if a not in resized:
+                continue
+            if use_sizes:
+                out[a] = int(values[j])
+                par[a] = float(values[j]) / dims[a]
+            else:
+                par[a] = float(values[j])
+                out[a] = int(np.float64(values[j]) * dims[a])
+        if policy != "stretch":
+            pick = (min if policy == "not_larger" else max)(par[a] for a in axes)
+            for a in axes:
+                par[a] = pick
+                out[a] = int(pick * dims[a] + 0.5)
+        if roi is not None:
+            rv = consts[1].reshape(-1).astype(np.float64)
+            for j, a in enumerate(axes):
+                par[rank + a], par[2 * rank + a] = rv[j], rv[len(axes) + j]
+        params = relax.const(par, "float64")
+        identity = [a not in resized or (par[a] == 1.0 and out[a] == dims[a] and (
+            roi is None or (par[rank + a] == 0.0 and par[2 * rank + a] == 1.0)))
+            for a in range(rank)]
+        out_dims: list[Any] = [tirx.IntImm("int64", d) if isinstance(d, int) else d
+                               for d in out]
+        taps: list[Any] = [_resize_taps(mode, antialias, par[a]) for a in range(rank)]
+    else:
+        vals = bb.emit(relax.op.astype(vals, "float32")) if not use_sizes and str(
+            vals.ty.dtype) not in ("float32", "float64") else vals
+        vals = _as_int64(bb, vals) if use_sizes else vals
+        if _rank(vals) != 1:
+            vals = bb.emit(relax.op.reshape(vals, relax.ShapeExpr([len(axes)])))
+        roi_in = roi if roi is not None else relax.const(np.zeros(0, np.float32), "float32")
+        if str(roi_in.ty.dtype) not in ("float32", "float64"):
+            roi_in = bb.emit(relax.op.astype(roi_in, "float64"))
+        kernel = _resize_params_kernel(use_sizes, policy, mode, antialias,
+                                       str(roi_in.ty.dtype), str(vals.ty.dtype))
+        result = bb.emit(relax.call_tir(
+            bb.add_func(kernel, "lepton_resize_params"),
+            [_dims_tensor(bb, data), relax.const(np.array(axes, np.int64), "int64"), vals, roi_in],
+            [relax.TensorType([rank], "int64"), relax.TensorType([rank], "int64"),
+             relax.TensorType([3 * rank], "float64")]))
+        out_dims = _to_shape(bb, bb.emit(relax.TupleGetItem(result, 0)), rank, "resize_d")
+        if antialias:
+            taps = _to_shape(bb, bb.emit(relax.TupleGetItem(result, 1)), rank, "resize_t")
+        else:
+            taps = [4 if mode == "cubic" else 2] * rank
+        params = bb.emit(relax.TupleGetItem(result, 2))
+        identity = [False] * rank
+    # linear/cubic mix in float32 for float32/16 data (the weights are float64: the result
+    # stays within a few float32 ulps of the reference's float64), in float64 otherwise (an
+    # integer result must round exactly like the reference)
+    work = "float32" if dtype in ("float32", "float16", "bfloat16") else "float64"
+    if mode == "nearest":
+        x = data  # a gather: any element type, no arithmetic
+    else:
+        x = data if dtype == work else bb.emit(relax.op.astype(data, work))
+    for a in axes:
+        if identity[a]:
+            continue  # the reference skips such axes too
+        bind = [] if isinstance(taps[a], int) else [
+            bb.emit(relax.op.zeros(relax.ShapeExpr([taps[a]]), "int8"))]
+        x = bb.emit_te(_resize_axis(cfg, a, out_dims[a], taps[a]), x, params, *bind,
+                       primfunc_name_hint=f"lepton_resize_{mode}")
+    if mode == "nearest" or dtype == work:
+        return x
+    return bb.emit_te(_saturate(dtype), x, primfunc_name_hint="lepton_resize_cast")
+
+
+def convert_upsample(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                     opset: int) -> relax.Expr | None:
+    """Upsample-9 (scales as an input): Resize with asymmetric coordinates, nearest taking the
+    floor (what onnxruntime and ONNX's reference compute). Upsample-7 (scales attribute)
+    stays with TVM's converter."""
+    if opset < 9 or len(inputs) < 2 or inputs[1] is None:
+        return None
+    mode = _text(attrs, "mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise ValueError(f"Upsample: unknown mode {mode!r}")
+    resize_attrs = {"mode": mode, "coordinate_transformation_mode": "asymmetric",
+                    "nearest_mode": "floor"}
+    return convert_resize(bb, [inputs[0], None, inputs[1], None], resize_attrs, 11)
+
+
+def _saturate(dtype: str) -> Callable[[te.Tensor], te.Tensor]:
+    """float32/64 -> `dtype` as ONNX's reference Resize does: integers rounded half to even,
+    every type clipped to its range (NaN stays NaN)."""
+    def cast(x: te.Tensor) -> te.Tensor:
+        lo, hi = tvm.tirx.min_value(dtype), tvm.tirx.max_value(dtype)
+        lo, hi = tirx.Cast(x.dtype, lo), tirx.Cast(x.dtype, hi)
+
+        def body(*o: Any) -> Any:
+            v = x[o]
+            if dtype not in _FLOATS:
+                v = tirx.nearbyint(v)
+            return tirx.Cast(dtype, tirx.Select(v > hi, hi, tirx.Select(v < lo, lo, v)))
+        return te.compute(x.shape, body, name="saturate")
+    return cast
+
+
+# --------------------------------------------------------------------------------- Range
+
+def _range_kernels(dtype: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    floating = dtype in _FLOATS
+
+    @T.prim_func(private=True)
+    def range_len(start_h: T.handle, limit_h: T.handle, delta_h: T.handle, n_h: T.handle):
+        start = T.match_buffer(start_h, (), dtype)
+        limit = T.match_buffer(limit_h, (), dtype)
+        delta = T.match_buffer(delta_h, (), dtype)
+        n = T.match_buffer(n_h, (1,), "int64")
+        assert delta[()] != T.Cast(dtype, 0), "Range: delta is 0"
+        if floating:
+            n[0] = T.max(T.Cast("int64", T.ceil(
+                (T.Cast("float64", limit[()]) - T.Cast("float64", start[()]))
+                / T.Cast("float64", delta[()]))), T.int64(0))
+        else:  # exact integer ceil((limit - start) / delta)
+            n[0] = T.max(T.floordiv(T.Cast("int64", limit[()]) - T.Cast("int64", start[()])
+                                    + T.Cast("int64", delta[()])
+                                    - T.if_then_else(delta[()] > T.Cast(dtype, 0),
+                                                     T.int64(1), T.int64(-1)),
+                                    T.Cast("int64", delta[()])), T.int64(0))
+
+    @T.prim_func(private=True)
+    def range_fill(start_h: T.handle, delta_h: T.handle, n_h: T.handle, out_h: T.handle):
+        n = T.int64()
+        count = T.match_buffer(n_h, (1,), "int64")
+        start = T.match_buffer(start_h, (), dtype)
+        delta = T.match_buffer(delta_h, (), dtype)
+        out = T.match_buffer(out_h, (n,), dtype)
+        assert count[0] == n, "Range: the output length differs from the computed one"
+        for i in range(n):
+            out[i] = start[()] + T.Cast(dtype, i) * delta[()]
+    return _scheduled(range_len), _scheduled(range_fill)
+
+
+def convert_range(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                  opset: int) -> relax.Expr | None:
+    """Range whose start, limit or delta is a run-time value, else None (float16/bfloat16:
+    refused). The length is ONNX's max(ceil((limit - start) / delta), 0), in float64 for
+    floats and exactly for integers."""
+    if len(inputs) < 3 or not any(_is_runtime(v) for v in inputs[:3]):
+        return None
+    dtype = str(inputs[0].ty.dtype)
+    if dtype not in _FLOATS + _INTS or dtype in ("float16", "bfloat16"):
+        raise ValueError(f"Range on {dtype} with run-time inputs is not supported")
+    if any(not isinstance(v.ty, relax.TensorType) or _static_len(v) != 1
+           for v in inputs[:3]):
+        return None  # an input of unknown shape: TVM's converter
+    scalars = []
+    for v in inputs[:3]:
+        if str(v.ty.dtype) != dtype:
+            v = bb.emit(relax.op.astype(v, dtype))
+        if _rank(v) != 0:
+            v = bb.emit(relax.op.reshape(v, relax.ShapeExpr([])))
+        scalars.append(v)
+    length, fill = _range_kernels(dtype)
+    count = bb.emit(relax.call_tir(bb.add_func(length, "lepton_range_len"), scalars,
+                                   relax.TensorType([1], "int64")))
+    (n,) = _to_shape(bb, count, 1, "range_n")
+    return relax.call_tir(bb.add_func(fill, "lepton_range"), [scalars[0], scalars[2], count],
+                          relax.TensorType([n], dtype))
+
+
+# ------------------------------------------------------------------------ ConstantOfShape
+
+def convert_constant_of_shape(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                              opset: int) -> relax.Expr | None:
+    """ConstantOfShape with a run-time shape tensor, else None."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    if not inputs or not _is_runtime(inputs[0]):
+        return None
+    shape = inputs[0]
+    rank = _static_len(shape)
+    if rank is None or _rank(shape) != 1:
+        return None  # TVM's converter (an output of unknown rank)
+    value = attrs.get("value")
+    if value is None:
+        value = np.zeros(1, np.float32)
+    elif isinstance(value, onnx.TensorProto):
+        value = numpy_helper.to_array(value)
+    value = np.asarray(value).reshape(-1)
+    if value.size != 1:
+        raise ValueError("ConstantOfShape: value must hold one element")
+    # a negative value fails the run when the VM allocates the output
+    dims = _to_shape(bb, _as_int64(bb, shape), rank, "const_d")
+    fill = relax.const(value.reshape(()), str(value.dtype))
+    return bb.emit_te(lambda v: te.compute(list(dims), lambda *_: v[()], name="fill"), fill,
+                      primfunc_name_hint="lepton_constant_of_shape")
+
+
+# ---------------------------------------------------------------------------- AffineGrid
+
+def convert_affine_grid(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                        opset: int) -> relax.Expr | None:
+    """AffineGrid with a run-time `size`, else None. The base grid is ONNX's (arange in
+    float64), the product with theta in float64; N is theta's."""
+    if len(inputs) < 2 or not _is_runtime(inputs[1]):
+        return None
+    theta, size = inputs
+    count = _static_len(size)
+    if count not in (4, 5) or _rank(theta) != 3 or not isinstance(theta.ty.shape,
+                                                                   relax.ShapeExpr):
+        raise ValueError("AffineGrid with a run-time size needs a 4- or 5-value size and a "
+                         "rank-3 theta")
+    spatial = count - 2
+    n = theta.ty.shape.values[0]
+    dims = _to_shape(bb, _as_int64(bb, size), count, "grid_d")[2:]
+    align = bool(attrs.get("align_corners", 0))
+    dtype = str(theta.ty.dtype)
+    f64 = "float64"
+
+    def grid(th: te.Tensor) -> te.Tensor:
+        def base(i: Any, length: Any) -> Any:
+            ln = tirx.Cast(f64, length)
+            if align:
+                step = tirx.const(2.0, f64) / (ln - tirx.const(1.0, f64))
+                return tirx.Select(length == 1, tirx.const(-1.0, f64),
+                                   tirx.const(-1.0, f64) + tirx.Cast(f64, i) * step)
+            step = tirx.const(2.0, f64) / ln
+            return tirx.const(-1.0, f64) + step / tirx.const(2.0, f64) + tirx.Cast(
+                f64, i) * step
+
+        def body(b: Any, *rest: Any) -> Any:
+            idx, j = rest[:-1], rest[-1]
+            # homogeneous coordinates: x (last axis) first, then y (, z), then 1
+            coords = [base(idx[spatial - 1 - c], dims[spatial - 1 - c]) for c in range(spatial)]
+            total = tirx.Cast(f64, th[b, j, spatial])
+            for c in range(spatial):
+                total = total + tirx.Cast(f64, th[b, j, c]) * coords[c]
+            return tirx.Cast(dtype, total)
+        return te.compute([n, *dims, spatial], body, name="affine_grid")
+
+    return bb.emit_te(grid, theta, primfunc_name_hint="lepton_affine_grid")
+
+
+# --------------------------------------------------------------------------------- Shape
+
+def convert_shape(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                  opset: int) -> relax.Expr | None:
+    """Shape of a tensor whose dims were computed at run time by a converter here (a Pad with
+    run-time pads, ...): an int64 tensor, not TVM's shape value, which its elementwise
+    converters refuse ("cannot handle ShapeExpr inputs"). Other tensors: TVM's converter."""
+    import numpy as np
+
+    data = inputs[0]
+    if not isinstance(data.ty, relax.TensorType) or not isinstance(data.ty.shape,
+                                                                   relax.ShapeExpr):
+        return None
+    values = list(data.ty.shape.values)
+    if not any(isinstance(d, tirx.Var) and any(d.same_as(v) for v in _RUNTIME_DIMS)
+               for d in values):
+        return None
+    rank = len(values)
+    start, end = int(attrs.get("start", 0)), attrs.get("end")
+    end = rank if end is None else int(end)
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    dims = _dims_tensor(bb, data)
+    if (start, end) == (0, rank):
+        return dims
+    if end <= start:
+        return relax.const(np.zeros(0, np.int64), "int64")
+    return relax.op.strided_slice(dims, axes=[0], begin=[start], end=[end])
+
+
 # ----------------------------------------------------------------------------- importer
 
 _CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
@@ -715,6 +1305,12 @@ _CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
     "TopK": convert_topk,
     "Split": convert_split,
     "Expand": convert_expand,
+    "Resize": convert_resize,
+    "Upsample": convert_upsample,
+    "Range": convert_range,
+    "ConstantOfShape": convert_constant_of_shape,
+    "AffineGrid": convert_affine_grid,
+    "Shape": convert_shape,
 }
 
 
@@ -743,4 +1339,53 @@ def from_onnx(model: Any) -> tvm.IRModule:
         if (t.elem_type == onnx.TensorProto.INT64 and dims is not None and len(dims) == 1
                 and dims[0].HasField("dim_value") and dims[0].dim_value == 0):
             empty[value.name] = [0]
-    return Importer(empty, "float32", keep_params_in_input=False).from_onnx(model.graph, opset)
+    _RUNTIME_DIMS.clear()
+    try:
+        mod = Importer(empty, "float32", keep_params_in_input=False).from_onnx(model.graph,
+                                                                              opset)
+    finally:
+        _RUNTIME_DIMS.clear()
+    return _fence_symbolic_dims(mod)
+
+
+def _fence_symbolic_dims(mod: tvm.IRModule) -> tvm.IRModule:
+    """Stop FuseOps from fusing across the match_casts that define run-time dims.
+
+    FuseOps emits a fused group where its first member was and orders the rest by the values
+    they use, not by symbolic vars: a group joining an op before such a match_cast with ops
+    whose shapes use its dims (e.g. Size -> Div before a Range, the Div's result multiplied
+    with the Range's output after it) lands before the match_cast, and the build fails
+    ("range_n0 has not been computed"). Each value defined before the match_cast and used
+    after it is re-bound right after it (`v' = match_cast(v, type of v)`, no copy), which
+    FuseOps does not fuse through."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    crossing: dict[Any, list[Any]] = {}
+    func = mod["main"]
+    for block in func.body.blocks:
+        bindings = list(block.bindings)
+        defined_at = {b.var: i for i, b in enumerate(bindings)}
+        used_at: dict[Any, list[int]] = {}
+        for i, b in enumerate(bindings):
+            for v in relax.analysis.free_vars(b.value):
+                used_at.setdefault(v, []).append(i)
+        for p, b in enumerate(bindings):
+            if not (isinstance(b, relax.MatchCast) and isinstance(b.ty,
+                                                                    relax.ShapeType)):
+                continue
+            crossing[b.var] = [v for v, i in defined_at.items() if i < p and isinstance(
+                v.ty, relax.TensorType) and any(u > p for u in used_at.get(v, []))]
+    if not any(crossing.values()):
+        return mod
+
+    @mutator
+    class Fence(PyExprMutator):
+        def visit_match_cast_(self, binding: relax.MatchCast) -> None:
+            super().visit_match_cast_(binding)
+            for v in crossing.get(binding.var, []):
+                fenced = self.builder_.match_cast(self.visit_expr(v), v.ty)
+                self.set_var_remap(v, fenced)
+
+    fence = Fence(mod)
+    mod["main"] = fence.visit_expr(func)
+    return mod

@@ -8,7 +8,9 @@ rewrite here turns such a graph into an equivalent one the importer handles (fou
   only reads `value` ("no value in Constant"). Rewritten to the `value` tensor form.
 * Function ops: ops that TVM has no converter for (Swish, Celu, RotaryEmbedding, the window
   functions, NegativeLogLikelihoodLoss, ...; QLinearConv, QLinearMatMul, ConvInteger,
-  LpNormalization and EyeLike with a dtype get bodies of our own from lowering/bodies.py) or converts wrongly (ai.onnx Attention is sent
+  LpNormalization, EyeLike with a dtype, RNN/GRU/LSTM, BatchNormalization in training mode and
+  IsInf with a detect_* flag off get bodies of our own from lowering/bodies.py) or converts
+  wrongly (ai.onnx Attention is sent
   to the com.microsoft Attention converter; LayerNormalization returns zeros for its Mean /
   InvStdDev outputs; Mish and Softplus lose precision, see `_PRECISE_SOFTPLUS`) are replaced
   by their ONNX function body, which uses ops TVM does handle.
@@ -20,9 +22,10 @@ rewrite here turns such a graph into an equivalent one the importer handles (fou
   handle ShapeExpr inputs", "Reshape requires the input new shape to be Shape").
 
 Graph *inputs* are never treated as constants: a shape, axes or scales tensor that is a
-runtime input stays one. lowering/dynamic_ops.py converts Reduce*, CumSum, Pad, TopK, Split
-and Reshape with such inputs; any other node that needs it constant fails TVM's import with
-a clear message, and the planner then runs it on onnxruntime.
+runtime input stays one. lowering/dynamic_ops.py converts Reduce*, CumSum, Pad, TopK, Split,
+Reshape, Expand, Range, ConstantOfShape, AffineGrid and Resize with such inputs; any other
+node that needs it constant fails TVM's import with a clear message, and the planner then
+runs it on onnxruntime.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def wrong_on_tvm(node: onnx.NodeProto) -> str | None:
         return "TVM 0.27's Mish is off by up to 1.3e-3 relative"
     if node.op_type == "RMSNormalization":
         return "TVM 0.27's RMSNormalization fails to build when it normalizes every axis"
+    if node.op_type == "IsInf" and any(a.name in ("detect_negative", "detect_positive")
+                                       and a.i == 0 for a in node.attribute):
+        return "TVM 0.27 ignores IsInf's detect_negative/detect_positive"
+    if node.op_type == "BatchNormalization" and any(
+            a.name == "training_mode" and a.i for a in node.attribute):
+        return "TVM 0.27 computes wrong running statistics in training mode"
     if node.op_type == "EyeLike" and any(a.name == "dtype" for a in node.attribute):
         return "TVM 0.27's EyeLike refuses a dtype attribute that differs from its input's"
     return None

@@ -83,9 +83,13 @@ def _empty_reduction(node: onnx.NodeProto, graph: Any) -> bool:
 
 
 def _resize_downsamples(node: onnx.NodeProto, graph: Any) -> bool:
-    """Linear/cubic Resize that shrinks some axis (or antialiases): TVM 0.27 gets it wrong."""
+    """Linear/cubic Resize that shrinks some axis (or antialiases): TVM 0.27 gets it wrong.
+    From opset 11 lowering/dynamic_ops.py converts every numeric Resize itself (any mode,
+    constant or run-time scales/sizes/roi); only the older ones reach TVM's converter."""
     mode = _attr(node, "mode", b"nearest")
     if mode in (b"nearest", "nearest"):
+        return False
+    if graph.opset >= 11 and graph.value_types.get(node.input[0]) in _INT_TYPES | _FLOAT_TYPES:
         return False
     if _attr(node, "antialias", 0):
         return True
@@ -149,10 +153,8 @@ _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
     "NonMaxSuppression": (lambda n, g: True, "TVM 0.27's NonMaxSuppression selects no boxes"),
     "ConvTranspose": (lambda n, g: _attr(n, "output_shape") is not None,
                       "TVM 0.27 ignores ConvTranspose's output_shape attribute"),
-    "BatchNormalization": (lambda n, g: bool(_attr(n, "training_mode", 0)),
-                           "TVM 0.27 computes wrong running statistics in training mode"),
-    "IsInf": (lambda n, g: not _attr(n, "detect_negative", 1) or not _attr(
-        n, "detect_positive", 1), "TVM 0.27 ignores IsInf's detect_negative/detect_positive"),
+    # (BatchNormalization in training mode and IsInf with a detect_* flag off get bodies of
+    # their own in lowering/bodies.py: see onnx_fixups.wrong_on_tvm)
     "Dropout": (lambda n, g: not onnx_fixups.dropout_in_inference(n) or (
         _used_outputs(n) > 1 and g.opset < 10),
                 "TVM 0.27 ignores training_mode (lepton-edge compiles inference-mode Dropout, "
@@ -166,6 +168,9 @@ _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
     "TopK": (_dynamic_refused, "TopK with a run-time k needs a static length of its axis"),
     "Resize": (_resize_downsamples,
                "TVM 0.27's linear/cubic Resize is wrong when it shrinks an axis or antialiases"),
+    "Range": (lambda n, g: any(_runtime(i, g) for i in n.input) and g.value_types.get(
+        n.input[0]) in (T.FLOAT16, T.BFLOAT16),
+              "Range with run-time inputs is compiled for float32/float64 and integers"),
     "RoiAlign": (lambda n, g: _attr(n, "mode", b"avg") in (b"max", "max"),
                  "TVM 0.27's RoiAlign max mode is wrong"),
 }

@@ -173,3 +173,122 @@ def test_inference_dropout_mask_is_bool_and_all_true(tmp_path) -> None:
     assert set(placement.values()) == {"cpu:0"}
     np.testing.assert_array_equal(y, x)
     assert m.dtype == np.bool_ and m.all()
+
+
+def _check_close(model: onnx.ModelProto, feeds: dict, tmp_path, rtol: float = 1e-5) -> None:
+    """Compiled on TVM, against onnxruntime (float results: to a tolerance)."""
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    got, placement = _run_compiled(model, feeds, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}, placement  # on TVM, no fallback
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-6)
+
+
+def _recurrent_model(op: str, hidden: int, x_shape: list[int], dirs: int, extra: dict,
+                     outputs: int, **attrs) -> tuple[onnx.ModelProto, dict]:
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
+    size = x_shape[-1]
+    values = {"x": rng.standard_normal(x_shape).astype(np.float32),
+              "w": rng.standard_normal((dirs, gates * hidden, size)).astype(np.float32) * 0.5,
+              "r": rng.standard_normal((dirs, gates * hidden, hidden)).astype(np.float32) * 0.5,
+              **extra}
+    order = ["x", "w", "r", "b", "lens", "h0", "c0", "p"]
+    names = [n if n in values else "" for n in order]
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node(op, names, ["y", "y_h", "y_c"][:outputs], hidden_size=hidden,
+                            **attrs)
+    inputs = [helper.make_tensor_value_info(
+        n, TensorProto.INT32 if n == "lens" else TensorProto.FLOAT, values[n].shape)
+        for n in names if n]
+    steps, batch = x_shape[:2] if not attrs.get("layout") else x_shape[1::-1]
+    y = [steps, dirs, batch, hidden] if not attrs.get("layout") else [batch, steps, dirs, hidden]
+    state = [dirs, batch, hidden] if not attrs.get("layout") else [batch, dirs, hidden]
+    graph = helper.make_graph([node], "g", inputs, [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, y if o == "y" else state)
+        for o in node.output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model, {n: values[n] for n in names if n}
+
+
+def test_gru_linear_before_reset_clip_and_initial_state(tmp_path) -> None:
+    dirs, hidden = 1, 4
+    model, feeds = _recurrent_model(
+        "GRU", hidden, [2, 2, 3], dirs, {
+            "b": rng.standard_normal((dirs, 6 * hidden)).astype(np.float32),
+            "h0": rng.standard_normal((dirs, 2, hidden)).astype(np.float32)},
+        2, direction="reverse", linear_before_reset=1, clip=1.5)
+    _check_close(model, feeds, tmp_path)
+
+
+def test_lstm_peepholes_and_sequence_lengths(tmp_path) -> None:
+    hidden = 3
+    model, feeds = _recurrent_model(
+        "LSTM", hidden, [3, 3, 2], 1, {
+            "b": rng.standard_normal((1, 8 * hidden)).astype(np.float32),
+            "lens": np.array([3, 1, 2], np.int32),
+            "h0": rng.standard_normal((1, 3, hidden)).astype(np.float32),
+            "c0": rng.standard_normal((1, 3, hidden)).astype(np.float32),
+            "p": rng.standard_normal((1, 3 * hidden)).astype(np.float32)}, 3)
+    _check_close(model, feeds, tmp_path)
+
+
+def test_rnn_batch_first_bidirectional(tmp_path) -> None:
+    # onnxruntime has no batch-first (layout=1) recurrent ops: against onnx's reference
+    model, feeds = _recurrent_model("RNN", 5, [2, 3, 3], 2, {}, 2,
+                                    direction="bidirectional", layout=1)
+    want = ReferenceEvaluator(model).run(None, feeds)
+    got, placement = _run_compiled(model, feeds, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}, placement
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_ops_without_a_body_stay_off_tvm() -> None:
+    """Variable lengths in reverse, activation parameters: no body (onnxruntime runs them)."""
+    types = {n: helper.make_tensor_type_proto(TensorProto.FLOAT, s)
+             for n, s in {"x": [3, 2, 4], "w": [1, 4, 4], "r": [1, 4, 4]}.items()}
+    types["lens"] = helper.make_tensor_type_proto(TensorProto.INT32, [2])
+    reverse = helper.make_node("RNN", ["x", "w", "r", "", "lens"], ["y"], hidden_size=4,
+                               direction="reverse")
+    assert bodies.body(reverse, 14, types) is None
+    scaled = helper.make_node("RNN", ["x", "w", "r"], ["y"], hidden_size=4,
+                              activations=["LeakyRelu"], activation_alpha=[0.3])
+    assert bodies.body(scaled, 14, types) is None
+    plain = helper.make_node("RNN", ["x", "w", "r"], ["y"], hidden_size=4)
+    assert bodies.body(plain, 14, types) is not None
+
+
+def test_batchnorm_training_mode_statistics(tmp_path) -> None:
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    stats = {n: rng.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("s", "b", "m", "v")}
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"],
+                            ["y", "rm", "rv"], training_mode=1, momentum=0.7, epsilon=1e-3)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)] + [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in stats],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, x.shape if o == "y" else [3])
+         for o in node.output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    feeds = {"x": x, **stats}
+    want = ReferenceEvaluator(model).run(None, feeds)
+    got, placement = _run_compiled(model, feeds, tmp_path)
+    assert set(placement.values()) == {"cpu:0"}, placement
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", [(1, 0), (0, 1), (0, 0)])
+def test_isinf_detect_flags(flags: tuple[int, int], tmp_path) -> None:
+    pos, neg = flags
+    x = np.array([np.inf, -np.inf, 0.0, np.nan, 3.0, -np.inf], np.float32)
+    node = helper.make_node("IsInf", ["x"], ["y"], detect_positive=pos, detect_negative=neg)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [6])], [helper.make_tensor_value_info("y", TensorProto.BOOL,
+                                                                        [6])])
+    _check(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), {"x": x},
+           tmp_path)

@@ -231,12 +231,17 @@ def _reason(model: onnx.ModelProto) -> str | None:
 
 
 def test_resize_that_shrinks_and_empty_reductions_are_kept_off_tvm():
-    # both compile on TVM 0.27 and return wrong numbers (found with constant scales / axes)
+    # both compile on TVM 0.27 and return wrong numbers (found with constant scales / axes);
+    # from opset 11 lowering/dynamic_ops.py converts Resize itself, so only Resize-10 is kept
     scales = numpy_helper.from_array(np.array([1, 1, 0.6, 0.6], np.float32), "scales")
     shrink = _model([h.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear")],
                     [_vi("x", T.FLOAT, [1, 1, 5, 5])], [_vi("y", T.FLOAT, None)], opset=19,
                     inits=[scales])
-    assert "shrinks an axis" in _reason(shrink)
+    assert _reason(shrink) is None
+    old = _model([h.make_node("Resize", ["x", "scales"], ["y"], mode="linear")],
+                 [_vi("x", T.FLOAT, [1, 1, 5, 5])], [_vi("y", T.FLOAT, None)], opset=10,
+                 inits=[scales])
+    assert "shrinks an axis" in _reason(old)
     grow = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
     upsample = _model([h.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear")],
                       [_vi("x", T.FLOAT, [1, 1, 5, 5])], [_vi("y", T.FLOAT, None)],
@@ -245,6 +250,22 @@ def test_resize_that_shrinks_and_empty_reductions_are_kept_off_tvm():
     empty = _model([h.make_node("ReduceSum", ["x"], ["y"], keepdims=1)],
                    [_vi("x", T.FLOAT, [2, 0, 3])], [_vi("y", T.FLOAT, None)], opset=11)
     assert "empty tensor" in _reason(empty)
+
+
+def test_recurrent_ops_batchnorm_training_and_isinf_flags_are_expanded():
+    """Ops TVM lacks or gets wrong that get bodies of their own (lowering/bodies.py)."""
+    x = _vi("x", T.FLOAT, [3, 2, 4])
+    lstm = _model([h.make_node("LSTM", ["x", "w", "r"], ["y", "y_h"], hidden_size=5)],
+                  [x, _vi("w", T.FLOAT, [1, 20, 4]), _vi("r", T.FLOAT, [1, 20, 5])],
+                  [_vi("y", T.FLOAT, [3, 1, 2, 5]), _vi("y_h", T.FLOAT, [1, 2, 5])], opset=14)
+    assert _reason(lstm) is None
+    assert "LSTM" not in [n.op_type for n in onnx_fixups.apply(lstm).graph.node]
+    isinf = _model([h.make_node("IsInf", ["x"], ["y"], detect_negative=0)], [x],
+                   [_vi("y", T.BOOL, [3, 2, 4])], opset=20)
+    assert _reason(isinf) is None
+    assert onnx_fixups.wrong_on_tvm(isinf.graph.node[0]) is not None
+    plain = h.make_node("IsInf", ["x"], ["y"])
+    assert onnx_fixups.wrong_on_tvm(plain) is None
 
 
 def test_reduce_max_with_runtime_axes_keeps_infinities_without_the_rewrite():
