@@ -43,9 +43,142 @@ def import_onnx(proto: onnx.ModelProto) -> Any:
         # fold constant shape arithmetic, replace ops TVM lacks or gets wrong (onnx_fixups.py)
         proto = onnx_fixups.apply(proto)
         # TVM's importer, plus converters for axes/pads/k/... given at run time (dynamic_ops.py)
-        return dynamic_ops.from_onnx(proto)
+        mod = dynamic_ops.from_onnx(proto)
     except Exception as exc:  # noqa: BLE001 - the importer raises anything; name it for the user
         raise TargetError(f"TVM could not import the graph: {_first_line(exc)}") from exc
+    return fold_constant_calls(mod)
+
+
+def _numpy_folds() -> dict[str, Any]:
+    """Relax op -> numpy evaluation (args, attrs) -> array, or None where it would not be
+    exact or not what Relax computes (mixed dtypes, out-of-range indices)."""
+    import numpy as np
+
+    def same_dtype(f: Any, bool_out: bool = False) -> Any:
+        def fold(a: list[Any], _attrs: Any) -> Any:
+            if a[0].dtype != a[1].dtype:
+                return None  # Relax's binary ops take one dtype; TVM decides otherwise
+            out = f(a[0], a[1])
+            return out if out.dtype == (np.bool_ if bool_out else a[0].dtype) else None
+        return fold
+
+    def where(a: list[Any], _attrs: Any) -> Any:
+        return np.where(a[0], a[1], a[2]) if a[1].dtype == a[2].dtype else None
+
+    def transpose(a: list[Any], attrs: Any) -> Any:
+        return np.transpose(a[0], None if attrs.axes is None else [int(x) for x in attrs.axes])
+
+    def take(a: list[Any], attrs: Any) -> Any:
+        data, indices = a
+        axis = int(attrs.axis) if attrs.axis is not None else None
+        size = data.size if axis is None else data.shape[axis]
+        if indices.dtype.kind not in "iu" or ((indices < 0) | (indices >= size)).any():
+            return None
+        return np.take(data, indices, axis=axis)
+
+    folds = {f"relax.{k}": same_dtype(f) for k, f in (
+        ("add", np.add), ("subtract", np.subtract), ("multiply", np.multiply))}
+    folds.update({f"relax.{k}": same_dtype(f, bool_out=True) for k, f in (
+        ("less", np.less), ("less_equal", np.less_equal), ("greater", np.greater),
+        ("greater_equal", np.greater_equal), ("equal", np.equal), ("not_equal", np.not_equal),
+        ("logical_and", np.logical_and), ("logical_or", np.logical_or))})
+    folds.update({"relax.where": where, "relax.permute_dims": transpose, "relax.take": take})
+    return folds
+
+
+def fold_constant_calls(mod: Any) -> Any:
+    """Relax calls whose arguments are all constants (or variables bound to constants),
+    evaluated with numpy: data movement, comparisons, integer and IEEE add/subtract/multiply,
+    select, and shape_to_tensor of a static shape. All exact.
+
+    TVM's FoldConstant would compile and run one kernel per such call after legalization:
+    a BERT-base graph's 12 transposed Gemm weights, 36 Gather index checks and 36 static
+    shape_to_tensor + take pairs cost it 5-10 s of every compile (also when tuning records
+    are only applied). Other calls stay for it (see legalize_passes).
+    """
+    import numpy as np
+    import tvm
+    from tvm import relax as rx
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    folds = _numpy_folds()
+
+    @mutator
+    class Fold(PyExprMutator):  # type: ignore[misc]
+        def constant(self, expr: Any) -> Any:
+            """`expr` if it is a constant, the constant a variable is bound to, or None."""
+            if isinstance(expr, rx.Var):
+                expr = self.lookup_binding(expr)
+            return expr if isinstance(expr, tvm.ir.GenericConst) else None
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or not call.args:
+                return call
+            if call.op.name == "relax.shape_to_tensor":
+                arg = call.args[0]
+                values = arg.values if isinstance(arg, rx.ShapeExpr) else getattr(
+                    getattr(arg, "ty", None), "values", None)  # a Var of a known shape
+                dims = [getattr(d, "value", None) for d in values or ()]
+                if values is None or not all(isinstance(d, int) for d in dims):
+                    return call
+                return rx.const(np.array(dims, np.int64), "int64")
+            fold = folds.get(call.op.name)
+            consts = [self.constant(a) for a in call.args]
+            if fold is None or any(c is None for c in consts):
+                return call
+            value = fold([c.value.numpy() for c in consts], call.attrs)
+            if value is None:
+                return call
+            value = np.asarray(value)
+            return rx.const(value, str(value.dtype))
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, rx.Function):
+            mod[gvar] = Fold(mod).visit_expr(func)
+    return mod
+
+
+def _has_constant_call(mod: Any) -> bool:
+    """Whether some call in a Relax function has only constant arguments (call_tir: its
+    tensor arguments), i.e. whether FoldConstant has anything to do."""
+    import tvm
+    from tvm import relax as rx
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    found = []
+
+    @visitor
+    class Find(PyExprVisitor):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> None:
+            args = list(call.args)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir":
+                args = list(args[1].fields) if isinstance(args[1], rx.Tuple) else args[1:2]
+            elif not args:
+                args = [None]
+            if all(isinstance(a, tvm.ir.GenericConst) for a in args):
+                found.append(call)
+            super().visit_call_(call)
+
+    for func in mod.functions.values():
+        if isinstance(func, rx.Function) and not found:
+            Find().visit_expr(func)
+    return bool(found)
+
+
+def legalize_passes() -> list[Any]:
+    """TVM's CPU legalization passes, FoldConstant run only when it has something to fold:
+    on a module with nothing to fold it still takes seconds per 100 MB of weights (5 s for
+    BERT-base here, every compile)."""
+    import tvm
+    from tvm import relax as rx
+
+    @tvm.transform.module_pass(opt_level=0, name="LeptonFoldConstantIfAny")
+    def fold_if_any(mod: Any, _ctx: Any) -> Any:
+        return rx.transform.FoldConstant()(mod) if _has_constant_call(mod) else mod
+
+    return [rx.transform.LegalizeOps(), rx.transform.AnnotateTIROpPattern(), fold_if_any,
+            rx.transform.FuseOps(), rx.transform.FuseTIR()]
 
 
 def lower_int8(mod: Any) -> tuple[Any, Any]:

@@ -160,6 +160,8 @@ def cpu_pipeline(target: Any, *, log: Log | None = None,
     fusion (the place where the GPU pipeline runs dlight)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from lepton_edge.lowering.relax import legalize_passes
+
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
     @tvm.transform.module_pass(opt_level=0, name="LeptonCpuPipeline")
@@ -168,7 +170,7 @@ def cpu_pipeline(target: Any, *, log: Log | None = None,
             seq = tvm.transform.Sequential([
                 PackConvWeights(target, log),
                 *cpu.library_dispatch_passes(target),
-                *cpu.legalize_passes(target),
+                *legalize_passes(),  # TVM's, FoldConstant only if needed
                 DefaultSchedules(target, log, report),
                 *cpu.dataflow_lower_passes(target),
                 *finalize_passes(target),

@@ -252,13 +252,15 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     very same passes so that the database keys (structural hashes) match."""
     from tvm.relax import pipeline
 
+    from lepton_edge.lowering.relax import legalize_passes
+
     try:
         with target:
             return tvm.transform.Sequential([
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 *pipeline.library_dispatch_passes(target),
-                *pipeline.legalize_passes(target),
+                *legalize_passes(),  # TVM's, FoldConstant only if needed
                 # Reshapes become VM builtins when lowering: not kernels worth trials.
                 relax.transform.RewriteDataflowReshape(),
             ])(mod)
