@@ -208,11 +208,18 @@ def _validated(
     proto, opset_note = _into_opset_range(proto, where)
     opset = _default_opset(proto, where)
     _check_ops(proto, opset, where)
-    if not checked:
-        _check(lambda: onnx.checker.check_model(proto), where)
     _name_free_dims(proto)
+    # Serialized once for the checker and inference (each would serialize it again: about a
+    # second per 300 MB of weights).
+    try:
+        data: bytes | None = proto.SerializeToString()
+    except Exception:  # noqa: BLE001 - over protobuf's 2 GB: the checks take the proto as before
+        data = None
+    if not checked:
+        _check(lambda: onnx.checker.check_model(proto if data is None else data), where)
     try:  # with constant shape arithmetic propagated (static Expand/Reshape outputs)
-        inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+        inferred = shape_inference.infer_shapes(proto if data is None else data,
+                                                check_type=True, strict_mode=True,
                                                 data_prop=True)
     except Exception:  # noqa: BLE001 - any failure: retry plainly, which names it clearly
         # without data propagation; a model that fails this too gets its clear error here,
