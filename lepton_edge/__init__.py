@@ -18,6 +18,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from lepton_edge.threads import default_tvm_threads  # noqa: E402
+
+default_tvm_threads()  # before TVM is imported: its own default is half the CPUs on x86
+
 from lepton_edge import errors, runtime  # noqa: E402
 from lepton_edge.errors import (  # noqa: E402
     ArtifactError,
