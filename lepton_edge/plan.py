@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from lepton_edge.errors import TargetError, UnsupportedOpsError
+from lepton_edge.lowering import onnx_fixups
 from lepton_edge.model import MAX_OPSET, ML_DOMAIN, Model, revised_op, same_at_max_opset
 from lepton_edge.target import Profile, Target, TargetPlugin, resolve
 
@@ -425,33 +426,11 @@ def _small_constants(nodes: list[onnx.NodeProto]) -> dict[str, onnx.TensorProto]
         if node.op_type != "Constant" or (node.domain or "") not in ("", "ai.onnx") or len(
                 node.output) != 1 or not node.output[0]:
             continue
-        tensor = _constant_value(node)
+        tensor = onnx_fixups.constant_tensor(node)
         if tensor is not None and int(np.prod(tensor.dims)) <= MAX_SHARED_CONSTANT:
             tensor.name = node.output[0]
             constants[node.output[0]] = tensor
     return constants
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The tensor a Constant node makes (every value_* form but sparse), or None."""
-    if len(node.attribute) != 1:
-        return None
-    attr = node.attribute[0]
-    T = onnx.TensorProto
-    value = helper.get_attribute_value(attr)
-    if attr.name == "value":
-        copy = onnx.TensorProto()
-        copy.CopyFrom(value)
-        return copy if not copy.HasField("data_location") or copy.data_location == (
-            T.DEFAULT) else None
-    scalar = attr.name in ("value_float", "value_int", "value_string")
-    kind = {"value_float": T.FLOAT, "value_floats": T.FLOAT, "value_int": T.INT64,
-            "value_ints": T.INT64, "value_string": T.STRING, "value_strings": T.STRING
-            }.get(attr.name)
-    if kind is None:
-        return None  # sparse_value: stays an input
-    values = [value] if scalar else list(value)
-    return helper.make_tensor("", kind, [] if scalar else [len(values)], values)
 
 
 def _subgraph(

@@ -293,6 +293,21 @@ def _constant_value_form(node: onnx.NodeProto) -> bool:
     return False
 
 
+def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a Constant node makes (`value` or any value_* form but sparse), or None."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    _constant_value_form(copy)
+    attrs = [a for a in copy.attribute if a.name == "value"]
+    if copy.op_type != "Constant" or len(copy.attribute) != 1 or not attrs:
+        return None
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(attrs[0].t)
+    if tensor.HasField("data_location") and tensor.data_location != onnx.TensorProto.DEFAULT:
+        return None  # external data: stays an input
+    return tensor
+
+
 def _precise_softplus(model: onnx.ModelProto, opset: int) -> bool:
     """Softplus(x) -> max(x, 0) + log1p(exp(-|x|)), log1p in Kahan's exact form.
 

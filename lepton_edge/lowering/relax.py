@@ -89,7 +89,8 @@ def _numpy_folds() -> dict[str, Any]:
 def fold_constant_calls(mod: Any) -> Any:
     """Relax calls whose arguments are all constants (or variables bound to constants),
     evaluated with numpy: data movement, comparisons, integer and IEEE add/subtract/multiply,
-    select, and shape_to_tensor of a static shape. All exact.
+    select, and shape_to_tensor of a static shape. All exact. Also drops zero-extent constant
+    concat operands (see Fold.without_empty_constants).
 
     TVM's FoldConstant would compile and run one kernel per such call after legalization:
     a BERT-base graph's 12 transposed Gemm weights, 36 Gather index checks and 36 static
@@ -111,10 +112,32 @@ def fold_constant_calls(mod: Any) -> Any:
                 expr = self.lookup_binding(expr)
             return expr if isinstance(expr, tvm.ir.GenericConst) else None
 
+        def without_empty_constants(self, call: Any) -> Any:
+            """Concat operands that are constants of extent 0 along the axis, dropped: TVM
+            0.27 writes a zero-size constant into the executable but cannot load it back
+            ("Invalid DLTensor file format"); e.g. CausalConvWithState's body with kernel
+            size 1 concatenates an empty (B, C, 0) padding."""
+            if call.attrs.axis is None or not isinstance(call.args[0], rx.Tuple):
+                return call
+            axis = int(call.attrs.axis)
+
+            def empty(field: Any) -> bool:
+                const = self.constant(field)
+                shape = const.value.shape if const is not None else ()
+                return bool(shape) and int(shape[axis % len(shape)]) == 0
+
+            fields = list(call.args[0].fields)
+            kept = [f for f in fields if not empty(f)]
+            if not kept or len(kept) == len(fields):
+                return call
+            return rx.op.concat(rx.Tuple(kept), axis=axis)
+
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             if not isinstance(call.op, tvm.ir.Op) or not call.args:
                 return call
+            if call.op.name == "relax.concat":
+                return self.without_empty_constants(call)
             if call.op.name == "relax.shape_to_tensor":
                 arg = call.args[0]
                 values = arg.values if isinstance(arg, rx.ShapeExpr) else getattr(

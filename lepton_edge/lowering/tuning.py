@@ -231,9 +231,8 @@ def tune_and_build(
     before = len(database)
     started = time.perf_counter()
     # Prepared once: the tasks are extracted from, and the database applied to, the same
-    # module. Preparing is mostly FoldConstant (it compiles and runs the transposes of constant
-    # weights and shape computations): 9-25 s for a BERT-base-sized model here, so it was
-    # most of a compile from the database when it ran twice.
+    # module (preparing twice cost a BERT-base-sized model 9-25 s of FoldConstant before
+    # relax.fold_constant_calls took that work over).
     prepared = _prepare(mod, target)
     say(f"legalized and fused in {time.perf_counter() - started:.1f} s")
     if trials > 0:

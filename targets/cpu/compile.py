@@ -67,7 +67,7 @@ class CpuTarget(Target):
     def compile(self, subgraph: onnx.ModelProto, profile: Profile) -> Build:
         self.check_toolchain(profile)
         target, meta = self.llvm_target(profile)
-        mod = _without_empty_concat_constants(relax.import_onnx(subgraph))
+        mod = relax.import_onnx(subgraph)
         lowering = None
         packed: list[str] = []
         if _has_qdq(subgraph):
@@ -101,50 +101,10 @@ class CpuTarget(Target):
         return Build(target=self.name, profile=profile.name, files={"lib.so": library}, meta=meta)
 
 
-def _without_empty_concat_constants(mod: Any) -> Any:
-    """Concat operands that are constants of extent 0 along the axis, dropped (exact).
-
-    TVM 0.27 writes a zero-size constant into the executable's constant pool but cannot read
-    it back ("Invalid DLTensor file format" when the library is loaded). Function bodies
-    make such constants, e.g. CausalConvWithState with kernel size 1 concatenates an empty
-    (B, C, 0) padding onto its input. Other zero-size constants are caught by
-    _check_loadable.
-    """
-    import tvm
-    from tvm import relax as rx
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    def empty_along(field: Any, axis: int) -> bool:
-        value = getattr(field, "value", None) if isinstance(field, tvm.ir.GenericConst) else None
-        if not isinstance(value, tvm.runtime.Tensor) or not value.shape:
-            return False
-        return int(value.shape[axis % len(value.shape)]) == 0
-
-    @mutator
-    class DropEmpty(PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.concat"
-                    and isinstance(call.args[0], rx.Tuple)):
-                return call
-            fields = list(call.args[0].fields)
-            if call.attrs.axis is None:  # concatenating flattened tensors
-                return call
-            axis = int(call.attrs.axis)
-            kept = [f for f in fields if not empty_along(f, axis)]
-            if not kept or len(kept) == len(fields):
-                return call
-            return rx.op.concat(rx.Tuple(kept), axis=axis)
-
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, rx.Function):
-            mod[gvar] = DropEmpty(mod).visit_expr(func)
-    return mod
-
-
 def _check_loadable(library: bytes) -> None:
     """Load the built library once, so a build the TVM runtime cannot load fails here (the
-    subgraph then runs on onnxruntime) rather than on the device."""
+    subgraph then runs on onnxruntime) rather than on the device. (Zero-size constants, which
+    TVM 0.27 writes but cannot read back, are mostly removed at import: lowering/relax.py.)"""
     import tempfile
     from pathlib import Path
 

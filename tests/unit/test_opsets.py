@@ -342,13 +342,13 @@ def test_zipmap_output_names_the_skl2onnx_option() -> None:
 def test_shared_constant_values_match_onnx(attr) -> None:
     from onnx.reference import ReferenceEvaluator
 
-    from lepton_edge.plan import _constant_value
+    from lepton_edge.lowering.onnx_fixups import constant_tensor
 
     node = h.make_node("Constant", [], ["c"], **attr)
     graph = h.make_graph([node], "g", [], [h.make_value_info("c", onnx.TypeProto())])
     want = ReferenceEvaluator(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])).run(
         None, {})[0]
-    got = numpy_helper.to_array(_constant_value(node))
+    got = numpy_helper.to_array(constant_tensor(node))
     assert got.shape == np.asarray(want).shape
     np.testing.assert_array_equal(got.astype(np.asarray(want).dtype), want)
     if got.dtype.kind != "O":
