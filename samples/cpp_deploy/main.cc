@@ -14,12 +14,15 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <sched.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -34,6 +37,44 @@ constexpr int kPooledAllocator = 2;
 
 // Every error ends up as "error: <message>" on stderr and exit status 1.
 [[noreturn]] void Fail(const std::string& message) { throw std::runtime_error(message); }
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool size. TVM 0.27 starts its CPU pool with half the logical CPUs on x86 (it assumes
+// two hyper-threads per core), so on a VM whose vCPUs are one thread per core every kernel
+// would run on half the cores. As lepton-edge's Python runtime does (lepton_edge/threads.py),
+// set TVM_NUM_THREADS to the physical cores this process may run on, unless the user set it.
+// The pool reads the variable when the first kernel runs, so this must happen before that.
+// ---------------------------------------------------------------------------------------------
+
+// Distinct physical cores among the CPUs in this process's affinity mask (Linux sysfs
+// topology: CPUs sharing a core have the same thread_siblings_list).
+int PhysicalCores() {
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return 1;
+  std::set<std::string> cores;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &mask)) continue;
+    std::ifstream f("/sys/devices/system/cpu/cpu" + std::to_string(cpu) +
+                    "/topology/thread_siblings_list");
+    std::string siblings;
+    if (!(f && std::getline(f, siblings))) siblings = "cpu" + std::to_string(cpu);
+    cores.insert(siblings);
+  }
+  return cores.empty() ? 1 : static_cast<int>(cores.size());
+}
+
+void DefaultThreads() {
+  const char* set = std::getenv("TVM_NUM_THREADS");
+  if (set != nullptr && *set != '\0') return;
+  setenv("TVM_NUM_THREADS", std::to_string(PhysicalCores()).c_str(), /*overwrite=*/0);
+}
+
+// The size of the pool TVM actually started (after the first kernel ran).
+int64_t PoolThreads() {
+  ffi::Optional<ffi::Function> f = ffi::Function::GetGlobal("runtime.NumThreads");
+  return f.has_value() ? (*f)().cast<int64_t>() : -1;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Minimal, strict .npy reader/writer (format versions 1.0, 2.0 and 3.0).
@@ -195,6 +236,7 @@ int Run(const std::string& model_path, const std::string& input_path,
   // 1. Load the shared library. The Relax bytecode is embedded in it; the compiled kernels are
   //    its symbols. Loading needs libtvm_runtime.so in the process (linked in by CMake).
   //    The path is made absolute: dlopen("model.so") would search the library path, not ".".
+  DefaultThreads();  // before any kernel runs
   std::error_code ec;
   if (!std::filesystem::is_regular_file(model_path, ec))
     Fail("cannot open model file " + model_path);
@@ -245,7 +287,7 @@ int Run(const std::string& model_path, const std::string& input_path,
 
   std::cout << "wrote " << output_path << " shape (";
   for (int i = 0; i < out.ndim; ++i) std::cout << (i ? ", " : "") << out.shape[i];
-  std::cout << ")" << std::endl;
+  std::cout << ") threads " << PoolThreads() << std::endl;
   // Tensors returned by the VM are freed by code in the loaded modules, so `y` must be released
   // before `vm` and `lib`: locals are destroyed in reverse order, which does that here.
   return 0;

@@ -67,10 +67,10 @@ def lepton_deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
-def run(binary: Path, *args: Path) -> subprocess.CompletedProcess:
+def run(binary: Path, *args: Path, **env: str) -> subprocess.CompletedProcess:
     # No LD_LIBRARY_PATH: the binary finds libtvm_runtime/libtvm_ffi through its RUNPATH.
     return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin"})
+                          timeout=60, env={"PATH": "/usr/bin:/bin", **env})
 
 
 @pytest.mark.parametrize("two_outputs", [False, True], ids=["one_output", "tuple_output"])
@@ -89,6 +89,21 @@ def test_cpp_deploy_matches_onnxruntime(lepton_deploy: Path, tmp_path: Path, two
     want = session.run(["y"], {"x": x})[0]
     assert got.dtype == np.float32 and got.shape == (3, 5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_deploy_thread_pool_gets_the_physical_cores(lepton_deploy: Path, tmp_path: Path):
+    """Like lepton_edge/threads.py: TVM_NUM_THREADS = physical cores unless the user set it
+    (TVM alone starts half the logical CPUs on x86: 1 on this 2-vCPU VM)."""
+    from lepton_edge.threads import physical_cores
+
+    so = compile_to_so(tiny_model(False), tmp_path / "model.so")
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+    proc = run(lepton_deploy, so, tmp_path / "x.npy", tmp_path / "y.npy")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["threads", str(physical_cores())], proc.stdout
+    proc = run(lepton_deploy, so, tmp_path / "x.npy", tmp_path / "y.npy", TVM_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["threads", "1"], proc.stdout
 
 
 def test_cpp_deploy_rejects_bad_input(lepton_deploy: Path, tmp_path: Path):
