@@ -25,7 +25,15 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, shape_inference
 
 from lepton_edge.errors import ModelError, UnsupportedOpsError
-from lepton_edge.signature import OPTIONAL, OPTIONAL_SEQUENCE, SEQUENCE, TENSOR, Dim, TensorSpec
+from lepton_edge.signature import (
+    NARROW_DTYPES,
+    OPTIONAL,
+    OPTIONAL_SEQUENCE,
+    SEQUENCE,
+    TENSOR,
+    Dim,
+    TensorSpec,
+)
 
 # The ai.onnx opsets TVM compiles. Older models are upgraded with onnx.version_converter;
 # newer ones (TVM 0.27's importer predates them) are relabelled or converted down when
@@ -506,11 +514,6 @@ def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
     tensor_type = inner.tensor_type
     elem_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type in (
         onnx.TensorProto.DataType.values()) else str(tensor_type.elem_type)
-    if elem_name.startswith(("FLOAT8", "FLOAT4", "INT4", "UINT4", "INT2", "UINT2")):
-        raise ModelError(
-            f"{where}: graph input/output '{value.name}' is {elem_name.lower()}; sub-byte and "
-            "float8 tensors are not supported at the graph boundary yet (convert them inside "
-            "the model with Cast)")
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     except (KeyError, TypeError, ValueError):
@@ -518,6 +521,11 @@ def _spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
             f"{where}: '{value.name}' has element type {tensor_type.elem_type}, which has no "
             "numpy equivalent"
         ) from None
+    if np.dtype(dtype).kind == "V" and dtype not in NARROW_DTYPES | {"bfloat16"}:
+        raise ModelError(
+            f"{where}: graph input/output '{value.name}' is {elem_name.lower()}; lepton-edge "
+            f"takes bfloat16, {', '.join(sorted(NARROW_DTYPES))} (ml_dtypes arrays) at the "
+            "graph boundary, not this type (convert it inside the model with Cast)")
     if not tensor_type.HasField("shape"):
         if kind == TENSOR:
             raise ModelError(f"{where}: '{value.name}' has no shape; export the model with "

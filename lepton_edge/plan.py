@@ -6,7 +6,9 @@ with the same assignment are grouped into subgraphs that can never form a cycle:
 "level" is the largest level of its producers, plus one where the assignment changes, and a
 subgraph is all nodes of one (target, level). Every edge between two subgraphs therefore
 goes to a strictly higher level, so running subgraphs in level order is always valid.
-Each subgraph is emitted as a standalone, valid ONNX model.
+Each subgraph is emitted as a standalone, valid ONNX model; a compiled one has its Scans
+unrolled and, in a model above MAX_OPSET, the revised ops lepton-edge lowers itself renamed
+or expanded (`_lowered`) before it is relabelled to MAX_OPSET for TVM's importer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import onnx
 from onnx import helper
 
 from lepton_edge.errors import TargetError, UnsupportedOpsError
-from lepton_edge.lowering import onnx_fixups
+from lepton_edge.lowering import bodies, onnx_fixups
 from lepton_edge.model import MAX_OPSET, ML_DOMAIN, Model, revised_op, same_at_max_opset
 from lepton_edge.target import Profile, Target, TargetPlugin, resolve
 
@@ -40,6 +42,22 @@ class GraphView:
     outputs: tuple[str, ...] = ()
     # values that are not tensors (sequences, optionals): name -> "sequence<tensor>", ...
     value_kinds: dict[str, str] = field(default_factory=dict)
+    # the model's own ai.onnx opset when it is above `opset` (MAX_OPSET): revised ops that
+    # lepton-edge lowers itself (lowering/bodies.py's REVISED_OWN / REVISED_EXPANDED) are
+    # judged at it; 0 when the model is at `opset` or below
+    model_opset: int = 0
+
+    def input_types(self, node: onnx.NodeProto) -> dict[str, onnx.TypeProto]:
+        """Type protos (element type and known dims) of `node`'s inputs."""
+        types = {}
+        for name in node.input:
+            if name and name in self.value_types:
+                dims = self.value_shapes.get(name)
+                types[name] = helper.make_tensor_type_proto(
+                    self.value_types[name],
+                    None if dims is None else [d if isinstance(d, int) else None
+                                               for d in dims])
+        return types
 
 
 @dataclass(frozen=True)
@@ -122,11 +140,13 @@ def graph_view(model: Model) -> GraphView:
         types[name] = tensor.data_type
         shapes[name] = tuple(tensor.dims)
     # Targets only see nodes that mean the same at MAX_OPSET (revised ones are planned on
-    # onnxruntime, see _fallback_only), so they judge them at the opset TVM knows.
+    # onnxruntime, see _fallback_only), so they judge them at the opset TVM knows; revised
+    # ops lepton-edge lowers itself (bodies.revised_lowering) are judged at model_opset.
     return GraphView(value_types=types, value_shapes=shapes, initializers=inits,
                      opset=min(model.opset, MAX_OPSET), nodes=tuple(graph.node),
                      outputs=tuple(o.name for o in graph.output),
-                     value_kinds=_non_tensor_values(graph))
+                     value_kinds=_non_tensor_values(graph),
+                     model_opset=model.opset if model.opset > MAX_OPSET else 0)
 
 
 # Ops that always take or make a sequence, whatever shape inference recorded (a value it
@@ -191,7 +211,8 @@ def _fallback_only(node: onnx.NodeProto, kinds: dict[str, str], opset: int,
     """Why no compiled target can take `node`, whatever it supports, or None.
 
     Sequence/optional values (compiled code has none), ai.onnx.ml ops (TVM has no importer
-    for that domain) and ops revised after MAX_OPSET (TVM's importer predates them) run on
+    for that domain) and ops revised after MAX_OPSET (TVM's importer predates them) that
+    lepton-edge does not lower itself (lowering/bodies.py's revised_lowering) run on
     onnxruntime; also when they sit inside the node's If/Loop/Scan bodies or its model-local
     function.
     """
@@ -207,11 +228,14 @@ def _unimportable(node: onnx.NodeProto, opset: int,
     """Why TVM's ONNX importer cannot take `node` (its domain or opset), or None.
 
     `types` (element types by value name) are known for the main graph's nodes; a revised
-    op's node that onnx.version_converter brings down unchanged for them is importable.
+    op's node that onnx.version_converter brings down unchanged for them is importable, and
+    so is one lepton-edge lowers itself (bodies.revised_lowering; the targets then judge it).
     """
     if (node.domain or "") == ML_DOMAIN:
         return f"{node.op_type} is an {ML_DOMAIN} op and TVM has no {ML_DOMAIN} importer"
     since = revised_op(node.op_type, node.domain, opset)
+    if since is not None and types is not None and bodies.revised_lowering(node, opset):
+        since = None
     if since is not None and not (types is not None
                                   and same_at_max_opset(node, types, opset)):
         try:
@@ -473,15 +497,18 @@ def _subgraph(
             return value_infos[name]
         return helper.make_tensor_value_info(name, view.value_types.get(name, 0), None)
 
+    lowered = _lowered(members, view, opset) if label != FALLBACK else members
     sub = helper.make_graph(
-        nodes=members, name=f"{graph.name or 'model'}_{sg_id}",
+        nodes=lowered, name=f"{graph.name or 'model'}_{sg_id}",
         inputs=[info(n) for n in inputs], outputs=[info(n) for n in outputs],
         initializer=inits,
         value_info=[value_infos[o] for n in members for o in n.output
                     if o in value_infos and o not in outputs],
     )
-    sub_model = helper.make_model(sub, opset_imports=list(proto.opset_import),
-                                  ir_version=proto.ir_version)
+    imports = list(proto.opset_import)
+    if any(n.domain == bodies.PRIVATE_DOMAIN for n in lowered):
+        imports.append(helper.make_opsetid(bodies.PRIVATE_DOMAIN, 1))
+    sub_model = helper.make_model(sub, opset_imports=imports, ir_version=proto.ir_version)
     sub_model.functions.extend(proto.functions)
     if label != FALLBACK and opset > MAX_OPSET:
         _relabel(sub_model, opset)
@@ -496,12 +523,48 @@ def _subgraph(
     )
 
 
+def _lowered(members: list[onnx.NodeProto], view: GraphView, opset: int
+             ) -> list[onnx.NodeProto]:
+    """`members` of a compiled subgraph as TVM's importer gets them: Scans unrolled
+    (bodies.unroll_scan), and in a newer-opset model the revised ops lepton-edge lowers itself
+    made safe to relabel to MAX_OPSET: renamed to their private converters
+    (bodies.private_name, in bodies.PRIVATE_DOMAIN) or replaced by their ONNX function body
+    at the model's opset (bodies.expand_revised)."""
+    out: list[onnx.NodeProto] = []
+    for index, node in enumerate(members):
+        kind = bodies.revised_lowering(node, opset) if revised_op(
+            node.op_type, node.domain, opset) is not None and not same_at_max_opset(
+            node, view.value_types, opset) else None
+        prefix = f"{node.name or node.op_type}_{index}__"
+        if kind == "convert":
+            renamed = onnx.NodeProto()
+            renamed.CopyFrom(node)
+            renamed.op_type = bodies.private_name(node.op_type)
+            renamed.domain = bodies.PRIVATE_DOMAIN
+            out.append(renamed)
+        elif kind == "expand":
+            nodes, why = bodies.expand_revised(node, opset, view.input_types(node))
+            if nodes is None:
+                raise TargetError(f"{node.op_type} (node {node.name}): {why}")
+            out.extend(nodes)
+        elif node.op_type == "Scan" and (node.domain or "") in ("", "ai.onnx"):
+            steps, why = bodies.scan_steps(node, view.value_shapes, opset)
+            if steps is None:
+                raise TargetError(f"Scan (node {node.name}): {why}")
+            out.extend(bodies.unroll_scan(node, steps, prefix, opset))
+        else:
+            out.append(node)
+    return out
+
+
 def _relabel(sub_model: onnx.ModelProto, opset: int) -> None:
     """Declare a compiled subgraph of a newer-opset model at MAX_OPSET, for TVM's importer.
 
-    Its nodes are unchanged since MAX_OPSET or earlier, or revised ones that
-    onnx.version_converter brings down unchanged (the others are planned on onnxruntime), so
-    they mean the same there. Model-local functions using revised ops are dropped: no
+    Its nodes are unchanged since MAX_OPSET or earlier, revised ones that
+    onnx.version_converter brings down unchanged or that only gained bfloat16
+    (bodies.REVISED_TYPES_ONLY), or private-named ones `_lowered` made of the revised ops
+    lepton-edge lowers itself (the others are planned on onnxruntime), so they mean the same
+    there. Model-local functions using revised ops are dropped: no
     compiled node can call them.
     """
     def relabelled(imports: Any) -> None:

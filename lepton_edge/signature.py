@@ -19,9 +19,30 @@ from typing import Any
 
 import numpy as np
 
-from lepton_edge.errors import InputError
+from lepton_edge.errors import ArtifactError, InputError
 
 Dim = int | str
+
+# Element types numpy itself lacks, taken and returned as ml_dtypes arrays (one element per
+# byte); compiled code sees their bytes as uint8 (see lepton_edge/lowering/narrow.py).
+NARROW_DTYPES = frozenset({
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float4_e2m1fn", "int4", "uint4", "int2", "uint2"})
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype named `name`: numpy's own, or an ml_dtypes type (bfloat16, float8,
+    int4, ...) once ml_dtypes has registered it; a TypeError for any other name."""
+    if name in NARROW_DTYPES or name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def is_narrow(dtype: np.dtype) -> bool:
+    """An ml_dtypes type that compiled code takes as its uint8 bytes."""
+    return dtype.itemsize == 1 and dtype.name in NARROW_DTYPES  # float8_e5m2's kind is 'f'
 
 TENSOR = "tensor"
 SEQUENCE = "sequence"
@@ -74,6 +95,15 @@ class TensorSpec:
     def from_json(cls, data: dict[str, Any]) -> TensorSpec:
         shape = None if data["shape"] is None else tuple(
             d if isinstance(d, str) else int(d) for d in data["shape"])
+        dtype = str(data["dtype"])
+        if dtype != "object":
+            try:
+                numpy_dtype(dtype)
+            except (TypeError, AttributeError, ImportError) as exc:
+                raise ArtifactError(
+                    f"'{data['name']}' has dtype '{dtype}', which is not a numpy or ml_dtypes "
+                    f"type ({exc}); the artifact is damaged or from a newer lepton-edge: "
+                    "recompile it") from None
         return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=shape,
                    kind=str(data.get("kind", TENSOR)))
 
@@ -106,12 +136,14 @@ def _check_tensor(spec: TensorSpec, label: str, value: Any, symbols: _Symbols | 
     elif arr.dtype == object:
         problems.append(f"{label} is not a numeric array")
         return None
-    if arr.dtype != np.dtype(spec.dtype):
+    if arr.dtype != numpy_dtype(spec.dtype):
+        how = (f"ml_dtypes.{spec.dtype}" if spec.dtype in NARROW_DTYPES | {"bfloat16"}
+               else f"'{spec.dtype}'")
         problems.append(f"{label} has dtype {arr.dtype}, expected {spec.dtype} "
-                        f"(convert with .astype('{spec.dtype}'))")
+                        f"(convert with .astype({how}))")
         return None
     if spec.shape is None:
-        return np.asarray(arr, order="C")
+        return _bytes_if_narrow(np.asarray(arr, order="C"))
     if arr.ndim != len(spec.shape):
         problems.append(f"{label} has rank {arr.ndim} (shape {list(arr.shape)}), "
                         f"expected rank {len(spec.shape)} {list(spec.shape)}")
@@ -134,7 +166,13 @@ def _check_tensor(spec: TensorSpec, label: str, value: Any, symbols: _Symbols | 
                 return None
             symbols.values.setdefault(want, got)
             symbols.source.setdefault(want, spec.name)
-    return np.asarray(arr, order="C")  # ascontiguousarray makes 0-d 1-d
+    return _bytes_if_narrow(np.asarray(arr, order="C"))  # ascontiguousarray makes 0-d 1-d
+
+
+def _bytes_if_narrow(arr: np.ndarray) -> np.ndarray:
+    """A narrow (ml_dtypes) array as its uint8 bytes: how compiled code takes it, and how
+    golden files store it (.npy cannot describe float8_e5m2)."""
+    return arr.view(np.uint8) if is_narrow(arr.dtype) else arr
 
 
 def _check_value(spec: TensorSpec, value: Any, symbols: _Symbols, problems: list[str]) -> Any:
@@ -167,8 +205,8 @@ def check_feeds(
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """Check `feeds` against `specs`; return them (contiguous arrays) and the bound symbols.
 
-    Tensor inputs become arrays, sequence inputs lists of arrays, absent optionals None (an
-    optional input may also be left out). Every problem is reported at once in one
+    Tensor inputs become arrays (narrow ml_dtypes ones their uint8 bytes), sequence inputs
+    lists of arrays, absent optionals None (an optional input may also be left out). Every problem is reported at once in one
     InputError, each naming the input, what was expected and what was given, so a caller
     fixes them all in one go.
     """

@@ -1,8 +1,15 @@
 """Function bodies of our own for ops that have neither an ONNX function body nor a correct
 TVM 0.27 converter: the QOperator-format integer ops (QLinearMatMul, QLinearConv,
-ConvInteger), LpNormalization, EyeLike with a `dtype` attribute, RNN/GRU/LSTM (unrolled over
+ConvInteger), LpNormalization, EyeLike with a `dtype` attribute, ReverseSequence (a
+GatherElements), RNN/GRU/LSTM (unrolled over
 a static sequence of at most `_MAX_STEPS` steps x directions), BatchNormalization in training
 mode and IsInf with detect_positive/detect_negative off.
+
+Also (used by plan.py, not through `body`): which ops revised or added after opset 25
+lepton-edge compiles and how (`revised_lowering`: a private converter in dynamic_ops.py, the
+op's ONNX function body at the model's opset, or a plain relabel for bfloat16-only
+revisions), and Scan with a static number of iterations unrolled (`unroll_scan`), which also
+carries LinearAttention-27's body.
 
 `body(node, opset, types)` builds an equivalent `FunctionProto` from ops TVM does convert, and
 lowering/onnx_fixups.py expands it like any other function op (so the planner, `explain` and
@@ -198,6 +205,8 @@ def body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
         return _batchnorm_training(b, node, ins, rank_of(0), elem_of(0), opset)
     if op in _GATES and len(ins) >= 3:
         return _recurrent(b, node, ins, types, real, opset)
+    if op == "ReverseSequence" and len(ins) == 2:
+        return _reverse_sequence(b, node, ins, rank_of(0), opset)
     if op == "ConvInteger" and len(ins) >= 2:
         x, w = ins[:2]
         x_zp = ins[2] if len(ins) > 2 else ""
@@ -209,6 +218,33 @@ def body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
                     **_conv_attrs(node))
         return b.function(b.add("Cast", [acc], to=T.INT32), opset)
     return None
+
+
+def _reverse_sequence(b: _Builder, node: onnx.NodeProto, ins: list[str], rank: int | None,
+                      opset: int) -> onnx.FunctionProto | None:
+    """out[.., t, .., b, ..] = x[.., src, .., b, ..] with src = len[b] - 1 - t for t < len[b],
+    else t: one GatherElements along the time axis with an index built from Range/Where."""
+    if rank is None or rank < 2 or opset < 13:
+        return None
+    attrs = _conv_attrs(node)
+    time_axis, batch_axis = int(attrs.get("time_axis", 0)), int(attrs.get("batch_axis", 1))
+    if {time_axis, batch_axis} != {0, 1}:
+        return None
+    x, lens = ins
+    i64 = np.int64
+    shape = b.add("Shape", [x])
+    steps = b.add("Gather", [shape, b.const(np.array(time_axis, i64))])
+    t = b.add("Range", [b.const(np.array(0, i64)), steps, b.const(np.array(1, i64))])
+    lens64 = b.add("Cast", [lens], to=T.INT64)
+    # t along the time axis, lens along the batch axis, as [T, 1] / [1, B] (or transposed)
+    t2 = b.add("Unsqueeze", [t, b.const(np.array([1 - time_axis], i64))])
+    l2 = b.add("Unsqueeze", [lens64, b.const(np.array([1 - batch_axis], i64))])
+    reversed_ = b.add("Sub", [b.add("Sub", [l2, b.const(np.array(1, i64))]), t2])
+    index = b.add("Where", [b.add("Less", [t2, l2]), reversed_, t2])
+    if rank > 2:
+        index = b.add("Unsqueeze", [index, b.const(np.arange(2, rank, dtype=i64))])
+    index = b.add("Expand", [index, shape])
+    return b.function(b.add("GatherElements", [x, index], axis=time_axis), opset)
 
 
 def _batchnorm_training(b: _Builder, node: onnx.NodeProto, ins: list[str], rank: int | None,
@@ -425,3 +461,254 @@ def _recurrent(b: _Builder, node: onnx.NodeProto, ins: list[str],
         results = [b.add("Transpose", [results[0]], perm=[2, 0, 1, 3])] + [
             b.add("Transpose", [v], perm=[1, 0, 2]) for v in results[1:]]
     return b.functions(results[:len(node.output)], opset)
+
+
+# ------------------------------------------------- ops revised or added after opset 25
+# Ops whose newest version lepton-edge compiles although TVM 0.27's importer predates it:
+# op -> the opset version implemented. plan.py keeps such a node on a compiled target and,
+# when it relabels the subgraph to MAX_OPSET for TVM's importer, renames it to
+# `<op>_<version>` in PRIVATE_DOMAIN; lowering/dynamic_ops.py's converter of that name
+# implements the newer semantics (signed BitShift, CumProd, BitCast, Mod's float cases).
+REVISED_OWN: dict[str, int] = {"CumProd": 26, "BitShift": 28, "BitCast": 26, "Mod": 28}
+# Newer ops whose ONNX function body (at the model's opset) plan.py expands before relabelling:
+# the body's ops are all unchanged since MAX_OPSET.
+# LinearAttention's body is a Scan over the tokens: unrolled (see unroll_scan).
+REVISED_EXPANDED: dict[str, int] = {"CausalConvWithState": 27, "LinearAttention": 27}
+PRIVATE_DOMAIN = "lepton.revised"
+# Revisions after MAX_OPSET that only added bfloat16 (the spec text is unchanged): a node
+# means what the version before says, with one more element type, so plan.py relabels it
+# as it is and TVM's converter of the older version takes it.
+REVISED_TYPES_ONLY: dict[str, int] = {"OneHot": 28, "ReverseSequence": 28, "Einsum": 28,
+                                      "Compress": 28, "Unique": 28}
+
+
+def revised_lowering(node: onnx.NodeProto, opset: int) -> str | None:
+    """"convert", "expand" or "relabel" for a node whose op (at `opset`) is one of the
+    versions above (or a newer op with an ONNX function body: "expand"), else None."""
+    from lepton_edge.model import MAX_OPSET
+
+    if (node.domain or "") not in ("", "ai.onnx"):
+        return None
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    since = schema.since_version
+    if REVISED_OWN.get(node.op_type) == since:
+        return "convert"
+    if REVISED_TYPES_ONLY.get(node.op_type) == since:
+        return "relabel"
+    if REVISED_EXPANDED.get(node.op_type) == since or (since > MAX_OPSET and (
+            schema.has_function or schema.has_context_dependent_function)):
+        return "expand"  # (a newer op with a function body: Celu-28, SpaceToDepth-28, ...)
+    return None
+
+
+def private_name(op: str) -> str:
+    return f"{op}_{REVISED_OWN[op]}"
+
+
+# ------------------------------------------------------------------- Scan, unrolled
+# A Scan over a static number of iterations, unrolled into its body's nodes once per step (at
+# most _MAX_SCAN_STEPS): TVM 0.27 has no Scan converter. plan.py applies it to compiled
+# subgraphs (and to the Scan inside LinearAttention's ONNX function body).
+_MAX_SCAN_STEPS = 64
+
+
+def scan_steps(node: onnx.NodeProto, shapes: dict[str, tuple[Any, ...]], opset: int
+               ) -> tuple[int | None, str]:
+    """(number of iterations, "") for a Scan this module unrolls, else (None, why not)."""
+    if opset < 9:
+        return None, "Scan before opset 9 (batched, with sequence_lens) is not unrolled"
+    attrs = {a.name: a for a in node.attribute}
+    body = attrs["body"].g
+    m = helper.get_attribute_value(attrs["num_scan_inputs"])
+    n_state = len(node.input) - m
+    for inner in body.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in inner.attribute):
+            return None, "the Scan body has nested graphs"
+    in_axes = list(helper.get_attribute_value(attrs["scan_input_axes"])) if (
+        "scan_input_axes" in attrs) else [0] * m
+    steps: set[int] = set()
+    for j, name in enumerate(node.input[n_state:]):
+        shape = shapes.get(name)
+        if shape is None or not shape:
+            return None, f"the rank of scan input '{name}' is not known"
+        length = shape[in_axes[j] % len(shape)]
+        if not isinstance(length, int) or length <= 0:
+            return None, f"scan input '{name}' has no static, non-zero length"
+        steps.add(length)
+    if len(steps) != 1:
+        return None, "the scan inputs' lengths are not known to agree"
+    (count,) = steps
+    if count > _MAX_SCAN_STEPS:
+        return None, f"{count} iterations (at most {_MAX_SCAN_STEPS} are unrolled)"
+    return count, ""
+
+
+def unroll_scan(node: onnx.NodeProto, steps: int, prefix: str, opset: int
+                ) -> list[onnx.NodeProto]:
+    """The Scan `node` (opset >= 9) as `steps` copies of its body; names the body defines get
+    a per-step prefix, names it reads from outside stay as they are."""
+    attrs = {a.name: a for a in node.attribute}
+    body = attrs["body"].g
+    m = helper.get_attribute_value(attrs["num_scan_inputs"])
+    n_state = len(node.input) - m
+    k = len(body.output) - n_state
+
+    def ints(name: str, count: int) -> list[int]:
+        return list(helper.get_attribute_value(attrs[name])) if name in attrs else [0] * count
+
+    in_axes, in_dirs = ints("scan_input_axes", m), ints("scan_input_directions", m)
+    out_axes, out_dirs = ints("scan_output_axes", k), ints("scan_output_directions", k)
+    out: list[onnx.NodeProto] = []
+    count = [0]
+
+    def fresh(tag: str) -> str:
+        count[0] += 1
+        return f"{prefix}{tag}{count[0]}"
+
+    def add(op: str, inputs: list[str], output: str | None = None, **kw: Any) -> str:
+        output = output or fresh(op)
+        out.append(helper.make_node(op, inputs, [output], name=fresh(f"{op}_"), **kw))
+        return output
+
+    def const(value: np.ndarray) -> str:
+        name = fresh("c")
+        out.append(helper.make_node("Constant", [], [name], name=fresh("Constant_"),
+                                    value=numpy_helper.from_array(value, name)))
+        return name
+
+    defined = {v.name for v in body.input} | {t.name for t in body.initializer} | {
+        o for inner in body.node for o in inner.output if o}
+    states = list(node.input[:n_state])
+    collected: list[list[str]] = [[] for _ in range(k)]
+    for t in range(steps):
+        local = {name: f"{prefix}s{t}_{name}" for name in defined}
+        for i, formal in enumerate(body.input):
+            if i < n_state:
+                add("Identity", [states[i]], local[formal.name])
+            else:
+                j = i - n_state
+                index = t if in_dirs[j] == 0 else steps - 1 - t
+                add("Gather", [node.input[n_state + j], const(np.array(index, np.int64))],
+                    local[formal.name], axis=in_axes[j])
+        for tensor in body.initializer:
+            out.append(helper.make_node("Constant", [], [local[tensor.name]],
+                                        name=fresh("Constant_"), value=tensor))
+        for index, inner in enumerate(body.node):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(inner)
+            copy.name = f"{prefix}s{t}_{inner.name or inner.op_type}_{index}"
+            del copy.input[:], copy.output[:]
+            copy.input.extend(local.get(n, n) if n else "" for n in inner.input)
+            copy.output.extend(local.get(n, n) if n else "" for n in inner.output)
+            out.append(copy)
+        results = [local.get(o.name, o.name) for o in body.output]
+        states = results[:n_state]
+        for j in range(k):
+            collected[j].append(results[n_state + j])
+    for i, state in enumerate(states):
+        if node.output[i]:
+            add("Identity", [state], node.output[i])
+    for j in range(k):
+        name = node.output[n_state + j] if n_state + j < len(node.output) else ""
+        if not name:
+            continue
+        parts = collected[j] if out_dirs[j] == 0 else collected[j][::-1]
+        if opset >= 13:
+            axes = const(np.array([out_axes[j]], np.int64))
+            parts = [add("Unsqueeze", [p, axes]) for p in parts]
+        else:
+            parts = [add("Unsqueeze", [p], axes=[out_axes[j]]) for p in parts]
+        add("Concat", parts, name, axis=out_axes[j])
+    return out
+
+
+def inlined_body(node: onnx.NodeProto, fn: onnx.FunctionProto,
+                 types: dict[str, onnx.TypeProto], opset: int
+                 ) -> tuple[list[onnx.NodeProto], dict[str, tuple[Any, ...]]]:
+    """`node` replaced by the nodes of its function body `fn` (onnx.inliner renames the names
+    inside Scan bodies too), and the shapes onnx's inference finds for the new values."""
+    import onnx.inliner
+
+    local_domain = "lepton.inline"
+    function = onnx.FunctionProto()
+    function.CopyFrom(fn)
+    function.domain, function.name = local_domain, node.op_type
+    call = onnx.NodeProto()
+    call.CopyFrom(node)
+    call.domain = local_domain
+    inputs = list(dict.fromkeys(n for n in node.input if n))
+    graph = helper.make_graph(
+        [call], "inline",
+        [helper.make_value_info(n, types[n]) for n in inputs],
+        [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o])
+    model = helper.make_model(graph, functions=[function], opset_imports=[
+        helper.make_opsetid("", opset), helper.make_opsetid(local_domain, 1)])
+    inlined = onnx.inliner.inline_local_functions(model)
+    shapes: dict[str, tuple[Any, ...]] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(inlined, data_prop=True)
+        for value in inferred.graph.value_info:
+            t = value.type.tensor_type
+            if t.HasField("shape"):
+                shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                           for d in t.shape.dim)
+    except Exception:  # noqa: BLE001 - no shapes: Scans in the body are then not unrolled
+        pass
+    return list(inlined.graph.node), shapes
+
+
+def context_body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
+                 ) -> onnx.FunctionProto | None:
+    """ONNX's function body of `node` at `opset` (plain or context-dependent; Scan bodies
+    allowed)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    plain = [v for v in schema.function_opset_versions if v <= opset]
+    if schema.has_function and plain:
+        fn = schema.get_function_with_opset_version(max(plain))
+        return onnx.FunctionProto.FromString(fn) if isinstance(fn, bytes) else fn
+    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    in_types = [types.get(name) for name in node.input if name]
+    if not versions or any(t is None for t in in_types):
+        return None
+    try:
+        data = schema.get_context_dependent_function_with_opset_version(
+            max(versions), node.SerializeToString(), [t.SerializeToString() for t in in_types])
+    except Exception:  # noqa: BLE001 - onnx raises on types its builder rejects
+        return None
+    fn = onnx.FunctionProto()
+    fn.ParseFromString(data)
+    return fn if fn.node else None
+
+
+def expand_revised(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
+                   ) -> tuple[list[onnx.NodeProto] | None, str]:
+    """(nodes, "") computing a REVISED_EXPANDED node: its ONNX function body at `opset`,
+    inlined, with every Scan in it unrolled; else (None, why not)."""
+    from lepton_edge.model import revised_op
+
+    fn = context_body(node, opset, types)
+    if fn is None:
+        return None, (f"{node.op_type}-{opset}'s ONNX function body is not available for "
+                      "these input types (their shapes must be known)")
+    nodes, shapes = inlined_body(node, fn, types, opset)
+    out: list[onnx.NodeProto] = []
+    for index, inner in enumerate(nodes):
+        if inner.op_type == "Scan" and (inner.domain or "") in ("", "ai.onnx"):
+            steps, why = scan_steps(inner, shapes, opset)
+            if steps is None:
+                return None, f"{node.op_type}'s function body has a Scan: {why}"
+            out.extend(unroll_scan(inner, steps, f"{node.name or node.op_type}_scan{index}__",
+                                   opset))
+        else:
+            out.append(inner)
+    for inner in out:
+        if revised_op(inner.op_type, inner.domain, opset) is not None:
+            return None, f"{node.op_type}'s function body uses {inner.op_type}, revised after 25"
+    return out, ""

@@ -23,6 +23,12 @@ output width; ONNX's test data divide by the fractional width scale * length the
 onnxruntime does not), and Upsample-9 as Resize. Shape of a tensor whose dims were computed
 that way is an int64 tensor (TVM's shape value is refused by its elementwise converters).
 
+Ops revised or added after opset 25, which TVM 0.27's importer predates: BitShift-28 (signed
+types, arithmetic right shift, shifts < 0 or >= bits), CumProd-26, BitCast-26 and Mod-28 (the
+float special cases) are converted here under private names (`<op>_<version>`, see
+`_REVISED_CONVERTERS` and lowering/bodies.py's REVISED_OWN); Mod and BitShift of older opsets
+use the same converters (TVM's get float Mod's inf/NaN/zero cases and shifts >= bits wrong).
+
 `Importer` is TVM's ONNX graph importer with these converters consulted first; a converter
 returns None when its inputs are constants, and TVM's own converter then runs as before.
 `_fence_symbolic_dims` then keeps FuseOps from moving a kernel that uses run-time dims ahead
@@ -40,6 +46,8 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 from tvm.script import tirx as T
+
+from lepton_edge.lowering import narrow
 
 # --------------------------------------------------------------------------- shared parts
 
@@ -305,7 +313,12 @@ def _flat(bb: relax.BlockBuilder, data: relax.Expr) -> tuple[relax.Expr, Any]:
     return bb.emit(relax.op.reshape(data, relax.ShapeExpr([count]))), count
 
 
-def _cumsum_kernel(dtype: str, exclusive: bool, reverse: bool) -> tirx.PrimFunc:
+def _cumsum_kernel(dtype: str, exclusive: bool, reverse: bool, product: bool = False
+                   ) -> tirx.PrimFunc:
+    """CumSum (or CumProd, `product`) along a run-time axis of the flattened data."""
+    ident = 1 if product else 0
+    axis_error = f"{'CumProd' if product else 'CumSum'}: axis is outside [-rank, rank-1]"
+
     @T.prim_func(private=True)
     def cumsum(x_h: T.handle, dims_h: T.handle, axis_h: T.handle, y_h: T.handle):
         n = T.int64()
@@ -316,7 +329,7 @@ def _cumsum_kernel(dtype: str, exclusive: bool, reverse: bool) -> tirx.PrimFunc:
         y = T.match_buffer(y_h, (n,), dtype)
         a = T.alloc_buffer((1,), "int64", scope="local")
         stride = T.alloc_buffer((1,), "int64", scope="local")
-        assert axis[()] >= -r and axis[()] < r, "CumSum: axis is outside [-rank, rank-1]"
+        assert axis[()] >= -r and axis[()] < r, axis_error
         a[0] = (axis[()] + r) % r
         stride[0] = T.int64(1)
         for i in range(r):
@@ -329,7 +342,9 @@ def _cumsum_kernel(dtype: str, exclusive: bool, reverse: bool) -> tirx.PrimFunc:
             first = T.if_then_else(reverse, pos == dims[a[0]] - 1, pos == 0)
             prev = T.if_then_else(reverse, o + stride[0], o - stride[0])
             if first:
-                y[o] = T.if_then_else(exclusive, T.Cast(dtype, 0), x[o])
+                y[o] = T.if_then_else(exclusive, T.Cast(dtype, ident), x[o])
+            elif product:
+                y[o] = y[prev] * T.if_then_else(exclusive, x[prev], x[o])
             else:
                 y[o] = y[prev] + T.if_then_else(exclusive, x[prev], x[o])
     return _scheduled(cumsum)
@@ -1293,6 +1308,145 @@ def convert_shape(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, An
     return relax.op.strided_slice(dims, axes=[0], begin=[start], end=[end])
 
 
+# ------------------------------------------------- ops revised or added after opset 25
+# plan.py renames these nodes to `<op>_<version>` in the private domain PRIVATE_DOMAIN when
+# it relabels a newer-opset subgraph to MAX_OPSET for TVM's importer (see
+# lowering/bodies.py's REVISED_OWN), so the converters here see the newer op's semantics.
+
+def convert_cumprod(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                    opset: int) -> relax.Expr:
+    """CumProd-26 (exclusive, reverse; a constant or run-time axis in [-rank, rank-1])."""
+    data, axis = inputs[0], inputs[1]
+    if _rank(data) is None or not isinstance(data.ty.shape, relax.ShapeExpr):
+        raise ValueError("CumProd needs the data's rank")
+    if _rank(axis) not in (0, 1) or _static_len(axis) != 1:
+        raise ValueError("CumProd: axis must hold exactly one value")
+    axis = _as_int64(bb, axis)
+    if _rank(axis) == 1:
+        axis = bb.emit(relax.op.reshape(axis, relax.ShapeExpr([])))
+    dims = _dims_tensor(bb, data)
+    flat, count = _flat(bb, data)
+    kernel = _cumsum_kernel(str(data.ty.dtype), bool(attrs.get("exclusive", 0)),
+                            bool(attrs.get("reverse", 0)), product=True)
+    out = bb.emit(relax.call_tir(bb.add_func(kernel, "lepton_cumprod"), [flat, dims, axis],
+                                 relax.TensorType([count], data.ty.dtype)))
+    return relax.op.reshape(out, data.ty.shape)
+
+
+def convert_bitshift(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                     opset: int) -> relax.Expr:
+    """BitShift-28: signed types shift arithmetically to the right; a shift amount < 0 or
+    >= the type's bits gives the sign fill alone (-1 for a right shift of a negative x, else
+    0). The amount is clamped before shifting (LLVM's shift by >= bits is undefined)."""
+    x, y = inputs
+    dtype = str(x.ty.dtype)
+    if dtype not in _INTS:
+        raise ValueError(f"BitShift is defined for integer types, not {dtype}")
+    bits = tvm.DataType(dtype).bits
+    direction = attrs.get("direction", b"")
+    direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+    if direction not in ("LEFT", "RIGHT"):
+        raise ValueError(f"BitShift: direction must be LEFT or RIGHT, got {direction!r}")
+    zero = relax.const(0, dtype)
+    valid = bb.emit(relax.op.logical_and(relax.op.greater_equal(y, zero),
+                                         relax.op.less(y, relax.const(bits, dtype))))
+    amount = bb.emit(relax.op.where(valid, y, zero))
+    if direction == "LEFT":
+        shifted = bb.emit(relax.op.left_shift(x, amount))
+        fill: relax.Expr = zero
+    else:
+        shifted = bb.emit(relax.op.right_shift(x, amount))  # ashr for signed types
+        fill = zero if dtype.startswith("u") else bb.emit(relax.op.where(
+            relax.op.less(x, zero), relax.const(-1, dtype), zero))
+    return relax.op.where(valid, shifted, fill)
+
+
+def convert_bitcast(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                    opset: int) -> relax.Expr:
+    """BitCast-26 between types of one width (the bytes as they are; bool is one byte)."""
+    from onnx import helper
+
+    data = inputs[0]
+    src = str(data.ty.dtype)
+    to = str(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))  # "bfloat16" via ml_dtypes
+    src_bits = 8 if src == "bool" else tvm.DataType(src).bits
+    dst_bits = 8 if to == "bool" else tvm.DataType(to).bits
+    if src_bits != dst_bits:
+        raise ValueError(f"BitCast: {src} and {to} differ in width ({src_bits} vs {dst_bits} "
+                         "bits)")
+    if src == to:
+        return data
+
+    def body(x: te.Tensor) -> te.Tensor:
+        def value(*i: Any) -> Any:
+            v = x[i]
+            if src == "bool":  # stored as one byte, 0 or 1
+                return tirx.Cast(to, v)
+            if to == "bool":  # from int8/uint8: any set bit reads as true
+                return v != tirx.const(0, src)
+            return tirx.reinterpret(to, v)
+        return te.compute(x.shape, value, name="bitcast")
+
+    return bb.emit_te(body, data, primfunc_name_hint="lepton_bitcast")
+
+
+def convert_mod(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                opset: int) -> relax.Expr:
+    """Mod-28. fmod=1: A - trunc(A / B) * B (C's fmod for floats); fmod=0: A - floor(A / B) * B
+    with the spec's float cases (a zero result takes B's sign, x - y carried over when the
+    signs differ, as Python's float %). float16/bfloat16 are computed in float32, where fmod
+    is exact. Integer B == 0 gives 0 (as numpy; the spec leaves it open, and x86 would trap),
+    and so does B == -1 (x % -1 is 0; INT_MIN % -1 would trap)."""
+    a, b = inputs
+    dtype = str(a.ty.dtype)
+    fmod = int(attrs.get("fmod", 0))
+    shape = bb.normalize(relax.op.add(a, b)).ty.shape
+    if not isinstance(shape, relax.ShapeExpr):
+        raise ValueError("Mod needs the broadcast rank of its inputs")
+    out_shape = list(shape.values)
+
+    def body(x: te.Tensor, y: te.Tensor) -> te.Tensor:
+        from tvm import topi
+
+        x = topi.broadcast_to(x, out_shape)
+        y = topi.broadcast_to(y, out_shape)
+        if dtype in _INTS:
+            def integer(*i: Any) -> Any:
+                p, q = x[i], y[i]
+                zero = tirx.const(0, dtype)
+                bad = q == zero
+                if not dtype.startswith("u"):
+                    bad = tirx.Or(bad, q == tirx.const(-1, dtype))
+                safe = tirx.Select(bad, tirx.const(1, dtype), q)
+                r = tirx.truncmod(p, safe) if fmod else tirx.floormod(p, safe)
+                return tirx.Select(bad, zero, r)
+            return te.compute(out_shape, integer, name="mod")
+        work = "float32" if dtype in ("float16", "bfloat16") else dtype
+
+        def floating(*i: Any) -> Any:
+            p, q = tirx.Cast(work, x[i]), tirx.Cast(work, y[i])
+            r = tirx.truncmod(p, q)  # LLVM frem: C fmod, exact
+            if not fmod:
+                zero = tirx.const(0, work)
+                r = tirx.Select(r == zero, tirx.copysign(zero, q),
+                                tirx.Select(tirx.Or(tirx.And(r < zero, q > zero),
+                                                    tirx.And(r > zero, q < zero)), r + q, r))
+            return tirx.Cast(dtype, r)
+        return te.compute(out_shape, floating, name="mod")
+
+    return bb.emit_te(body, a, b, primfunc_name_hint="lepton_mod")
+
+
+# op -> (the opset whose semantics the converter implements, converter); the private op
+# names plan.py gives these nodes are `<op>_<version>`.
+_REVISED_CONVERTERS: dict[str, tuple[int, Callable[..., relax.Expr]]] = {
+    "CumProd": (26, convert_cumprod),
+    "BitShift": (28, convert_bitshift),
+    "BitCast": (26, convert_bitcast),
+    "Mod": (28, convert_mod),
+}
+
+
 # ----------------------------------------------------------------------------- importer
 
 _CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
@@ -1311,11 +1465,28 @@ _CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
     "ConstantOfShape": convert_constant_of_shape,
     "AffineGrid": convert_affine_grid,
     "Shape": convert_shape,
+    "Cast": narrow.convert_cast,  # encodes to float8/float4/int4/int2 (narrow.to_bytes)
+    **{f"{op}_{version}": convert for op, (version, convert) in _REVISED_CONVERTERS.items()},
+    # Mod before 28 is a subset of Mod-28 (float fmod=0 was not allowed); TVM 0.27's gets the
+    # float inf/NaN/zero cases wrong and traps on an integer x % 0
+    "Mod": convert_mod,
+    # BitShift before 28 (unsigned only) is the same for shifts < bits; TVM 0.27's returns
+    # LLVM's undefined value for a shift >= bits, this one Bitshift-28's 0
+    "BitShift": convert_bitshift,
 }
 
 
 class Importer(ONNXGraphImporter):
-    """TVM's ONNX importer, with lepton-edge's run-time-input converters consulted first."""
+    """TVM's ONNX importer, with lepton-edge's run-time-input converters consulted first
+    (and the only ones for the private op names of revised ops, see _REVISED_CONVERTERS)."""
+
+    def _check_for_unsupported_ops(self, graph: Any) -> None:
+        own = [n for n in graph.node if n.op_type in _CONVERTERS]
+        if not own:
+            return super()._check_for_unsupported_ops(graph)
+        rest = onnx.GraphProto()
+        rest.node.extend(n for n in graph.node if n.op_type not in _CONVERTERS)
+        return super()._check_for_unsupported_ops(rest)
 
     def _convert_operator(self, op_name: str, inputs: list[relax.Expr], attrs: dict,
                           opset: int) -> relax.Expr:

@@ -37,11 +37,13 @@ def system_cpu() -> str:
 
 def import_onnx(proto: onnx.ModelProto) -> Any:
     """Import a standalone ONNX (sub)graph into a Relax IRModule, weights as constants."""
-    from lepton_edge.lowering import dynamic_ops, onnx_fixups
+    from lepton_edge.lowering import dynamic_ops, narrow, onnx_fixups
 
     try:
         # fold constant shape arithmetic, replace ops TVM lacks or gets wrong (onnx_fixups.py)
         proto = onnx_fixups.apply(proto)
+        # float8/float4/int4/int2 tensors as uint8 bytes, their conversions our own (narrow.py)
+        proto = narrow.to_bytes(proto)
         # TVM's importer, plus converters for axes/pads/k/... given at run time (dynamic_ops.py)
         mod = dynamic_ops.from_onnx(proto)
     except Exception as exc:  # noqa: BLE001 - the importer raises anything; name it for the user

@@ -22,7 +22,7 @@ import numpy as np
 
 from lepton_edge import artifact as artifact_format
 from lepton_edge.errors import ArtifactError, DeviceError, LeptonError, TargetError
-from lepton_edge.signature import TensorSpec, check_feeds
+from lepton_edge.signature import NARROW_DTYPES, TensorSpec, check_feeds, is_narrow, numpy_dtype
 from lepton_edge.target import DeviceInfo, Executable, get_plugin, plugins
 
 
@@ -234,7 +234,8 @@ class Session:
         """
         arrays, symbols = check_feeds(self.inputs, feeds)
         with self._lock:
-            env: dict[str, Any] = dict(arrays)
+            # narrow (ml_dtypes) tensors travel between subgraphs as their uint8 bytes
+            env: dict[str, Any] = {k: _as_bytes(v) for k, v in arrays.items()}
             for sg in self._subgraphs:
                 values = [env[name] for name in sg.inputs]
                 outputs = self._run_subgraph(sg, values)
@@ -264,7 +265,7 @@ class Session:
                 # elements come from onnxruntime, never from compiled code.
                 problems += [f"output '{spec.name}'[{i}] is {_kind_of(v)}, expected "
                              f"{spec.dtype}" for i, v in enumerate(value)
-                             if not isinstance(v, np.ndarray) or v.dtype != np.dtype(spec.dtype)]
+                             if not isinstance(v, np.ndarray) or v.dtype != numpy_dtype(spec.dtype)]
             else:
                 problems += _tensor_problem(f"output '{spec.name}'", spec, value, symbols)
         if problems:
@@ -308,11 +309,13 @@ class Session:
             raise ArtifactError("this artifact carries no golden inputs to check against")
         max_abs: dict[str, float] = {}
         max_rel: dict[str, float] = {}
+        specs = {s.name: s for s in self.inputs + self.outputs}
         for case in golden:
-            feeds = {name: self._artifact.value(ref) for name, ref in case["inputs"].items()}
+            feeds = {name: _golden_value(specs.get(name), self._artifact.value(ref))
+                     for name, ref in case["inputs"].items()}
             got = self.run(feeds)
             for name, ref in case["outputs"].items():
-                want = self._artifact.value(ref)
+                want = _golden_value(specs.get(name), self._artifact.value(ref))
                 abs_err, rel_err = compare(got[name], want)
                 max_abs[name] = max(max_abs.get(name, 0.0), abs_err)
                 max_rel[name] = max(max_rel.get(name, 0.0), rel_err)
@@ -344,7 +347,31 @@ def _output_value(spec: TensorSpec, value: Any) -> Any:
         return None
     if spec.is_sequence and isinstance(value, list | tuple):
         return [np.asarray(v) for v in value]
-    return value if spec.is_sequence else np.asarray(value)
+    if spec.is_sequence:
+        return value
+    value = np.asarray(value)
+    if spec.dtype in NARROW_DTYPES and value.dtype == np.uint8:
+        return value.view(numpy_dtype(spec.dtype))  # the bytes compiled code returned
+    return value
+
+
+def _golden_value(spec: TensorSpec | None, value: Any) -> Any:
+    """A stored golden array with its ml_dtypes type back: narrow values are stored as their
+    uint8 bytes, and .npy keeps a bfloat16 array as raw bytes (void dtype)."""
+    if spec is None or not isinstance(value, np.ndarray):
+        return value
+    raw = value.dtype.kind == "V" or (value.dtype == np.uint8 and spec.dtype in NARROW_DTYPES)
+    if (raw and (spec.dtype in NARROW_DTYPES or spec.dtype == "bfloat16")
+            and value.dtype.itemsize == numpy_dtype(spec.dtype).itemsize):
+        return value.view(numpy_dtype(spec.dtype))
+    return value
+
+
+def _as_bytes(value: Any) -> Any:
+    """An ml_dtypes narrow array as its uint8 bytes (one element per byte); else `value`."""
+    if isinstance(value, np.ndarray) and is_narrow(value.dtype):
+        return value.view(np.uint8)
+    return value
 
 
 def _kind_of(value: Any) -> str:
@@ -357,10 +384,10 @@ def _tensor_problem(label: str, spec: TensorSpec, value: np.ndarray, symbols: di
     if not isinstance(value, np.ndarray):
         return [f"{label} is a {type(value).__name__}, expected an array"]
     if spec.shape is None:  # any rank
-        ok = value.dtype == np.dtype(spec.dtype)
+        ok = value.dtype == numpy_dtype(spec.dtype)
         return [] if ok else [f"{label} is {value.dtype}, expected {spec.dtype}"]
     expected = [symbols.get(d, d) if isinstance(d, str) else d for d in spec.shape]
-    if value.dtype != np.dtype(spec.dtype) or value.ndim != len(expected) or any(
+    if value.dtype != numpy_dtype(spec.dtype) or value.ndim != len(expected) or any(
             isinstance(want, int) and want != got
             for want, got in zip(expected, value.shape, strict=True)):
         return [f"{label} is {value.dtype}{list(value.shape)}, expected {spec.dtype}{expected}"]
@@ -386,12 +413,17 @@ def compare(got: Any, want: Any) -> tuple[float, float]:
         return float("inf"), float("inf")
     if want.size == 0:
         return 0.0, 0.0
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    g64, w64 = got.astype(np.float64), want.astype(np.float64)  # float8/bfloat16 too
+    with np.errstate(invalid="ignore"):  # inf - inf: compared below
+        diff = np.abs(g64 - w64)
     if np.isnan(diff).any():
-        same_nan = np.isnan(got) == np.isnan(want) if got.dtype.kind == "f" else False
-        if not np.all(same_nan):
+        # NaN where both are NaN, or both the same infinity: equal; anything else differs
+        same = (np.isnan(g64) & np.isnan(w64)) | (np.isinf(g64) & (g64 == w64))
+        if not np.all(same[np.isnan(diff)]):
             return float("inf"), float("inf")
-        diff = np.nan_to_num(diff)
-    scale = float(np.max(np.abs(want.astype(np.float64)))) or 1.0
+        diff = np.where(np.isnan(diff), 0.0, diff)
+    finite = np.abs(w64[np.isfinite(w64)])
+    scale = float(finite.max()) if finite.size else 0.0
+    scale = scale or 1.0  # relative to the largest finite reference magnitude
     worst = float(diff.max())
     return worst, worst / scale

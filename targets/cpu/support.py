@@ -15,8 +15,9 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from lepton_edge.lowering import onnx_fixups
+from lepton_edge.lowering import bodies, narrow, onnx_fixups
 from lepton_edge.lowering.relax import supported_onnx_ops
+from lepton_edge.model import MAX_OPSET, revised_op, same_at_max_opset
 
 T = onnx.TensorProto
 # Element types TVM's LLVM backend cannot compute on (or decodes wrongly: float8 NaNs).
@@ -159,9 +160,6 @@ _WRONG_ON_TVM: dict[str, tuple[Callable[[onnx.NodeProto, Any], bool], str]] = {
         _used_outputs(n) > 1 and g.opset < 10),
                 "TVM 0.27 ignores training_mode (lepton-edge compiles inference-mode Dropout, "
                 "with a bool mask from opset 10)"),
-    "Mod": (lambda n, g: g.value_types.get(n.input[0]) in (T.FLOAT, T.DOUBLE, T.FLOAT16,
-                                                             T.BFLOAT16),
-            "TVM 0.27 gets float Mod's inf/NaN and division-by-zero cases wrong"),
     **{op: (_empty_reduction,
             "TVM 0.27 returns garbage for a reduction over an empty tensor")
        for op in _REDUCE},
@@ -192,8 +190,62 @@ def _input_types(node: onnx.NodeProto, graph: Any) -> dict[str, onnx.TypeProto]:
     return types
 
 
+def _revised_reason(node: onnx.NodeProto, graph: Any, kind: str) -> str | None:
+    """A revised/new op lepton-edge lowers itself (plan.py renames or expands it)."""
+    for name in list(node.input) + list(node.output):
+        elem = graph.value_types.get(name)
+        if elem in _UNSUPPORTED_TYPES:
+            return f"tensor '{name}' is {_UNSUPPORTED_TYPES[elem]}, which TVM cannot compute on"
+    if kind == "convert":
+        return None  # lowering/dynamic_ops.py's converter of bodies.private_name(op)
+    nodes, why = bodies.expand_revised(node, graph.model_opset, _input_types(node, graph))
+    if nodes is None:
+        return why
+    return _nodes_reason(node, nodes)
+
+
+def _nodes_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> str | None:
+    """Why the nodes plan.py puts in place of `node` (an unrolled Scan, a function body)
+    cannot reach TVM, or None."""
+    for inner in nodes:
+        if inner.op_type == "Constant" and (inner.domain or "") in ("", "ai.onnx"):
+            continue
+        if (inner.domain or "") not in ("", "ai.onnx"):
+            return f"{node.op_type} becomes {inner.domain}.{inner.op_type}"
+        if onnx_fixups.needs_expansion(inner):
+            # lowering/onnx_fixups.py expands it in turn (at MAX_OPSET, types not needed)
+            if onnx_fixups.expandable(inner, MAX_OPSET, {}):
+                continue
+            if inner.op_type not in _ops():
+                return (f"{node.op_type} becomes {inner.op_type}, which TVM 0.27 has no "
+                        "converter for")
+        wrong = onnx_fixups.wrong_on_tvm(inner)
+        if wrong is not None:
+            return f"{node.op_type} becomes {inner.op_type}: {wrong}"
+    return None
+
+
+def _scan_reason(node: onnx.NodeProto, graph: Any) -> str | None:
+    """A Scan plan.py unrolls (a static number of iterations), or why not."""
+    steps, why = bodies.scan_steps(node, graph.value_shapes, graph.opset)
+    if steps is None:
+        return f"TVM 0.27 has no Scan converter and lepton-edge unrolls only some: {why}"
+    return _nodes_reason(node, bodies.unroll_scan(node, steps, "_", graph.opset))
+
+
 def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
+    if narrow.touches(node, graph.value_types):  # float8/float4/int4/int2: narrow.py converts
+        return narrow.reason(node, graph.value_types, graph.value_shapes, graph.nodes)
     domain = node.domain or ""
+    model_opset = getattr(graph, "model_opset", 0)
+    kind = None
+    if model_opset and revised_op(node.op_type, domain, model_opset) is not None and not (
+            same_at_max_opset(node, graph.value_types, model_opset)):
+        kind = bodies.revised_lowering(node, model_opset)
+    if kind in ("convert", "expand"):
+        return _revised_reason(node, graph, kind)
+    if domain in ("", "ai.onnx") and node.op_type == "Scan":
+        return _scan_reason(node, graph)
     if domain == "com.microsoft":
         if node.op_type not in _CONTRIB_OPS:
             return f"TVM has no converter for contrib op com.microsoft.{node.op_type}"

@@ -136,14 +136,11 @@ SUBSET = [
 
 # case -> (the outcome it has today, why). See conformance/RESULTS.md for the full picture.
 # Empty since the CPU target routes the configurations TVM 0.27 gets wrong (ConvTranspose
-# output_shape, Expand with a shape computed at run time, float8 Cast, NonMaxSuppression) to
-# onnxruntime or replaces them (lowering/onnx_fixups.py, bodies.py, dynamic_ops.py), and the
-# runtime handles Shape outputs and golden_count=0 without onnxruntime (conformance/RESULTS.md).
-KNOWN_FAILURES: dict[str, tuple[str, str]] = {
-    "test_cast_FLOAT8E4M3FN_to_FLOAT@opset23": (
-        "load_error", "float8 graph inputs are refused at load with a clear ModelError: TVM "
-        "decodes float8 NaNs as numbers and numpy/onnxruntime feeds have no float8 dtype"),
-}
+# output_shape, Expand with a shape computed at run time, NonMaxSuppression) to onnxruntime or
+# replaces them (lowering/onnx_fixups.py, bodies.py, dynamic_ops.py, narrow.py for float8 and
+# int4 casts), and the runtime handles Shape outputs and golden_count=0 without onnxruntime
+# (conformance/RESULTS.md).
+KNOWN_FAILURES: dict[str, tuple[str, str]] = {}
 
 
 def _cases_module() -> Any:

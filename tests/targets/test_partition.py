@@ -87,8 +87,9 @@ def const(name: str, *shape: int) -> onnx.TensorProto:
     return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
 
 
-def conv_model(extra_node: onnx.NodeProto | None = None,
-               extra_inits: tuple[onnx.TensorProto, ...] = ()) -> onnx.ModelProto:
+def conv_model(extra_node: onnx.NodeProto | list[onnx.NodeProto] | None = None,
+               extra_inits: tuple[onnx.TensorProto, ...] = (), opset: int = 17
+               ) -> onnx.ModelProto:
     """Conv -> Relu -> Conv -> Relu (fakeacc) -> Flatten -> Gemm -> Softmax (cpu only)."""
     nodes = [
         helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
@@ -100,15 +101,16 @@ def conv_model(extra_node: onnx.NodeProto | None = None,
     ]
     last = "f"
     if extra_node is not None:
-        nodes.append(extra_node)
-        last = extra_node.output[0]
+        extra = extra_node if isinstance(extra_node, list) else [extra_node]
+        nodes.extend(extra)
+        last = extra[-1].output[0]
     nodes.append(helper.make_node("Softmax", [last], ["y"], axis=1, name="softmax"))
     graph = helper.make_graph(
         nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         [const("c1", 4, 2, 3, 3), const("c2", 4, 4, 3, 3), const("fc", 4, 144)])
     graph.initializer.extend(extra_inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def feeds(batch: int) -> dict[str, np.ndarray]:
@@ -205,30 +207,34 @@ def test_devices_argument_restricts_placement(build) -> None:
 
 
 def test_op_tvm_cannot_compile_runs_on_onnxruntime(build, tmp_path: Path) -> None:
-    # ReverseSequence: no TVM converter, and no ONNX function body onnx_fixups could expand
-    lpn = helper.make_node("ReverseSequence", ["f", "lens"], ["g"], batch_axis=0, time_axis=1,
-                           name="lpn")
-    lens = numpy_helper.from_array(np.array([4, 1, 3, 2], np.int64), "lens")
-    model = lepton_edge.load(conv_model(lpn, (lens,)))
+    # Col2Im: no TVM converter, and no ONNX function body onnx_fixups could expand; here with
+    # 1x1 blocks it only moves values: f (N, 4) -> (N, 1, 4) -> (N, 1, 2, 2) -> (N, 4)
+    lpn = [helper.make_node("Reshape", ["f", "cols_shape"], ["cols"], name="to_cols"),
+           helper.make_node("Col2Im", ["cols", "image", "block"], ["img"], name="lpn"),
+           helper.make_node("Reshape", ["img", "flat_shape"], ["g"], name="flat")]
+    inits = tuple(numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
+        ("cols_shape", [-1, 1, 4]), ("image", [2, 2]), ("block", [1, 1]),
+        ("flat_shape", [-1, 4])))
+    model = lepton_edge.load(conv_model(lpn, inits, opset=18))  # Col2Im: opset 18
     plan = lepton_edge.partition(model, ["cpu"])
     assert [(sg.target, sg.op_counts) for sg in plan.subgraphs] == [
-        ("cpu", {"Conv": 2, "Relu": 2, "Flatten": 1, "Gemm": 1}),
-        ("onnxruntime", {"ReverseSequence": 1}),
-        ("cpu", {"Softmax": 1}),
+        ("cpu", {"Conv": 2, "Relu": 2, "Flatten": 1, "Gemm": 1, "Reshape": 1}),
+        ("onnxruntime", {"Col2Im": 1}),
+        ("cpu", {"Reshape": 1, "Softmax": 1}),
     ]
-    assert "no converter for ReverseSequence" in plan.reasons["lpn"]["cpu"]
-    _, session = build(model, ["cpu"], golden_count=0)  # lens fixes the batch at 4
+    assert "no converter for Col2Im" in plan.reasons["lpn"]["cpu"]
+    _, session = build(model, ["cpu"], golden_count=0)
     assert [p.target for p in session.placement.values()] == ["cpu", "onnxruntime", "cpu"]
     f = feeds(4)
     assert_close(session.run(f), ort_run(model.proto, f))
-    with pytest.raises(UnsupportedOpsError, match=r"ReverseSequence \(node lpn\).*no converter"):
+    with pytest.raises(UnsupportedOpsError, match=r"Col2Im \(node lpn\).*no converter"):
         lepton_edge.partition(model, ["cpu"], fallback=False)
     onnx.save(model.proto, tmp_path / "lpn.onnx")
     out = subprocess.run([sys.executable, "-m", "lepton_edge.cli", "explain",
                           str(tmp_path / "lpn.onnx")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "sg1: 1 nodes on onnxruntime fallback" in out.stdout
-    assert "lpn: cpu: TVM 0.27's ONNX importer has no converter for ReverseSequence" in out.stdout
+    assert "lpn: cpu: TVM 0.27's ONNX importer has no converter for Col2Im" in out.stdout
 
 
 def test_subgraphs_never_form_a_cycle() -> None:

@@ -416,3 +416,18 @@ def test_save_refuses_entry_names_outside_the_folder(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"'../evil.so' would extract outside"):
         fmt.write(tmp_path / "x.lepton", {"format": fmt.FORMAT}, {"../evil.so": b""})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_golden_compare_handles_nan_and_infinities() -> None:
+    """The golden-output check (runtime.session.compare): NaN matches NaN, an infinity the
+    same infinity, and a real error next to an infinity is still measured relative to the
+    largest finite reference value."""
+    from lepton_edge.runtime.session import compare
+
+    inf, nan = np.inf, np.nan
+    want = np.array([inf, -inf, nan, 2.0], np.float32)
+    assert compare(want.copy(), want) == (0.0, 0.0)
+    for bad in ([-inf, -inf, nan, 2.0], [inf, -inf, 0.0, 2.0], [inf, -inf, nan, nan]):
+        assert compare(np.array(bad, np.float32), want) == (float("inf"), float("inf"))
+    absolute, relative = compare(np.array([inf, -inf, nan, 3.0], np.float32), want)
+    assert (absolute, relative) == (1.0, 0.5)

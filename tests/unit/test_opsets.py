@@ -48,9 +48,60 @@ def _run(model: onnx.ModelProto, feeds, tmp_path: Path, **kw):
         session.close()
 
 
-def _bitshift_model() -> onnx.ModelProto:
-    """x -> Add(shift) [cpu] -> BitShift@28 [onnxruntime] -> Cast@28 -> Relu [cpu]; `shift` is
-    a Constant node read by both sides."""
+def _range_model() -> onnx.ModelProto:
+    """x, limit -> Max(limit, one) [cpu] -> Range@27 on float16 [onnxruntime] -> Cast -> Relu
+    [cpu]; `one` is a Constant node read by both sides (it is Range's delta). Only exact
+    arithmetic on the cpu side: Range's length is sensitive to float16 rounding."""
+    nodes = [
+        h.make_node("Constant", [], ["one"], name="one_const",
+                    value=numpy_helper.from_array(np.array(1.0, np.float16))),
+        h.make_node("Max", ["limit", "one"], ["a"], name="add"),
+        h.make_node("Range", ["x", "a", "one"], ["b"], name="rng"),
+        h.make_node("Cast", ["b"], ["bf"], name="to_float", to=T.FLOAT),
+        h.make_node("Relu", ["bf"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [_vi("x", T.FLOAT16, []), _vi("limit", T.FLOAT16, [])],
+                  [_vi("y", T.FLOAT, [None])], [("", 27)])
+
+
+# ------------------------------------------------------------------------ opsets 26..newest
+
+
+def test_revised_op_runs_on_onnxruntime_and_the_rest_compiles(tmp_path: Path) -> None:
+    model = _range_model()
+    loaded = lepton_edge.load(model)
+    assert loaded.opset == 27  # onnx.version_converter cannot bring float16 Range@27 down
+    plan = lepton_edge.partition(loaded, ["cpu"])
+    placed = {n: sg.target for sg in plan.subgraphs for n in sg.nodes}
+    assert placed["rng"] == FALLBACK
+    assert placed["add"] == "cpu" and placed["relu"] == "cpu"
+    # Cast is the same at opset 27 as at 25
+    assert placed["to_float"] == "cpu" and "to_float" not in plan.reasons
+    # Range-27 has an ONNX function body (lepton-edge expands newer ops that have one), but
+    # it is a Loop, which TVM cannot take
+    assert plan.reasons["rng"]["cpu"] == "Range becomes Loop, which TVM 0.27 has no converter for"
+    assert "rng: cpu: Range becomes Loop" in plan.explain()
+    assert "opset: 27 (onnx.version_converter cannot convert the whole model down to " \
+           f"{MAX_OPSET}: revised ops it cannot bring down node by node run on onnxruntime)" \
+           in plan.explain().splitlines()
+    for sg in plan.subgraphs:  # compiled parts are relabelled for TVM's importer
+        assert _default_opset(sg.proto) == (27 if sg.target == FALLBACK else MAX_OPSET)
+        onnx.checker.check_model(sg.proto, full_check=True)
+    ort_sg = next(sg for sg in plan.subgraphs if sg.target == FALLBACK)
+    # the Constant made on the cpu side travels as the onnxruntime subgraph's own initializer
+    assert "one" not in ort_sg.inputs and not any("one" in sg.outputs for sg in plan.subgraphs)
+    assert "one" in {t.name for t in ort_sg.proto.graph.initializer}
+
+    feeds = {"x": np.array(-2.5, np.float16), "limit": np.array(4.0, np.float16)}
+    art, got, placement = _run(model, feeds, tmp_path)
+    assert_close(got, ort_run(model, feeds), rel=0)
+    assert got["y"].tolist() == [0.0, 0.0, 0.0, 0.5, 1.5, 2.5, 3.5]
+    assert sorted(set(placement.values())) == ["cpu", FALLBACK]
+    assert not any(sg["build_errors"] for sg in art.manifest["subgraphs"])
+
+
+def test_revised_op_with_a_converter_of_its_own_compiles(tmp_path: Path) -> None:
+    """BitShift@28 (signed types) is renamed to lepton-edge's converter when relabelled."""
     nodes = [
         h.make_node("Constant", [], ["shift"], name="shift_const",
                     value=numpy_helper.from_array(np.array([1, 2, 3], np.int32))),
@@ -59,51 +110,27 @@ def _bitshift_model() -> onnx.ModelProto:
         h.make_node("Cast", ["b"], ["bf"], name="to_float", to=T.FLOAT),
         h.make_node("Relu", ["bf"], ["y"], name="relu"),
     ]
-    return _model(nodes, [_vi("x", T.INT32, [2, 3])], [_vi("y", T.FLOAT, [2, 3])], [("", 28)])
-
-
-# ------------------------------------------------------------------------ opsets 26..newest
-
-
-def test_revised_op_runs_on_onnxruntime_and_the_rest_compiles(tmp_path: Path) -> None:
-    model = _bitshift_model()
+    model = _model(nodes, [_vi("x", T.INT32, [2, 3])], [_vi("y", T.FLOAT, [2, 3])], [("", 28)])
     loaded = lepton_edge.load(model)
-    assert loaded.opset == 28  # onnx.version_converter cannot bring BitShift@28 down
+    assert loaded.opset == 28
     plan = lepton_edge.partition(loaded, ["cpu"])
-    placed = {n: sg.target for sg in plan.subgraphs for n in sg.nodes}
-    assert placed["shl"] == FALLBACK
-    assert placed["add"] == "cpu" and placed["relu"] == "cpu"
-    # Cast was revised at 28 too, but only by new types: float -> int32 is the same at 25
-    assert placed["to_float"] == "cpu" and "to_float" not in plan.reasons
-    why = plan.reasons["shl"]["cpu"]
-    assert why.startswith("BitShift was revised at opset 28; TVM's importer covers opsets up to "
-                          f"{MAX_OPSET} and onnx.version_converter cannot convert this node "
-                          "down to it")
-    assert why.endswith("cannot convert this node down to it")
-    assert "shl: cpu: BitShift was revised at opset 28" in plan.explain()
-    assert "opset: 28 (onnx.version_converter cannot convert the whole model down to " \
-           f"{MAX_OPSET}: revised ops it cannot bring down node by node run on onnxruntime)" \
-           in plan.explain().splitlines()
-    for sg in plan.subgraphs:  # compiled parts are relabelled for TVM's importer
-        assert _default_opset(sg.proto) == (28 if sg.target == FALLBACK else MAX_OPSET)
-        onnx.checker.check_model(sg.proto, full_check=True)
-    ort_sg = next(sg for sg in plan.subgraphs if sg.target == FALLBACK)
-    # the Constant made on the cpu side travels as the onnxruntime subgraph's own initializer
-    assert "shift" not in ort_sg.inputs and not any("shift" in sg.outputs for sg in plan.subgraphs)
-    assert "shift" in {t.name for t in ort_sg.proto.graph.initializer}
-
+    assert [sg.target for sg in plan.subgraphs] == ["cpu"] and not plan.reasons
+    (sg,) = plan.subgraphs
+    assert _default_opset(sg.proto) == MAX_OPSET
+    assert [(n.domain, n.op_type) for n in sg.proto.graph.node if n.name == "shl"] == [
+        ("lepton.revised", "BitShift_28")]
     x = np.array([[1, 2, 3], [4, -5, 1 << 28]], np.int32)
-    art, got, placement = _run(model, {"x": x}, tmp_path)
-    assert_close(got, ort_run(model, {"x": x}), rel=0)
-    assert sorted(set(placement.values())) == ["cpu", FALLBACK]
-    assert not any(sg["build_errors"] for sg in art.manifest["subgraphs"])
+    _, got, placement = _run(model, {"x": x}, tmp_path)
+    want = np.maximum(((x + [1, 2, 3]).astype(np.int64) << [1, 2, 3]).astype(np.int32), 0)
+    np.testing.assert_array_equal(got["y"], want.astype(np.float32))
+    assert set(placement.values()) == {"cpu"}
 
 
 def test_revised_op_without_fallback_is_one_clear_error() -> None:
     with pytest.raises(UnsupportedOpsError) as info:
-        lepton_edge.partition(lepton_edge.load(_bitshift_model()), ["cpu"], fallback=False)
+        lepton_edge.partition(lepton_edge.load(_range_model()), ["cpu"], fallback=False)
     message = str(info.value)
-    assert "BitShift (node shl): cpu: BitShift was revised at opset 28" in message
+    assert "Range (node rng): cpu: Range becomes Loop" in message
     assert f"re-export the model at opset <= {MAX_OPSET}" in message
 
 
@@ -111,7 +138,8 @@ def test_onnxruntime_without_the_opset_fails_at_compile_time(monkeypatch) -> Non
     loaded = lepton_edge.load(_bitcast_model())
     plan = lepton_edge.partition(loaded, ["cpu"])
     assert [sg.target for sg in plan.subgraphs] == [FALLBACK]
-    assert plan.reasons["cast_bits"]["cpu"].startswith("BitCast was added at opset 26")
+    assert plan.reasons["cast_bits"]["cpu"] == (
+        "tensor 'y' is complex64, which TVM cannot compute on")
     real = onnxruntime.InferenceSession
 
     def older_onnxruntime(data, *args, **kwargs):  # an onnxruntime that stops at opset 25
@@ -131,8 +159,9 @@ def test_onnxruntime_without_the_opset_fails_at_compile_time(monkeypatch) -> Non
 
 
 def _bitcast_model() -> onnx.ModelProto:
-    return _model([h.make_node("BitCast", ["x"], ["y"], name="cast_bits", to=T.INT32)],
-                  [_vi("x", T.FLOAT, [2])], [_vi("y", T.INT32, [2])], [("", 26)])
+    """BitCast-26 compiles (lowering/dynamic_ops.py), except to a type TVM cannot compute on."""
+    return _model([h.make_node("BitCast", ["x"], ["y"], name="cast_bits", to=T.COMPLEX64)],
+                  [_vi("x", T.INT64, [2])], [_vi("y", T.COMPLEX64, [2])], [("", 26)])
 
 
 def test_missing_onnxruntime_fails_at_compile_time(monkeypatch) -> None:
@@ -178,7 +207,8 @@ def test_opset_beyond_onnx_is_refused() -> None:
 def test_scan_body_reading_a_constant_from_a_compiled_subgraph(tmp_path: Path) -> None:
     """onnxruntime types a Scan body's outputs only when the outer Unsqueeze axes it reads
     are constant; the axes Constant sits in the compiled subgraph, and the Scan (no TVM
-    converter) gets its own copy instead of a run-time input."""
+    converter; a run-time number of iterations, so not unrolled) gets its own copy instead of
+    a run-time input."""
     body = h.make_graph(
         [h.make_node("Add", ["s_in", "x_t"], ["sum"]),
          h.make_node("Unsqueeze", ["sum", "axes"], ["u"]),
@@ -196,8 +226,8 @@ def test_scan_body_reading_a_constant_from_a_compiled_subgraph(tmp_path: Path) -
         h.make_node("Scan", ["s0", "x3"], ["s", "ys"], name="scan", body=body,
                     num_scan_inputs=1),
     ]
-    model = _model(nodes, [_vi("x", T.FLOAT, [5, 3]), _vi("s0", T.FLOAT, [3])],
-                   [_vi("s", T.FLOAT, [3]), _vi("ys", T.FLOAT, [5, 3])], [("", 17)])
+    model = _model(nodes, [_vi("x", T.FLOAT, ["N", 3]), _vi("s0", T.FLOAT, [3])],
+                   [_vi("s", T.FLOAT, [3]), _vi("ys", T.FLOAT, ["N", 3])], [("", 17)])
     plan = lepton_edge.partition(lepton_edge.load(model), ["cpu"])
     scan_sg = next(sg for sg in plan.subgraphs if "scan" in sg.nodes)
     assert scan_sg.target == FALLBACK and "axes" not in scan_sg.inputs
