@@ -111,9 +111,10 @@ def compile(  # noqa: A001 - the public verb of the pipeline
                 warnings.warn(
                     f"{sg.id} runs on onnxruntime because every build failed: "
                     + "; ".join(f"{t}: {r}" for t, r in errors.items()), stacklevel=2)
-            try:
+            try:  # the nodes as the model has them, not as rewritten for TVM
                 builds.append(get_plugin(FALLBACK).make_target().compile(
-                    sg.proto, Profile(name=FALLBACK, target=FALLBACK, description="")))
+                    sg.fallback_proto or sg.proto,
+                    Profile(name=FALLBACK, target=FALLBACK, description="")))
             except TargetError as exc:
                 raise TargetError(f"{sg.id} cannot run on the onnxruntime fallback: {exc}"
                                   ) from None

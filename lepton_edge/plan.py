@@ -72,6 +72,10 @@ class Subgraph:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     proto: onnx.ModelProto
+    # a compiled subgraph whose `proto` was rewritten for TVM's importer (revised ops renamed
+    # to private converters or expanded, Scans unrolled, relabelled to MAX_OPSET): its nodes
+    # as the model has them, which onnxruntime runs if every build fails; else None
+    fallback_proto: onnx.ModelProto | None = None
 
 
 @dataclass(frozen=True)
@@ -497,21 +501,28 @@ def _subgraph(
             return value_infos[name]
         return helper.make_tensor_value_info(name, view.value_types.get(name, 0), None)
 
+    def model_of(nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+        sub = helper.make_graph(
+            nodes=nodes, name=f"{graph.name or 'model'}_{sg_id}",
+            inputs=[info(n) for n in inputs], outputs=[info(n) for n in outputs],
+            initializer=inits,
+            value_info=[value_infos[o] for n in members for o in n.output
+                        if o in value_infos and o not in outputs],
+        )
+        imports = list(proto.opset_import)
+        if any(n.domain == bodies.PRIVATE_DOMAIN for n in nodes):
+            imports.append(helper.make_opsetid(bodies.PRIVATE_DOMAIN, 1))
+        made = helper.make_model(sub, opset_imports=imports, ir_version=proto.ir_version)
+        made.functions.extend(proto.functions)
+        return made
+
     lowered = _lowered(members, view, opset) if label != FALLBACK else members
-    sub = helper.make_graph(
-        nodes=lowered, name=f"{graph.name or 'model'}_{sg_id}",
-        inputs=[info(n) for n in inputs], outputs=[info(n) for n in outputs],
-        initializer=inits,
-        value_info=[value_infos[o] for n in members for o in n.output
-                    if o in value_infos and o not in outputs],
-    )
-    imports = list(proto.opset_import)
-    if any(n.domain == bodies.PRIVATE_DOMAIN for n in lowered):
-        imports.append(helper.make_opsetid(bodies.PRIVATE_DOMAIN, 1))
-    sub_model = helper.make_model(sub, opset_imports=imports, ir_version=proto.ir_version)
-    sub_model.functions.extend(proto.functions)
+    sub_model = model_of(lowered)
+    fallback_proto = None
     if label != FALLBACK and opset > MAX_OPSET:
         _relabel(sub_model, opset)
+    if label != FALLBACK and (opset > MAX_OPSET or lowered != members):
+        fallback_proto = model_of(members)
     counts: dict[str, int] = {}
     for node in members:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -519,7 +530,7 @@ def _subgraph(
         id=sg_id, target=label, candidates=candidates, level=level,
         nodes=tuple(n.name for n in members), op_counts=counts,
         macs=sum(_macs(n, view) for n in members), inputs=tuple(inputs), outputs=tuple(outputs),
-        proto=sub_model,
+        proto=sub_model, fallback_proto=fallback_proto,
     )
 
 

@@ -126,6 +126,33 @@ def test_revised_op_with_a_converter_of_its_own_compiles(tmp_path: Path) -> None
     assert set(placement.values()) == {"cpu"}
 
 
+def test_failed_build_of_a_renamed_revised_op_falls_back_to_the_model_nodes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If every build of a subgraph rewritten for TVM (BitShift@28 renamed to a private
+    converter) fails, onnxruntime gets the nodes as the model has them, at opset 28."""
+    from lepton_edge_targets.cpu.compile import CpuTarget
+
+    def broken(self, subgraph, profile):
+        raise TargetError("simulated TVM build failure")
+
+    monkeypatch.setattr(CpuTarget, "compile", broken)
+    model = _model([h.make_node("BitShift", ["x", "s"], ["y"], name="shr", direction="RIGHT")],
+                   [_vi("x", T.INT32, [4]), _vi("s", T.INT32, [4])], [_vi("y", T.INT32, [4])],
+                   [("", 28)])
+    plan = lepton_edge.partition(lepton_edge.load(model), ["cpu"])
+    (sg,) = plan.subgraphs
+    assert sg.target == "cpu" and sg.proto.graph.node[0].op_type == "BitShift_28"
+    assert sg.fallback_proto.graph.node[0].op_type == "BitShift"
+    assert _default_opset(sg.fallback_proto) == 28
+    with pytest.warns(UserWarning, match="simulated TVM build failure"):
+        art = lepton_edge.compile(model, ["cpu"], golden_count=0)
+    session = lepton_edge.runtime.load(art.save(tmp_path / "m.lepton"))
+    x, s = np.array([-8, 8, -1, 7], np.int32), np.array([1, 2, 31, 0], np.int32)
+    got = session.run({"x": x, "s": s})["y"]
+    np.testing.assert_array_equal(got, x >> s)  # arithmetic shift, as BitShift-28 says
+    assert [p.target for p in session.placement.values()] == ["onnxruntime"]
+
+
 def test_revised_op_without_fallback_is_one_clear_error() -> None:
     with pytest.raises(UnsupportedOpsError) as info:
         lepton_edge.partition(lepton_edge.load(_range_model()), ["cpu"], fallback=False)
