@@ -355,19 +355,27 @@ def convert_cumsum(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, A
     """CumSum with a run-time `axis` (any value in [-rank, rank-1]), else None."""
     if len(inputs) < 2 or not _is_runtime(inputs[1]):
         return None
-    data, axis = inputs[0], inputs[1]
+    return _cumulative(bb, inputs[0], inputs[1], attrs, product=False)
+
+
+def _cumulative(bb: relax.BlockBuilder, data: Any, axis: Any, attrs: dict[str, Any], *,
+                product: bool) -> relax.Expr:
+    """CumSum / CumProd along a constant or run-time axis (one TIR kernel over the flat data
+    and its dims; exclusive / reverse attributes)."""
+    op = "CumProd" if product else "CumSum"
     if _rank(data) is None or not isinstance(data.ty.shape, relax.ShapeExpr):
-        raise ValueError("CumSum with a run-time axis needs the data's rank")
+        raise ValueError(f"{op} needs the data's rank")
     if _rank(axis) not in (0, 1) or _static_len(axis) != 1:
-        raise ValueError("CumSum: axis must hold exactly one value")
+        raise ValueError(f"{op}: axis must hold exactly one value")
     axis = _as_int64(bb, axis)
     if _rank(axis) == 1:
         axis = bb.emit(relax.op.reshape(axis, relax.ShapeExpr([])))
     dims = _dims_tensor(bb, data)
     flat, count = _flat(bb, data)
     kernel = _cumsum_kernel(str(data.ty.dtype), bool(attrs.get("exclusive", 0)),
-                            bool(attrs.get("reverse", 0)))
-    out = bb.emit(relax.call_tir(bb.add_func(kernel, "lepton_cumsum"), [flat, dims, axis],
+                            bool(attrs.get("reverse", 0)), product=product)
+    name = "lepton_cumprod" if product else "lepton_cumsum"
+    out = bb.emit(relax.call_tir(bb.add_func(kernel, name), [flat, dims, axis],
                                  relax.TensorType([count], data.ty.dtype)))
     return relax.op.reshape(out, data.ty.shape)
 
@@ -1316,21 +1324,7 @@ def convert_shape(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, An
 def convert_cumprod(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
                     opset: int) -> relax.Expr:
     """CumProd-26 (exclusive, reverse; a constant or run-time axis in [-rank, rank-1])."""
-    data, axis = inputs[0], inputs[1]
-    if _rank(data) is None or not isinstance(data.ty.shape, relax.ShapeExpr):
-        raise ValueError("CumProd needs the data's rank")
-    if _rank(axis) not in (0, 1) or _static_len(axis) != 1:
-        raise ValueError("CumProd: axis must hold exactly one value")
-    axis = _as_int64(bb, axis)
-    if _rank(axis) == 1:
-        axis = bb.emit(relax.op.reshape(axis, relax.ShapeExpr([])))
-    dims = _dims_tensor(bb, data)
-    flat, count = _flat(bb, data)
-    kernel = _cumsum_kernel(str(data.ty.dtype), bool(attrs.get("exclusive", 0)),
-                            bool(attrs.get("reverse", 0)), product=True)
-    out = bb.emit(relax.call_tir(bb.add_func(kernel, "lepton_cumprod"), [flat, dims, axis],
-                                 relax.TensorType([count], data.ty.dtype)))
-    return relax.op.reshape(out, data.ty.shape)
+    return _cumulative(bb, inputs[0], inputs[1], attrs, product=True)
 
 
 def convert_bitshift(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],

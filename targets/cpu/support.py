@@ -179,17 +179,6 @@ def _ops() -> frozenset[str]:
     return supported_onnx_ops()
 
 
-def _input_types(node: onnx.NodeProto, graph: Any) -> dict[str, onnx.TypeProto]:
-    types = {}
-    for name in node.input:
-        if name and name in graph.value_types:
-            dims = graph.value_shapes.get(name)
-            types[name] = helper.make_tensor_type_proto(
-                graph.value_types[name],
-                None if dims is None else [d if isinstance(d, int) else None for d in dims])
-    return types
-
-
 def _revised_reason(node: onnx.NodeProto, graph: Any, kind: str) -> str | None:
     """A revised/new op lepton-edge lowers itself (plan.py renames or expands it)."""
     for name in list(node.input) + list(node.output):
@@ -198,7 +187,7 @@ def _revised_reason(node: onnx.NodeProto, graph: Any, kind: str) -> str | None:
             return f"tensor '{name}' is {_UNSUPPORTED_TYPES[elem]}, which TVM cannot compute on"
     if kind == "convert":
         return None  # lowering/dynamic_ops.py's converter of bodies.private_name(op)
-    nodes, why = bodies.expand_revised(node, graph.model_opset, _input_types(node, graph))
+    nodes, why = bodies.expand_revised(node, graph.model_opset, graph.input_types(node))
     if nodes is None:
         return why
     return _nodes_reason(node, nodes)
@@ -253,10 +242,10 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         return f"TVM has no converter for ops of domain '{domain}'"
     elif onnx_fixups.needs_expansion(node):
         # lowering/onnx_fixups.py replaces the node by its ONNX function body before import
-        if not onnx_fixups.expandable(node, graph.opset, _input_types(node, graph)):
+        if not onnx_fixups.expandable(node, graph.opset, graph.input_types(node)):
             why = (f"TVM 0.27's ONNX importer has no converter for {node.op_type}"
                    if node.op_type not in _ops() else onnx_fixups.wrong_on_tvm(node))
-            if onnx_fixups.function_body(node, graph.opset, _input_types(node, graph)) is None:
+            if onnx_fixups.function_body(node, graph.opset, graph.input_types(node)) is None:
                 return why
             return f"{why}, and its ONNX function body uses ops TVM cannot take either"
     for name in list(node.input) + list(node.output):
