@@ -152,7 +152,7 @@ def main() -> None:
         lines.append(args.invoked_as)
     lines += [command, "```", ""]
     peak = bench.cpu_peak()
-    lines += [f"CPU peak (measured, achievable library peak): {peak}", "",
+    lines += [f"CPU peak (measured: fp32 = FMA throughput, the roofline): {peak}", "",
               f"runs {runs}, warmup {warmup}, tune {args.tune}; engines timed in per-engine "
               "blocks in one process (each table's last line states the protocol); "
               "`vs lepton` = engine p50 / lepton p50.", ""]

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/untuned.py [--models digits,resnet18,mobilenet_v2,bert]
                                            [--runs R] [--warmup W] [--threads T]
                                            [--plain | --no-pack] [--block K] [--pause-ms P]
+                                           [--batches B1,B2]
 
 Each model is compiled for "cpu" without tuning (the default schedules of
 lepton_edge/lowering/schedules.py; --plain sets LEPTON_DEFAULT_SCHEDULES=0 for TVM's plain
@@ -15,7 +16,7 @@ batch: MACs, the fp32 floor (2 x MACs / the fp32 peak measured here), lepton and
 p50 and p90 over all timed calls, the p50 ratio, the largest relative difference of the
 outputs, and the compile time; then the protocol. Models: the digits CNN (batch 1 and 64) and
 benchmarks/models.py's ResNet-18-shaped and MobileNetV2-shaped CNNs (224x224) and BERT-base-
-shaped encoder (seq 128), batch 1.
+shaped encoder (seq 128), batch 1 (--batches 1,8: those batches).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--pause-ms", "--gap-ms", dest="pause_ms", type=float, default=100.0,
                         help="idle time before each block, so the other engine's spinning "
                              "worker threads have stopped (--gap-ms: older name)")
+    parser.add_argument("--batches", default=None,
+                        help="batch sizes for the 224x224 models and BERT (default: 1)")
     parser.add_argument("--export", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true",
                         help="TVM's plain loops (LEPTON_DEFAULT_SCHEDULES=0): the 'before'")
@@ -114,6 +117,8 @@ def main() -> None:
                        stderr=subprocess.DEVNULL)
         for name in names:
             input_name, batches = INPUTS[name]
+            if args.batches and name != "digits":
+                batches = tuple(int(b) for b in args.batches.split(","))
             onnx_path = tmp / f"{name}.onnx"
             model = lepton_edge.load(onnx_path)
             started = time.perf_counter()

@@ -11,26 +11,39 @@ order
    block ``C[...] += f(A[...], B[...])`` whose output's innermost index is a spatial iterator
    that one operand does not read (so it is broadcast) and the other reads contiguously (unit
    stride in its innermost dimension, or a small stride for strided convolutions). The output
-   tile (a few rows x one or two SIMD vectors) accumulates in registers over the whole
+   tile (a few rows x one to three SIMD vectors: a matmul's 4 x 24 floats on AVX2 are 12 of
+   the 16 vector registers, each weight vector loaded once per reduction step and reused
+   over the rows, each row value broadcast) accumulates in registers over the whole
    reduction, the tile loop runs in parallel, and the fused epilogue (bias, activation,
-   residual add, int8 requantization) is computed per tile while it is still in registers.
+   residual add, int8 requantization; epilogue stages with forks such as GELU's are inlined
+   first) is computed per tile while it is still in registers. Rows counted symbolically
+   (``N * 128`` when a Reshape folds the batch into a Gemm's rows) are tiled by a divisor of
+   their constant factor, without bounds checks.
    A strided convolution's input is stored de-interleaved (``[..., w % s, w // s]``) so its
    vector loads are contiguous; padding becomes a fill plus a vectorized copy; a matmul with
-   many rows copies each weight column panel contiguously before sweeping the rows. A
+   many rows copies each weight column panel contiguously before sweeping the rows (constant
+   weights come packed in panels already, see below). A
    depthwise convolution with large planes (:data:`STAGE_MIN_PLANE`) runs its channels in
    parallel and pads (and de-interleaves) each input channel inside that loop, into a
    per-channel buffer that stays in cache, instead of separate passes over the whole input.
 3. :func:`schedule_generic`: every other block (elementwise, broadcast, transpose, pad,
    pooling, softmax/layer-norm reductions): producers inlined, the spatial loops fused and
-   run in parallel, the innermost loop vectorized when the block is injective.
+   run in parallel, the innermost loop vectorized when the block is injective; a float32
+   reduction over the innermost axis is split into per-lane partial results (``rfactor``)
+   accumulated with vector instructions (:func:`_vectorize_reduction`).
 
 Before legalization, :class:`PackConvWeights` stores the constant filters of fp32 pointwise
-(1x1) convolutions output-channel innermost (lowering/layout.py); the contraction rule then
-vectorizes those along output channels and register-blocks along the output width (each input
-value broadcast), which suits the 7- and 14-wide late layers of CNNs.
+(1x1) convolutions output-channel innermost and the constant weights of fp32 matmuls in
+column panels ``[N / 24, K, 24]`` (lowering/layout.py); the contraction rule then vectorizes
+those convolutions along output channels and register-blocks along the output width (each
+input value broadcast), which suits the 7- and 14-wide late layers of CNNs, and sweeps each
+matmul panel front to back with no run-time copy. :class:`VectorMath` replaces float32 erf
+and last-axis softmax by kernels built from :func:`rational_erf` / :func:`rational_exp`,
+polynomials that vectorize (LLVM calls libm once per element for ``T.erf`` / ``T.exp``).
 
-Shapes may be symbolic (the runtime's batch ``N``): symbolic loops are never split, only fused
-into the parallel loop, so every schedule holds for any size. :data:`MarkShapeFuncsNoAlias`
+Shapes may be symbolic (the runtime's batch ``N``): symbolic loops are never split except by
+a divisor of their constant factor, otherwise only fused into the parallel loop, so every
+schedule holds for any size. :data:`MarkShapeFuncsNoAlias`
 (in :func:`finalize_passes`) keeps LLVM's ``noalias`` on the kernels of such builds.
 
 A schedule never changes what is computed (TVM's primitives check that); a rule that does not
@@ -64,6 +77,8 @@ PARALLEL_MIN_WORK = 1 << 17
 #: inside the convolution's parallel loop (smaller planes fit the caches whole: measured 1.3-1.5x
 #: slower staged, 14x14 and 7x7 planes).
 STAGE_MIN_PLANE = 28 * 28
+#: SIMD vectors per output row of a matmul tile (convolutions: 2): 3 x 4 rows = 12 accumulators.
+MATMUL_VECTORS = 3
 #: Most vector accumulators one output tile keeps in registers (AVX2 has 16, AVX-512 32).
 _ACCUMULATORS = {256: 12, 512: 24, 128: 12}
 
@@ -169,6 +184,7 @@ def cpu_pipeline(target: Any, *, log: Log | None = None,
         with target:
             seq = tvm.transform.Sequential([
                 PackConvWeights(target, log),
+                VectorMath(log),
                 *cpu.library_dispatch_passes(target),
                 *legalize_passes(),  # TVM's, FoldConstant only if needed
                 DefaultSchedules(target, log, report),
@@ -194,14 +210,153 @@ class PackConvWeights:
     def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         import os
 
-        if os.environ.get("LEPTON_PACK_CONV", "1") == "0":
-            return mod
-        from lepton_edge.lowering.layout import pack_conv2d_weights
+        from lepton_edge.lowering.layout import pack_conv2d_weights, pack_matmul_weights
 
-        mod, count = pack_conv2d_weights(mod, lanes=max(1, vector_bits(self.target) // 32))
-        if self.log is not None and count:
-            self.log(f"packed the filters of {count} convolution(s) output-channel innermost")
+        lanes = max(1, vector_bits(self.target) // 32)
+        if os.environ.get("LEPTON_PACK_CONV", "1") != "0":
+            mod, count = pack_conv2d_weights(mod, lanes=lanes)
+            if self.log is not None and count:
+                self.log(f"packed the filters of {count} convolution(s) output-channel "
+                         "innermost")
+        if os.environ.get("LEPTON_PACK_MATMUL", "1") != "0":
+            mod, count = pack_matmul_weights(mod, lanes=lanes, vectors=MATMUL_VECTORS)
+            if self.log is not None and count:
+                self.log(f"packed the constant weights of {count} matmul(s) in column panels")
         return mod
+
+
+#: erf(x) ~ x * P(x^2) / Q(x^2) on |x| <= ERF_CLAMP (beyond it float32 erf rounds to +-1), P and Q
+#: of degree 5 in x^2 (Q[0] = 1), fitted here by iteratively reweighted least squares against
+#: math.erf on 40,001 points of [0, 3.92]: max abs error 1.6e-8 in float64, 3.2e-7 evaluated
+#: in float32 (libm's erff: 4e-8; 3.2e-7 is 5 float32 ulps at 1.0).
+ERF_CLAMP = 3.92
+_ERF_P = (1.128378987312317, 0.19279056787490845, 0.0530635230243206, 0.003869306296110153,
+          0.0002874749479815364, 2.0342101834103232e-06)
+_ERF_Q = (1.0, 0.5041878819465637, 0.11509514600038528, 0.015174318104982376,
+          0.0011883004335686564, 3.8064907130319625e-05)
+
+
+#: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in
+#: a high part exact in float32 and a low part), exp(r) by its Taylor polynomial of degree 7
+#: (relative error 9e-8 evaluated in float32), 2^n built as 2 * 2^(n - 1) in the exponent
+#: bits. Inputs above EXP_HIGH give +inf, below EXP_LOW 0 (results under 2.4e-38 are flushed:
+#: n >= -125 keeps 2^(n - 1) a normal number), NaN stays NaN.
+EXP_HIGH = 88.72283
+EXP_LOW = -86.64
+_LN2_HI = 0.693145751953125
+_LN2_LO = 1.428606765330187e-06
+
+
+def rational_exp(x: Any) -> Any:
+    """float32 TIR expression for exp(x) (see :data:`EXP_HIGH`) from multiply, add, round,
+    shift and select: it vectorizes, where ``T.exp`` becomes one libm ``expf`` call per element
+    (softmax over BERT's attention scores)."""
+    def c(v: float) -> Any:
+        return tirx.const(v, "float32")
+
+    xv, nv, rv = (tirx.Var(name, "float32") for name in ("exp_x", "exp_n", "exp_r"))
+    xc = tirx.Select(xv > c(EXP_HIGH), c(EXP_HIGH),
+                     tirx.Select(xv < c(EXP_LOW), c(EXP_LOW), xv))
+    poly = c(1.0 / math.factorial(7))
+    for k in range(6, -1, -1):
+        poly = poly * rv + c(1.0 / math.factorial(k))
+    bits = tirx.shift_left(tirx.Cast("int32", nv) + tirx.const(126, "int32"),
+                           tirx.const(23, "int32"))
+    value = tirx.Select(xv > c(EXP_HIGH), c(math.inf),
+                        tirx.Select(xv < c(EXP_LOW), c(0.0),
+                                    poly * c(2.0) * tirx.reinterpret("float32", bits)))
+    value = tirx.Select(xv != xv, xv, value)  # NaN
+    # (let-bound: each intermediate computed once; TIR would otherwise repeat the trees)
+    value = tirx.Let(rv, xv - nv * c(_LN2_HI) - nv * c(_LN2_LO), value)
+    value = tirx.Let(nv, tirx.floor(xc * c(1.4426950408889634) + c(0.5)), value)
+    return tirx.Let(xv, x, value)
+
+
+def rational_erf(x: Any) -> Any:
+    """float32 TIR expression for erf(x) with :data:`_ERF_P` / :data:`_ERF_Q`: only multiply,
+    add, divide and compare-select, so it vectorizes (LLVM has no vector erf: TVM's
+    ``T.erf`` becomes one libm ``erff`` call per element, 6 ns each here, inside the
+    vectorized epilogue of BERT's FFN). NaN stays NaN (both clamp comparisons are false),
+    +-inf gives +-1."""
+    def c(v: float) -> Any:
+        return tirx.const(v, "float32")
+
+    xv, cv, tv = (tirx.Var(name, "float32") for name in ("erf_x", "erf_xc", "erf_t"))
+
+    def horner(coeffs: tuple[float, ...]) -> Any:
+        acc = c(coeffs[-1])
+        for k in reversed(coeffs[:-1]):
+            acc = acc * tv + c(k)
+        return acc
+
+    value = tirx.Let(tv, cv * cv, cv * horner(_ERF_P) / horner(_ERF_Q))
+    value = tirx.Let(cv, tirx.Select(xv > c(ERF_CLAMP), c(ERF_CLAMP),
+                                     tirx.Select(xv < c(-ERF_CLAMP), c(-ERF_CLAMP), xv)), value)
+    return tirx.Let(xv, x, value)
+
+
+@tvm.transform.module_pass(opt_level=0, name="LeptonVectorMath")
+class VectorMath:
+    """Module pass: every float32 ``relax.erf`` becomes an elementwise kernel computing
+    :func:`rational_erf` (fused into its neighbours like the original; BERT's GELU), and
+    every float32 ``relax.nn.softmax`` over the last axis a softmax kernel using
+    :func:`rational_exp` (max, sum of exponentials, normalisation; the reductions are
+    vectorized by :func:`_vectorize_reduction`)."""
+
+    def __init__(self, log: Log | None = None) -> None:
+        self.log = log
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        from tvm import relax, te
+        from tvm.relax.expr_functor import PyExprMutator, mutator
+
+        count = softmaxes = 0
+
+        def erf_te(x: Any) -> Any:
+            return te.compute(x.shape, lambda *i: rational_erf(x(*i)), name="erf_rational")
+
+        def softmax_te(x: Any) -> Any:
+            rows, width = x.shape[:-1], x.shape[-1]
+            k = te.reduce_axis((0, width), name="k")
+            top = te.compute(rows, lambda *i: te.max(x[(*i, k)], axis=k), name="softmax_max")
+            j = te.reduce_axis((0, width), name="j")
+            total = te.compute(rows, lambda *i: te.sum(rational_exp(x[(*i, j)] - top[i]),
+                                                       axis=j), name="softmax_sum")
+            return te.compute(x.shape, lambda *i: rational_exp(x[i] - top[i[:-1]])
+                              / total[i[:-1]], name="softmax")
+
+        @mutator
+        class Rewrite(PyExprMutator):  # type: ignore[misc]
+            def visit_call_(self, call: Any) -> Any:
+                nonlocal count, softmaxes
+                call = super().visit_call_(call)
+                name = str(getattr(call.op, "name", ""))
+                ty = getattr(call.args[0], "ty", None) if call.args else None
+                if str(getattr(ty, "dtype", "")) != "float32":
+                    return call
+                if name == "relax.erf":
+                    count += 1
+                    return self.builder_.call_te(erf_te, call.args[0],
+                                                 primfunc_name_hint="erf")
+                ndim = int(getattr(ty, "ndim", -1) or -1)
+                if name == "relax.nn.softmax" and ndim >= 1 \
+                        and int(call.attrs.axis) in (-1, ndim - 1):
+                    softmaxes += 1
+                    return self.builder_.call_te(softmax_te, call.args[0],
+                                                 primfunc_name_hint="softmax")
+                return call
+
+        rewrite = Rewrite(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewrite.builder_.update_func(gvar, rewrite.visit_expr(func))
+        if not count and not softmaxes:
+            return mod
+        if self.log is not None and count:
+            self.log(f"erf: {count} float32 call(s) computed by a vectorizable rational")
+        if self.log is not None and softmaxes:
+            self.log(f"softmax: {softmaxes} float32 call(s) with a vectorizable exp")
+        return rewrite.builder_.get()
 
 
 def finalize_passes(target: Any) -> list[tvm.transform.Pass]:
@@ -386,6 +541,19 @@ def _work(extents: Iterable[Any]) -> float:
     return total
 
 
+def _const_factor(expr: Any) -> int:
+    """A constant that provably divides the integer expression ``expr`` (1 if none is known):
+    ``N * 128`` -> 128, ``N * 64 + 32`` -> 32."""
+    value = _const(expr)
+    if value is not None:
+        return abs(value)
+    if isinstance(expr, tirx.Mul):
+        return _const_factor(expr.a) * _const_factor(expr.b)
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        return math.gcd(_const_factor(expr.a), _const_factor(expr.b))
+    return 1
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     for d in range(min(n, at_most), 0, -1):
         if n % d == 0:
@@ -412,6 +580,8 @@ class _Contraction:
     #: vectorized along output channels (a packed-weight convolution), register-blocked along
     #: the output's innermost axis (the width)
     channels: bool = False
+    #: the weight is stored in column panels already (lowering/layout.py): no run-time copy
+    prepacked: bool = False
 
 
 def _analyse_contraction(sch: Schedule, blk: _Block, bits: int) -> _Contraction | None:
@@ -454,37 +624,69 @@ def _analyse_contraction(sch: Schedule, blk: _Block, bits: int) -> _Contraction 
     vvar = ivars[vec]
     # One operand must not depend on the vectorized iterator (it is broadcast) and every
     # operand that does must read it with a small constant stride in its innermost dimension.
-    checked = _vector_reads(reads, vvar, max_stride=4)
+    panels: list[int] = []
+    checked = _vector_reads(reads, vvar, max_stride=4, panels=panels)
     if checked is None:
         return None
     broadcast, strided = checked
     if not broadcast:
         return None
-    vec_tile = _vector_tile(vec_extent, lanes)
+    if panels:
+        # A weight packed in column panels (lowering/layout.py): one tile per panel.
+        vec_tile = _vector_tile(math.gcd(*panels), lanes, MATMUL_VECTORS)
+        if vec_tile is None or vec_extent % vec_tile or math.gcd(*panels) % vec_tile:
+            return None
+    else:
+        vec_tile = _vector_tile(vec_extent, lanes,
+                                MATMUL_VECTORS if _plain_reads(block) else 2)
     if vec_tile is None:
         return None
-    # Register blocking: a spatial iterator with constant extent that some operand does not
-    # read, so the other operand's vector is reused across it. Pick the longest.
-    reg, reg_extent = None, 0
+    # Register blocking: a spatial iterator that some operand does not read, so the other
+    # operand's vector is reused across it. Pick the longest; a symbolic extent (the rows of
+    # a batch folded into a matmul, N * 128) counts as longest and is tiled by a divisor of
+    # its constant factor, so the split needs no bounds check for any N.
+    reg, reg_extent, reg_factor = None, 0.0, 0
     for i in out_vars[:-1]:
-        extent = _const(blk.iters[i].dom.extent)
-        if extent is None or extent <= 1:
+        dom = blk.iters[i].dom.extent
+        extent = _const(dom)
+        factor = extent if extent is not None else _const_factor(dom)
+        if factor <= 1:
             continue
         if all(any(_uses(ix, ivars[i]) for ix in ld.indices) for ld in reads):
             continue
-        if extent > reg_extent:
-            reg, reg_extent = i, extent
+        size = float(extent) if extent is not None else math.inf
+        if size > reg_extent:
+            reg, reg_extent, reg_factor = i, size, factor
     nvec = math.ceil(vec_tile / lanes)
     reg_tile = 1
     if reg is not None:
-        reg_tile = _largest_divisor(reg_extent, max(1, _ACCUMULATORS[bits] // nvec))
-    return _Contraction(blk, vec, reg, vec_tile, reg_tile, lanes, strided)
+        reg_tile = _largest_divisor(reg_factor, max(1, _ACCUMULATORS[bits] // nvec))
+    return _Contraction(blk, vec, reg, vec_tile, reg_tile, lanes, strided,
+                        prepacked=bool(panels))
 
 
-def _vector_reads(reads: list[Any], vvar: Any, *, max_stride: int
+def _panel_tile(load: Any, var: Any) -> int | None:
+    """``t`` when ``load`` reads ``var`` as ``W[..., var // t, ..., var % t]`` (one index each,
+    the modulo innermost): a weight stored in column panels of width ``t``."""
+    def split(expr: Any, kind: type) -> int | None:
+        if isinstance(expr, kind) and isinstance(expr.a, tirx.Var) and expr.a.same_as(var):
+            return _const(expr.b)
+        return None
+
+    *outer, last = load.indices
+    tile = split(last, tirx.FloorMod)
+    users = [ix for ix in outer if _uses(ix, var)]
+    if tile is None or tile <= 1 or len(users) != 1 or split(users[0], tirx.FloorDiv) != tile:
+        return None
+    return tile
+
+
+def _vector_reads(reads: list[Any], vvar: Any, *, max_stride: int,
+                  panels: list[int] | None = None
                   ) -> tuple[bool, list[tuple[str, int]]] | None:
     """Check that every operand reading ``vvar`` reads it in its innermost dimension with a
-    constant stride in 1..max_stride. Returns (some operand does not read it, the strided
+    constant stride in 1..max_stride (with ``panels``: or as a column-panel weight, whose
+    panel widths are appended to it). Returns (some operand does not read it, the strided
     operands) or None."""
     broadcast = False
     strided: list[tuple[str, int]] = []
@@ -492,6 +694,10 @@ def _vector_reads(reads: list[Any], vvar: Any, *, max_stride: int
         uses = [_uses(ix, vvar) for ix in ld.indices]
         if not any(uses):
             broadcast = True
+            continue
+        tile = _panel_tile(ld, vvar) if panels is not None else None
+        if tile is not None:
+            panels.append(tile)
             continue
         if any(uses[:-1]):
             return None
@@ -551,11 +757,11 @@ def _channel_tiles(blk: _Block, vec: int, reg: int, lanes: int, bits: int) -> _C
     return _Contraction(blk, vec, reg, nvec * lanes, reg_tile, lanes, [], channels=True)
 
 
-def _vector_tile(extent: int, lanes: int) -> int | None:
+def _vector_tile(extent: int, lanes: int, vectors: int = 2) -> int | None:
     """Elements of the vectorized axis per tile: one or two full vectors when they divide the
     extent, else the largest divisor that fits one vector (LLVM widens a 7-lane vector to 8
     lanes cheaply but splits a 14-lane one into odd pieces, measured 4x slower)."""
-    for tile in (2 * lanes, lanes):
+    for tile in range(vectors * lanes, 0, -lanes):
         if extent % tile == 0:
             return tile
     best = _largest_divisor(extent, lanes)
@@ -589,6 +795,11 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
                 sch.compute_inline(b.rv)
             except ScheduleError:
                 pass
+    # Epilogue stages that are not the kernel's output (GELU's x * 0.5 * (1 + erf(x / c))
+    # reads x twice, so the chain has a fork that reverse inlining cannot follow): inlined
+    # into their consumers, which leaves one epilogue block that joins the register tile's
+    # write-back instead of separate passes over the whole output.
+    _inline_epilogue_stages(sch, main)
 
     main = sch.get_sblock(name)
     # Depthwise: each output channel reads one input channel, whose padded (de-interleaved)
@@ -603,6 +814,11 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
     writeback = sch.cache_write(main, 0, "local")
     loops = sch.get_loops(main)
     vec_o, vec_i = sch.split(loops[plan.vec], [None, plan.vec_tile])
+    vec_u = None
+    if plan.vec_tile > plan.lanes and plan.vec_tile % plan.lanes == 0:
+        # One SIMD register per vector op (LLVM splits a 24-lane vector badly): the
+        # register count loop is unrolled, the lanes vectorized.
+        vec_u, vec_i = sch.split(vec_i, [None, plan.lanes])
     if plan.reg is not None and plan.reg_tile > 1:
         reg_o, reg_i = sch.split(loops[plan.reg], [None, plan.reg_tile])
     else:
@@ -640,14 +856,16 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
             outer = pre + post + [vec_o] + ([reg_o] if reg_o is not None else [])
         else:
             outer = pre + ([reg_o] if reg_o is not None else []) + post + [vec_o]
-    elif pack is not None:
+    elif pack is not None or plan.prepacked:
         # Matmul with many rows: each (batch, column panel) packs its weight panel [K, tile]
-        # contiguously once (a strided panel thrashes the caches' sets), then sweeps the rows.
+        # contiguously once (a strided panel thrashes the caches' sets), then sweeps the rows;
+        # a weight stored in panels already (lowering/layout.py) is swept the same way.
         outer = others + [vec_o]
-        serial = [reg_o]
+        serial = [reg_o] if reg_o is not None else []
     else:
         outer = others + [vec_o] + ([reg_o] if reg_o is not None else [])
-    inner = ([reg_i] if reg_i is not None else []) + [vec_i]
+    inner = ([reg_i] if reg_i is not None else []) + ([vec_u] if vec_u is not None else []) \
+        + [vec_i]
     sch.reorder(*outer, *serial, *reduce_loops, *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     anchor = serial[-1] if serial else fused
@@ -660,11 +878,13 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
             sch.unroll(lp)
     if reg_i is not None:
         sch.unroll(reg_i)
+    if vec_u is not None:
+        sch.unroll(vec_u)
     sch.vectorize(vec_i)
     if pack is not None:
         panel = sch.cache_read(main, pack, "global")
         sch.compute_at(panel, fused, preserve_unit_loops=False)
-        _vectorize_innermost(sch, panel, below=fused, unroll_rest=False)
+        _vectorize_innermost(sch, panel, below=fused, unroll_rest=False, lanes=plan.lanes)
     if staged is not None:
         strides = dict(plan.strided)
         _stage_per_channel(sch, sch.get_sblock(name), staged, fused, strides.get(staged, 1))
@@ -673,7 +893,7 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
     if reduce_loops:
         # The zero-initialisation moves out of the reduction, copying the tile loops' kinds.
         sch.decompose_reduction(main, reduce_loops[0])
-    _vectorize_innermost(sch, writeback, below=anchor, unroll_rest=True)
+    _vectorize_innermost(sch, writeback, below=anchor, unroll_rest=True, lanes=plan.lanes)
     # Whatever is left at the root (padding, epilogues that could not join) runs generic.
     _schedule_rest(sch, bits)
     return True
@@ -752,13 +972,13 @@ def _weights_smaller_than_input(block: Any, plan: _Contraction) -> bool:
 
 
 def _packed_operand(block: Any, plan: _Contraction) -> int | None:
-    """For a matmul with at least 16 rows per batch: the index (in ``block.reads``) of the
+    """For a matmul with at least 16 rows per batch (or a symbolic number): the index (in ``block.reads``) of the
     operand read along the vector axis but not the row axis (the weight-like one)."""
-    if plan.reg is None:
+    if plan.reg is None or plan.prepacked:
         return None
     rows = _const(plan.block.iters[plan.reg].dom.extent)
-    if rows is None or rows < 16:
-        return None
+    if rows is not None and rows < 16:
+        return None  # (symbolic rows: a batch of row blocks, N * 128)
     vvar = plan.block.iters[plan.vec].var
     rvar = plan.block.iters[plan.reg].var
     for at, region in enumerate(block.reads):
@@ -818,10 +1038,14 @@ def _split_padding(sch: Schedule, main: Any) -> None:
 
 
 def _plain_reads(block: Any) -> bool:
-    """True when every operand index is a plain variable or constant (matmul-like)."""
+    """True when every operand index is a plain variable or constant (matmul-like), or a
+    variable's quotient or remainder by a constant (a weight in column panels)."""
     for region in block.reads:
         for rng in region.region:
-            if not (isinstance(rng.min, tirx.Var) or _const(rng.min) is not None):
+            index = rng.min
+            if isinstance(index, (tirx.FloorDiv, tirx.FloorMod)) and _const(index.b):
+                index = index.a
+            if not (isinstance(index, tirx.Var) or _const(index) is not None):
                 return False
     return True
 
@@ -830,6 +1054,33 @@ def _feeds(sch: Schedule, producer: Any, consumer: Any) -> bool:
     # Compare the blocks, not the handles: every get_consumers call returns new SBlockRVs.
     block = sch.get(consumer)
     return any(sch.get(c).same_as(block) for c in sch.get_consumers(producer))
+
+
+def _inline_epilogue_stages(sch: Schedule, main: Any) -> None:
+    """compute_inline every injective block downstream of ``main`` that writes an
+    intermediate buffer (not a parameter), first to last."""
+    params = _param_buffers(sch)
+    stage = [main]
+    seen: list[Any] = []
+    while stage:
+        nxt = []
+        for rv in stage:
+            for c in sch.get_consumers(rv):
+                blk = sch.get(c)
+                if any(blk.same_as(b) for b in seen):
+                    continue
+                seen.append(blk)
+                nxt.append(c)
+        stage = nxt
+    for blk in seen:
+        if any(_index_of(params, w.source) is not None for w in blk.writes):
+            continue
+        if _has_call(blk.body, _IF_THEN_ELSE):
+            continue
+        try:
+            sch.compute_inline(sch.get_sblock(blk.name_hint))
+        except ScheduleError:
+            pass
 
 
 def _inline_consumers(sch: Schedule, block: Any) -> None:
@@ -844,9 +1095,11 @@ def _inline_consumers(sch: Schedule, block: Any) -> None:
             return
 
 
-def _vectorize_innermost(sch: Schedule, block: Any, *, below: Any, unroll_rest: bool) -> None:
+def _vectorize_innermost(sch: Schedule, block: Any, *, below: Any, unroll_rest: bool,
+                         lanes: int | None = None) -> None:
     """Vectorize the innermost loop of ``block`` under the loop ``below`` (and unroll the other
-    short loops there): the loops ``compute_at`` / ``reverse_compute_at`` created."""
+    short loops there): the loops ``compute_at`` / ``reverse_compute_at`` created. With
+    ``lanes``, an innermost loop of several SIMD vectors is split into unrolled vectors."""
     loops = sch.get_loops(block)
     anchor = sch.get(below)
     at = next((i for i, lp in enumerate(loops) if sch.get(lp).same_as(anchor)), None)
@@ -858,6 +1111,11 @@ def _vectorize_innermost(sch: Schedule, block: Any, *, below: Any, unroll_rest: 
     if not tile or len(tile) != len(loops) - at - 1:
         return
     last = tile[-1]
+    extent = _const(sch.get(last).extent)
+    if lanes and extent > lanes and extent % lanes == 0:
+        outer, last = sch.split(last, [None, lanes])
+        sch.unroll(outer)
+        tile = [*tile[:-1], last]
     if _const(sch.get(last).extent) > 1:
         sch.vectorize(last)
     if unroll_rest:
@@ -963,4 +1221,36 @@ def _schedule_block(sch: Schedule, b: _Block, bits: int) -> bool:
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
         changed = True
+    if first_r == len(kinds) - 1 and _vectorize_reduction(sch, b.rv, loops[-1], bits):
+        changed = True
     return changed
+
+
+def _vectorize_reduction(sch: Schedule, block: Any, loop: Any, bits: int) -> bool:
+    """A float32 reduction over its innermost loop (softmax's max and sum, layer-norm
+    statistics): ``rfactor`` into one partial result per SIMD lane, accumulated with vector
+    instructions, then the lanes reduced once per output, in the same loop nest (the partials
+    stay in registers). Changes the summation order (lane by lane, then across lanes); skipped when
+    the extent is not a multiple of the lanes or shorter than two vectors."""
+    blk = sch.get(block)
+    if len(blk.writes) != 1 or str(blk.writes[0].source.dtype) != "float32":
+        return False
+    if not isinstance(blk.body, tirx.BufferStore):
+        return False
+    lanes = bits // 32
+    extent = _const(sch.get(loop).extent)
+    if extent is None or extent % lanes or extent < 2 * lanes:
+        return False
+    depth = len(sch.get_loops(block)) - 1  # loops above the reduction (anchor innermost)
+    try:
+        _, lane = sch.split(loop, [None, lanes])
+        partial = sch.rfactor(lane, factor_axis=len(blk.writes[0].region))
+    except ScheduleError:
+        return False
+    # rfactor gives the partial block the original loops and the final one copies of them
+    sch.reverse_compute_at(block, sch.get_loops(partial)[depth - 1], preserve_unit_loops=False)
+    sch.set_scope(partial, 0, "local")
+    inner = sch.get_loops(partial)
+    sch.vectorize(inner[-1])
+    sch.decompose_reduction(partial, inner[-2])
+    return True

@@ -252,12 +252,14 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     from tvm.relax import pipeline
 
     from lepton_edge.lowering.relax import legalize_passes
+    from lepton_edge.lowering.schedules import VectorMath
 
     try:
         with target:
             return tvm.transform.Sequential([
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
+                VectorMath(),  # erf / softmax without libm calls (lowering/schedules.py)
                 *pipeline.library_dispatch_passes(target),
                 *legalize_passes(),  # TVM's, FoldConstant only if needed
                 # Reshapes become VM builtins when lowering: not kernels worth trials.

@@ -148,6 +148,25 @@ def test_cpu_peak_is_cached() -> None:
     assert bench.cpu_peak(n=256, repeats=1) is first
 
 
+def test_fp32_peak_is_the_fma_throughput_not_a_library_gemm() -> None:
+    """The roofline's fp32 peak is the FMA throughput of a register-only kernel built for this
+    CPU; numpy's sgemm is kept as the library figure. A GEMM never beats the FMA pipes: the
+    library figure must stay below the peak (allowing for noise between the two runs)."""
+    peak = bench.cpu_peak(n=512, repeats=3, int8=False)
+    assert peak.fp32_method.startswith("FMA throughput"), peak.fp32_method
+    assert peak.fp32_library_gflops is not None and peak.fp32_library_gflops > 0
+    assert peak.fp32_library_gflops < 1.3 * peak.fp32_gflops, peak
+    rate, threads, method = bench.fma_peak(repeats=3, iterations=1 << 16)
+    assert rate > 0 and threads >= 1 and "independent" in method
+    assert "sgemm library" in str(peak)
+    dot = bench.int8_dot_peak(repeats=3, iterations=1 << 16)
+    if dot is not None:  # AVX2 without VNNI (this repository's development machine)
+        assert dot[0] > 0 and "vpmaddubsw" in dot[2]
+        with_int8 = bench.cpu_peak(n=256, repeats=2)
+        assert with_int8.int8_method.startswith("vpmaddubsw")
+        assert with_int8.int8_library_gops is None or with_int8.int8_library_gops > 0
+
+
 def test_cli_bench_json(mlp_files: tuple[Path, Path]) -> None:
     import json
     import subprocess

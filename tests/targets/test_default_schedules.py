@@ -409,3 +409,231 @@ def test_large_depthwise_matches_onnxruntime(build) -> None:
     for batch in (1, 2):
         feeds = _feeds(model, batch)
         assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def odd_matmuls() -> onnx.ModelProto:
+    """Constant-weight matmuls of awkward shapes (packed in column panels where N allows),
+    Gemms whose rows are symbolic (N x rows folded by a Reshape), and a batched matmul of
+    activations: M = 1 (batch 1) and 7, K = 37, N = 40 (panels of 8), 48 and 72 (panels of 24),
+    20 (no panel width: plain layout)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w40"], ["m7_n40"]),
+        helper.make_node("MatMul", ["x2d", "w48"], ["mb"]),
+        helper.make_node("Add", ["mb", "b48"], ["rows_n48_bias"]),
+        helper.make_node("MatMul", ["x", "w20"], ["n20_plain"]),
+        helper.make_node("Gemm", ["x2d", "wg"], ["gemm_n72"], transB=1),
+        helper.make_node("Reshape", ["x16", "flat"], ["x16f"]),
+        helper.make_node("Gemm", ["x16f", "w48", "b48"], ["symbolic_rows"]),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["x", "xt"], ["batched"]),
+    ]
+    outs = {"m7_n40": ["N", 7, 40], "rows_n48_bias": ["N", 48], "n20_plain": ["N", 7, 20],
+            "gemm_n72": ["N", 72], "symbolic_rows": ["M", 48], "batched": ["N", 7, 7]}
+    graph = helper.make_graph(
+        nodes, "odd_matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, 37]),
+         helper.make_tensor_value_info("x2d", TensorProto.FLOAT, ["N", 37]),
+         helper.make_tensor_value_info("x16", TensorProto.FLOAT, ["N", 16, 37])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in outs.items()],
+        [const("w40", 37, 40), const("w48", 37, 48), const("b48", 48), const("w20", 37, 20),
+         const("wg", 72, 37), numpy_helper.from_array(np.array([-1, 37], np.int64), "flat")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _numpy_odd_matmuls(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]
+                       ) -> dict[str, np.ndarray]:
+    """float64 numpy reference for odd_matmuls()."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+    x, x2d, x16 = (feeds[n].astype(np.float64) for n in ("x", "x2d", "x16"))
+    out = {"m7_n40": x @ w["w40"], "rows_n48_bias": x2d @ w["w48"] + w["b48"],
+           "n20_plain": x @ w["w20"], "gemm_n72": x2d @ w["wg"].T,
+           "symbolic_rows": x16.reshape(-1, 37) @ w["w48"] + w["b48"],
+           "batched": x @ x.transpose(0, 2, 1)}
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def test_packed_matmuls_of_odd_shapes_match_numpy(build) -> None:
+    proto = odd_matmuls()
+    messages: list[str] = []
+    _, session = build(lepton_edge.load(proto), golden_count=1, log=messages.append)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    # 4 of the 6 constant-weight matmuls get column panels: N = 20 has no panel width.
+    assert any("weights of 4 matmul(s) in column panels" in m for m in messages), messages
+    for batch in (1, 5):  # M = 1 rows for the 2-D inputs at batch 1; 16 x batch folded rows
+        feeds = _feeds(lepton_edge.load(proto), batch)
+        assert_close(session.run(feeds), _numpy_odd_matmuls(proto, feeds), rel=1e-5)
+
+
+def test_packed_weights_are_read_as_contiguous_panel_vectors(small_parallel_threshold) -> None:
+    from lepton_edge.lowering import layout
+
+    packed, count = layout.pack_matmul_weights(lowering.import_onnx(odd_matmuls()), lanes=8,
+                                               vectors=3)
+    assert count == 4
+    # w48 feeds a MatMul and a Gemm: packed once, both kernels read the same constant
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    w48: list[Any] = []
+    for _, func in packed.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: w48.append(e) if isinstance(
+                e, Constant) and tuple(getattr(e.value, "shape", ())) == (2, 37, 24) else None)
+    assert w48 and all(c.same_as(w48[0]) for c in w48), len(w48)
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(_legalized_mod(packed), TARGET,
+                                                  report=report)
+    panels = {(5, 37, 8): 0, (2, 37, 24): 0, (3, 37, 24): 0}  # [N / t, K, t]
+    for gvar, func in scheduled.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        reads_panels = False
+        for load, vec in _vectorized_loads(func):
+            shape = tuple(_const_shape(load.source))
+            if shape in panels:
+                assert report.rules[gvar.name_hint] == "contraction", gvar.name_hint
+                assert vec, f"{gvar.name_hint}: panel {shape} read element by element"
+                panels[shape] += 1
+                reads_panels = True
+        if reads_panels:  # no run-time copy of the weight (a [K, N] weight gets one)
+            assert "_global" not in func.script(), gvar.name_hint
+    assert all(panels.values()), panels
+
+
+def test_symbolic_rows_are_register_tiled_without_bounds_checks(
+        small_parallel_threshold) -> None:
+    """A Gemm over N * 16 folded rows: the row loop is split by 4 (a divisor of 16), for any N
+    without a predicate, instead of one row per tile."""
+    mod = _legalized(odd_matmuls())
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(mod, TARGET, report=report)
+    found = 0
+    for gvar, func in scheduled.functions_items():
+        if report.rules.get(gvar.name_hint) != "contraction":
+            continue
+        rows = [p for p in func.params if hasattr(p, "shape") and len(p.shape) == 2
+                and _const_shape(p)[0] is None and "16" in str(p.shape[0])]
+        if not rows:
+            continue
+        unrolled = [int(lp.extent) for lp in _loops(func) if lp.kind == tirx.ForKind.UNROLLED
+                    and isinstance(lp.extent, tirx.IntImm)]
+        assert 4 in unrolled, (func.script(), unrolled)
+        assert "T.where" not in func.script()
+        found += 1
+    assert found >= 1
+
+
+def test_gelu_epilogue_joins_the_matmul_tile(small_parallel_threshold) -> None:
+    """Dense + bias + x * erf(x): the erf reads the biased value twice; every epilogue stage
+    is inlined into the register tile's write-back (one parallel loop, no whole-output
+    intermediate buffers), and erf is the vectorizable rational, not a libm call."""
+    mod = lowering.import_onnx(matmuls())
+    target = tvm.target.Target(TARGET)
+    mod = schedules.VectorMath()(mod)
+    scheduled = schedules.apply_default_schedules(_legalized_mod(mod), target)
+    dense = [f for g, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)
+             and "erf" in g.name_hint]
+    assert len(dense) == 1
+    text = dense[0].script()
+    assert len(_parallel_loops(dense[0])) == 1
+    assert "T.erf" not in text and "T.Select" in text
+    assert "sblock_alloc_buffer((N, T.int64(20), T.int64(48)))" not in text
+
+
+def test_rational_erf_matches_math_erf(build) -> None:
+    import math
+
+    graph = helper.make_graph(
+        [helper.make_node("Erf", ["x"], ["y"])], "erf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])])
+    model = lepton_edge.load(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17)]))
+    messages: list[str] = []
+    _, session = build(model, golden_count=1, log=messages.append)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    assert any("erf: 1 float32 call" in m for m in messages), messages
+    x = np.concatenate([np.linspace(-5, 5, 64 * 60, dtype=np.float32),
+                        rng.standard_normal(64 * 3).astype(np.float32) * 3,
+                        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, 3.92, 40.0]
+                                 * 8, np.float32)]).reshape(-1, 64)
+    y = session.run({"x": x})["y"]
+    want = np.array([math.erf(v) if not np.isnan(v) else np.nan for v in x.ravel().tolist()],
+                    np.float64).reshape(x.shape)
+    assert np.array_equal(np.isnan(y), np.isnan(want))
+    finite = ~np.isnan(want)
+    assert np.abs(y[finite] - want[finite]).max() <= 4e-7
+    tiny = np.abs(x) < 1e-3  # relative accuracy near zero (erf(x) ~ 1.128 x)
+    assert np.allclose(y[tiny], want[tiny], rtol=1e-6, atol=0)
+
+
+def reductions() -> onnx.ModelProto:
+    """Softmax over the last axis (vectorizable exp + vectorized max/sum) and over a middle
+    axis (TVM's own), and last-axis reductions of a vector multiple (24) and not (13)."""
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["softmax_last"], axis=-1),
+        helper.make_node("Softmax", ["x"], ["softmax_mid"], axis=1),
+        helper.make_node("ReduceSum", ["x", "last"], ["sum24"], keepdims=0),
+        helper.make_node("ReduceMax", ["y", "last"], ["max13"], keepdims=0),
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["norm"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "reductions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 24]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 13])],
+        [helper.make_tensor_value_info("softmax_last", TensorProto.FLOAT, ["N", 5, 24]),
+         helper.make_tensor_value_info("softmax_mid", TensorProto.FLOAT, ["N", 5, 24]),
+         helper.make_tensor_value_info("sum24", TensorProto.FLOAT, ["N", 5]),
+         helper.make_tensor_value_info("max13", TensorProto.FLOAT, ["N", 5]),
+         helper.make_tensor_value_info("norm", TensorProto.FLOAT, ["N", 5, 24])],
+        [numpy_helper.from_array(np.array([-1], np.int64), "last"), const("g", 24),
+         const("b", 24)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_softmax_and_vectorized_reductions_match_onnxruntime(build) -> None:
+    model = lepton_edge.load(reductions())
+    messages: list[str] = []
+    _, session = build(model, golden_count=1, log=messages.append)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    assert any("softmax: 1 float32 call" in m for m in messages), messages  # not axis=1
+    for batch in (1, 3):
+        feeds = _feeds(model, batch)
+        feeds["x"][0, 0, :5] = -np.inf  # masked scores: exactly 0 after softmax
+        feeds["x"][0, 1, 3] = 80.0  # a dominant logit
+        feeds["x"][0, 2] *= 40.0  # exponents far below EXP_LOW for most entries
+        want = ort_run(model.proto, feeds)
+        got = session.run(feeds)
+        for name in ("softmax_last", "softmax_mid", "sum24", "max13"):
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=1e-7,
+                                       err_msg=name)
+        assert (got["softmax_last"][0, 0, :5] == 0).all()
+        # LayerNorm of a row holding -inf is NaN in both; compare the other rows
+        np.testing.assert_allclose(got["norm"][:, 1:], want["norm"][:, 1:], rtol=1e-5,
+                                   atol=1e-5)
+        assert np.array_equal(np.isnan(got["norm"]), np.isnan(want["norm"]))
+
+
+def test_rational_exp_matches_numpy() -> None:
+    """exp over the whole float32 range, +-inf and NaN, through a vectorized kernel."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def kernel(a: T.Buffer((4096,), "float32"), b: T.Buffer((4096,), "float32")) -> None:
+        for i0 in range(512):
+            for i1 in T.vectorized(8):
+                b[i0 * 8 + i1] = schedules.rational_exp(a[i0 * 8 + i1])
+
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target(TARGET))
+    x = np.concatenate([np.linspace(-90, 90, 4000, dtype=np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0.0, 88.72, -86.6, 1e-8, -1e-8]
+                                 * 12, np.float32)])
+    out = tvm.runtime.tensor(np.zeros(4096, np.float32))
+    lib["main"](tvm.runtime.tensor(x), out)
+    y = out.numpy()
+    want = np.exp(x.astype(np.float64))
+    assert np.array_equal(np.isnan(y), np.isnan(x))
+    normal = np.isfinite(x) & (x > schedules.EXP_LOW) & (x < schedules.EXP_HIGH)
+    assert np.abs(y[normal] / want[normal] - 1).max() < 3e-7
+    assert (y[x < schedules.EXP_LOW] == 0).all() and (y[x > schedules.EXP_HIGH] == np.inf).all()
