@@ -37,6 +37,29 @@ import numpy as np
 PACKED_KERNEL_LAYOUT = "IHWO"
 
 
+def _dtype(expr: Any) -> str:
+    return str(getattr(getattr(expr, "ty", None), "dtype", "") or "")
+
+
+def _rewrite_calls(mod: Any, rewrite: Any) -> Any:
+    """`mod` with every call of its Relax functions replaced by `rewrite(mutator, call)`
+    (called after the call's arguments were rewritten; `mutator` gives lookup_binding and
+    builder_)."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rewriter(PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            return rewrite(self, super().visit_call_(call))
+
+    rewriter = Rewriter(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def pack_conv2d_weights(mod: Any, *, lanes: int = 8) -> tuple[Any, int]:
     """Return ``(module, number of convolutions packed)``.
 
@@ -45,51 +68,39 @@ def pack_conv2d_weights(mod: Any, *, lanes: int = 8) -> tuple[Any, int]:
     output channels are a multiple of ``lanes`` (one SIMD vector)."""
     from tvm import relax
     from tvm.ir.expr import Constant
-    from tvm.relax.expr_functor import PyExprMutator, mutator
 
     packed = 0
 
-    def dtype(expr: Any) -> str:
-        return str(getattr(getattr(expr, "ty", None), "dtype", "") or "")
+    def pack(_mutator: Any, call: Any) -> Any:
+        nonlocal packed
+        if str(getattr(call.op, "name", "")) != "relax.nn.conv2d" or len(call.args) != 2:
+            return call
+        x, w = call.args
+        attrs = call.attrs
+        if not isinstance(w, Constant) or _dtype(x) not in ("float32", "float64") \
+                or _dtype(w) != _dtype(x):
+            return call
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) \
+                != ("NCHW", "OIHW", "NCHW"):
+            return call
+        weight = w.value.numpy()
+        if int(attrs.groups) != 1 or weight.ndim != 4 or weight.shape[2:] != (1, 1) \
+                or weight.shape[0] % lanes:
+            return call  # see the module docstring for why only pointwise filters
+        out_dtype = str(attrs.out_dtype)
+        if out_dtype in ("", "void", "None"):
+            out_dtype = None  # same as the data
+        new = relax.op.nn.conv2d(
+            x, relax.const(np.ascontiguousarray(weight.transpose(1, 2, 3, 0))),
+            strides=[int(s) for s in attrs.strides],
+            padding=[int(p) for p in attrs.padding],
+            dilation=[int(d) for d in attrs.dilation], groups=1,
+            data_layout="NCHW", kernel_layout=PACKED_KERNEL_LAYOUT, out_layout="NCHW",
+            out_dtype=out_dtype)
+        packed += 1
+        return new
 
-    @mutator
-    class Packer(PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            nonlocal packed
-            call = super().visit_call_(call)
-            if str(getattr(call.op, "name", "")) != "relax.nn.conv2d" or len(call.args) != 2:
-                return call
-            x, w = call.args
-            attrs = call.attrs
-            if not isinstance(w, Constant) or dtype(x) not in ("float32", "float64") \
-                    or dtype(w) != dtype(x):
-                return call
-            if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) \
-                    != ("NCHW", "OIHW", "NCHW"):
-                return call
-            weight = w.value.numpy()
-            if int(attrs.groups) != 1 or weight.ndim != 4 or weight.shape[2:] != (1, 1) \
-                    or weight.shape[0] % lanes:
-                return call  # see the module docstring for why only pointwise filters
-            out_dtype = str(attrs.out_dtype)
-            if out_dtype in ("", "void", "None"):
-                out_dtype = None  # same as the data
-            new = relax.op.nn.conv2d(
-                x, relax.const(np.ascontiguousarray(weight.transpose(1, 2, 3, 0))),
-                strides=[int(s) for s in attrs.strides],
-                padding=[int(p) for p in attrs.padding],
-                dilation=[int(d) for d in attrs.dilation], groups=1,
-                data_layout="NCHW", kernel_layout=PACKED_KERNEL_LAYOUT, out_layout="NCHW",
-                out_dtype=out_dtype)
-            packed += 1
-            return new
-
-    packer = Packer(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            packer.builder_.update_func(gvar, packer.visit_expr(func))
-    return packer.builder_.get(), packed
-
+    return _rewrite_calls(mod, pack), packed
 
 
 def matmul_tile(columns: int, lanes: int, vectors: int) -> int | None:
@@ -108,14 +119,10 @@ def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3) -> tuple[
     float32 tensor of rank >= 2 and :func:`matmul_tile` finds a panel width for N."""
     from tvm import relax, te
     from tvm.ir.expr import Constant
-    from tvm.relax.expr_functor import PyExprMutator, mutator
 
     packed = 0
     #: (original constant, its packed copy): a weight shared by several matmuls is packed once
     done: list[tuple[Any, Any]] = []
-
-    def dtype(expr: Any) -> str:
-        return str(getattr(getattr(expr, "ty", None), "dtype", "") or "")
 
     def kernel(x: Any, wp: Any, tile: int) -> Any:
         depth = wp.shape[1]
@@ -126,40 +133,33 @@ def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3) -> tuple[
             lambda *i: te.sum(x[(*i[:-1], k)] * wp[i[-1] // tile, k, i[-1] % tile], axis=k),
             name="matmul")
 
-    @mutator
-    class Packer(PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            nonlocal packed
-            call = super().visit_call_(call)
-            if str(getattr(call.op, "name", "")) != "relax.matmul" or len(call.args) != 2:
-                return call
-            x, w = call.args
-            if isinstance(w, relax.Var):  # bound to a constant (a Gemm's folded transpose)
-                w = self.lookup_binding(w)
-            if not isinstance(w, Constant) or dtype(x) != "float32" or dtype(w) != "float32":
-                return call
-            out_dtype = str(call.attrs.out_dtype)
-            if out_dtype not in ("", "void", "None", "float32"):
-                return call
-            weight = w.value.numpy()
-            ndim = getattr(getattr(x, "ty", None), "ndim", -1)
-            if weight.ndim != 2 or ndim is None or int(ndim) < 2:
-                return call
-            depth, columns = weight.shape
-            tile = matmul_tile(columns, lanes, vectors)
-            if tile is None or depth == 0:
-                return call
-            const = next((new for old, new in done if old.same_as(w)), None)
-            if const is None:
-                const = relax.const(np.ascontiguousarray(
-                    weight.reshape(depth, columns // tile, tile).transpose(1, 0, 2)))
-                done.append((w, const))
-            packed += 1
-            return self.builder_.call_te(kernel, x, const, tile,
-                                         primfunc_name_hint="matmul_packed")
+    def pack(mutator: Any, call: Any) -> Any:
+        nonlocal packed
+        if str(getattr(call.op, "name", "")) != "relax.matmul" or len(call.args) != 2:
+            return call
+        x, w = call.args
+        if isinstance(w, relax.Var):  # bound to a constant (a Gemm's folded transpose)
+            w = mutator.lookup_binding(w)
+        if not isinstance(w, Constant) or _dtype(x) != "float32" or _dtype(w) != "float32":
+            return call
+        out_dtype = str(call.attrs.out_dtype)
+        if out_dtype not in ("", "void", "None", "float32"):
+            return call
+        weight = w.value.numpy()
+        ndim = getattr(getattr(x, "ty", None), "ndim", -1)
+        if weight.ndim != 2 or ndim is None or int(ndim) < 2:
+            return call
+        depth, columns = weight.shape
+        tile = matmul_tile(columns, lanes, vectors)
+        if tile is None or depth == 0:
+            return call
+        const = next((new for old, new in done if old.same_as(w)), None)
+        if const is None:
+            const = relax.const(np.ascontiguousarray(
+                weight.reshape(depth, columns // tile, tile).transpose(1, 0, 2)))
+            done.append((w, const))
+        packed += 1
+        return mutator.builder_.call_te(kernel, x, const, tile,
+                                        primfunc_name_hint="matmul_packed")
 
-    packer = Packer(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            packer.builder_.update_func(gvar, packer.visit_expr(func))
-    return packer.builder_.get(), packed
+    return _rewrite_calls(mod, pack), packed
