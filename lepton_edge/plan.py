@@ -72,9 +72,10 @@ class Subgraph:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     proto: onnx.ModelProto
-    # a compiled subgraph whose `proto` was rewritten for TVM's importer (revised ops renamed
-    # to private converters or expanded, Scans unrolled, relabelled to MAX_OPSET): its nodes
-    # as the model has them, which onnxruntime runs if every build fails; else None
+    # a compiled subgraph whose nodes were rewritten for TVM's importer (revised ops renamed
+    # to private converters or expanded, Scans unrolled): its nodes as the model has them,
+    # which onnxruntime runs if every build fails; else None (`proto` itself, at most
+    # relabelled to MAX_OPSET with nodes that mean the same there, runs on onnxruntime)
     fallback_proto: onnx.ModelProto | None = None
 
 
@@ -521,7 +522,7 @@ def _subgraph(
     fallback_proto = None
     if label != FALLBACK and opset > MAX_OPSET:
         _relabel(sub_model, opset)
-    if label != FALLBACK and (opset > MAX_OPSET or lowered != members):
+    if lowered != members:  # renamed/expanded/unrolled; a plain relabel onnxruntime runs
         fallback_proto = model_of(members)
     counts: dict[str, int] = {}
     for node in members:

@@ -661,39 +661,17 @@ def inlined_body(node: onnx.NodeProto, fn: onnx.FunctionProto,
     return list(inlined.graph.node), shapes
 
 
-def context_body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
-                 ) -> onnx.FunctionProto | None:
-    """ONNX's function body of `node` at `opset` (plain or context-dependent; Scan bodies
-    allowed)."""
-    try:
-        schema = onnx.defs.get_schema(node.op_type, opset, "")
-    except onnx.defs.SchemaError:
-        return None
-    plain = [v for v in schema.function_opset_versions if v <= opset]
-    if schema.has_function and plain:
-        fn = schema.get_function_with_opset_version(max(plain))
-        return onnx.FunctionProto.FromString(fn) if isinstance(fn, bytes) else fn
-    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
-    in_types = [types.get(name) for name in node.input if name]
-    if not versions or any(t is None for t in in_types):
-        return None
-    try:
-        data = schema.get_context_dependent_function_with_opset_version(
-            max(versions), node.SerializeToString(), [t.SerializeToString() for t in in_types])
-    except Exception:  # noqa: BLE001 - onnx raises on types its builder rejects
-        return None
-    fn = onnx.FunctionProto()
-    fn.ParseFromString(data)
-    return fn if fn.node else None
-
-
 def expand_revised(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
                    ) -> tuple[list[onnx.NodeProto] | None, str]:
     """(nodes, "") computing a REVISED_EXPANDED node: its ONNX function body at `opset`,
     inlined, with every Scan in it unrolled; else (None, why not)."""
     from lepton_edge.model import revised_op
 
-    fn = context_body(node, opset, types)
+    from lepton_edge.lowering import onnx_fixups
+
+    if any(name and name not in types for name in node.input):
+        return None, f"{node.op_type}: the types of its inputs are not known"
+    fn = onnx_fixups.schema_body(node, opset, types)
     if fn is None:
         return None, (f"{node.op_type}-{opset}'s ONNX function body is not available for "
                       "these input types (their shapes must be known)")

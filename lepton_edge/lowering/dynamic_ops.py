@@ -1443,6 +1443,18 @@ _REVISED_CONVERTERS: dict[str, tuple[int, Callable[..., relax.Expr]]] = {
 
 # ----------------------------------------------------------------------------- importer
 
+def _on_tensors(convert: Callable[..., relax.Expr]) -> Callable[..., relax.Expr | None]:
+    """`convert` for tensor operands; None (TVM's own converter) when an operand is a shape
+    value (PrimValue / ShapeExpr: symbolic-dim arithmetic such as N % 8, which TVM's importer
+    keeps as integer expressions)."""
+    def converter(bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any],
+                  opset: int) -> relax.Expr | None:
+        if not all(isinstance(getattr(x, "ty", None), relax.TensorType) for x in inputs):
+            return None
+        return convert(bb, inputs, attrs, opset)
+    return converter
+
+
 _CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
     **{op: (lambda bb, inputs, attrs, opset, _op=op: convert_reduce(bb, _op, inputs, attrs,
                                                                      opset))
@@ -1463,10 +1475,10 @@ _CONVERTERS: dict[str, Callable[..., relax.Expr | None]] = {
     **{f"{op}_{version}": convert for op, (version, convert) in _REVISED_CONVERTERS.items()},
     # Mod before 28 is a subset of Mod-28 (float fmod=0 was not allowed); TVM 0.27's gets the
     # float inf/NaN/zero cases wrong and traps on an integer x % 0
-    "Mod": convert_mod,
+    "Mod": _on_tensors(convert_mod),
     # BitShift before 28 (unsigned only) is the same for shifts < bits; TVM 0.27's returns
     # LLVM's undefined value for a shift >= bits, this one Bitshift-28's 0
-    "BitShift": convert_bitshift,
+    "BitShift": _on_tensors(convert_bitshift),
 }
 
 

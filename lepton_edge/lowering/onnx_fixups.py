@@ -94,35 +94,44 @@ def _type_proto(elem: int, shape: tuple[Any, ...] | None) -> onnx.TypeProto:
     return helper.make_tensor_type_proto(elem, dims)
 
 
-def function_body(
-    node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
-) -> onnx.FunctionProto | None:
-    """The ONNX function body of `node` at `opset`, or None (no body, or not usable)."""
+def schema_body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
+                ) -> onnx.FunctionProto | None:
+    """ONNX's own function body of default-domain `node` at `opset`: the plain one, else the
+    context-dependent one built for these input types (all must be known); None if neither."""
     if (node.domain or "") not in _DEFAULT or not onnx.defs.has(node.op_type):
         return None
     try:
         schema = onnx.defs.get_schema(node.op_type, opset)
     except onnx.defs.SchemaError:
         return None
-    fn = None
     if schema.has_function:
         versions = [v for v in schema.function_opset_versions if v <= opset]
         if versions:
             fn = schema.get_function_with_opset_version(max(versions))
-            if isinstance(fn, bytes):
-                fn = onnx.FunctionProto.FromString(fn)
-    if fn is None and schema.has_context_dependent_function:
-        versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
-        in_types = [types.get(name) for name in node.input if name]
-        if versions and all(t is not None for t in in_types):
-            try:
-                data = schema.get_context_dependent_function_with_opset_version(
-                    max(versions), node.SerializeToString(),
-                    [t.SerializeToString() for t in in_types])
-            except Exception:  # noqa: BLE001 - onnx raises on types its builder rejects
-                return None
-            fn = onnx.FunctionProto()
-            fn.ParseFromString(data)
+            return onnx.FunctionProto.FromString(fn) if isinstance(fn, bytes) else fn
+    if not schema.has_context_dependent_function:
+        return None
+    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    in_types = [types.get(name) for name in node.input if name]
+    if not versions or any(t is None for t in in_types):
+        return None
+    try:
+        data = schema.get_context_dependent_function_with_opset_version(
+            max(versions), node.SerializeToString(), [t.SerializeToString() for t in in_types])
+    except Exception:  # noqa: BLE001 - onnx raises on types its builder rejects
+        return None
+    fn = onnx.FunctionProto()
+    fn.ParseFromString(data)
+    return fn if fn.node else None
+
+
+def function_body(
+    node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
+) -> onnx.FunctionProto | None:
+    """The ONNX function body of `node` at `opset`, or None (no body, or not usable)."""
+    if (node.domain or "") not in _DEFAULT or not onnx.defs.has(node.op_type):
+        return None
+    fn = schema_body(node, opset, types)
     if fn is None:  # ops with no ONNX body: bodies of our own (lowering/bodies.py)
         from lepton_edge.lowering import bodies
 

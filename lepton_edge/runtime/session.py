@@ -22,7 +22,7 @@ import numpy as np
 
 from lepton_edge import artifact as artifact_format
 from lepton_edge.errors import ArtifactError, DeviceError, LeptonError, TargetError
-from lepton_edge.signature import NARROW_DTYPES, TensorSpec, check_feeds, is_narrow, numpy_dtype
+from lepton_edge.signature import NARROW_DTYPES, TensorSpec, check_feeds, numpy_dtype
 from lepton_edge.target import DeviceInfo, Executable, get_plugin, plugins
 
 
@@ -235,7 +235,8 @@ class Session:
         arrays, symbols = check_feeds(self.inputs, feeds)
         with self._lock:
             # narrow (ml_dtypes) tensors travel between subgraphs as their uint8 bytes
-            env: dict[str, Any] = {k: _as_bytes(v) for k, v in arrays.items()}
+            # (check_feeds returns them so)
+            env: dict[str, Any] = dict(arrays)
             for sg in self._subgraphs:
                 values = [env[name] for name in sg.inputs]
                 outputs = self._run_subgraph(sg, values)
@@ -364,13 +365,6 @@ def _golden_value(spec: TensorSpec | None, value: Any) -> Any:
     if (raw and (spec.dtype in NARROW_DTYPES or spec.dtype == "bfloat16")
             and value.dtype.itemsize == numpy_dtype(spec.dtype).itemsize):
         return value.view(numpy_dtype(spec.dtype))
-    return value
-
-
-def _as_bytes(value: Any) -> Any:
-    """An ml_dtypes narrow array as its uint8 bytes (one element per byte); else `value`."""
-    if isinstance(value, np.ndarray) and is_narrow(value.dtype):
-        return value.view(np.uint8)
     return value
 
 

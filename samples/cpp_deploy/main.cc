@@ -67,7 +67,8 @@ int PhysicalCores() {
 void DefaultThreads() {
   const char* set = std::getenv("TVM_NUM_THREADS");
   if (set != nullptr && *set != '\0') return;
-  setenv("TVM_NUM_THREADS", std::to_string(PhysicalCores()).c_str(), /*overwrite=*/0);
+  // overwrite: an empty TVM_NUM_THREADS counts as unset
+  setenv("TVM_NUM_THREADS", std::to_string(PhysicalCores()).c_str(), /*overwrite=*/1);
 }
 
 // The size of the pool TVM actually started (after the first kernel ran).

@@ -392,3 +392,19 @@ def test_reverse_sequence_28_relabelled_and_expanded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got["batch_major"], [[3, 2, 1, 0], [4, 5, 6, 7],
                                                        [9, 8, 10, 11]])
     np.testing.assert_array_equal(got["batch_major"], want["batch_major"])
+
+
+def test_mod_of_a_symbolic_dim_stays_shape_arithmetic(tmp_path: Path) -> None:
+    """Mod over shape values (N % 8, as padding arithmetic does) is TVM's integer expression,
+    not lepton-edge's tensor kernel (which cannot take a symbolic value): it compiles, on cpu."""
+    consts = [h.make_node("Constant", [], [n], value=onnx.numpy_helper.from_array(
+        np.array(v, np.int64))) for n, v in (("i0", 0), ("k", 8))]
+    nodes = consts + [
+        h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        h.make_node("Mod", ["n", "k"], ["m"]), h.make_node("Cast", ["m"], ["mf"], to=T.FLOAT),
+        h.make_node("Add", ["x", "mf"], ["y"])]
+    model = _model(nodes, [("x", T.FLOAT, ["N"])], [("y", T.FLOAT)], 17)
+    session = _compiled(model, tmp_path)
+    for n in (3, 8, 13):
+        x = RNG.standard_normal(n).astype(np.float32)
+        np.testing.assert_array_equal(session.run({"x": x})["y"], x + np.float32(n % 8))

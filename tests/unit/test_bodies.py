@@ -292,3 +292,16 @@ def test_isinf_detect_flags(flags: tuple[int, int], tmp_path) -> None:
                                                                         [6])])
     _check(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), {"x": x},
            tmp_path)
+
+
+def test_expanding_a_revised_op_needs_its_input_types() -> None:
+    """Celu-28's body is inlined with its inputs' types; unknown types are a reason, not a
+    KeyError at planning time."""
+    from onnx import helper as oh
+
+    from lepton_edge.lowering.bodies import expand_revised
+
+    node = oh.make_node("Celu", ["x"], ["y"], name="celu")
+    assert expand_revised(node, 28, {}) == (None, "Celu: the types of its inputs are not known")
+    nodes, why = expand_revised(node, 28, {"x": oh.make_tensor_type_proto(1, [2, 3])})
+    assert why == "" and nodes and all(n.op_type != "Celu" for n in nodes)
