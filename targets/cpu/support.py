@@ -190,12 +190,14 @@ def _revised_reason(node: onnx.NodeProto, graph: Any, kind: str) -> str | None:
     nodes, why = bodies.expand_revised(node, graph.model_opset, graph.input_types(node))
     if nodes is None:
         return why
-    return _nodes_reason(node, nodes)
+    return _nodes_reason(node, nodes, graph)
 
 
-def _nodes_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> str | None:
+def _nodes_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any
+                  ) -> str | None:
     """Why the nodes plan.py puts in place of `node` (an unrolled Scan, a function body)
     cannot reach TVM, or None."""
+    view = None
     for inner in nodes:
         if inner.op_type == "Constant" and (inner.domain or "") in ("", "ai.onnx"):
             continue
@@ -211,7 +213,43 @@ def _nodes_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> str | No
         wrong = onnx_fixups.wrong_on_tvm(inner)
         if wrong is not None:
             return f"{node.op_type} becomes {inner.op_type}: {wrong}"
+        if inner.op_type in _WRONG_ON_TVM:
+            if view is None:
+                view = _inner_view(node, nodes, graph)
+            condition, why = _WRONG_ON_TVM[inner.op_type]
+            if condition(inner, view):
+                return f"{node.op_type} becomes {inner.op_type}: {why}"
     return None
+
+
+def _inner_view(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any) -> Any:
+    """What _WRONG_ON_TVM's conditions read, for the nodes that replace `node`: the shapes
+    onnx's inference (with data propagation) finds from `node`'s input types; values it
+    cannot shape count as run-time (the conditions then refuse)."""
+    from types import SimpleNamespace
+
+    from onnx import helper
+
+    shapes: dict[str, tuple[Any, ...]] = {}
+    types = graph.input_types(node)
+    if all(name in types for name in node.input if name):
+        sub = helper.make_graph(
+            nodes, "inner", [helper.make_value_info(n, types[n])
+                             for n in dict.fromkeys(i for i in node.input if i)],
+            [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o])
+        model = helper.make_model(sub, opset_imports=[helper.make_opsetid(
+            "", graph.model_opset or graph.opset)])
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - no shapes: every condition sees run-time values
+            inferred = model
+        for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+            t = value.type.tensor_type
+            if t.HasField("shape"):
+                shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                           for d in t.shape.dim)
+    return SimpleNamespace(value_types={}, value_shapes=shapes, initializers={},
+                           nodes=tuple(nodes), opset=graph.opset, outputs=())
 
 
 def _scan_reason(node: onnx.NodeProto, graph: Any) -> str | None:
@@ -219,7 +257,7 @@ def _scan_reason(node: onnx.NodeProto, graph: Any) -> str | None:
     steps, why = bodies.scan_steps(node, graph.value_shapes, graph.opset)
     if steps is None:
         return f"TVM 0.27 has no Scan converter and lepton-edge unrolls only some: {why}"
-    return _nodes_reason(node, bodies.unroll_scan(node, steps, "_", graph.opset))
+    return _nodes_reason(node, bodies.unroll_scan(node, steps, "_", graph.opset), graph)
 
 
 def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:

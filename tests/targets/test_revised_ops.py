@@ -408,3 +408,22 @@ def test_mod_of_a_symbolic_dim_stays_shape_arithmetic(tmp_path: Path) -> None:
     for n in (3, 8, 13):
         x = RNG.standard_normal(n).astype(np.float32)
         np.testing.assert_array_equal(session.run({"x": x})["y"], x + np.float32(n % 8))
+
+
+def test_nodes_replacing_a_node_get_the_wrong_on_tvm_checks() -> None:
+    """A body (function expansion, unrolled Scan) with an Expand whose shape is computed at run
+    time is refused like a top-level one; with static shapes it is accepted."""
+    from lepton_edge.plan import GraphView
+    from lepton_edge_targets.cpu.support import _nodes_reason
+
+    outer = h.make_node("Fake", ["x", "y"], ["z"], name="outer")
+    inner = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Expand", ["y", "s"], ["z"])]
+
+    def view(x_shape: list[Any]) -> GraphView:
+        return GraphView(value_types={"x": T.FLOAT, "y": T.FLOAT},
+                         value_shapes={"x": tuple(x_shape), "y": (1,)}, initializers={},
+                         opset=17)
+
+    why = _nodes_reason(outer, inner, view(["N", 3]))
+    assert why is not None and "Fake becomes Expand" in why and "run time" in why
+    assert _nodes_reason(outer, inner, view([2, 3])) is None
