@@ -430,7 +430,7 @@ def run_ort(case: Case, threads: int = 0) -> dict[str, Any]:
     feeds = {n: v for n, v in zip(input_names, case.inputs, strict=False) if v is not None}
     try:
         # float8 only crosses onnxruntime's Python API as OrtValues of its bytes
-        from lepton_edge_targets.onnxruntime.device import FLOAT8, run_float8
+        from lepton_edge.reference import FLOAT8, run_float8
 
         got = run_float8(session, output_names, feeds)
         types = {o.name: o.type for o in session.get_outputs()}

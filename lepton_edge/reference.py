@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
 
 
@@ -29,8 +30,6 @@ def reference_session(model: onnx.ModelProto) -> Any:
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])
-    from lepton_edge_targets.onnxruntime.device import FLOAT8
-
     if any(v.type in FLOAT8 for v in session.get_inputs() + session.get_outputs()):
         return _Float8Session(session)
     return session
@@ -38,15 +37,13 @@ def reference_session(model: onnx.ModelProto) -> Any:
 
 class _Float8Session:
     """An onnxruntime session taking float8 values as ml_dtypes arrays or their uint8 bytes,
-    and returning them as bytes (its Python API passes them only as OrtValues, see the
-    onnxruntime device), as lepton-edge's artifact stores them."""
+    and returning them as bytes (its Python API passes them only as OrtValues, see
+    run_float8), as lepton-edge's artifact stores them."""
 
     def __init__(self, session: Any) -> None:
         self._session = session
 
     def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
-        from lepton_edge_targets.onnxruntime.device import run_float8
-
         return run_float8(self._session, output_names, feeds)
 
     def __getattr__(self, name: str) -> Any:
@@ -85,3 +82,48 @@ class _EvaluatorSession:
 
         return [np.asarray(v).view(np.uint8) if is_narrow(np.asarray(v).dtype) else v
                 for v in outputs]
+
+
+# float8 crosses onnxruntime's Python API only as OrtValues: inputs are made from their
+# bytes, outputs read back as bytes (uint8), which is how the session passes narrow values
+# between subgraphs anyway; the onnxruntime fallback device uses this too (its numpy conversion knows float8e4m3fn only).
+FLOAT8 = {"tensor(float8e4m3fn)": 17, "tensor(float8e4m3fnuz)": 18, "tensor(float8e5m2)": 19,
+          "tensor(float8e5m2fnuz)": 20}
+
+
+def float8_values(session: Any) -> tuple[dict[str, int], list[str]]:
+    """The session's float8 inputs (name -> ONNX element type) and float8 output names."""
+    return ({i.name: FLOAT8[i.type] for i in session.get_inputs() if i.type in FLOAT8},
+            [o.name for o in session.get_outputs() if o.type in FLOAT8])
+
+
+def run_float8(session: Any, output_names: list[str] | None, feeds: dict[str, Any],
+               float8: tuple[dict[str, int], list[str]] | None = None) -> list[Any]:
+    """session.run, with float8 inputs given and outputs returned as uint8 bytes (or
+    ml_dtypes arrays for inputs: their bytes are taken). `float8`: float8_values(session),
+    when the caller keeps it."""
+    ins, outs = float8 if float8 is not None else float8_values(session)
+    if not ins and not outs:
+        return session.run(output_names, feeds)
+    import onnxruntime
+
+    feeds = dict(feeds)
+    for name, elem in ins.items():
+        if name in feeds:
+            data = np.ascontiguousarray(np.asarray(feeds[name]).view(np.uint8))
+            feeds[name] = onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(data, elem)
+    if not outs:
+        return session.run(output_names, feeds)
+    for name, value in feeds.items():
+        if not isinstance(value, onnxruntime.OrtValue):
+            feeds[name] = onnxruntime.OrtValue.ortvalue_from_numpy(np.asarray(value))
+    names = output_names or [o.name for o in session.get_outputs()]
+    return [_float8_bytes(v) if v.data_type() in FLOAT8 else v.numpy()
+            for v in session.run_with_ort_values(names, feeds)]
+
+
+def _float8_bytes(value: Any) -> np.ndarray:
+    import ctypes
+
+    data = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+    return np.frombuffer(data, np.uint8).reshape(value.shape()).copy()

@@ -323,14 +323,32 @@ def reason(node: onnx.NodeProto, types: dict[str, int],
         fmt = FORMATS.get(_elem(name, types))
         if fmt is None or (fmt.kind == "float" and fmt.bits == 8):
             continue  # float8 (not e8m0) crosses into onnxruntime as OrtValues
-        for other in nodes:
-            if other is not node and other != node and name in list(other.input) + list(
-                    other.output) and (
-                    _node_reason(other, types, shapes) is not None):
+        for other in _users(nodes).get(name, ()):
+            if other is not node and _node_reason(other, types, shapes) is not None:
                 return (f"{fmt.name} value '{name}' is also used by {other.op_type}, which "
                         "lepton-edge does not compile, and onnxruntime cannot take it from "
                         "compiled code: both stay on onnxruntime")
     return None
+
+
+_USERS: dict[int, tuple[Any, dict[str, list[onnx.NodeProto]]]] = {}
+
+
+def _users(nodes: Any) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes making or reading it; built once per node list (a planning
+    pass asks for every narrow node of the same graph)."""
+    hit = _USERS.get(id(nodes))
+    if hit is not None and hit[0] is nodes:
+        return hit[1]
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for other in nodes:
+        for name in dict.fromkeys(list(other.input) + list(other.output)):
+            if name:
+                users.setdefault(name, []).append(other)
+    if len(_USERS) >= 8:
+        _USERS.clear()
+    _USERS[id(nodes)] = (nodes, users)
+    return users
 
 
 def _node_reason(node: onnx.NodeProto, types: dict[str, int],
