@@ -46,8 +46,10 @@ a divisor of their constant factor, otherwise only fused into the parallel loop,
 schedule holds for any size. :data:`MarkShapeFuncsNoAlias`
 (in :func:`finalize_passes`) keeps LLVM's ``noalias`` on the kernels of such builds.
 
-A schedule never changes what is computed (TVM's primitives check that); a rule that does not
-fit a kernel leaves it to the next rule, and :class:`ScheduleReport` says which rule scheduled
+A schedule never changes what is computed (TVM's primitives check that), except the order of
+float additions where `_vectorize_reduction` splits an innermost float32 reduction into 8 lane
+sums (rfactor; results differ in the last bits, as any vectorized sum does); a rule that does
+not fit a kernel leaves it to the next rule, and :class:`ScheduleReport` says which rule scheduled
 which kernel.
 
 The pass runs after legalization and fusion and before the dataflow lowering, where TVM's GPU

@@ -537,7 +537,9 @@ def test_gelu_epilogue_joins_the_matmul_tile(small_parallel_threshold) -> None:
     text = dense[0].script()
     assert len(_parallel_loops(dense[0])) == 1
     assert "T.erf" not in text and "T.Select" in text
-    assert "sblock_alloc_buffer((N, T.int64(20), T.int64(48)))" not in text
+    # an intermediate covering the whole output would be sized by the symbolic batch N
+    allocs = [line for line in text.splitlines() if "alloc_buffer(" in line]
+    assert not any("alloc_buffer((N" in line for line in allocs), allocs
 
 
 def test_rational_erf_matches_math_erf(build) -> None:
