@@ -537,9 +537,11 @@ def test_gelu_epilogue_joins_the_matmul_tile(small_parallel_threshold) -> None:
     text = dense[0].script()
     assert len(_parallel_loops(dense[0])) == 1
     assert "T.erf" not in text and "T.Select" in text
-    # an intermediate covering the whole output would be sized by the symbolic batch N
+    # an intermediate in memory covering the whole output would be sized by the symbolic batch
+    # N (the register tile's accumulator is declared so too, but in "local" scope)
     allocs = [line for line in text.splitlines() if "alloc_buffer(" in line]
-    assert not any("alloc_buffer((N" in line for line in allocs), allocs
+    assert not any("alloc_buffer((N" in line and 'scope="local"' not in line
+                   for line in allocs), allocs
 
 
 def test_rational_erf_matches_math_erf(build) -> None:
