@@ -43,7 +43,7 @@ class GraphView:
     # values that are not tensors (sequences, optionals): name -> "sequence<tensor>", ...
     value_kinds: dict[str, str] = field(default_factory=dict)
     # the model's own ai.onnx opset when it is above `opset` (MAX_OPSET): revised ops that
-    # lepton-edge lowers itself (lowering/bodies.py's REVISED_OWN / REVISED_EXPANDED) are
+    # lepton-edge lowers itself (lowering/bodies.py's revised_lowering) are
     # judged at it; 0 when the model is at `opset` or below
     model_opset: int = 0
 
@@ -544,9 +544,7 @@ def _lowered(members: list[onnx.NodeProto], view: GraphView, opset: int
     at the model's opset (bodies.expand_revised)."""
     out: list[onnx.NodeProto] = []
     for index, node in enumerate(members):
-        kind = bodies.revised_lowering(node, opset) if revised_op(
-            node.op_type, node.domain, opset) is not None and not same_at_max_opset(
-            node, view.value_types, opset) else None
+        kind = bodies.revised_kind(node, view.value_types, opset)
         prefix = f"{node.name or node.op_type}_{index}__"
         if kind == "convert":
             renamed = onnx.NodeProto()

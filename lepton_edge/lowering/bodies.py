@@ -470,10 +470,6 @@ def _recurrent(b: _Builder, node: onnx.NodeProto, ins: list[str],
 # `<op>_<version>` in PRIVATE_DOMAIN; lowering/dynamic_ops.py's converter of that name
 # implements the newer semantics (signed BitShift, CumProd, BitCast, Mod's float cases).
 REVISED_OWN: dict[str, int] = {"CumProd": 26, "BitShift": 28, "BitCast": 26, "Mod": 28}
-# Newer ops whose ONNX function body (at the model's opset) plan.py expands before relabelling:
-# the body's ops are all unchanged since MAX_OPSET.
-# LinearAttention's body is a Scan over the tokens: unrolled (see unroll_scan).
-REVISED_EXPANDED: dict[str, int] = {"CausalConvWithState": 27, "LinearAttention": 27}
 PRIVATE_DOMAIN = "lepton.revised"
 # Revisions after MAX_OPSET that only added bfloat16 (the spec text is unchanged): a node
 # means what the version before says, with one more element type, so plan.py relabels it
@@ -498,10 +494,23 @@ def revised_lowering(node: onnx.NodeProto, opset: int) -> str | None:
         return "convert"
     if REVISED_TYPES_ONLY.get(node.op_type) == since:
         return "relabel"
-    if REVISED_EXPANDED.get(node.op_type) == since or (since > MAX_OPSET and (
-            schema.has_function or schema.has_context_dependent_function)):
-        return "expand"  # (a newer op with a function body: Celu-28, SpaceToDepth-28, ...)
+    if since > MAX_OPSET and (schema.has_function or schema.has_context_dependent_function):
+        # a newer op with an ONNX function body (CausalConvWithState-27, LinearAttention-27,
+        # whose body is a Scan over the tokens: unrolled, Celu-28, SpaceToDepth-28, ...),
+        # expanded at the model's opset before relabelling
+        return "expand"
     return None
+
+
+def revised_kind(node: onnx.NodeProto, types: dict[str, int], opset: int) -> str | None:
+    """revised_lowering for a node of an op revised after MAX_OPSET that does not mean the
+    same at MAX_OPSET for these element types (model.same_at_max_opset); else None."""
+    from lepton_edge.model import revised_op, same_at_max_opset
+
+    if revised_op(node.op_type, node.domain, opset) is None or same_at_max_opset(
+            node, types, opset):
+        return None
+    return revised_lowering(node, opset)
 
 
 def private_name(op: str) -> str:
@@ -663,7 +672,7 @@ def inlined_body(node: onnx.NodeProto, fn: onnx.FunctionProto,
 
 def expand_revised(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]
                    ) -> tuple[list[onnx.NodeProto] | None, str]:
-    """(nodes, "") computing a REVISED_EXPANDED node: its ONNX function body at `opset`,
+    """(nodes, "") computing an "expand" node (revised_lowering): its ONNX function body at `opset`,
     inlined, with every Scan in it unrolled; else (None, why not)."""
     from lepton_edge.model import revised_op
 

@@ -50,7 +50,6 @@ class Format:
     inf_code: int | None = None  # magnitude code of infinity, None when there is none
     nan_code: int = 0  # magnitude code of NaN (fnuz: the whole byte 0x80)
     saturating: bool = False  # no NaN/inf to overflow to (float4): always saturates
-    signed: bool = False  # int kinds
 
     @property
     def dtype(self) -> np.dtype:
@@ -70,7 +69,7 @@ def _formats() -> dict[int, Format]:
         Format(T.FLOAT8E5M2FNUZ, "float8e5m2fnuz", "float8_e5m2fnuz", "float", 8, mbits=2,
                bias=16, fnuz=True, max_code=0x7F, nan_code=0x80),
         Format(T.UINT4, "uint4", "uint4", "int", 4),
-        Format(T.INT4, "int4", "int4", "int", 4, signed=True),
+        Format(T.INT4, "int4", "int4", "int", 4),
     ]
     if hasattr(T, "FLOAT4E2M1"):
         fmts.append(Format(T.FLOAT4E2M1, "float4e2m1", "float4_e2m1fn", "float", 4, mbits=1,
@@ -79,7 +78,7 @@ def _formats() -> dict[int, Format]:
         fmts.append(Format(T.FLOAT8E8M0, "float8e8m0", "float8_e8m0fnu", "e8m0", 8))
     if hasattr(T, "UINT2"):
         fmts += [Format(T.UINT2, "uint2", "uint2", "int", 2),
-                 Format(T.INT2, "int2", "int2", "int", 2, signed=True)]
+                 Format(T.INT2, "int2", "int2", "int", 2)]
     return {f.elem: f for f in fmts}
 
 

@@ -17,7 +17,7 @@ from onnx import helper
 
 from lepton_edge.lowering import bodies, narrow, onnx_fixups
 from lepton_edge.lowering.relax import supported_onnx_ops
-from lepton_edge.model import MAX_OPSET, revised_op, same_at_max_opset
+from lepton_edge.model import MAX_OPSET
 
 T = onnx.TensorProto
 # Element types TVM's LLVM backend cannot compute on (or decodes wrongly: float8 NaNs).
@@ -265,10 +265,7 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
         return narrow.reason(node, graph.value_types, graph.value_shapes, graph.nodes)
     domain = node.domain or ""
     model_opset = getattr(graph, "model_opset", 0)
-    kind = None
-    if model_opset and revised_op(node.op_type, domain, model_opset) is not None and not (
-            same_at_max_opset(node, graph.value_types, model_opset)):
-        kind = bodies.revised_lowering(node, model_opset)
+    kind = bodies.revised_kind(node, graph.value_types, model_opset) if model_opset else None
     if kind in ("convert", "expand"):
         return _revised_reason(node, graph, kind)
     if domain in ("", "ai.onnx") and node.op_type == "Scan":
