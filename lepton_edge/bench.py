@@ -212,6 +212,52 @@ def _fp32_peak(n: int, repeats: int) -> float:
     return _best_rate(lambda: np.matmul(a, b, out=out), 2.0 * n**3, repeats)
 
 
+def _host_pool() -> tuple[Any, int]:
+    """TVM's target for this CPU (``mcpu`` = LLVM's name for the host) and the number of
+    threads in TVM's pool (``TVM_NUM_THREADS``, set up as lepton_edge.threads does)."""
+    from lepton_edge import threads as tvm_threads
+
+    tvm_threads.default_tvm_threads()
+    import tvm
+
+    from lepton_edge.lowering.relax import system_cpu
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
+    workers = max(1, int(os.environ.get("TVM_NUM_THREADS") or tvm_threads.physical_cores()))
+    return target, workers
+
+
+def _kernel_peak(chains: Any, target: Any, args: list[np.ndarray], ops_per_thread: float,
+                 workers: int, repeats: int) -> tuple[float, str]:
+    """Build the register-only kernel ``chains(*args, used)`` (its first ``used`` threads
+    each run their own chains) and measure it with :func:`_chain_peak`."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": chains.with_attr("global_symbol", "main")}),
+                      target=target)
+    kernel = lib["main"]
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    return _chain_peak(lambda used: kernel(*tensors, used), ops_per_thread, workers, repeats)
+
+
+def _chain_peak(run: Callable[[int], Any], ops_per_thread: float, workers: int,
+                repeats: int) -> tuple[float, str]:
+    """Peak rate of a register-only kernel: the best of ``repeats`` runs on all ``workers``
+    threads, or the best on one thread times ``workers`` when that is higher. On a shared
+    machine another process often holds one core for seconds; the per-core figure times the
+    cores is then still the silicon's peak (the cores are identical). It is measured per
+    thread, though: a CPU that clocks one busy core higher than all of them (single-core
+    turbo) makes it overstate the all-core peak, so the method text says which figure was
+    taken and gives the all-threads one beside it."""
+    every = _best_rate(lambda: run(workers), ops_per_thread * workers, repeats)
+    one = _best_rate(lambda: run(1), ops_per_thread, repeats)
+    if workers > 1 and one * workers > every:
+        return one * workers, (f"best of {repeats} on one thread x {workers} threads "
+                               f"(all {workers} together: {every:.1f}; the per-thread rate "
+                               "may overstate an all-core peak under single-core turbo)")
+    return every, f"best of {repeats} on {workers} thread(s)"
+
+
 def fma_peak(*, repeats: int = 5, iterations: int = 1 << 20) -> tuple[float, int, str]:
     """fp32 FMA throughput of this CPU on TVM's thread pool: ``(GFLOPS, threads, method)``.
 
@@ -221,21 +267,17 @@ def fma_peak(*, repeats: int = 5, iterations: int = 1 << 20) -> tuple[float, int
     file holds with room to spare (12 on AVX2's 16 registers, 24 on AVX-512's 32): independent
     chains, so the FMA pipes never wait on a result, and no loads or stores in the loop.
     GFLOPS = 2 x lanes x accumulators x iterations x threads / best of ``repeats`` seconds,
-    or the same on one thread times the threads when that is more (see :func:`_chain_peak`).
+    or the same on one thread times the threads when that is more (see :func:`_chain_peak`:
+    measured per thread, that may overstate an all-core peak under single-core turbo).
     """
-    from lepton_edge import threads as tvm_threads
-
-    tvm_threads.default_tvm_threads()
-    import tvm
+    target, workers = _host_pool()
     from tvm.script import tirx as T
 
     from lepton_edge.lowering.relax import system_cpu
     from lepton_edge.lowering.schedules import vector_bits
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
     bits = vector_bits(target)
     lanes, accs = bits // 32, (24 if bits >= 512 else 12)
-    workers = max(1, int(os.environ.get("TVM_NUM_THREADS") or tvm_threads.physical_cores()))
 
     @T.prim_func(s_tir=True)
     def chains(x: T.Buffer((workers, accs, lanes), "float32"),
@@ -254,30 +296,13 @@ def fma_peak(*, repeats: int = 5, iterations: int = 1 << 20) -> tuple[float, int
                 for lane in T.vectorized(lanes):
                     y[t, j, lane] = acc[j, lane]
 
-    lib = tvm.compile(tvm.IRModule({"main": chains.with_attr("global_symbol", "main")}),
-                      target=target)
-    kernel = lib["main"]
-    x = tvm.runtime.tensor(np.ones((workers, accs, lanes), np.float32))
-    y = tvm.runtime.tensor(np.zeros((workers, accs, lanes), np.float32))
-    rate, how = _chain_peak(lambda used: kernel(x, y, used), 2.0 * lanes * accs * iterations,
-                            workers, repeats)
+    rate, how = _kernel_peak(
+        chains, target, [np.ones((workers, accs, lanes), np.float32),
+                         np.zeros((workers, accs, lanes), np.float32)],
+        2.0 * lanes * accs * iterations, workers, repeats)
     method = (f"FMA throughput, {accs} independent {lanes}-lane chains per thread in "
               f"registers, {system_cpu()}, {how}")
     return rate, workers, method
-
-
-def _chain_peak(run: Callable[[int], Any], ops_per_thread: float, workers: int,
-                repeats: int) -> tuple[float, str]:
-    """Peak rate of a register-only kernel: the best of ``repeats`` runs on all ``workers``
-    threads, or the best on one thread times ``workers`` when that is higher. On a shared
-    machine another process often holds one core for seconds; the per-core figure times the
-    cores is then still the silicon's peak (the cores are identical)."""
-    every = _best_rate(lambda: run(workers), ops_per_thread * workers, repeats)
-    one = _best_rate(lambda: run(1), ops_per_thread, repeats)
-    if workers > 1 and one * workers > every:
-        return one * workers, (f"best of {repeats} on one thread x {workers} threads "
-                               f"(all {workers} together: {every:.1f})")
-    return every, f"best of {repeats} on {workers} thread(s)"
 
 
 def int8_dot_peak(*, repeats: int = 5, iterations: int = 1 << 20
@@ -286,29 +311,25 @@ def int8_dot_peak(*, repeats: int = 5, iterations: int = 1 << 20
     ``(GOPS, threads, method)``, or None for other CPUs (VNNI or AVX-512 CPUs have wider int8
     instructions this kernel does not use; non-x86 CPUs have other ones).
 
-    Like :func:`fma_peak`: 12 independent chains per thread, each ``v = vpmaddubsw(v, w)``
+    Like :func:`fma_peak` (and measured the same way, with its per-thread caveat): 12
+    independent chains per thread, each ``v = vpmaddubsw(v, w)``
     (32 uint8 x int8 products summed pairwise into int16 per instruction, the result fed back
     as the next uint8 operand), no memory traffic; 2 ops per multiply-add. A complete int8
     dot product with int32 accumulation also needs ``vpmaddwd`` and ``vpaddd`` (lepton-edge's
     AVX2 kernels widen to int16 and use ``vpmaddwd``: 16 multiply-adds per instruction), so
     this is the ceiling, not what a kernel can reach."""
-    from lepton_edge import threads as tvm_threads
-
-    tvm_threads.default_tvm_threads()
-    import tvm
+    target, workers = _host_pool()
     from tvm.script import tirx as T
     from tvm.target import codegen
 
     from lepton_edge.lowering.relax import system_cpu
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
     with target:
         if not codegen.target_has_features("avx2", target) or any(
                 codegen.target_has_features(f, target)
                 for f in ("avx512f", "avx512vnni", "avxvnni")):
             return None
     accs = 12
-    workers = max(1, int(os.environ.get("TVM_NUM_THREADS") or tvm_threads.physical_cores()))
 
     @T.prim_func(s_tir=True)
     def chains(x: T.Buffer((workers, accs, 32), "uint8"), w: T.Buffer((32,), "int8"),
@@ -327,14 +348,10 @@ def int8_dot_peak(*, repeats: int = 5, iterations: int = 1 << 20
             for j in T.unroll(accs):
                 y[t, j, T.ramp(0, 1, 32)] = acc[j, T.ramp(0, 1, 32)]
 
-    lib = tvm.compile(tvm.IRModule({"main": chains.with_attr("global_symbol", "main")}),
-                      target=target)
-    kernel = lib["main"]
-    x = tvm.runtime.tensor(np.ones((workers, accs, 32), np.uint8))
-    w = tvm.runtime.tensor(np.ones(32, np.int8))
-    y = tvm.runtime.tensor(np.zeros((workers, accs, 32), np.uint8))
-    rate, how = _chain_peak(lambda used: kernel(x, w, y, used), 2.0 * 32 * accs * iterations,
-                            workers, repeats)
+    rate, how = _kernel_peak(
+        chains, target, [np.ones((workers, accs, 32), np.uint8), np.ones(32, np.int8),
+                         np.zeros((workers, accs, 32), np.uint8)],
+        2.0 * 32 * accs * iterations, workers, repeats)
     method = (f"vpmaddubsw throughput (u8 x s8 pairs -> s16), {accs} independent chains per "
               f"thread in registers, {system_cpu()}, {how}; a full int32 dot product also "
               "needs vpmaddwd + vpaddd")

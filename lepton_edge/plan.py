@@ -29,6 +29,18 @@ FALLBACK = "onnxruntime"
 
 
 @dataclass(frozen=True)
+class Lowering:
+    """What TVM's importer gets in place of a node plan.py rewrites (GraphView.lowering)."""
+
+    # "convert": renamed to its private converter (bodies.private_name, in
+    # bodies.PRIVATE_DOMAIN); "expand": its ONNX function body at the model's opset
+    # (bodies.expand_revised); "scan": the Scan unrolled (bodies.unroll_scan)
+    kind: str
+    nodes: tuple[onnx.NodeProto, ...] | None  # None: it cannot be rewritten, see `why`
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class GraphView:
     """What a target may look at when deciding about a node: types and shapes by name."""
 
@@ -46,6 +58,21 @@ class GraphView:
     # lepton-edge lowers itself (lowering/bodies.py's revised_lowering) are
     # judged at it; 0 when the model is at `opset` or below
     model_opset: int = 0
+    # node identity -> (node, its Lowering): `lowering` computes each once per planning pass
+    _lowerings: dict[int, tuple[onnx.NodeProto, Lowering | None]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def lowering(self, node: onnx.NodeProto) -> Lowering | None:
+        """How a compiled subgraph gives `node` to TVM's importer when plan.py rewrites it (a
+        Scan, or in a newer-opset model a revised op lepton-edge lowers itself), or None: as
+        it is. Worked out once per node: a target's support check (targets/cpu/support.py)
+        judges the very nodes `_lowered` then puts in the subgraph."""
+        hit = self._lowerings.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        result = _lowering(node, self)
+        self._lowerings[id(node)] = (node, result)
+        return result
 
     def input_types(self, node: onnx.NodeProto) -> dict[str, onnx.TypeProto]:
         """Type protos (element type and known dims) of `node`'s inputs."""
@@ -517,7 +544,7 @@ def _subgraph(
         made.functions.extend(proto.functions)
         return made
 
-    lowered = _lowered(members, view, opset) if label != FALLBACK else members
+    lowered = _lowered(members, view) if label != FALLBACK else members
     sub_model = model_of(lowered)
     fallback_proto = None
     if label != FALLBACK and opset > MAX_OPSET:
@@ -535,35 +562,43 @@ def _subgraph(
     )
 
 
-def _lowered(members: list[onnx.NodeProto], view: GraphView, opset: int
-             ) -> list[onnx.NodeProto]:
-    """`members` of a compiled subgraph as TVM's importer gets them: Scans unrolled
-    (bodies.unroll_scan), and in a newer-opset model the revised ops lepton-edge lowers itself
-    made safe to relabel to MAX_OPSET: renamed to their private converters
-    (bodies.private_name, in bodies.PRIVATE_DOMAIN) or replaced by their ONNX function body
-    at the model's opset (bodies.expand_revised)."""
+def _lowering(node: onnx.NodeProto, view: GraphView) -> Lowering | None:
+    """GraphView.lowering, uncached."""
+    opset = view.model_opset or view.opset  # the model's own
+    kind = bodies.revised_kind(node, view.value_types, opset)
+    if kind == "convert":
+        renamed = onnx.NodeProto()
+        renamed.CopyFrom(node)
+        renamed.op_type = bodies.private_name(node.op_type)
+        renamed.domain = bodies.PRIVATE_DOMAIN
+        return Lowering(kind, (renamed,))
+    if kind == "expand":
+        nodes, why = bodies.expand_revised(node, opset, view.input_types(node))
+        return Lowering(kind, None if nodes is None else tuple(nodes), why)
+    if node.op_type == "Scan" and (node.domain or "") in ("", "ai.onnx"):
+        steps, why = bodies.scan_steps(node, view.value_shapes, opset)
+        if steps is None:
+            return Lowering("scan", None, why)
+        # node names are unique in the plan's copy of the graph (_named_copy)
+        return Lowering("scan", tuple(bodies.unroll_scan(node, steps, f"{node.name}__",
+                                                         opset)))
+    return None
+
+
+def _lowered(members: list[onnx.NodeProto], view: GraphView) -> list[onnx.NodeProto]:
+    """`members` of a compiled subgraph as TVM's importer gets them (GraphView.lowering):
+    Scans unrolled, and in a newer-opset model the revised ops lepton-edge lowers itself made
+    safe to relabel to MAX_OPSET: renamed to their private converters or replaced by their
+    ONNX function body at the model's opset."""
     out: list[onnx.NodeProto] = []
-    for index, node in enumerate(members):
-        kind = bodies.revised_kind(node, view.value_types, opset)
-        prefix = f"{node.name or node.op_type}_{index}__"
-        if kind == "convert":
-            renamed = onnx.NodeProto()
-            renamed.CopyFrom(node)
-            renamed.op_type = bodies.private_name(node.op_type)
-            renamed.domain = bodies.PRIVATE_DOMAIN
-            out.append(renamed)
-        elif kind == "expand":
-            nodes, why = bodies.expand_revised(node, opset, view.input_types(node))
-            if nodes is None:
-                raise TargetError(f"{node.op_type} (node {node.name}): {why}")
-            out.extend(nodes)
-        elif node.op_type == "Scan" and (node.domain or "") in ("", "ai.onnx"):
-            steps, why = bodies.scan_steps(node, view.value_shapes, opset)
-            if steps is None:
-                raise TargetError(f"Scan (node {node.name}): {why}")
-            out.extend(bodies.unroll_scan(node, steps, prefix, opset))
-        else:
+    for node in members:
+        lowering = view.lowering(node)
+        if lowering is None:
             out.append(node)
+        elif lowering.nodes is None:
+            raise TargetError(f"{node.op_type} (node {node.name}): {lowering.why}")
+        else:
+            out.extend(lowering.nodes)
     return out
 
 

@@ -13,15 +13,18 @@ from typing import Any
 import numpy as np
 import onnx
 
+from lepton_edge.narrow_types import FORMATS, NOT_THROUGH_ORT
+
 
 def reference_session(model: onnx.ModelProto) -> Any:
     """An onnxruntime CPU session over `model` with every graph optimization disabled.
 
-    A model with int4/uint4/int2/uint2/float4e2m1/float8e8m0 graph inputs or outputs gets
-    onnx's reference evaluator instead: onnxruntime's Python API cannot pass those types."""
+    A model with narrow graph inputs or outputs onnxruntime's Python API cannot pass
+    (narrow_types.NOT_THROUGH_ORT: int4/uint4/int2/uint2/float4e2m1/float8e8m0) gets onnx's
+    reference evaluator instead."""
     import onnxruntime
 
-    if any(v.type.tensor_type.elem_type in _NOT_THROUGH_ORT
+    if any(v.type.tensor_type.elem_type in NOT_THROUGH_ORT
            for v in list(model.graph.input) + list(model.graph.output)
            if v.type.HasField("tensor_type")):
         return _EvaluatorSession(model)
@@ -50,14 +53,6 @@ class _Float8Session:
         return getattr(self._session, name)
 
 
-_NOT_THROUGH_ORT = {getattr(onnx.TensorProto, n) for n in (
-    "INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1", "FLOAT8E8M0") if hasattr(onnx.TensorProto, n)}
-
-
-_NARROW = _NOT_THROUGH_ORT | {getattr(onnx.TensorProto, n) for n in (
-    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")}
-
-
 class _EvaluatorSession:
     """onnx.reference.ReferenceEvaluator with onnxruntime's run(output_names, feeds)."""
 
@@ -75,7 +70,7 @@ class _EvaluatorSession:
         from onnx.helper import tensor_dtype_to_np_dtype
 
         feeds = {n: (np.asarray(v).view(tensor_dtype_to_np_dtype(self._types[n]))
-                     if self._types.get(n) in _NARROW and np.asarray(v).dtype == np.uint8
+                     if self._types.get(n) in FORMATS and np.asarray(v).dtype == np.uint8
                      else v) for n, v in feeds.items()}
         outputs = self._evaluator.run(output_names, feeds)
         from lepton_edge.signature import is_narrow
@@ -86,9 +81,9 @@ class _EvaluatorSession:
 
 # float8 crosses onnxruntime's Python API only as OrtValues: inputs are made from their
 # bytes, outputs read back as bytes (uint8), which is how the session passes narrow values
-# between subgraphs anyway; the onnxruntime fallback device uses this too (its numpy conversion knows float8e4m3fn only).
-FLOAT8 = {"tensor(float8e4m3fn)": 17, "tensor(float8e4m3fnuz)": 18, "tensor(float8e5m2)": 19,
-          "tensor(float8e5m2fnuz)": 20}
+# between subgraphs anyway; the onnxruntime fallback device uses this too (its numpy
+# conversion knows float8e4m3fn only). onnxruntime's type name -> ONNX element type.
+FLOAT8 = {f.ort_type: e for e, f in FORMATS.items() if f.float8}
 
 
 def float8_values(session: Any) -> tuple[dict[str, int], list[str]]:

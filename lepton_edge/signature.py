@@ -1,6 +1,7 @@
 """Input/output signatures: names, dtypes and shapes, with symbolic dimensions.
 
-This module is shared by the compiler and the runtime, so it depends on numpy only.
+This module is shared by the compiler and the runtime, so it depends on numpy only (and
+lepton_edge.narrow_types, a plain table).
 A dimension is an int (fixed) or a str (symbolic, e.g. "N" for the batch): one artifact
 serves every value of a symbolic dimension, and all tensors naming the same symbol must
 agree on its value in one call.
@@ -20,14 +21,13 @@ from typing import Any
 import numpy as np
 
 from lepton_edge.errors import ArtifactError, InputError
+from lepton_edge.narrow_types import NUMPY_NAMES
 
 Dim = int | str
 
 # Element types numpy itself lacks, taken and returned as ml_dtypes arrays (one element per
 # byte); compiled code sees their bytes as uint8 (see lepton_edge/lowering/narrow.py).
-NARROW_DTYPES = frozenset({
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "float4_e2m1fn", "int4", "uint4", "int2", "uint2"})
+NARROW_DTYPES = NUMPY_NAMES
 
 
 def numpy_dtype(name: str) -> np.dtype:

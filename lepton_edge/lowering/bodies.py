@@ -469,6 +469,10 @@ def _recurrent(b: _Builder, node: onnx.NodeProto, ins: list[str],
 # when it relabels the subgraph to MAX_OPSET for TVM's importer, renames it to
 # `<op>_<version>` in PRIVATE_DOMAIN; lowering/dynamic_ops.py's converter of that name
 # implements the newer semantics (signed BitShift, CumProd, BitCast, Mod's float cases).
+# BitShift and Mod keep the rename although their plain names reach the same converters: at
+# opset 25 a signed BitShift is an invalid model and float Mod with fmod=0 fails in
+# onnxruntime, and a renamed node makes plan.py keep the model's own nodes as the
+# subgraph's onnxruntime fallback (test_renamed_revised_ops_keep_a_valid_subgraph_and_fallback).
 REVISED_OWN: dict[str, int] = {"CumProd": 26, "BitShift": 28, "BitCast": 26, "Mod": 28}
 PRIVATE_DOMAIN = "lepton.revised"
 # Revisions after MAX_OPSET that only added bfloat16 (the spec text is unchanged): a node

@@ -1,5 +1,5 @@
 """Narrow element types in compiled code: float8 (e4m3fn, e4m3fnuz, e5m2, e5m2fnuz, e8m0),
-float4e2m1, int4/uint4 and int2/uint2.
+float4e2m1, int4/uint4 and int2/uint2 (their table: lepton_edge/narrow_types.py).
 
 At run time such a tensor is an ml_dtypes numpy array, one element per byte (never ONNX's
 packed storage); compiled code sees its raw bytes as uint8 (for int4/int2 the element's bits
@@ -23,67 +23,17 @@ TIR kernel. `reason` says which nodes this covers (targets/cpu/support.py asks i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lepton_edge.narrow_types import BY_NAME, FORMATS, Format
+
 T = onnx.TensorProto
 MARK = "lepton_narrow"  # attribute of an encoding Cast: the target format's ONNX name
 
-
-@dataclass(frozen=True)
-class Format:
-    """One narrow element type and the facts its conversions need."""
-
-    elem: int  # ONNX TensorProto data type
-    name: str  # ONNX's name, lower case ("float8e4m3fn")
-    numpy: str  # the ml_dtypes type name ("float8_e4m3fn")
-    kind: str  # "float" (sign, exponent, mantissa), "e8m0" (exponent only) or "int"
-    bits: int
-    mbits: int = 0
-    bias: int = 0
-    fnuz: bool = False  # no -0, no infinities, NaN is 0x80
-    max_code: int = 0  # magnitude code of the largest finite value
-    inf_code: int | None = None  # magnitude code of infinity, None when there is none
-    nan_code: int = 0  # magnitude code of NaN (fnuz: the whole byte 0x80)
-    saturating: bool = False  # no NaN/inf to overflow to (float4): always saturates
-
-    @property
-    def dtype(self) -> np.dtype:
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, self.numpy))
-
-
-def _formats() -> dict[int, Format]:
-    fmts = [
-        Format(T.FLOAT8E4M3FN, "float8e4m3fn", "float8_e4m3fn", "float", 8, mbits=3, bias=7,
-               max_code=0x7E, nan_code=0x7F),
-        Format(T.FLOAT8E4M3FNUZ, "float8e4m3fnuz", "float8_e4m3fnuz", "float", 8, mbits=3,
-               bias=8, fnuz=True, max_code=0x7F, nan_code=0x80),
-        Format(T.FLOAT8E5M2, "float8e5m2", "float8_e5m2", "float", 8, mbits=2, bias=15,
-               max_code=0x7B, inf_code=0x7C, nan_code=0x7E),
-        Format(T.FLOAT8E5M2FNUZ, "float8e5m2fnuz", "float8_e5m2fnuz", "float", 8, mbits=2,
-               bias=16, fnuz=True, max_code=0x7F, nan_code=0x80),
-        Format(T.UINT4, "uint4", "uint4", "int", 4),
-        Format(T.INT4, "int4", "int4", "int", 4),
-    ]
-    if hasattr(T, "FLOAT4E2M1"):
-        fmts.append(Format(T.FLOAT4E2M1, "float4e2m1", "float4_e2m1fn", "float", 4, mbits=1,
-                           bias=1, max_code=0x7, nan_code=0x8, saturating=True))
-    if hasattr(T, "FLOAT8E8M0"):
-        fmts.append(Format(T.FLOAT8E8M0, "float8e8m0", "float8_e8m0fnu", "e8m0", 8))
-    if hasattr(T, "UINT2"):
-        fmts += [Format(T.UINT2, "uint2", "uint2", "int", 2),
-                 Format(T.INT2, "int2", "int2", "int", 2)]
-    return {f.elem: f for f in fmts}
-
-
-FORMATS = _formats()
-BY_NAME = {f.name: f for f in FORMATS.values()}
 # wide types a narrow value decodes to / is encoded from
 _FLOAT_WIDE = {T.FLOAT: "float32", T.FLOAT16: "float16", T.DOUBLE: "float64"}
 _INT_WIDE = {T.INT8: "int8", T.UINT8: "uint8", T.INT16: "int16", T.UINT16: "uint16",
@@ -320,7 +270,7 @@ def reason(node: onnx.NodeProto, types: dict[str, int],
         return why
     for name in list(node.input) + list(node.output):
         fmt = FORMATS.get(_elem(name, types))
-        if fmt is None or (fmt.kind == "float" and fmt.bits == 8):
+        if fmt is None or fmt.float8:
             continue  # float8 (not e8m0) crosses into onnxruntime as OrtValues
         for other in _users(nodes).get(name, ()):
             if other is not node and _node_reason(other, types, shapes) is not None:

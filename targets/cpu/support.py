@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from onnx import helper
 
-from lepton_edge.lowering import bodies, narrow, onnx_fixups
+from lepton_edge.lowering import narrow, onnx_fixups
 from lepton_edge.lowering.relax import supported_onnx_ops
 from lepton_edge.model import MAX_OPSET
 
+if TYPE_CHECKING:
+    from lepton_edge.plan import Lowering
+
 T = onnx.TensorProto
-# Element types TVM's LLVM backend cannot compute on (or decodes wrongly: float8 NaNs).
+# Element types TVM's LLVM backend cannot compute on (or decodes wrongly: float8 NaNs); the
+# narrow ones reach TVM only as bytes, rewritten by lowering/narrow.py.
 _UNSUPPORTED_TYPES = {
     T.STRING: "string", T.COMPLEX64: "complex64", T.COMPLEX128: "complex128",
-    T.FLOAT8E4M3FN: "float8e4m3fn", T.FLOAT8E4M3FNUZ: "float8e4m3fnuz",
-    T.FLOAT8E5M2: "float8e5m2", T.FLOAT8E5M2FNUZ: "float8e5m2fnuz",
-    T.UINT4: "uint4", T.INT4: "int4",
+    **{elem: fmt.name for elem, fmt in narrow.FORMATS.items()},
 }
-for _name in ("FLOAT4E2M1", "FLOAT8E8M0", "UINT2", "INT2"):
-    if hasattr(T, _name):
-        _UNSUPPORTED_TYPES[getattr(T, _name)] = _name.lower()
 # onnxruntime contrib ops that TVM's importer also converts.
 _CONTRIB_OPS = {"FastGelu", "BiasGelu", "SkipLayerNormalization", "EmbedLayerNormalization",
                 "Attention"}
@@ -179,18 +178,28 @@ def _ops() -> frozenset[str]:
     return supported_onnx_ops()
 
 
-def _revised_reason(node: onnx.NodeProto, graph: Any, kind: str) -> str | None:
-    """A revised/new op lepton-edge lowers itself (plan.py renames or expands it)."""
+def _types_reason(node: onnx.NodeProto, graph: Any) -> str | None:
     for name in list(node.input) + list(node.output):
         elem = graph.value_types.get(name)
         if elem in _UNSUPPORTED_TYPES:
             return f"tensor '{name}' is {_UNSUPPORTED_TYPES[elem]}, which TVM cannot compute on"
-    if kind == "convert":
-        return None  # lowering/dynamic_ops.py's converter of bodies.private_name(op)
-    nodes, why = bodies.expand_revised(node, graph.model_opset, graph.input_types(node))
-    if nodes is None:
-        return why
-    return _nodes_reason(node, nodes, graph)
+    return None
+
+
+def _lowering_reason(node: onnx.NodeProto, graph: Any, lowering: Lowering) -> str | None:
+    """Why the nodes plan.py puts in place of `node` (graph.lowering: a revised op
+    lepton-edge lowers itself, an unrolled Scan) cannot reach TVM, or None."""
+    if lowering.kind == "scan":
+        if lowering.nodes is None:
+            return ("TVM 0.27 has no Scan converter and lepton-edge unrolls only some: "
+                    f"{lowering.why}")
+        return _nodes_reason(node, list(lowering.nodes), graph)
+    why = _types_reason(node, graph)
+    if why is not None or lowering.kind == "convert":
+        return why  # "convert": lowering/dynamic_ops.py's converter of its private name
+    if lowering.nodes is None:
+        return lowering.why
+    return _nodes_reason(node, list(lowering.nodes), graph)
 
 
 def _nodes_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any
@@ -219,7 +228,7 @@ def _nodes_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any
             condition, why = _WRONG_ON_TVM[inner.op_type]
             if condition(inner, view):
                 return f"{node.op_type} becomes {inner.op_type}: {why}"
-    return None
+    return _narrow_reason(node, nodes, graph)
 
 
 def _inner_view(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any) -> Any:
@@ -228,48 +237,84 @@ def _inner_view(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any) -
     cannot shape count as run-time (the conditions then refuse)."""
     from types import SimpleNamespace
 
-    from onnx import helper
-
     shapes: dict[str, tuple[Any, ...]] = {}
     types = graph.input_types(node)
     if all(name in types for name in node.input if name):
-        sub = helper.make_graph(
-            nodes, "inner", [helper.make_value_info(n, types[n])
-                             for n in dict.fromkeys(i for i in node.input if i)],
-            [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o])
-        model = helper.make_model(sub, opset_imports=[helper.make_opsetid(
-            "", graph.model_opset or graph.opset)])
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:  # noqa: BLE001 - no shapes: every condition sees run-time values
-            inferred = model
-        for value in list(inferred.graph.value_info) + list(inferred.graph.output):
-            t = value.type.tensor_type
-            if t.HasField("shape"):
-                shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                           for d in t.shape.dim)
+        _, shapes = _inferred(nodes, {n: types[n] for n in dict.fromkeys(
+            i for i in node.input if i)}, [o for o in node.output if o],
+            graph.model_opset or graph.opset)
     return SimpleNamespace(value_types={}, value_shapes=shapes, initializers={},
                            nodes=tuple(nodes), opset=graph.opset, outputs=())
 
 
-def _scan_reason(node: onnx.NodeProto, graph: Any) -> str | None:
-    """A Scan plan.py unrolls (a static number of iterations), or why not."""
-    steps, why = bodies.scan_steps(node, graph.value_shapes, graph.opset)
-    if steps is None:
-        return f"TVM 0.27 has no Scan converter and lepton-edge unrolls only some: {why}"
-    return _nodes_reason(node, bodies.unroll_scan(node, steps, "_", graph.opset), graph)
+def _inferred(nodes: list[onnx.NodeProto], inputs: dict[str, onnx.TypeProto],
+              outputs: list[str], opset: int
+              ) -> tuple[dict[str, int], dict[str, tuple[Any, ...]]]:
+    """Element types and shapes onnx's inference (with data propagation) finds for the
+    values `nodes` make, given `inputs`' types; none where it fails."""
+    sub = helper.make_graph(
+        nodes, "inner", [helper.make_value_info(n, t) for n, t in inputs.items()],
+        [helper.make_value_info(o, onnx.TypeProto()) for o in outputs])
+    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - nothing known: the callers then refuse
+        return {}, {}
+    types: dict[str, int] = {}
+    shapes: dict[str, tuple[Any, ...]] = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = value.type.tensor_type
+        if t.elem_type:
+            types[value.name] = t.elem_type
+        if t.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                       for d in t.shape.dim)
+    return types, shapes
+
+
+def _narrow_reason(node: onnx.NodeProto, nodes: list[onnx.NodeProto], graph: Any
+                   ) -> str | None:
+    """Why the narrow (float8/float4/int4/int2) values among the nodes that replace `node`
+    (a Scan body's Casts, say) keep it off TVM, or None. lowering/narrow.py rewrites them
+    when the subgraph is imported, so they follow its rules (narrow.reason), judged with the
+    element types onnx's inference finds; a node it does not compile would otherwise fail
+    the build (TVM's own converters get float8 wrong)."""
+    produced = {o for n in nodes for o in n.output if o}
+    inputs: dict[str, onnx.TypeProto] = {}
+    types: dict[str, int] = {}
+    shapes: dict[str, tuple[Any, ...]] = {}
+    for name in dict.fromkeys(i for n in nodes for i in n.input if i and i not in produced):
+        if graph.value_types.get(name):  # read from outside: `node`'s inputs, outer values
+            dims = graph.value_shapes.get(name)
+            dims = None if dims is None else tuple(d if isinstance(d, int) else None
+                                                   for d in dims)
+            inputs[name] = helper.make_tensor_type_proto(graph.value_types[name], dims)
+            types[name] = graph.value_types[name]
+            if dims is not None:
+                shapes[name] = dims
+    inner_types, inner_shapes = _inferred(nodes, inputs, [o for o in node.output if o],
+                                          graph.model_opset or graph.opset)
+    types.update(inner_types)
+    shapes.update(inner_shapes)
+    if not any(t in narrow.FORMATS for t in types.values()):
+        return None
+    # Constants become bytes in narrow.to_bytes, whatever their type
+    compiled = [n for n in nodes if not (n.op_type == "Constant" and (n.domain or "") in (
+        "", "ai.onnx"))]
+    for inner in compiled:
+        why = narrow.reason(inner, types, shapes, compiled)
+        if why is not None:
+            return f"{node.op_type} becomes {inner.op_type}: {why}"
+    return None
 
 
 def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
     if narrow.touches(node, graph.value_types):  # float8/float4/int4/int2: narrow.py converts
         return narrow.reason(node, graph.value_types, graph.value_shapes, graph.nodes)
     domain = node.domain or ""
-    model_opset = getattr(graph, "model_opset", 0)
-    kind = bodies.revised_kind(node, graph.value_types, model_opset) if model_opset else None
-    if kind in ("convert", "expand"):
-        return _revised_reason(node, graph, kind)
-    if domain in ("", "ai.onnx") and node.op_type == "Scan":
-        return _scan_reason(node, graph)
+    lowering = graph.lowering(node)  # plan.py rewrites it for TVM's importer
+    if lowering is not None:
+        return _lowering_reason(node, graph, lowering)
     if domain == "com.microsoft":
         if node.op_type not in _CONTRIB_OPS:
             return f"TVM has no converter for contrib op com.microsoft.{node.op_type}"
@@ -283,10 +328,9 @@ def unsupported_reason(node: onnx.NodeProto, graph: Any) -> str | None:
             if onnx_fixups.function_body(node, graph.opset, graph.input_types(node)) is None:
                 return why
             return f"{why}, and its ONNX function body uses ops TVM cannot take either"
-    for name in list(node.input) + list(node.output):
-        elem = graph.value_types.get(name)
-        if elem in _UNSUPPORTED_TYPES:
-            return f"tensor '{name}' is {_UNSUPPORTED_TYPES[elem]}, which TVM cannot compute on"
+    why = _types_reason(node, graph)
+    if why is not None:
+        return why
     if domain in ("", "ai.onnx") and node.op_type in _WRONG_ON_TVM:
         condition, why = _WRONG_ON_TVM[node.op_type]
         if condition(node, graph):

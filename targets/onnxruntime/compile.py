@@ -13,6 +13,7 @@ import onnx
 
 from lepton_edge.errors import TargetError
 from lepton_edge.model import MAX_OPSET
+from lepton_edge.narrow_types import NOT_THROUGH_ORT, listed
 from lepton_edge.target import Build, Profile, Target
 
 
@@ -37,25 +38,19 @@ class OnnxRuntimeTarget(Target):
                      meta={"onnxruntime": onnxruntime.__version__})
 
 
-# Element types onnxruntime's Python API cannot take or return (it packs them two or four
-# to a byte, and has no numpy type for them); float8 crosses as OrtValues of its bytes.
-_PACKED = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
-for _name in ("INT2", "UINT2", "FLOAT4E2M1", "FLOAT8E8M0"):
-    if hasattr(onnx.TensorProto, _name):
-        _PACKED[getattr(onnx.TensorProto, _name)] = _name.lower()
-
-
 def _check_boundary_types(subgraph: onnx.ModelProto) -> None:
     """A TargetError naming the values when a packed sub-byte tensor would cross into or out
     of onnxruntime (it cannot be passed through its Python API)."""
-    bad = [f"'{v.name}' ({_PACKED[v.type.tensor_type.elem_type]})"
+    # (float8 crosses as OrtValues of its bytes: lepton_edge.reference.run_float8)
+    bad = [f"'{v.name}' ({NOT_THROUGH_ORT[v.type.tensor_type.elem_type].name})"
            for v in list(subgraph.graph.input) + list(subgraph.graph.output)
-           if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in _PACKED]
+           if v.type.HasField("tensor_type")
+           and v.type.tensor_type.elem_type in NOT_THROUGH_ORT]
     if bad:
         raise TargetError(
             f"nodes {_listed(subgraph)} need the onnxruntime fallback, but the values "
             f"{', '.join(bad)} would cross into or out of it, and onnxruntime's Python API "
-            "cannot pass int4/uint4/int2/uint2/float4e2m1/float8e8m0 tensors; convert them "
+            f"cannot pass {listed(NOT_THROUGH_ORT.values())} tensors; convert them "
             "with Cast to int8/uint8/float inside the model before those nodes")
 
 

@@ -218,3 +218,110 @@ def test_float8_fake_quantization_inside_a_model_compiles(tmp_path: Path) -> Non
     with lepton_edge.runtime.load(art.save(tmp_path / "fq.lepton")) as session:
         got = session.run({"x": x})["y"]
     assert_bits_equal(got, ReferenceEvaluator(proto).run(None, {"x": x})[0], "y")
+
+
+def _branch_cast_model(back: bool) -> onnx.ModelProto:
+    """If whose then-branch casts float32 -> float8e4m3fn (and back to float32 with `back`),
+    the else-branch negates (then casts)."""
+    out_type = T.FLOAT if back else T.FLOAT8E4M3FN
+    then = [helper.make_node("Cast", ["x"], ["q"], to=T.FLOAT8E4M3FN)]
+    other = [helper.make_node("Neg", ["x"], ["n"])]
+    if back:
+        then.append(helper.make_node("Cast", ["q"], ["t"], to=T.FLOAT))
+    else:
+        other.append(helper.make_node("Cast", ["n"], ["n8"], to=T.FLOAT8E4M3FN))
+    branches = {
+        name: helper.make_graph(nodes, name, [], [
+            helper.make_tensor_value_info(nodes[-1].output[0], out_type, [5])])
+        for name, nodes in (("then_branch", then), ("else_branch", other))}
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], **branches)], "if8",
+        [helper.make_tensor_value_info("c", T.BOOL, []),
+         helper.make_tensor_value_info("x", T.FLOAT, [5])],
+        [helper.make_tensor_value_info("y", out_type, [5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("back", [False, True])
+def test_a_float8_cast_inside_an_if_branch_runs_on_onnxruntime(back: bool,
+                                                               tmp_path: Path) -> None:
+    """TVM 0.27 has no If converter: the If (and the float8 Cast in its branch) is planned on
+    onnxruntime, and its outputs are onnx's and onnxruntime's bit for bit (saturation, NaN)."""
+    import onnxruntime
+
+    proto = _branch_cast_model(back)
+    art = lepton_edge.compile(lepton_edge.load(proto), ["cpu"], golden_count=0)
+    assert [sg["target"] for sg in art.manifest["subgraphs"]] == ["onnxruntime"]
+    why = " ".join(w for by in art.manifest["reasons"].values() for w in by.values())
+    assert "If" in why, why
+    x = np.array([0.1, 1000.0, -3.3, np.nan, -448.0], np.float32)
+    ort = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+    with lepton_edge.runtime.load(art.save(tmp_path / "if8.lepton")) as session:
+        for c in (True, False):
+            feed = {"c": np.array(c), "x": x}
+            got = session.run(feed)["y"]
+            want = np.asarray(ReferenceEvaluator(proto).run(None, feed)[0])
+            assert_bits_equal(got, want, f"y (c={c})")
+            if back:  # onnxruntime's numpy API returns float32 (float8 only as OrtValues)
+                assert_bits_equal(got, ort.run(None, feed)[0], f"y (c={c}, onnxruntime)")
+    if not back:
+        assert got.dtype == np.dtype(F8)
+
+
+def _scan_cast_model(elem: int, identity: bool) -> onnx.ModelProto:
+    """A Scan whose body casts each float32 row to `elem` and back (through an Identity on the
+    narrow value with `identity`), summing the rows in its state."""
+    nodes = [helper.make_node("Cast", ["x_t"], ["q"], to=elem)]
+    if identity:
+        nodes.append(helper.make_node("Identity", ["q"], ["q2"]))
+    nodes += [helper.make_node("Cast", [nodes[-1].output[0]], ["d"], to=T.FLOAT),
+              helper.make_node("Add", ["s_in", "d"], ["s_out"]),
+              helper.make_node("Identity", ["d"], ["y_t"])]
+    row = [helper.make_tensor_value_info(n, T.FLOAT, [3]) for n in ("s_in", "x_t")]
+    body = helper.make_graph(nodes, "body", row, [
+        helper.make_tensor_value_info(n, T.FLOAT, [3]) for n in ("s_out", "y_t")])
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["s0", "x"], ["s", "ys"], body=body, num_scan_inputs=1)],
+        "scan8", [helper.make_tensor_value_info("s0", T.FLOAT, [3]),
+                  helper.make_tensor_value_info("x", T.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("s", T.FLOAT, [3]),
+         helper.make_tensor_value_info("ys", T.FLOAT, [4, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("elem", [T.FLOAT8E4M3FN, T.FLOAT8E5M2FNUZ, T.INT4])
+def test_narrow_casts_in_an_unrolled_scan_body_compile(elem: int, tmp_path: Path) -> None:
+    """The unrolled body's Casts go through lowering/narrow.py (not TVM's float8 casts):
+    bit for bit onnx's reference, NaN and saturation included."""
+    proto = _scan_cast_model(elem, identity=False)
+    art = lepton_edge.compile(lepton_edge.load(proto), ["cpu"], golden_count=0)
+    assert [sg["target"] for sg in art.manifest["subgraphs"]] == ["cpu"], art.manifest
+    x = np.array([[0.1, 1e6, -3.3], [np.nan, 7.5, -0.0], [448.0, 17.0, -1e-3],
+                  [2.5, -8.0, 300.0]], np.float32)
+    feed = {"s0": np.zeros(3, np.float32), "x": x}
+    with lepton_edge.runtime.load(art.save(tmp_path / "s.lepton"), fallback=False) as session:
+        got = session.run(feed)
+    for name, want in zip(("s", "ys"), ReferenceEvaluator(proto).run(None, feed), strict=True):
+        assert_bits_equal(got[name], np.asarray(want), name)
+
+
+def test_a_scan_body_with_a_narrow_op_lepton_edge_does_not_compile_is_planned_on_onnxruntime(
+        tmp_path: Path) -> None:
+    """An Identity on a float8 value inside a Scan body: planned on onnxruntime with the
+    reason (it used to be planned on the cpu, and its build failed)."""
+    proto = _scan_cast_model(T.FLOAT8E4M3FN, identity=True)
+    loaded = lepton_edge.load(proto)
+    plan = lepton_edge.partition(loaded, ["cpu"])
+    assert [sg.target for sg in plan.subgraphs] == ["onnxruntime"]
+    (why,) = plan.reasons["Scan_0"].values()
+    assert why.startswith("Scan becomes Identity: Identity on float8e4m3fn tensors"), why
+    art = lepton_edge.compile(loaded, ["cpu"], golden_count=0)
+    x = np.array([[0.1, 1e6, -3.3], [np.nan, 7.5, -0.0], [448.0, 17.0, -1e-3],
+                  [2.5, -8.0, 300.0]], np.float32)
+    feed = {"s0": np.zeros(3, np.float32), "x": x}
+    with lepton_edge.runtime.load(art.save(tmp_path / "s.lepton")) as session:
+        assert not session.events
+        got = session.run(feed)
+    for name, want in zip(("s", "ys"), ReferenceEvaluator(proto).run(None, feed), strict=True):
+        assert_bits_equal(got[name], np.asarray(want), name)

@@ -427,3 +427,74 @@ def test_nodes_replacing_a_node_get_the_wrong_on_tvm_checks() -> None:
     why = _nodes_reason(outer, inner, view(["N", 3]))
     assert why is not None and "Fake becomes Expand" in why and "run time" in why
     assert _nodes_reason(outer, inner, view([2, 3])) is None
+
+
+def test_planning_rewrites_each_node_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU support check and the compiled subgraph share one rewrite per node
+    (GraphView.lowering): each Scan unrolled and each function body expanded once, and the
+    subgraph holds exactly the nodes the check judged; two Scans in one subgraph get
+    distinct value names."""
+    from lepton_edge.lowering import bodies
+
+    calls: dict[str, list[str]] = {"unroll_scan": [], "expand_revised": []}
+    for name in calls:
+        real = getattr(bodies, name)
+
+        def counted(node: onnx.NodeProto, *args: Any, _real: Any = real, _name: str = name
+                    ) -> Any:
+            calls[_name].append(node.name)
+            return _real(node, *args)
+
+        monkeypatch.setattr(bodies, name, counted)
+    body = h.make_graph([h.make_node("Add", ["s_in", "a_t"], ["s_out"]),
+                         h.make_node("Identity", ["s_out"], ["y"])], "body",
+                        [h.make_tensor_value_info(n, T.FLOAT, [3]) for n in ("s_in", "a_t")],
+                        [h.make_tensor_value_info(n, T.FLOAT, [3]) for n in ("s_out", "y")])
+    nodes = [h.make_node("Scan", ["s0", "a"], ["s1", "ys1"], name="scan1", body=body,
+                         num_scan_inputs=1),
+             h.make_node("Scan", ["s1", "a"], ["s2", "ys2"], name="scan2", body=body,
+                         num_scan_inputs=1),
+             h.make_node("CausalConvWithState", ["x", "w", "bias", "past"], ["c", "state"],
+                         name="conv", activation="silu")]
+    model = _model(nodes, [("s0", T.FLOAT, [3]), ("a", T.FLOAT, [4, 3]),
+                           ("x", T.FLOAT, [2, 4, 6]), ("w", T.FLOAT, [4, 1, 3]),
+                           ("bias", T.FLOAT, [4]), ("past", T.FLOAT, [2, 4, 2])],
+                   [("c", T.FLOAT), ("ys1", T.FLOAT), ("ys2", T.FLOAT)], 27)
+    plan = lepton_edge.partition(lepton_edge.load(model), ["cpu"])
+    assert [sg.target for sg in plan.subgraphs] == ["cpu"], plan.explain()
+    assert sorted(calls["unroll_scan"]) == ["scan1", "scan2"]
+    assert calls["expand_revised"] == ["conv"]
+    (sg,) = plan.subgraphs
+    onnx.checker.check_model(sg.proto)  # one name per value across both unrolled Scans
+    ops = [n.op_type for n in sg.proto.graph.node]
+    assert "Scan" not in ops and "CausalConvWithState" not in ops and ops.count(
+        "Add") >= 8
+    assert [n.op_type for n in sg.fallback_proto.graph.node] == ["Scan", "Scan",
+                                                                 "CausalConvWithState"]
+
+
+def test_renamed_revised_ops_keep_a_valid_subgraph_and_fallback() -> None:
+    """Why BitShift-28 and Mod-28 keep their private names although the plain names use the
+    same converters: relabelled to opset 25 as they are, a signed BitShift is an invalid model
+    and onnxruntime refuses float Mod with fmod=0 at run time. Renamed, the compiled subgraph
+    checks at 25 and its fallback keeps the model's own opset-28 nodes, which onnxruntime
+    runs."""
+    nodes = [h.make_node("BitShift", ["x", "s"], ["y"], direction="RIGHT"),
+             h.make_node("Mod", ["a", "b"], ["m"], fmod=0)]
+    model = _model(nodes, [("x", T.INT8, [3]), ("s", T.INT8, [3]), ("a", T.FLOAT, [3]),
+                           ("b", T.FLOAT, [3])], [("y", T.INT8), ("m", T.FLOAT)], 28)
+    plan = lepton_edge.partition(lepton_edge.load(model), ["cpu"])
+    (sg,) = plan.subgraphs
+    assert sg.target == "cpu"
+    assert {(n.domain, n.op_type) for n in sg.proto.graph.node} == {
+        ("lepton.revised", "BitShift_28"), ("lepton.revised", "Mod_28")}
+    assert [o.version for o in sg.proto.opset_import if o.domain == ""] == [25]
+    onnx.checker.check_model(sg.proto, full_check=True)
+    assert sg.fallback_proto is not None
+    feeds = {"x": np.array([-8, 7, -1], np.int8), "s": np.array([1, 2, 9], np.int8),
+             "a": np.array([5.5, -5.5, -0.0], np.float32),
+             "b": np.array([2.0, 2.0, 3.0], np.float32)}
+    got = ort.InferenceSession(sg.fallback_proto.SerializeToString()).run(["y", "m"], feeds)
+    want = _reference(model, feeds)
+    _same_bits(got[0], want["y"], "y")
+    _same_bits(got[1], want["m"], "m")

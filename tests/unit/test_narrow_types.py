@@ -204,3 +204,38 @@ def test_to_bytes_leaves_no_narrow_type_and_marks_the_encoders() -> None:
         [helper.make_node("Relu", ["a"], ["b"])], "g",
         [helper.make_tensor_value_info("a", T.FLOAT, [1])],
         [helper.make_tensor_value_info("b", T.FLOAT, [1])]))).graph.node[0].op_type == "Relu"
+
+
+def test_one_table_of_narrow_types_agrees_with_onnx_and_ml_dtypes() -> None:
+    from lepton_edge import narrow_types, reference, signature
+    from lepton_edge_targets.cpu import support
+    from lepton_edge_targets.onnxruntime import compile as ort_compile
+
+    names = {"FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0",
+             "FLOAT4E2M1", "INT4", "UINT4", "INT2", "UINT2"}
+    assert {T.DataType.Name(e) for e in narrow_types.FORMATS} == names
+    for elem, fmt in narrow_types.FORMATS.items():
+        assert T.DataType.Name(elem).lower() == fmt.name
+        assert helper.tensor_dtype_to_np_dtype(elem) == fmt.dtype  # the ml_dtypes type
+        assert fmt.dtype.itemsize == 1 and signature.is_narrow(fmt.dtype)
+        assert support._UNSUPPORTED_TYPES[elem] == fmt.name  # noqa: SLF001
+    assert narrow.FORMATS is narrow_types.FORMATS
+    assert signature.NARROW_DTYPES == {str(f.dtype) for f in narrow.FORMATS.values()}
+    float8 = {T.FLOAT8E4M3FN, T.FLOAT8E4M3FNUZ, T.FLOAT8E5M2, T.FLOAT8E5M2FNUZ}
+    assert set(reference.FLOAT8.values()) == float8
+    assert all(reference.FLOAT8[f"tensor({narrow.FORMATS[e].name})"] == e for e in float8)
+    assert set(narrow_types.NOT_THROUGH_ORT) == set(narrow.FORMATS) - float8
+    assert ort_compile.NOT_THROUGH_ORT is narrow_types.NOT_THROUGH_ORT
+
+
+def test_the_runtime_imports_the_narrow_table_without_onnx_or_tvm() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, lepton_edge.runtime\n"
+            "assert 'lepton_edge.narrow_types' in sys.modules\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('onnx', 'tvm') or "
+            "m.startswith('lepton_edge.lowering')])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
