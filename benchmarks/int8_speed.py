@@ -1,6 +1,7 @@
 """Compiled int8 vs compiled fp32, next to onnxruntime fp32 and int8, in one process.
 
     .venv/bin/python benchmarks/int8_speed.py [--runs 30]
+    .venv/bin/python benchmarks/int8_speed.py --cnn resnet18,mobilenet_v2,digits --threads 1
 
 Models: the digits CNN at batch 64, and a BERT-shaped encoder (2 layers, d=128, 4 heads,
 FFN 256) at sequence 128, batch 1. Both are quantized with lepton_edge.compress.quantize
@@ -12,6 +13,14 @@ printed. Builds are untuned (default schedules). "lepton int8" is the default bu
 kernels of lowering/x86_int8.py: VNNI dot products, or on AVX2 int16 `vpmaddwd` matmuls
 and uint8 dot-product convs); "lepton int8 generic" turns them off
 (LEPTON_X86_INT8_DOT=off: lowering/schedules.py's generic integer kernels).
+
+`--cnn resnet18,mobilenet_v2,digits [--threads 1]` instead times untuned int8 builds of the
+CNNs of benchmarks/models.py (224x224, batch 1; quantized with lepton_edge.quantize, MinMax, 16
+random calibration samples, as benchmarks/run.sh does) with lepton_edge.bench.compare against
+onnxruntime fp32 and int8 (QDQ) in the same process (per-engine blocks), `--threads` for both
+engines (TVM_NUM_THREADS, intra-op threads), and prints lepton / the faster onnxruntime and the
+fraction of the exact int16 roofline (MACs / (the int8 `vpmaddubsw` peak / 2): a `vpmaddwd`
+does half the multiply-adds).
 
 Then one kernel alone: uint8 [128, 384] x int8 [384, 1536] -> int32, lepton's packed kernel
 (the layout the host's default build uses) against onnxruntime MatMulInteger and fp32
@@ -84,13 +93,101 @@ def models() -> dict[str, tuple[lepton_edge.Model, np.ndarray, dict[str, np.ndar
     }
 
 
+CNN_SHAPES = {"resnet18": (1, 3, 224, 224), "mobilenet_v2": (1, 3, 224, 224)}
+
+
+def _export_cnns(names: list[str], folder: Path) -> None:
+    """<folder>/<name>.onnx and <name>.int8.onnx (run in a child process: torch imported in
+    the timing process slows TVM's thread pool, benchmarks/untuned.py)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import models as suite
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        torch.manual_seed(0)
+        if name == "digits":
+            model = lepton_edge.load(REPO / "samples/digits/digits.onnx")
+        else:
+            build = getattr(suite, name)
+            model = lepton_edge.load(build().eval(), torch.randn(*CNN_SHAPES[name]),
+                                     input_names=["image"])
+        shape = [d if isinstance(d, int) else 1 for d in model.inputs[0].shape]
+        calib = rng.standard_normal((16, *shape[1:])).astype(np.float32)
+        (folder / f"{name}.onnx").write_bytes(model.proto.SerializeToString())
+        q = lepton_edge.quantize(model, calib)
+        (folder / f"{name}.int8.onnx").write_bytes(q.proto.SerializeToString())
+
+
+def cnn_benchmark(names: list[str], runs: int, threads: int | None) -> None:
+    import subprocess
+    import sys
+
+    from lepton_edge import bench
+
+    peak = bench.cpu_peak()
+    int16_gmacs = peak.int8_gops / 4 if peak.int8_gops else None  # vpmaddwd: half, MACs
+    print(f"peak: {peak}; exact int16 roofline {int16_gmacs or 0:.0f} GMAC/s; "
+          f"threads {threads or 'default'}", flush=True)
+    print("| model | batch | lepton int8 ms | ORT fp32 ms | ORT int8 ms | lepton / faster ORT "
+          "| int16 roofline | compile s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="lepton-cnn-") as tmp_name:
+        tmp = Path(tmp_name)
+        subprocess.run([sys.executable, __file__, "--export-cnns", ",".join(names),
+                        "--export-dir", str(tmp)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        for name in names:
+            q = lepton_edge.load(tmp / f"{name}.int8.onnx")
+            start = time.perf_counter()
+            path = lepton_edge.compile(q, ["cpu"], golden_count=0).save(tmp / f"{name}.lepton")
+            took = time.perf_counter() - start
+            shape = [d if isinstance(d, int) else 1 for d in q.inputs[0].shape]
+            for batch in ((1, 64) if name == "digits" else (1,)):
+                feeds = {q.inputs[0].name: rng.standard_normal(
+                    (batch, *shape[1:])).astype(np.float32)}
+                report = bench.compare(path, feeds, model_path=tmp / f"{name}.onnx",
+                                       int8_model=tmp / f"{name}.int8.onnx", runs=runs,
+                                       warmup=2, peak=False, threads=threads)
+                lep = report.engines[bench.LEPTON].latency.p50
+                o32 = report.engines["onnxruntime"].latency.p50
+                o8 = report.engines["onnxruntime-int8"].latency.p50
+                macs = report.macs or 0
+                roof = (f"{100 * macs / (lep / 1e3) / 1e9 / int16_gmacs:.1f}%"
+                        if int16_gmacs and macs else "-")
+                print(f"| {name} | {batch} | {lep:.3f} | {o32:.3f} | {o8:.3f} | "
+                      f"{lep / min(o32, o8):.2f}x | {roof} | {took:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--cnn", default=None,
+                        help="comma-separated resnet18, mobilenet_v2, digits: time their untuned "
+                             "int8 builds against onnxruntime fp32/int8 (nothing else)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="--cnn: threads for both engines (default: each engine's own)")
+    parser.add_argument("--export-cnns", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--export-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kernel-only", action="store_true", help="only the matmul kernel")
     parser.add_argument("--ort-no-spin", action="store_true",
                         help="onnxruntime without spin-waiting threads (diagnosis: slows it)")
     args = parser.parse_args()
+    if args.export_cnns:
+        _export_cnns(args.export_cnns.split(","), args.export_dir)
+        return
+    if args.cnn:
+        unknown = sorted(set(args.cnn.split(",")) - {"resnet18", "mobilenet_v2", "digits"})
+        if unknown:
+            parser.error(f"unknown CNN(s) {unknown}: choose from resnet18, mobilenet_v2, digits")
+        if args.threads:
+            os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool
+        cnn_benchmark(args.cnn.split(","), args.runs, args.threads)
+        return
     global ORT_SPINNING
     ORT_SPINNING = not args.ort_no_spin
     from lepton_edge.bench import cpu_peak

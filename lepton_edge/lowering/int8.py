@@ -73,7 +73,7 @@ def requantize_reference(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, zer
 
 
 def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -128,
-                  high: int = 127) -> Any:
+                  high: int = 127, min_shift: int | None = None) -> Any:
     """The TE form of requantize_reference (bit-exact): int32 tensor `acc` -> int8.
 
     m0/shift are Python ints (per tensor) or te tensors (m0 int32, shift int64) that
@@ -82,7 +82,14 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     q = (prod + 2^(shift-1) - 1 + ((prod >> shift) & 1)) >> shift; with prod = Q * 2^shift + r
     the sum carries into Q exactly when r > half, or r == half and Q is odd. |prod| < 2^62.
     One block, prod bound once (a Let), and m0 widened from int32 so that LLVM multiplies
-    32 x 32 -> 64 bits (vpmuldq) instead of emulating a 64-bit multiply."""
+    32 x 32 -> 64 bits (vpmuldq) instead of emulating a 64-bit multiply.
+
+    `min_shift` (a promise: every shift is at least that) >= 33, the usual case (multipliers
+    below 2^-1), selects 32-bit arithmetic after the multiply: with h = prod >> 32 (|h| <
+    2^30), t = shift - 32 >= 1 and l = prod mod 2^32, the same rounding is
+    q = (h + 2^(t-1) - [l == 0 and (h >> t) even]) >> t: the bits below 2^32 only decide exact
+    ties. AVX2 has no 64-bit arithmetic shift, minimum or maximum; this way only the
+    multiply and the extraction of h and l work on 64-bit lanes."""
     from tvm import te, tirx
 
     i64 = "int64"
@@ -93,6 +100,30 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
         lead = ndim - len(table.shape)
         return table[tuple(0 if int(d) == 1 else index[lead + n]
                            for n, d in enumerate(table.shape))]
+
+    i32 = "int32"
+    shift_min = shift if isinstance(shift, int) else min_shift
+
+    def body32(*index: Any) -> Any:
+        if isinstance(m0, int):
+            mult, t = tirx.const(m0, i64), tirx.const(shift - 32, i32)
+        else:
+            # t is in [1, 30] (the promise); saying so keeps TVM's bound analysis, which
+            # otherwise drops the clip below, from assuming any shift
+            t = at(shift, index).astype(i32) - 32
+            mult, t = at(m0, index).astype(i64), tirx.max(tirx.min(t, 30), 1)
+        prod = tirx.Var("prod", i64)  # one product (one multiplier in an FPGA build)
+        hi, lo = tirx.Var("hi", i32), tirx.Var("lo", i32)
+        # 1 for an exact tie that rounds down (l == 0, even quotient): integer arithmetic,
+        # not a boolean `and` (TVM's bound analysis fails on Let vars under one)
+        one = tirx.const(1, i32)
+        tie_down = (lo == tirx.const(0, i32)).astype(i32) & (one - ((hi >> t) & one))
+        q = (hi + (one << (t - 1)) - tie_down) >> t
+        q = tirx.max(tirx.min(q + tirx.const(zero_point, i32), tirx.const(high, i32)),
+                     tirx.const(low, i32))
+        q = tirx.Let(hi, (prod >> tirx.const(32, i64)).astype(i32),
+                     tirx.Let(lo, prod.astype(i32), q))
+        return tirx.Let(prod, acc[index].astype(i64) * mult, q).astype("int8")
 
     def body(*index: Any) -> Any:
         if isinstance(m0, int):
@@ -107,7 +138,8 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
                      tirx.const(low, i64))
         return tirx.Let(prod, acc[index].astype(i64) * mult, q).astype("int8")
 
-    return te.compute(acc.shape, body, name="requantize")
+    fast = shift_min is not None and int(shift_min) >= 33
+    return te.compute(acc.shape, body32 if fast else body, name="requantize")
 
 
 #: ops that only move or relabel elements: they commute with a per-tensor (de)quantize
@@ -450,7 +482,7 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
                 m0_arg = relax.const(m0.astype(np.int32), "int32")
                 shift_arg = relax.const(shift.astype(np.int64), "int64")
             return self.builder_.call_te(requantize_te, acc, m0_arg, shift_arg, zp, low, high,
-                                         primfunc_name_hint="requantize")
+                                         int(shift.min()), primfunc_name_hint="requantize")
 
     # Pass 1 lowers whole DQ -> op -> Q patterns; pass 2 the conv/matmuls over dequantized
     # int8 operands whose result stays float (attention matmuls, final layers).

@@ -9,10 +9,12 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    zero-padded to multiples of 4 and 16, so any size works) and whose reduction (block
    "dot") is written so that its innermost 16 x 4 block is exactly the dot-product
    intrinsic's description. conv2d packs its input to NCHW[c4] inside the kernel and writes
-   NCHW. For an AVX2 target without VNNI, weights are instead widened to int16 at compile
-   time, [N/8, K/2, 8, 2] (conv2d: [OC/8, C/2, KH, KW, 8, 2]), and the kernel widens its
-   uint8 activations once (matmul: block "widen"; conv2d: NCHW[c2] int16); one-channel
-   convs stay generic there. FuseOps may fuse the elementwise
+   NCHW. For an AVX2 target without VNNI, matmul weights are instead widened to int16 at
+   compile time, [N/8, K/2, 8, 2], and the kernel widens its uint8 activations once (block
+   "widen"); conv2d gets the pixel-vectorized int16 kernel (below: "AVX2 convolutions"),
+   with the zero-point pad in front of it folded into its input packing; one-channel convs
+   stay generic there; and int8 depthwise conv2d gets a kernel vectorized along the output
+   width ("depthwise int8 convolutions"). FuseOps may fuse the elementwise
    consumers (bias, requantization) into the kernel; the rules recognise the kernel by its
    "dot" block, not by name.
 2. registers two implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
@@ -24,9 +26,14 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
      int16 -> int32 pair sums), `vphaddd` and a lane fix-up. Never `vpmaddubsw`, which
      saturates at int16.
    and INTRIN_I16 for the int16 layout, C[i] += A[0] * B[i, 0] + A[1] * B[i, 1] (8 x int32):
-   one `vpmaddwd` with the activation pair broadcast, one `vpaddd`, no fix-up.
+   one `vpmaddwd` with the activation pair broadcast, one `vpaddd`, no fix-up (the
+   pixel-vectorized convs use it with the roles swapped: A a weight pair, B 8 pixels x 2
+   channels).
 3. `int8_rules(target)`: default-schedule rules (no tuning) that tile the kernels, keep the
-   accumulators in registers and tensorize with the target's intrinsic (VNNI when the target
+   accumulators in registers (the conv kernels: in parallel over whole blocks of output
+   channels, since TVM allocates a tile's buffers once per parallel iteration, with a
+   workspace call; per tile that cost more than the tile's work on small layers), run the
+   fused epilogue per tile from the accumulators, and tensorize with the target's intrinsic (VNNI when the target
    has avx512vnni, else AVX2 / I16 when it has avx2, else none: the kernels then run TVM's
    plain loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module.
 
@@ -392,6 +399,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             if name not in ("relax.matmul", "relax.nn.conv2d") or len(call.args) != 2:
                 return call
             x, w = call.args
+            if avx2_only and name == "relax.nn.conv2d" and self.is_depthwise(call):
+                return self.depthwise(call, x, w.value.numpy())
             if str(call.attrs.out_dtype) != "int32" or dtype(x) != "uint8" \
                     or not isinstance(w, Constant) or dtype(w) != "int8":
                 return call
@@ -442,6 +451,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             if why:
                 notes.append(f"conv2d: {why}; generic code")
                 return call
+            if avx2_only and use_pixel_kernel(weight.shape, self.out_width(call)):
+                return self.conv2d_px(call, x, weight)
             if avx2_only:
                 packed_np, what, group = pack_conv2d_weight_i16(weight), "int16", I16_GROUP
             else:
@@ -456,11 +467,340 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                          f"weight {list(packed_np.shape)}")
             return out
 
+        def out_width(self, call: Any) -> int:
+            """The output width of conv2d `call` (its input padded by its own producer)."""
+            attrs, (x, w) = call.attrs, call.args
+            width, kw = int(shape(x)[3]), int(w.value.shape[3])
+            return (width - (kw - 1) * int(attrs.dilation[1]) - 1) // int(attrs.strides[1]) + 1
+
+        def is_depthwise(self, call: Any) -> bool:
+            x, w = call.args
+            attrs = call.attrs
+            dims = shape(x)
+            return (str(attrs.out_dtype) == "int32" and dtype(x) == "int8"
+                    and isinstance(w, Constant) and dtype(w) == "int8"
+                    and (str(attrs.data_layout), str(attrs.kernel_layout),
+                         str(attrs.out_layout)) == ("NCHW", "OIHW", "NCHW")
+                    and not any(int(p) for p in attrs.padding)
+                    and dims is not None and len(dims) == 4
+                    and all(isinstance(d, tirx.IntImm) for d in dims[1:])
+                    and int(attrs.groups) == int(dims[1]) > 1
+                    and tuple(int(v) for v in w.value.shape[:2]) == (int(dims[1]), 1))
+
+        def depthwise(self, call: Any, x: Any, weight: np.ndarray) -> Any:
+            attrs = call.attrs
+            (sh, sw), (dh, dw) = (tuple(int(v) for v in attrs.strides),
+                                  tuple(int(v) for v in attrs.dilation))
+            h, wd = (int(d) for d in shape(x)[2:])
+            _, _, kh, kw = weight.shape
+            oh = (h - (kh - 1) * dh - 1) // sh + 1
+            ow = (wd - (kw - 1) * dw - 1) // sw + 1
+            tile = dw_tile(oh, ow)
+            out = self.builder_.call_te(
+                _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw), tile,
+                primfunc_name_hint="int8_depthwise",
+                primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
+            notes.append(f"depthwise conv2d {list(weight.shape)}: vectorized along the width, "
+                         f"tile {tile[0]} rows x {tile[1]} pixels")
+            return out
+
+        def conv2d_px(self, call: Any, x: Any, weight: np.ndarray) -> Any:
+            """AVX2: the pixel-vectorized int16 kernel; a zero-point pad in front of the
+            conv (lowering/int8.py) is folded into its packing pass."""
+            attrs = call.attrs
+            padding, pad_value = (0, 0, 0, 0), 0
+            source = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if source is not None and str(getattr(source.op, "name", "")) == "relax.nn.pad" \
+                    and str(source.attrs.pad_mode) == "constant" \
+                    and dtype(source.args[0]) == "uint8":
+                widths = [int(v) for v in source.attrs.pad_width]
+                value = float(source.attrs.pad_value)
+                if len(widths) == 8 and not any(widths[:4]) and value == int(value) \
+                        and 0 <= value <= 255:
+                    x, pad_value = source.args[0], int(value)
+                    padding = (widths[4], widths[6], widths[5], widths[7])
+            o, _, kh, kw = weight.shape
+            dims = [int(d) for d in shape(x)[1:]]
+            (sh, sw), (dh, dw) = (tuple(int(v) for v in attrs.strides),
+                                  tuple(int(v) for v in attrs.dilation))
+            oh = (dims[1] + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
+            ow = (dims[2] + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
+            tile = px_tile(o, oh, ow)
+            packed_np = pack_conv2d_weight_px(weight, tile[0])
+            out = self.builder_.call_te(
+                _te_conv2d_px, x, relax.const(packed_np, "int16"), int(o), (sh, sw),
+                (dh, dw), padding, pad_value, tile, primfunc_name_hint="int8_conv2d_px",
+                primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
+            notes.append(f"conv2d {list(weight.shape)}: pixel-vectorized int16, packed weight "
+                         f"{list(packed_np.shape)}, tile {tile[0]} channels x {tile[1]} rows "
+                         f"x {tile[2] * PX_LANES} pixels"
+                         + (f", pad {list(padding)} folded" if any(padding) else ""))
+            return out
+
     packer = Packer(mod)
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             packer.builder_.update_func(gvar, packer.visit_expr(func))
-    return packer.builder_.get(), notes
+    return relax.transform.DeadCodeElimination()(packer.builder_.get()), notes
+
+
+# --- AVX2 (no VNNI) convolutions: output pixels along the vector lanes --------------------
+#
+# NCHW convolutions vectorized along the output width: every `vpmaddwd` multiplies 8 output
+# pixels x 2 input channels (the input widened to int16 once, packed NCHW[c2] with the two
+# channels interleaved) by one broadcast pair of int16 weights (packed at compile time in the
+# order the kernel reads them). An output tile of R output channels x Vy rows x Vx vectors of
+# 8 pixels accumulates in registers over the whole reduction (C/2 x KH x KW steps, each R
+# broadcasts + Vy*Vx vector loads for R*Vy*Vx `vpmaddwd`), and the fused epilogue
+# (bias, requantization, residual) runs per tile on whole vectors of one output row, which
+# is already NCHW. Channels, rows and the row width are zero-padded up to the tile (any
+# size works; the padded outputs are computed and dropped). The input's zero-point padding
+# and a strided conv's column phases (w % s, w // s: contiguous vector loads) are folded
+# into the packing pass, so no separate pad kernel runs; a 1x1 conv packs only the pixels
+# it reads and treats them as one flat row (no width padding per row).
+
+PX_LANES = 8  # output pixels (int32) per vpmaddwd
+PX_MAX_NARROW_C = 4  # input channels: a stem conv (RGB) packs to c2 with little reuse
+#: candidate tiles (R, Vy, Vx), in order of preference
+PX_TILES = ((4, 2, 1), (8, 1, 1), (6, 1, 1), (4, 1, 2))
+PX_BLOCK = "dot_px"
+PX_MIN_PARALLEL = 8  # output-channel blocks that are enough parallel work alone
+PX_TILE_ATTR = "lepton.px_tile"  # the dot block's (Vy, Vx), for the schedule
+
+
+def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
+    """AVX2: the pixel-vectorized kernel for 1x1 convs, rows narrower than 8 pixels and
+    inputs of at most PX_MAX_NARROW_C channels; the NCHW[c2] kernel (output channels along
+    the vector, each input pair broadcast) for the other (3x3, wide) convs, where it measured
+    faster here (ResNet-18's 28- and 14-wide 3x3 layers: 64 and 58 GMAC/s against 40 and 46)."""
+    _, c, kh, kw = weight_shape
+    return (kh == 1 and kw == 1) or out_width < PX_LANES or c <= PX_MAX_NARROW_C
+
+
+def px_tile(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
+    """(R output channels, Vy rows, Vx vectors of 8 pixels) for an oc x oh x ow output: of
+    the tiles of 8 accumulators that measured fastest here (16 ymm registers: with more,
+    LLVM spills them), the one with the least zero-padded work (first listed on a tie)."""
+    def work(tile: tuple[int, int, int]) -> int:
+        r, vy, vx = tile
+        return _ceil(oc, r) * _ceil(oh, vy) * _ceil(ow, PX_LANES * vx)
+
+    return min(PX_TILES, key=work)
+
+
+def pack_conv2d_weight_px(w: np.ndarray, r: int) -> np.ndarray:
+    """int8 OIHW -> int16 [ceil(O/r), ceil(I/2), KH, KW, r, 2], widened, zero-padded: the
+    tile's r output channels x 2 input channels of one filter tap are 2r consecutive int16
+    (each pair one broadcast)."""
+    o, i, kh, kw = w.shape
+    op, ip = _ceil(o, r), _ceil(i, I16_GROUP)
+    padded = np.zeros((op, ip, kh, kw), np.int16)
+    padded[:o, :i] = w
+    return np.ascontiguousarray(padded.reshape(
+        op // r, r, ip // I16_GROUP, I16_GROUP, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+
+
+def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
+                  dilation: tuple[int, int], padding: tuple[int, int, int, int],
+                  pad_value: int, tile: tuple[int, int, int]) -> Any:
+    """NCHW uint8 (unpadded: `padding` top, left, bottom, right with `pad_value`) x packed
+    int16 weight [OC/R, C/2, KH, KW, R, 2] -> NCHW int32, vectorized along output pixels."""
+    from tvm import te, tirx
+
+    n, c, h, w = x.shape
+    c, h, w = int(c), int(h), int(w)
+    ocb, c2, kh, kw, r, group = (int(v) for v in wp.shape)
+    _, vy, vx = tile
+    (sh, sw), (dh, dw) = strides, dilation
+    pt, pl, pb, pr = padding
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    pad = tirx.const(pad_value, "int16")
+
+    def value(b: Any, ch: Any, row: Any, col: Any) -> Any:
+        """x at padded coordinates (row, col), widened; pad_value outside (the zero-point
+        padding, and beyond it columns/rows only padded outputs read); channels past C read
+        a clamped channel (their weights are 0)."""
+        inside = tirx.all(row >= pt, row < pt + h, col >= pl, col < pl + w)
+        return tirx.if_then_else(
+            inside, x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(row - pt, h - 1), 0),
+                      tirx.max(tirx.min(col - pl, w - 1), 0)].astype("int16"), pad)
+
+    ohp, owp = _ceil(oh, vy), _ceil(ow, PX_LANES * vx)
+    if kh == 1 and kw == 1:  # a 1x1 conv packs only the pixels it reads: stride 1 after
+        packed = te.compute(
+            (n, c2, ohp, 1, owp, group),
+            lambda b, cb, row, _ph, j, ci: value(b, cb * group + ci, row * sh, j * sw),
+            name="pack_px")
+        sh = sw = 1
+    else:
+        packed = te.compute(
+            (n, c2, (ohp - 1) * sh + (kh - 1) * dh + 1, sw, owp + ((kw - 1) * dw) // sw,
+             group),
+            lambda b, cb, row, ph, j, ci: value(b, cb * group + ci, row, j * sw + ph),
+            name="pack_px")
+    rc = te.reduce_axis((0, c2), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    ri = te.reduce_axis((0, group), "ri")
+    dot = te.compute(
+        (n, ocb, ohp, r, owp),
+        lambda b, ob, y, o, z: te.sum(
+            wp[ob, rc, ry, rx, o, ri].astype("int32")
+            * packed[b, rc, y * sh + ry * dh, (rx * dw) % sw, z + (rx * dw) // sw,
+                     ri].astype("int32"),
+            axis=[rc, ry, rx, ri]),
+        name=PX_BLOCK, attrs={PX_TILE_ATTR: [vy, vx]})
+    return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // r, y, o % r, z],
+                      name="unpack")
+
+
+def _schedule_conv2d_px(sch: Any, intrin: str) -> None:
+    del intrin  # always INTRIN_I16, with the roles swapped: A = weight pair, B = 8 pixels
+    dot = sch.get_sblock(PX_BLOCK)
+    b, ob, y, o, z, rc, ry, rx, ri = sch.get_loops(dot)
+    vy, vx = (int(v) for v in sch.get(dot).annotations[PX_TILE_ATTR])
+    y_o, y_i = sch.split(y, factors=[None, vy])
+    xb_o, xb_i, xi = sch.split(z, factors=[None, vx, PX_LANES])
+    sch.reorder(b, ob, y_o, xb_o, rc, ry, rx, y_i, xb_i, o, xi, ri)
+    # Parallel over whole output-channel blocks (rows too when they are few): TVM allocates
+    # the accumulators once per parallel iteration (a workspace call), not per tile.
+    ocb = _extent(ob, sch) or 1
+    outer = sch.fuse(b, ob) if ocb >= PX_MIN_PARALLEL else sch.fuse(b, ob, y_o)
+    sch.parallel(outer)
+    tile = xb_o
+    sch.unroll(y_i)
+    sch.unroll(xb_i)
+    sch.unroll(o)
+    cache = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(cache, tile)
+    init = sch.decompose_reduction(dot, rc)
+    sch.tensorize(xi, INTRIN_I16 + LOCAL_ACC)
+    _vectorize_inner(sch, init, PX_LANES)
+    # the epilogue reads the accumulators themselves (no whole-output int32 buffer), one
+    # output row vector at a time, unrolled so that they stay registers
+    sch.compute_inline(cache)
+    _epilogue_per_tile(sch, PX_BLOCK, tile)
+
+
+# --- depthwise int8 convolutions, vectorized along the output width ---------------------
+#
+# int8 x int8 -> int32 depthwise conv2d (NCHW, one filter per channel; the input already
+# padded by lowering/int8.py): the channels run in parallel, an output tile of DW_ROWS rows x
+# a row segment of up to DW_MAX_LANES pixels accumulates in registers over the KH x KW taps
+# (each tap one vector load of input pixels, widened, times the broadcast weight), and the
+# fused requantization runs on the tile. A row segment is a divisor of the output width
+# (no bounds checks); a stride reads every s-th input pixel.
+
+DW_BLOCK = "dot_dw"
+DW_MAX_LANES = 32  # int32 accumulators per row segment (4 ymm)
+DW_TILE_OUTPUTS = 56  # a tile of narrow whole rows: up to 7 vectors of 8
+DW_CHANNELS = 16  # channels per parallel iteration, at most
+
+
+def dw_tile(oh: int, ow: int) -> tuple[int, int]:
+    """(rows, pixels) of a depthwise output tile: the longest row segment of at most
+    DW_MAX_LANES pixels that divides the width, preferring multiples of 8; then as many rows
+    as divide the height within DW_MAX_LANES accumulators, or DW_TILE_OUTPUTS outputs for
+    narrow whole rows (whose epilogue is then one contiguous vector)."""
+    lanes = [d for d in range(1, min(ow, DW_MAX_LANES) + 1) if ow % d == 0]
+    width = max(lanes, key=lambda d: (d % 8 == 0, d))
+    limit = DW_TILE_OUTPUTS if width == ow else DW_MAX_LANES
+    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * width <= max(limit, width))
+    return rows, width
+
+
+def _te_depthwise(x: Any, w: Any, strides: tuple[int, int], dilation: tuple[int, int],
+                  tile: tuple[int, int]) -> Any:
+    """NCHW int8 (padded) x [C, 1, KH, KW] int8 -> NCHW int32, one filter per channel."""
+    from tvm import te
+
+    n, c, h, wd = x.shape
+    h, wd = int(h), int(wd)
+    _, _, kh, kw = (int(v) for v in w.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = (h - (kh - 1) * dh - 1) // sh + 1
+    ow = (wd - (kw - 1) * dw - 1) // sw + 1
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    return te.compute(
+        (n, c, oh, ow),
+        lambda b, ch, y, z: te.sum(
+            x[b, ch, y * sh + ry * dh, z * sw + rx * dw].astype("int32")
+            * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
+        name=DW_BLOCK, attrs={PX_TILE_ATTR: list(tile)})
+
+
+def _schedule_depthwise(sch: Any, intrin: str) -> None:
+    del intrin  # plain vector code: widen, multiply, add
+    dot = sch.get_sblock(DW_BLOCK)
+    b, ch, y, z, ry, rx = sch.get_loops(dot)
+    rows, width = (int(v) for v in sch.get(dot).annotations[PX_TILE_ATTR])
+    y_o, y_i = sch.split(y, factors=[None, rows])
+    z_o, z_i = sch.split(z, factors=[None, width])
+    # channels in parallel, DW_CHANNELS at a time: TVM allocates the tile buffers once per
+    # parallel iteration (a workspace call each), not once per small channel
+    ch_o, ch_i = sch.split(ch, factors=[None, _divisor(_extent(ch, sch), DW_CHANNELS)])
+    sch.reorder(b, ch_o, ch_i, y_o, z_o, ry, rx, y_i, z_i)
+    outer = sch.fuse(b, ch_o)
+    sch.parallel(outer)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.unroll(y_i)
+    sch.vectorize(z_i)
+    cache = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(cache, z_o)
+    sch.decompose_reduction(dot, ry)
+    try:  # the epilogue (or the output copy) reads the accumulators
+        sch.compute_inline(cache)
+    except Exception:  # noqa: BLE001 - no epilogue: the copy writes the output itself
+        sch.vectorize(sch.get_loops(cache)[-1])
+    _epilogue_per_tile(sch, DW_BLOCK, z_o, whole_rows=_extent(z_o, sch) == 1)
+
+
+def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False) -> None:
+    """The blocks around kernel `ours` (its name prefix): producers other than the input
+    packing inlined into their consumers (a residual's dequantize) or given parallel loops,
+    the elementwise epilogue inlined into its last block, which runs per output tile (loop
+    `tile`), reading the accumulators, vectorized along the row, its other loops unrolled."""
+    root = sch.get_sblock("root")
+    names = [sch.get(blk).name_hint for blk in sch.get_child_blocks(root)]
+    mine = [i for i, name in enumerate(names) if name.startswith(ours)]
+    for name in names[:mine[0]]:
+        block = sch.get_sblock(name)
+        if not name.startswith("pack"):
+            try:  # an elementwise input of the epilogue (a residual's dequantize)
+                sch.compute_inline(block)
+                continue
+            except Exception:  # noqa: BLE001 - a pass of its own
+                pass
+        _parallel_outer(sch, block)
+    epilogue = names[mine[-1] + 1:]
+    for name in epilogue:
+        block = sch.get_sblock(name)
+        if name.startswith("unpack"):
+            try:  # a copy: read the accumulators directly
+                sch.compute_inline(block)
+                continue
+            except Exception:  # noqa: BLE001 - the output block itself: it stays
+                pass
+        # Each step per tile, in order, its result a tile-sized local buffer. Not inlined:
+        # TVM's simplifier would widen an int32 bias add into the requantization's int64
+        # product (cast(a + b) -> cast(a) + cast(b)), and LLVM then emulates a 64 x 64-bit
+        # multiply instead of one vpmuldq per 4 lanes.
+        sch.reverse_compute_at(block, tile)
+        if name != epilogue[-1]:
+            sch.set_scope(block, 0, "local")
+        loops = sch.get_loops(block)
+        depth = [sch.get(lp).same_as(sch.get(tile)) for lp in loops].index(True)
+        inner = loops[depth + 1:]
+        if whole_rows and len(inner) >= 2:  # tile rows are whole rows: one contiguous run
+            inner = [*inner[:-2], sch.fuse(*inner[-2:])]
+        *rest, last = inner
+        for loop in rest:
+            sch.unroll(loop)
+        if (_extent(last, sch) or 0) > 1:
+            sch.vectorize(last)
 
 
 # --- TIR: default schedules ------------------------------------------------------------------
@@ -538,7 +878,7 @@ def _schedule_conv2d(sch: Any, intrin: str) -> None:
     _schedule_around(sch, outer)  # a whole output row: the epilogue vectorizes along W
 
 
-def _schedule_around(sch: Any, tile: Any) -> None:
+def _schedule_around(sch: Any, tile: Any, any_width: bool = False) -> None:
     """The other blocks of the function: the ones before the dot product (input packing,
     anything fused in front) run as parallel loops; the ones after it (unpacking and the
     fused elementwise epilogue: bias, requantization) are computed per output tile, in order, right after the tile's accumulators are
@@ -562,7 +902,8 @@ def _schedule_around(sch: Any, tile: Any) -> None:
             sch.reverse_compute_at(block, tile)
             loops = sch.get_loops(block)
             extent = _extent(loops[-1], sch)
-            if extent is not None and extent % 8 == 0 and extent <= 4 * LANES:
+            if extent is not None and extent <= 4 * LANES and (
+                    extent % 8 == 0 or (any_width and extent > 1)):
                 sch.vectorize(loops[-1])
         except Exception:  # noqa: BLE001 - falls back to parallel loops of its own
             _parallel_outer(sch, block)
@@ -592,7 +933,8 @@ def _parallel_outer(sch: Any, block: Any) -> None:
 
 
 _SCHEDULES = {"matmul": _schedule_matmul, "conv2d": _schedule_conv2d,
-              "matmul_i16": _schedule_matmul, "conv2d_i16": _schedule_conv2d}
+              "matmul_i16": _schedule_matmul, "conv2d_i16": _schedule_conv2d,
+              "conv2d_px": _schedule_conv2d_px, "depthwise": _schedule_depthwise}
 
 
 def packed_kind(sch: Any) -> str | None:
@@ -602,6 +944,10 @@ def packed_kind(sch: Any) -> str | None:
     func = sch.mod["main"]
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
+    if _has_block(sch, PX_BLOCK):
+        return "conv2d_px"
+    if _has_block(sch, DW_BLOCK):
+        return "depthwise"
     if not _has_block(sch, "dot"):
         return None
     block = sch.get(sch.get_sblock("dot"))
@@ -653,7 +999,8 @@ def int8_rules(target: Any) -> list[Rule]:
         return []
     rules = [_make_rule(kind, intrin) for kind in ("matmul", "conv2d")]
     if intrin == INTRIN_AVX2:
-        rules += [_make_rule(kind, INTRIN_I16) for kind in ("matmul_i16", "conv2d_i16")]
+        rules += [_make_rule(kind, INTRIN_I16)
+                  for kind in ("matmul_i16", "conv2d_i16", "conv2d_px", "depthwise")]
     return rules
 
 

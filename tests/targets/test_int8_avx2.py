@@ -1,9 +1,9 @@
 """AVX2 (no VNNI) int8 kernels of lowering/x86_int8.py: int16 `vpmaddwd` kernels, bit-exact.
 
 For an AVX2 target without VNNI, pack_int8_kernels(mod, target) widens constant weights to
-int16 at compile time (matmul [N/8, K/2, 8, 2], conv2d [OC/8, C/2, KH, KW, 8, 2]) and the
-kernel widens its uint8 activations once (conv2d: packed NCHW[c2]); every 8 x 2 block is one
-`vpmaddwd` (INTRIN_I16). Compared with numpy int64 math on extreme values (0/255
+int16 at compile time (matmul [N/8, K/2, 8, 2]; conv2d: the pixel-vectorized kernels of
+tests/targets/test_x86_int8_px.py) and the kernel widens its uint8 activations once; every
+8 x 2 block is one `vpmaddwd` (INTRIN_I16). Compared with numpy int64 math on extreme values (0/255
 activations, -128/127 weights).
 """
 
@@ -74,8 +74,8 @@ def test_int16_conv2d_is_bit_exact(case: str) -> None:
     x_shape, w_shape, attrs, batch = CONVS[case]
     weight = extreme_int8(w_shape)
     executable, packed, scheduled = build_i16(single_op_module("conv", x_shape, weight, **attrs))
-    assert "NCHW[c2] input, packed int16" in packed[0]
-    assert scheduled == ["int8_conv2d_packed: x86_int8_conv2d_i16_avx2"]
+    assert "pixel-vectorized int16" in packed[0]  # test_x86_int8_px.py: more shapes
+    assert scheduled == ["int8_conv2d_px: x86_int8_conv2d_px_avx2"]
     shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
     x = extreme_uint8(shape)
     want = dilated_conv_int64(x, weight, attrs)
@@ -107,7 +107,7 @@ def test_default_compile_is_bit_exact(case: str, build, monkeypatch: pytest.Monk
     model, p = qdq_model(**CASES[case])
     path, session = build(lepton_edge.load(model))
     text, meta = disassembly(path)
-    want = "NCHW[c2] input, packed int16" if case == "conv" else "packed int16"
+    want = "pixel-vectorized int16" if case == "conv" else "packed int16"
     assert len(meta["int8_dot_kernels"]) == 1 and want in meta["int8_dot_kernels"][0], meta
     assert "vpmaddwd" in text
     shape = [3 if isinstance(d, str) else d for d in session.inputs[0].shape]

@@ -1,0 +1,236 @@
+"""AVX2 (no VNNI) int8 convolutions of lowering/x86_int8.py, bit-exact against numpy.
+
+* conv2d: pixel-vectorized int16 kernels (`vpmaddwd`: 8 output pixels x 2 input channels
+  times a broadcast weight pair), the zero-point pad in front folded into the packing pass;
+* depthwise conv2d: vectorized along the output width;
+* the 32-bit requantization (lowering/int8.py requantize_te with every shift >= 33).
+
+Each kernel is compared with numpy int64 math on extreme values (0/255 or -128/127 inputs,
+-128/127 weights), with the requantization epilogue fused the way the CPU build fuses it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_edge.lowering import x86_int8
+from lepton_edge.lowering.int8 import fixed_point_multiplier, requantize_reference, requantize_te
+from lepton_edge.target import host_arch
+from tests.targets.test_vnni import conv_int64, extreme_int8, extreme_uint8
+
+tvm = pytest.importorskip("tvm")
+relax = tvm.relax
+
+HASWELL = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+pytestmark = [
+    pytest.mark.skipif(host_arch() != "x86_64", reason="x86 kernels need an x86 host"),
+    pytest.mark.skipif(
+        not tvm.target.codegen.target_has_features(
+            "avx2", tvm.target.Target({"kind": "llvm",
+                                       "mcpu": tvm.target.codegen.llvm_get_system_cpu()})),
+        reason="host CPU has no AVX2"),
+]
+rng = np.random.default_rng(17)
+N = tvm.tirx.Var("N", "int64")
+
+
+def conv_module(x_shape: list, weight: np.ndarray, *, dtype: str = "uint8",
+                strides=(1, 1), dilation=(1, 1), pad=(0, 0, 0, 0), pad_value: int = 0,
+                shift: int | None = None) -> tvm.IRModule:
+    """x -> [pad (top, left, bottom, right) with pad_value] -> conv2d int32 [-> >> shift,
+    clip, int8: an epilogue that fuses into the kernel]."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, dtype))
+    groups = weight.shape[0] if weight.shape[1] == 1 and dtype == "int8" else 1
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            src = x
+            if any(pad):
+                src = bb.emit(relax.op.nn.pad(
+                    x, [0, 0, 0, 0, pad[0], pad[2], pad[1], pad[3]], "constant",
+                    float(pad_value)))
+            y = bb.emit(relax.op.nn.conv2d(src, relax.const(weight, "int8"), strides=strides,
+                                           dilation=dilation, groups=groups,
+                                           out_dtype="int32"))
+            if shift is not None:
+                y = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(
+                    y, relax.const(shift, "int32")), -128, 127), "int8"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def build(mod: tvm.IRModule) -> tuple[object, list[str], list[str]]:
+    """Pack for AVX2, fuse as the CPU build does (legalize, fuse), schedule with our rules."""
+    mod, packed = x86_int8.pack_int8_kernels(mod, HASWELL)
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    return tvm.compile(mod, target=HASWELL), packed, scheduled
+
+
+def run(executable: object, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def reference(x: np.ndarray, weight: np.ndarray, strides, dilation, pad, pad_value: int,
+              groups: int, shift: int | None) -> np.ndarray:
+    x = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])],
+               constant_values=pad_value)
+    d = dilation[0]
+    o, i, kh, kw = weight.shape
+    w = np.zeros((o, i, (kh - 1) * d + 1, (kw - 1) * d + 1), np.int64)
+    w[:, :, ::d, ::d] = weight
+    out = conv_int64(x, w, [0, 0, 0, 0], list(strides), groups)
+    if shift is not None:
+        out = np.clip(out >> shift, -128, 127).astype(np.int8)
+    return out
+
+
+# x shape, (out channels, kernel), strides, dilation, pad (top, left, bottom, right), batch
+CONVS = {
+    "1x1": ([1, 16, 14, 14], (24, 1), (1, 1), (1, 1), (0, 0, 0, 0), None),
+    "1x1_stride2_odd_channels": ([1, 9, 9, 11], (7, 1), (2, 2), (1, 1), (0, 0, 0, 0), None),
+    "3x3_pad_symbolic_batch": ([N, 5, 9, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2),
+    "3x3_stride2_pad": ([1, 6, 13, 10], (10, 3), (2, 2), (1, 1), (1, 1, 1, 1), None),
+    "7x7_stride2_c3": ([1, 3, 20, 20], (16, 7), (2, 2), (1, 1), (3, 3, 3, 3), None),
+    "3x3_dilated_uneven_pad": ([1, 8, 11, 10], (20, 3), (1, 1), (2, 2), (0, 1, 2, 0), None),
+    "3x3_c33_7x7": ([1, 33, 7, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_pixel_conv2d_is_bit_exact(case: str, fused: bool) -> None:
+    x_shape, (oc, k), strides, dilation, pad, batch = CONVS[case]
+    weight = extreme_int8((oc, x_shape[1], k, k))
+    shift = 9 if fused else None
+    mod = conv_module(x_shape, weight, strides=strides, dilation=dilation, pad=pad,
+                      pad_value=201, shift=shift)
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and "pixel-vectorized int16" in packed[0], packed
+    assert ("folded" in packed[0]) == any(pad), packed
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_conv2d_px_avx2"), scheduled
+    shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
+    x = extreme_uint8(shape)
+    want = reference(x, weight, strides, dilation, pad, 201, 1, shift)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+def test_wide_3x3_conv_keeps_the_c2_kernel() -> None:
+    """3x3 convs with 8 or more output columns and more than 4 input channels: the NCHW[c2]
+    kernel (output channels along the vector), measured faster there; the pad stays a pass."""
+    assert x86_int8.use_pixel_kernel((64, 64, 1, 1), 56)
+    assert x86_int8.use_pixel_kernel((512, 512, 3, 3), 7)
+    assert x86_int8.use_pixel_kernel((64, 3, 7, 7), 112)
+    assert not x86_int8.use_pixel_kernel((128, 128, 3, 3), 28)
+    weight = extreme_int8((12, 10, 3, 3))
+    mod = conv_module([N, 10, 12, 12], weight, pad=(1, 1, 1, 1), pad_value=77, shift=8)
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and "NCHW[c2] input, packed int16" in packed[0], packed
+    assert any(s.endswith("x86_int8_conv2d_i16_avx2") for s in scheduled), scheduled
+    x = extreme_uint8((2, 10, 12, 12))
+    want = reference(x, weight, (1, 1), (1, 1), (1, 1, 1, 1), 77, 1, 8)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+def test_folded_pad_leaves_no_pad_kernel() -> None:
+    mod = conv_module([1, 8, 6, 6], extreme_int8((8, 8, 3, 3)), pad=(1, 1, 1, 1),
+                      pad_value=128)
+    packed_mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
+    assert "R.nn.pad" not in packed_mod.script()
+    assert "R.nn.pad" in mod.script()
+
+
+def test_pixel_tile_prefers_unpadded_work() -> None:
+    # 7-wide rows: one vector of 8 per row; 8 channels x 1 row (4 x 2 rows would pad 7 -> 8)
+    assert x86_int8.px_tile(512, 7, 7) == (8, 1, 1)
+    assert x86_int8.px_tile(64, 56, 56) == (4, 2, 1)
+    packed = x86_int8.pack_conv2d_weight_px(np.arange(2 * 3 * 4, dtype=np.int8).reshape(
+        2, 3, 2, 2), 4)
+    assert packed.dtype == np.int16 and packed.shape == (1, 2, 2, 2, 4, 2)
+    # [oc block, ic pair, ky, kx, oc % 4, ic % 2]; channels past 2 / 3 are zero
+    assert packed[0, 0, 1, 0].tolist() == [[2, 6], [14, 18], [0, 0], [0, 0]]
+    assert packed[0, 1, 0, 0].tolist() == [[8, 0], [20, 0], [0, 0], [0, 0]]
+
+
+# x shape, kernel, strides, dilation, batch
+DEPTHWISE = {
+    "3x3": ([1, 16, 10, 12], 3, (1, 1), (1, 1), None),
+    "3x3_stride2_symbolic_batch": ([N, 5, 9, 9], 3, (2, 2), (1, 1), 2),
+    "3x3_dilated_odd_width": ([1, 7, 11, 13], 3, (1, 1), (2, 2), None),
+    "5x5_wide": ([1, 3, 6, 68], 5, (1, 1), (1, 1), None),
+}
+
+
+@pytest.mark.parametrize("case", list(DEPTHWISE))
+@pytest.mark.parametrize("fused", [False, True])
+def test_depthwise_conv2d_is_bit_exact(case: str, fused: bool) -> None:
+    x_shape, k, strides, dilation, batch = DEPTHWISE[case]
+    c = x_shape[1]
+    weight = extreme_int8((c, 1, k, k))
+    shift = 5 if fused else None
+    mod = conv_module(x_shape, weight, dtype="int8", strides=strides, dilation=dilation,
+                      shift=shift)
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and packed[0].startswith("depthwise conv2d"), packed
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    x[rng.random(shape) < 0.3] = -128
+    want = reference(x, weight, strides, dilation, (0, 0, 0, 0), 0, c, shift)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+def test_depthwise_tile_divides_the_width() -> None:
+    assert x86_int8.dw_tile(56, 56) == (4, 8)  # 32 accumulators (4 ymm)
+    assert x86_int8.dw_tile(112, 112) == (2, 16)
+    # narrow rows: whole rows per tile, up to 56 outputs (the epilogue: one contiguous run)
+    assert x86_int8.dw_tile(14, 14) == (2, 14)
+    assert x86_int8.dw_tile(7, 7) == (7, 7)
+    assert x86_int8.dw_tile(9, 10) == (3, 10)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_32bit_requantize_equals_reference(per_channel: bool) -> None:
+    """Every shift >= 33 (multipliers below 1/4): 32-bit rounding after the 64-bit product,
+    against the numpy definition on extreme accumulators and exact ties."""
+    from tvm import te
+
+    multipliers = np.array([0.2499, 3.1e-3, 0.2, 1.7e-6, 2.3e-9, 0.0123, 0.126])
+    if not per_channel:
+        multipliers = multipliers[1:2]
+    m0, shift = fixed_point_multiplier(multipliers)
+    assert shift.min() >= 33
+    c = 7
+    acc = rng.integers(-2**31, 2**31, (5, c, 64), dtype=np.int64)
+    acc[0] = rng.integers(-3000, 3000, (c, 64))
+    acc[1, :, :4] = [[-2**31, 2**31 - 1, 3, -3]] * c
+    for ch in range(multipliers.size):  # acc * m0 = (2k + 1) * 2^(shift - 1): exact ties
+        half = 1 << int(shift[ch] - 1)
+        step = half // np.gcd(int(m0[ch]), half)
+        ties = np.array([(2 * k + 1) * step for k in range(-32, 32)
+                         if abs((2 * k + 1) * step) < 2**31], np.int64)
+        acc[2, ch if per_channel else slice(None), :ties.size] = ties
+    acc = acc.astype(np.int32)
+    shape = (1, -1, 1) if per_channel else ()
+    x = te.placeholder(acc.shape, "int32", "acc")
+    if per_channel:
+        m0_t = te.placeholder((1, c, 1), "int32", "m0")
+        shift_t = te.placeholder((1, c, 1), "int64", "shift")
+        out = requantize_te(x, m0_t, shift_t, -3, -100, 120, min_shift=int(shift.min()))
+        args = [x, m0_t, shift_t, out]
+        feeds = [acc, m0.astype(np.int32).reshape(shape), shift.reshape(shape)]
+    else:
+        out = requantize_te(x, int(m0[0]), int(shift[0]), -3, -100, 120)
+        args, feeds = [x, out], [acc]
+    sch = tvm.s_tir.Schedule(te.create_prim_func(args))
+    sch.vectorize(sch.get_loops(sch.get_sblock("requantize"))[-1])
+    lib = tvm.compile(sch.mod, target=HASWELL)
+    got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
+    lib["main"](*[tvm.runtime.tensor(f) for f in feeds], got)
+    want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
+    np.testing.assert_array_equal(got.numpy(), want)
