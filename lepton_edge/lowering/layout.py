@@ -19,7 +19,10 @@ convolution along output channels (a tile of output channels x a few output pixe
 registers, each input value broadcast), as onnxruntime's packed-filter kernels do, instead of
 along the output width (7 or 14 wide in late CNN layers) with each filter tap broadcast.
 
-Measured on this repository's benchmark CNNs (benchmarks/untuned.py, 1 thread, same process as
+Since lowering/nchwc.py converts float32 convolutions to channel-blocked NCHWc first, this
+packing only meets the pointwise convolutions that conversion leaves (``LEPTON_NCHWC=0``, or
+output channels that are not a multiple of the vector width). Measured before that, on this
+repository's benchmark CNNs (benchmarks/untuned.py, 1 thread, same process as
 onnxruntime): packing the pointwise convolutions took MobileNetV2-shaped from 3.1x to 2.4x
 onnxruntime; packing the 3x3 convolutions too took ResNet-18-shaped from 1.8x to 6.0x (not
 analysed further: the channel-vectorized schedule's loop order and transposed tile

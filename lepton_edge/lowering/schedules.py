@@ -6,7 +6,11 @@ kernel (PrimFunc) that is not scheduled yet with ``tvm.s_tir.Schedule`` primitiv
 order
 
 1. the int8 rules of :func:`lepton_edge.lowering.x86_int8.int8_rules` (dot-product kernels);
-2. :func:`schedule_contraction`: matmul / dense / batch-matmul and NCHW conv2d (regular,
+2. ``nchwc`` / ``nchwc-pool``: :func:`lepton_edge.lowering.nchwc.schedule_nchwc` for the
+   channel-blocked float32 convolutions that :class:`ConvertConvLayout` created (register
+   tile of output-channel vectors x output columns, fused epilogue), and
+   :func:`lepton_edge.lowering.nchwc.schedule_pool_nchwc` for the pools between them;
+3. :func:`schedule_contraction`: matmul / dense / batch-matmul and NCHW conv2d (regular,
    strided, padded, 1x1, grouped, depthwise), any dtype. Detected structurally: one reduction
    block ``C[...] += f(A[...], B[...])`` whose output's innermost index is a spatial iterator
    that one operand does not read (so it is broadcast) and the other reads contiguously (unit
@@ -26,13 +30,17 @@ order
    depthwise convolution with large planes (:data:`STAGE_MIN_PLANE`) runs its channels in
    parallel and pads (and de-interleaves) each input channel inside that loop, into a
    per-channel buffer that stays in cache, instead of separate passes over the whole input.
-3. :func:`schedule_generic`: every other block (elementwise, broadcast, transpose, pad,
+4. :func:`schedule_generic`: every other block (elementwise, broadcast, transpose, pad,
    pooling, softmax/layer-norm reductions): producers inlined, the spatial loops fused and
    run in parallel, the innermost loop vectorized when the block is injective; a float32
    reduction over the innermost axis is split into per-lane partial results (``rfactor``)
    accumulated with vector instructions (:func:`_vectorize_reduction`).
 
-Before legalization, :class:`PackConvWeights` stores the constant filters of fp32 pointwise
+Before legalization, :class:`ConvertConvLayout` (lowering/nchwc.py) stores the activations of
+float32 convolutions with constant filters as ``[N, C / 8, H, W, 8]`` (AVX2; the vector width
+in floats) from one graph boundary to the next, filters packed once at compile time
+(``LEPTON_NCHWC=0`` turns it off). For the convolutions it leaves in NCHW,
+:class:`PackConvWeights` stores the constant filters of fp32 pointwise
 (1x1) convolutions output-channel innermost and the constant weights of fp32 matmuls in
 column panels ``[N / 24, K, 24]`` (lowering/layout.py); the contraction rule then vectorizes
 those convolutions along output channels and register-blocks along the output width (each
@@ -116,7 +124,11 @@ def apply_default_schedules(mod: tvm.IRModule, target: Any, *, log: Log | None =
 
     rules: list[tuple[str, Rule]] = [(f"int8:{getattr(r, '__name__', 'rule')}", r)
                                      for r in int8_rules(target)]
-    rules += [("contraction", schedule_contraction), ("generic", schedule_generic)]
+    from lepton_edge.lowering.nchwc import schedule_nchwc, schedule_pool_nchwc
+
+    rules += [("nchwc", schedule_nchwc), ("nchwc-pool", schedule_pool_nchwc),
+              ("contraction", schedule_contraction),
+              ("generic", schedule_generic)]
     report = report if report is not None else ScheduleReport()
     updates: dict[Any, tirx.PrimFunc] = {}
     for gvar, func in mod.functions_items():
@@ -185,6 +197,7 @@ def cpu_pipeline(target: Any, *, log: Log | None = None,
     def _pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential([
+                ConvertConvLayout(target, log),
                 PackConvWeights(target, log),
                 VectorMath(log),
                 *cpu.library_dispatch_passes(target),
@@ -196,6 +209,35 @@ def cpu_pipeline(target: Any, *, log: Log | None = None,
             return seq(mod)
 
     return _pipeline
+
+
+@tvm.transform.module_pass(opt_level=0, name="LeptonConvertConvLayout")
+class ConvertConvLayout:
+    """Module pass: :func:`lepton_edge.lowering.nchwc.convert_conv_layout` for the target's
+    vector width (float32 convolutions in channel-blocked NCHWc). ``LEPTON_NCHWC=0`` turns
+    it off."""
+
+    def __init__(self, target: Any, log: Log | None = None) -> None:
+        self.target = target
+        self.log = log
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        from lepton_edge.lowering import nchwc
+
+        if not nchwc.enabled():
+            return mod
+        lanes = max(1, vector_bits(self.target) // 32)
+        try:
+            mod, count = nchwc.convert_conv_layout(mod, lanes)
+        except nchwc.NotConvertible as exc:
+            # NCHW is always correct (and scheduled by the contraction rule): say why the
+            # faster layout was not used.
+            if self.log is not None:
+                self.log(f"convolutions kept in NCHW: {exc}")
+            return mod
+        if self.log is not None and count:
+            self.log(f"{count} float32 convolution(s) in NCHW{lanes}c")
+        return mod
 
 
 @tvm.transform.module_pass(opt_level=0, name="LeptonPackConvWeights")

@@ -1,0 +1,152 @@
+"""Single float32 convolution kernels: lepton-edge's NCHWc kernel (lowering/nchwc.py, scheduled
+by its default rule, ReLU epilogue) against onnxruntime's Conv + Relu on the same shape, one
+thread each, alternating in the same process.
+
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/conv_kernels.py [--layers resnet,mobilenet]
+                                                                  [--runs 20] [--only NAME]
+
+Printed per layer: MACs, the floor (2 x MACs / the fp32 FMA peak measured now), the fastest
+call of each (the machine is shared: a median moves with other processes' bursts),
+the fraction of the peak each reaches, and the ratio lepton / onnxruntime. The layout
+transforms at a graph's boundary are not included (inside a network they are paid once per
+chain of convolutions, not per layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name: (C_in, C_out, H, W, kernel, stride, pad, depthwise)
+LAYERS = {
+    "resnet": {
+        "r.stem7x7": (3, 64, 224, 224, 7, 2, 3, False),
+        "r.l1.3x3": (64, 64, 56, 56, 3, 1, 1, False),
+        "r.l2.3x3s2": (64, 128, 56, 56, 3, 2, 1, False),
+        "r.l2.3x3": (128, 128, 28, 28, 3, 1, 1, False),
+        "r.l2.1x1s2": (64, 128, 56, 56, 1, 2, 0, False),
+        "r.l3.3x3": (256, 256, 14, 14, 3, 1, 1, False),
+        "r.l4.3x3": (512, 512, 7, 7, 3, 1, 1, False),
+    },
+    "mobilenet": {
+        "m.stem3x3s2": (3, 32, 224, 224, 3, 2, 1, False),
+        "m.pw16-96.112": (16, 96, 112, 112, 1, 1, 0, False),
+        "m.pw32-192.56": (32, 192, 56, 56, 1, 1, 0, False),
+        "m.dw144.56": (144, 144, 56, 56, 3, 1, 1, True),
+        "m.dw96.112s2": (96, 96, 112, 112, 3, 2, 1, True),
+        "m.pw576-96.14": (576, 96, 14, 14, 1, 1, 0, False),
+        "m.dw960.7": (960, 960, 7, 7, 3, 1, 1, True),
+        "m.pw320-1280.7": (320, 1280, 7, 7, 1, 1, 0, False),
+    },
+}
+
+
+def _tvm_kernel(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: int,
+                depthwise: bool, lanes: int) -> tuple[object, list[object]]:
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from lepton_edge.lowering import nchwc
+    from lepton_edge.lowering.relax import system_cpu
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
+    blocked = cin % lanes == 0
+    if blocked:
+        x = te.placeholder((1, cin // lanes, h, w, lanes), name="x")
+    else:
+        x = te.placeholder((1, cin, h, w), name="x")
+    wshape = ((cout // lanes, k, k, lanes) if depthwise
+              else (cout // lanes, cin // lanes, k, k, lanes, lanes) if blocked
+              else (cout // lanes, cin, k, k, lanes))
+    wt = te.placeholder(wshape, name="w")
+    y = nchwc.conv2d_nchwc_te(x, wt, (stride, stride), (pad, pad, pad, pad), depthwise)
+    out = te.compute(y.shape, lambda *i: te.max(y(*i), 0.0), name="relu")
+    func = te.create_prim_func([x, wt, out])
+    sch = Schedule(tvm.IRModule({"main": func}))
+    assert nchwc.schedule_nchwc(sch, target), "the nchwc rule did not take the kernel"
+    lib = tvm.compile(sch.mod, target=target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.random.rand(*[int(d) for d in t.shape]).astype("float32"), dev)
+            for t in (x, wt)]
+    args.append(tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], "float32"), dev))
+    return lib["main"], args
+
+
+def _ort_session(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: int,
+                 depthwise: bool) -> tuple[object, dict[str, np.ndarray]]:
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    groups = cin if depthwise else 1
+    weight = np.random.rand(cout, cin // groups, k, k).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[pad] * 4, strides=[stride] * 2,
+                          group=groups),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, h, w])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return session, {"x": np.random.rand(1, cin, h, w).astype(np.float32)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", default="resnet,mobilenet")
+    parser.add_argument("--only", default=None, help="one layer name")
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+    from lepton_edge import bench
+
+    peak = bench.cpu_peak(int8=False).fp32_gflops
+    print(f"fp32 peak measured now (1 thread): {peak:.1f} GFLOPS")
+    print("| layer | M MACs | floor ms | lepton min ms | ORT min ms | lepton % peak "
+          "| ORT % peak | lepton/ORT |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for group in args.layers.split(","):
+        for name, (cin, cout, h, w, k, stride, pad, dw) in LAYERS[group].items():
+            if args.only and name != args.only:
+                continue
+            oh = (h + 2 * pad - k) // stride + 1
+            ow = (w + 2 * pad - k) // stride + 1
+            macs = cout * oh * ow * k * k * (1 if dw else cin)
+            kernel, targs = _tvm_kernel(cin, cout, h, w, k, stride, pad, dw, 8)
+            session, feeds = _ort_session(cin, cout, h, w, k, stride, pad, dw)
+            times: dict[str, list[float]] = {"tvm": [], "ort": []}
+            for _ in range(3):
+                kernel(*targs)
+                session.run(None, feeds)
+            for _ in range(args.runs):
+                started = time.perf_counter()
+                kernel(*targs)
+                times["tvm"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                session.run(None, feeds)
+                times["ort"].append(time.perf_counter() - started)
+            # the fastest call: the machine is shared, and a burst of noise moves a median
+            t_tvm = min(times["tvm"]) * 1e3
+            t_ort = min(times["ort"]) * 1e3
+            floor = 2 * macs / (peak * 1e9) * 1e3
+            print(f"| {name} | {macs / 1e6:.1f} | {floor:.3f} | {t_tvm:.3f} | {t_ort:.3f} | "
+                  f"{100 * floor / t_tvm:.0f}% | {100 * floor / t_ort:.0f}% | "
+                  f"{t_tvm / t_ort:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

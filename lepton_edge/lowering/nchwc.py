@@ -1,0 +1,616 @@
+"""Channel-blocked (NCHWc) float32 convolutions for the untuned CPU build.
+
+:func:`convert_conv_layout` (the Relax pass ``lowering.schedules.ConvertConvLayout``, first in
+:func:`lowering.schedules.cpu_pipeline`) stores the activations around every convertible float32
+``relax.nn.conv2d`` as ``[N, C / c, H, W, c]`` (``c`` = the SIMD width in floats, 8 on AVX2)
+with TVM's ``relax.transform.ConvertLayout``, which keeps that layout through the elementwise
+ops (bias, ReLU, residual add, Clip) and pools between convolutions, so a chain of
+convolutions pays one ``layout_transform`` at each end or at an op that cannot take the layout
+(a Flatten, a ``mean``, a convolution left in NCHW). TVM's ONNX importer turns Clip (ReLU6)
+into ``call_tir`` kernels that ConvertLayout cannot see through; :func:`clips_as_ops` first
+rewrites them to ``relax.maximum`` / ``relax.minimum`` of their constant bound. Each converted
+convolution then becomes a kernel of its own (``call_te`` of :func:`conv2d_nchwc_te`, blocks
+:data:`CONV_BLOCK` / :data:`DEPTHWISE_BLOCK`, padding in the block :data:`PAD_BLOCK`) whose
+filter is packed once at compile time with numpy (:func:`pack_filter`).
+
+Convertible (:func:`convertible`): float32 data and constant filter in NCHW / OIHW, no
+dilation, output channels a multiple of ``c``, and either ungrouped (input channels a multiple
+of ``c``: NCHWc input; otherwise, as the 3-channel stem of an image model, the input stays NCHW
+and each of its values is broadcast) or depthwise (``groups == channels``). Everything else
+(grouped convolutions, 10-channel outputs, the integer convolutions of the int8 lowering)
+keeps NCHW and the schedules of lowering/schedules.py.
+
+:func:`schedule_nchwc` (a rule of :func:`lowering.schedules.apply_default_schedules`, tried
+before the contraction rule; the ScheduleReport names it ``nchwc``) register-tiles the
+convolution: an output tile of ``t_c`` channel blocks x ``t_w`` output columns
+(:func:`tile_shape`: at most :data:`TILE_ACCUMULATORS` vector accumulators that fit AVX2's 16
+registers with the filter vectors and the broadcast value) accumulates over ``(ic_outer, kh,
+kw, ic_inner)``, each filter vector loaded once per step and each input value broadcast, the
+innermost ``ic_inner`` step unrolled; the fused epilogue (bias, ReLU / clip, residual add) is
+applied to the tile before it is stored. ``(n, oc_outer, oh)`` run in parallel. Small output
+planes (7x7, 14x14) accumulate the whole plane input-channel block by input-channel block
+(:data:`PLANE_ACCUMULATORS`) so each filter slice is reused from L1, with the batch inside the
+channel blocks. A regular convolution pads image by image (a fill and a vectorized copy); a
+depthwise convolution vectorizes along its ``c`` channels, register-blocks along the output
+width and builds each channel block's padded plane inside its parallel loop.
+:func:`schedule_pool_nchwc` (``nchwc-pool``) vectorizes TVM's max / average pools on NCHWc
+tensors along the lanes.
+
+``LEPTON_NCHWC=0`` turns the conversion off (the convolutions keep NCHW and the schedules of
+lowering/schedules.py), for A/B runs; ``LEPTON_NCHWC_PLANE=0`` turns off the whole-plane
+accumulation of small planes, ``LEPTON_NCHWC_PER_IMAGE=0`` the per-image padding.
+
+Measured (benchmarks/untuned.py, 1 thread, ratio to onnxruntime fp32 in the same run, noisy
+shared machine): ResNet-18-shaped b1 2.1x -> 1.1x, b8 -> 1.1x; MobileNetV2-shaped b1 2.2x ->
+1.04x, b8 -> 0.94x; single kernels (benchmarks/conv_kernels.py, quiet machine) reach 75-95%
+of the FMA peak on ResNet-18's 3x3 layers, on par with onnxruntime's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+#: Names of the TE blocks this module creates (the schedule rule finds its kernels by them).
+CONV_BLOCK = "conv2d_nchwc"
+DEPTHWISE_BLOCK = "conv2d_nchwc_depthwise"
+PAD_BLOCK = "conv2d_nchwc_pad"
+#: Most vector accumulators of one output tile (AVX2 has 16 vector registers: the rest hold
+#: the filter vectors and the broadcast input value).
+TILE_ACCUMULATORS = 12
+#: A convolution whose output plane times the tile's channel blocks has at most this many
+#: pixels accumulates the whole plane in a local array, input-channel block by block (see
+#: :func:`schedule_nchwc`): 1024 x 8 floats = 32 KB, L1. Measured (1 thread): ResNet-18's
+#: 14x14x256 3x3 layer 2.75 -> 2.4 ms (784 = 196 pixels x 4 blocks), 7x7x512 3.3 -> 3.0 ms;
+#: 28x28x128 (1568) no better, 56x56x64 slightly worse.
+PLANE_ACCUMULATORS = 1024
+#: The same for 1x1 filters, whose step per input-channel block is short (8 FMAs per pixel)
+#: next to reloading the accumulators: 14x14 pointwise layers with 4 blocks (784) measured
+#: 6% slower split, 7x7 ones (49 x 1) 8% faster.
+PLANE_ACCUMULATORS_POINTWISE = 256
+
+
+def _per_image_enabled() -> bool:
+    return os.environ.get("LEPTON_NCHWC_PER_IMAGE", "1") != "0"
+
+
+def _plane_split_enabled() -> bool:
+    return os.environ.get("LEPTON_NCHWC_PLANE", "1") != "0"
+
+
+def enabled() -> bool:
+    return os.environ.get("LEPTON_NCHWC", "1") != "0"
+
+
+def _dtype(expr: Any) -> str:
+    return str(getattr(getattr(expr, "ty", None), "dtype", "") or "")
+
+
+def _shape(expr: Any) -> list[int | None]:
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if shape is None:
+        return []
+    out: list[int | None] = []
+    for dim in shape:
+        value = getattr(dim, "value", None)
+        out.append(int(value) if value is not None else None)
+    return out
+
+
+def convertible(call: Any, lanes: int) -> str | None:
+    """For a float32 NCHW/OIHW conv2d with a constant filter, without dilation, ungrouped or
+    depthwise, whose output channels are a multiple of ``lanes``: the data layout it takes,
+    ``NCHW{lanes}c`` (input channels a multiple of ``lanes`` too) or ``NCHW`` (an image
+    model's 3-channel stem: its input stays NCHW, each value broadcast); else None."""
+    from tvm.ir.expr import Constant
+
+    if str(getattr(call.op, "name", "")) != "relax.nn.conv2d" or len(call.args) != 2:
+        return None
+    x, w = call.args
+    attrs = call.attrs
+    if not isinstance(w, Constant) or _dtype(x) != "float32" or _dtype(w) != "float32":
+        return None
+    if str(attrs.out_dtype) not in ("", "void", "None", "float32"):
+        return None
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) \
+            != ("NCHW", "OIHW", "NCHW"):
+        return None
+    if any(int(d) != 1 for d in attrs.dilation):
+        return None
+    xs, ws = _shape(x), _shape(w)
+    if len(xs) != 4 or len(ws) != 4 or None in xs[1:] or None in ws:
+        return None
+    cin, cout, groups = xs[1], ws[0], int(attrs.groups)
+    if cout % lanes:
+        return None
+    blocked = f"NCHW{lanes}c"
+    if groups == 1 and ws[1] == cin:
+        return blocked if cin % lanes == 0 else "NCHW"
+    if groups == cin == cout and ws[1] == 1:
+        return blocked
+    return None
+
+
+def convert_conv_layout(mod: Any, lanes: int) -> tuple[Any, int]:
+    """``(module, number of convolutions converted)``: TVM's ConvertLayout with NCHW{lanes}c
+    activations for the :func:`convertible` convolutions only, then each of them replaced by
+    a :func:`conv2d_nchwc_te` kernel with its filter packed in numpy. Raises
+    :class:`NotConvertible` when ConvertLayout fails or would give an NCHWc tensor to an op
+    outside :data:`FOLLOWS_LAYOUT`."""
+    from tvm import relax
+
+    def layout_cb(call: Any) -> Any:
+        data = convertible(call, lanes)
+        if data is not None:
+            return {"relax.nn.conv2d": [data, f"OIHW{lanes}o", f"NCHW{lanes}c"]}
+        if str(getattr(call.op, "name", "")) == "relax.nn.conv2d":
+            # Explicitly NCHW: without a desired layout, ConvertLayout would try to keep its
+            # input's NCHWc, which TVM cannot do for this convolution.
+            return {"relax.nn.conv2d": ["NCHW", "OIHW", "NCHW"]}
+        return {}
+
+    if not _has_convertible(mod, lanes):
+        return mod, 0
+    original = clips_as_ops(mod)
+    try:
+        converted = relax.transform.ConvertLayout({}, layout_cb)(original)
+        converted = relax.transform.Normalize()(converted)
+    except Exception as exc:  # noqa: BLE001 - TVM's layout inference of some op failed
+        raise NotConvertible(f"TVM's ConvertLayout failed: {_first_line(exc)}") from exc
+    unsafe = sorted(op for op, count in _blocked_inputs(converted).items()
+                    if op not in FOLLOWS_LAYOUT and count > _blocked_inputs(original).get(op, 0))
+    if unsafe:
+        raise NotConvertible("NCHWc tensors would reach " + ", ".join(unsafe)
+                             + " (not verified in that layout)")
+    return _legalize(converted, lanes)
+
+
+class NotConvertible(Exception):
+    """The module cannot keep NCHWc between its convolutions (the caller compiles it in
+    NCHW, which is always correct, and logs why)."""
+
+
+#: Ops that may take the NCHWc tensors between convolutions (TVM's layout inference for them
+#: is covered by tests/targets/test_nchwc.py); any other op that ConvertLayout would feed an
+#: NCHWc tensor (a channel Split, a Softmax or reduction over channels, a Concat, a Resize)
+#: makes :func:`convert_conv_layout` refuse the whole module.
+FOLLOWS_LAYOUT = frozenset({
+    "relax.nn.conv2d", "relax.layout_transform", "relax.add", "relax.subtract",
+    "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum", "relax.nn.relu",
+    "relax.clip", "relax.sigmoid", "relax.tanh", "relax.nn.max_pool2d", "relax.nn.avg_pool2d",
+    "relax.nn.adaptive_avg_pool2d"})
+
+
+#: Reductions that may take an NCHWc tensor when they reduce over H and W only.
+SPATIAL_REDUCTIONS = frozenset({"relax.mean", "relax.sum", "relax.max", "relax.min"})
+
+
+def _spatial_axes(call: Any) -> bool:
+    """True when the reduction ``call`` of a rank-5 (NCHWc) tensor reduces over some of its
+    H and W axes only (not the channel blocks or the lanes)."""
+    axes = getattr(call.attrs, "axis", None)
+    if axes is None or not call.args or len(_shape(call.args[0])) != 5:
+        return False
+    normalized = {int(a) % 5 for a in axes}
+    return bool(normalized) and normalized <= {2, 3}
+
+
+def _blocked_inputs(mod: Any) -> dict[str, int]:
+    """Per op name: how many of its tensor arguments have rank 5 (NCHWc after conversion)."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    counts: dict[str, int] = {}
+
+    @visitor
+    class Count(PyExprVisitor):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> None:
+            name = str(getattr(call.op, "name", ""))
+            if name in SPATIAL_REDUCTIONS and _spatial_axes(call):
+                name = ""  # a global pool (mean over H and W): the lanes stay channels
+            if name and name != "relax.call_tir":
+                for arg in call.args:
+                    fields = arg.fields if isinstance(arg, relax.Tuple) else [arg]
+                    for field in fields:
+                        if len(_shape(field)) == 5:
+                            counts[name] = counts.get(name, 0) + 1
+            super().visit_call_(call)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            Count().visit_expr(func)
+    return counts
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
+
+
+def _scalar(mutator: Any, expr: Any) -> float | None:
+    """The value of a 0-d float32 constant, also through the frontend's NaN guard of a Clip
+    bound (``where(isnan(c), inf, c)``); None if it is not one."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    for _ in range(4):
+        if not isinstance(expr, relax.Var):
+            break
+        bound = mutator.lookup_binding(expr)
+        if bound is None:
+            return None
+        expr = bound
+    if isinstance(expr, Constant):
+        value = expr.value.numpy()
+        return float(value) if value.shape == () and value.dtype == np.float32 else None
+    if isinstance(expr, relax.Call) and str(getattr(expr.op, "name", "")) == "relax.where":
+        cond, a, b = expr.args
+        if isinstance(cond, relax.Var):
+            cond = mutator.lookup_binding(cond)
+        if not (isinstance(cond, relax.Call)
+                and str(getattr(cond.op, "name", "")) == "relax.isnan"):
+            return None
+        checked, va, vb = (_scalar(mutator, e) for e in (cond.args[0], a, b))
+        if checked is None or va is None or vb is None:
+            return None
+        return va if np.isnan(checked) else vb
+    return None
+
+
+def clips_as_ops(mod: Any) -> Any:
+    """TVM's ONNX frontend imports Clip as ``call_tir`` of topi ``maximum`` / ``minimum``
+    kernels (with the bound as a 0-d tensor), which ConvertLayout cannot see through (each
+    ReLU6 of MobileNetV2 would cost two layout transforms): rewrite those with a constant
+    float32 bound to ``relax.maximum`` / ``relax.minimum`` of the constant."""
+    from tvm import relax, tirx
+
+    from lepton_edge.lowering.layout import _rewrite_calls
+
+    kinds: dict[str, str] = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            text = func.script(show_meta=False)
+            for kind in ("maximum", "minimum"):
+                if f'T.sblock("T_{kind}")' in text and text.count("with T.sblock(") == 2:
+                    kinds[gvar.name_hint] = kind
+
+    def rewrite(mutator: Any, call: Any) -> Any:
+        if str(getattr(call.op, "name", "")) != "relax.call_tir":
+            return call
+        kind = kinds.get(getattr(call.args[0], "name_hint", ""))
+        args = call.args[1]
+        if kind is None or not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+            return call
+        x, bound = args.fields
+        value = _scalar(mutator, bound)
+        if value is None or _dtype(x) != "float32" or np.isnan(value):
+            return call
+        op = relax.op.maximum if kind == "maximum" else relax.op.minimum
+        return op(x, relax.const(np.float32(value)))
+
+    if not kinds:
+        return mod
+    mod = _rewrite_calls(mod, rewrite)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _has_convertible(mod: Any, lanes: int) -> bool:
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    found = [False]
+
+    @visitor
+    class Find(PyExprVisitor):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> None:
+            if convertible(call, lanes) is not None:
+                found[0] = True
+            super().visit_call_(call)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            Find().visit_expr(func)
+    return found[0]
+
+
+def pack_filter(weight: np.ndarray, lanes: int, depthwise: bool, blocked: bool = True
+                ) -> np.ndarray:
+    """OIHW filter -> ``[O/c, I/c, KH, KW, c_in, c_out]`` (depthwise: ``[C/c, KH, KW, c]``;
+    not ``blocked``, for an NCHW input: ``[O/c, I, KH, KW, c]``)."""
+    o, i, kh, kw = weight.shape
+    if not blocked:
+        return np.ascontiguousarray(weight.reshape(o // lanes, lanes, i, kh, kw)
+                                    .transpose(0, 2, 3, 4, 1))
+    if depthwise:
+        return np.ascontiguousarray(
+            weight.reshape(o // lanes, lanes, kh, kw).transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(weight.reshape(o // lanes, lanes, i // lanes, lanes, kh, kw)
+                                .transpose(0, 2, 4, 5, 3, 1))
+
+
+def conv2d_nchwc_te(x: Any, w: Any, strides: tuple[int, int],
+                    padding: tuple[int, int, int, int], depthwise: bool) -> Any:
+    """TE of the channel-blocked convolution: ``x`` [N, C/c, H, W, c], ``w`` packed by
+    :func:`pack_filter`; the padding is its own block (:data:`PAD_BLOCK`)."""
+    from tvm import te, tirx
+
+    blocked = len(x.shape) == 5
+    if blocked:
+        n, cb, h, wd, lanes = x.shape
+    else:
+        n, cb, h, wd = x.shape
+    top, left, bottom, right = padding
+    sh, sw = strides
+    if depthwise:
+        ocb, kh, kw, lanes = w.shape
+    elif blocked:
+        ocb, _, kh, kw, _, _ = w.shape
+    else:
+        ocb, _, kh, kw, lanes = w.shape
+    kh, kw = int(kh), int(kw)
+    ph, pw = h + top + bottom, wd + left + right
+    oh = (ph - kh) // sh + 1
+    ow = (pw - kw) // sw + 1
+    if top or left or bottom or right:
+        def pad_value(b: Any, c: Any, y: Any, xx: Any, *i: Any) -> Any:
+            inside = tirx.all(y >= top, y < h + top, xx >= left, xx < wd + left)
+            return tirx.if_then_else(inside, x[(b, c, y - top, xx - left, *i)],
+                                     tirx.const(0.0, x.dtype))
+        xp = te.compute((n, cb, ph, pw, *x.shape[4:]), pad_value, name=PAD_BLOCK)
+    else:
+        xp = x
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    if depthwise:
+        return te.compute(
+            (n, ocb, oh, ow, lanes),
+            lambda b, c, y, xx, i: te.sum(xp[b, c, y * sh + ry, xx * sw + rx, i]
+                                          * w[c, ry, rx, i], axis=[ry, rx]),
+            name=DEPTHWISE_BLOCK)
+    rco = te.reduce_axis((0, cb), name="rco")
+    if not blocked:  # [N, C, H, W] input, filter [O/c, I, KH, KW, c]
+        return te.compute(
+            (n, ocb, oh, ow, lanes),
+            lambda b, c, y, xx, o: te.sum(xp[b, rco, y * sh + ry, xx * sw + rx]
+                                          * w[c, rco, ry, rx, o], axis=[rco, ry, rx]),
+            name=CONV_BLOCK)
+    rci = te.reduce_axis((0, lanes), name="rci")
+    return te.compute(
+        (n, ocb, oh, ow, lanes),
+        lambda b, c, y, xx, o: te.sum(xp[b, rco, y * sh + ry, xx * sw + rx, rci]
+                                      * w[c, rco, ry, rx, rci, o], axis=[rco, ry, rx, rci]),
+        name=CONV_BLOCK)
+
+
+def _legalize(mod: Any, lanes: int) -> tuple[Any, int]:
+    """Replace every conv2d in NCHW{lanes}c (from ConvertLayout) by a call_te of
+    :func:`conv2d_nchwc_te` with the filter packed from the original OIHW constant."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    from lepton_edge.lowering.layout import _rewrite_calls
+
+    count = 0
+    layout = f"NCHW{lanes}c"
+
+    def original_filter(mutator: Any, w: Any) -> np.ndarray | None:
+        if isinstance(w, relax.Var):
+            w = mutator.lookup_binding(w)
+        if isinstance(w, relax.Call) and str(getattr(w.op, "name", "")) \
+                == "relax.layout_transform" and isinstance(w.args[0], Constant):
+            return w.args[0].value.numpy()
+        return None
+
+    def rewrite(mutator: Any, call: Any) -> Any:
+        nonlocal count
+        if str(getattr(call.op, "name", "")) != "relax.nn.conv2d":
+            return call
+        attrs = call.attrs
+        if str(attrs.out_layout) != layout:
+            return call
+        weight = original_filter(mutator, call.args[1])
+        if weight is None:
+            raise ValueError("NCHWc convolution without a constant filter")
+        depthwise = int(attrs.groups) != 1
+        blocked = str(attrs.data_layout) == layout
+        packed = relax.const(pack_filter(weight, lanes, depthwise, blocked))
+        count += 1
+        return mutator.builder_.call_te(
+            conv2d_nchwc_te, call.args[0], packed,
+            tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+            depthwise, primfunc_name_hint=DEPTHWISE_BLOCK if depthwise else CONV_BLOCK)
+
+    mod = _rewrite_calls(mod, rewrite)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, count
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+def tile_shape(blocks: int, width: int, *, depthwise: bool = False) -> tuple[int, int]:
+    """``(t_c, t_w)``: channel blocks x output columns of one register tile. ``t_c`` divides
+    ``blocks`` (at most 4), ``t_w`` divides ``width``; the accumulators plus one register per
+    filter vector and one for the broadcast input fit the 16 vector registers of AVX2
+    (``t_c * t_w + t_c + 1 <= 16``, at most :data:`TILE_ACCUMULATORS`). Preferred: at least 8
+    accumulators (two FMA units x 4 cycles of latency), then the fewest loads per FMA
+    (``(t_c + t_w) / (t_c * t_w)``), then the most accumulators. A depthwise convolution has
+    one channel block per tile."""
+    best: tuple[Any, ...] | None = None
+    for t_c in ((1,) if depthwise else (1, 2, 3, 4)):
+        if blocks % t_c:
+            continue
+        for t_w in range(1, width + 1):
+            acc = t_c * t_w
+            if width % t_w or acc > TILE_ACCUMULATORS or acc + t_c + 1 > 16:
+                continue
+            key = (acc >= 8, -(t_c + t_w) / acc, acc, -t_c)
+            if best is None or key > best[0]:
+                best = (key, t_c, t_w)
+    assert best is not None  # (1, 1) always fits
+    return best[1], best[2]
+
+
+def schedule_nchwc(sch: Any, target: Any) -> bool:
+    """Schedule rule for the kernels of :func:`conv2d_nchwc_te` (see the module docstring);
+    False for any other kernel."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    from lepton_edge.lowering import schedules as s
+
+    names = []
+    for rv in sch.get_child_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint)):
+        names.append(sch.get(rv).name_hint)
+    kind = next((n for n in names if n in (CONV_BLOCK, DEPTHWISE_BLOCK)), None)
+    if kind is None:
+        return False
+    depthwise = kind == DEPTHWISE_BLOCK
+    main = sch.get_sblock(kind)
+    # Epilogue stages that write intermediates are inlined into their consumers, so one
+    # epilogue block joins the tile's write-back.
+    s._inline_epilogue_stages(sch, main)
+    main = sch.get_sblock(kind)
+    # Padding, a fill of the border and a vectorized copy (no condition in the convolution's
+    # loops). Depthwise: each channel block reads one input channel block, whose padded plane
+    # is built inside the parallel loop over (n, channel block), in cache (measured 2.4x
+    # faster than a separate pass, 56x56x144). A regular convolution reads every input
+    # channel for each output block (building the padded input per output block measured
+    # 5-10% slower): it pads image by image, one pass per image before the parallel loop
+    # over (channel block, row) (with a batch of 8, 10% faster than one pass over the whole
+    # batch, which leaves the cache before the convolution reads it); the small planes that
+    # run the batch inside the channel blocks pad the whole batch in one pass.
+    padded = any(sch.get(rv).name_hint == PAD_BLOCK for rv in sch.get_producers(main))
+    loops = sch.get_loops(main)
+    extents = [s._const(sch.get(lp).extent) for lp in loops]
+    blocks, width = extents[1], extents[3]
+    if blocks is None or width is None:
+        return False
+    work = s._work(sch.get(lp).extent for lp in loops)
+    t_c, t_w = tile_shape(blocks, width, depthwise=depthwise)
+    # Small output planes (7x7): the input-channel block loop runs outside the plane, so
+    # that each block's filter slice (KH x KW x c x t_c*c floats) is reused from L1 over
+    # every pixel; the plane's accumulators live in a small local array (L1) and each
+    # tile's are reloaded once per input block. Register-tiled per pixel instead, the whole
+    # filter of a channel block streams from L2 once per output row with only t_w FMAs per
+    # loaded filter vector. The batch then runs inside the channel blocks, so a filter
+    # (9.4 MB in ResNet-18's last layers) is read once per call, not once per image.
+    plane = extents[2] * width if extents[2] is not None else None
+    limit = PLANE_ACCUMULATORS_POINTWISE if extents[6:8] == [1, 1] else PLANE_ACCUMULATORS
+    split_channels = not depthwise and len(loops) == 9 and plane is not None \
+        and plane * t_c <= limit and _plane_split_enabled()
+    staged = padded and depthwise
+    per_image = padded and not depthwise and not split_channels and _per_image_enabled()
+    if not staged and not per_image:
+        s._split_padding(sch, main)
+    writeback = sch.cache_write(main, 0, "local")
+    loops = sch.get_loops(main)
+    if depthwise:
+        b, c, y, x, lane, ry, rx = loops
+        x_o, x_i = sch.split(x, [None, t_w])
+        sch.reorder(b, c, y, x_o, ry, rx, x_i, lane)
+        reduce_loops, inner = [ry, rx], [x_i]
+    else:
+        b, c, y, x, lane, *reduce_loops = loops  # rco, ry, rx[, rci]
+        if len(reduce_loops) == 3:
+            # NCHW input (a stem): input channels innermost, so that the unrolled step
+            # broadcasts distinct input values (see below)
+            reduce_loops = [reduce_loops[1], reduce_loops[2], reduce_loops[0]]
+        c_o, c_i = sch.split(c, [None, t_c])
+        x_o, x_i = sch.split(x, [None, t_w])
+        if split_channels:
+            rco = reduce_loops[0]
+            sch.reorder(c_o, b, rco, y, x_o, *reduce_loops[1:], c_i, x_i, lane)
+        else:
+            sch.reorder(b, c_o, y, x_o, *reduce_loops, c_i, x_i, lane)
+        c = c_o
+        inner = [c_i, x_i]
+    # (n, channel block, row) in parallel (padded image by image: the batch loop outermost,
+    # serial); a staged depthwise convolution runs its rows inside the loop over (n, channel
+    # block) that first builds the padded plane.
+    outer = [c, y] if per_image else [b, c, y]
+    if depthwise or not split_channels:
+        fused = sch.fuse(b, c) if staged else sch.fuse(*outer)
+        sch.reverse_compute_at(writeback, x_o, preserve_unit_loops=False)
+    else:
+        fused = sch.fuse(c, b)  # (channel block, n): see split_channels above
+        sch.reverse_compute_at(writeback, fused, preserve_unit_loops=False)
+    s._inline_consumers(sch, writeback)
+    if per_image:
+        s._stage_per_channel(sch, main, PAD_BLOCK, b, 1)
+        if work >= s.PARALLEL_MIN_WORK:
+            for rv in sch.get_producers(main):
+                pad_loops = sch.get_loops(rv)
+                if len(pad_loops) > 1 and s._const(sch.get(pad_loops[1]).extent):
+                    sch.parallel(pad_loops[1])  # the padded copy's channel blocks
+    # Only the innermost reduction loop is unrolled (input channels): unrolling a filter
+    # column loop too lets LLVM reuse the broadcast of an input pixel across columns of the
+    # tile, which keeps dozens of broadcasts alive and spills them to the stack (measured:
+    # 149 spills and 54% of the FMA peak on ResNet-18's 7x7x512 layer).
+    last = reduce_loops[-1]
+    extent = s._const(sch.get(last).extent)
+    if not depthwise and extent is not None and extent <= 8:
+        sch.unroll(last)
+    for lp in inner:
+        sch.unroll(lp)
+    sch.vectorize(lane)
+    if work >= s.PARALLEL_MIN_WORK:
+        sch.parallel(fused)
+    try:
+        sch.decompose_reduction(main, reduce_loops[0])
+    except ScheduleError:
+        return False
+    s._vectorize_innermost(sch, writeback, below=fused if split_channels else x_o,
+                           unroll_rest=True)
+    if staged:
+        s._stage_per_channel(sch, main, PAD_BLOCK, fused, 1)
+    s._schedule_rest(sch, s.vector_bits(target))
+    return True
+
+
+def schedule_pool_nchwc(sch: Any, target: Any) -> bool:
+    """Schedule rule for TVM's pooling kernels (max / average, block ``pool_*``) on NCHWc
+    tensors, which the generic rule leaves with the channel lanes outside the window loops:
+    the window is reduced with the ``c`` lanes as one vector (a local accumulator, written
+    back with any epilogue such as the average's division), the padding inlined (its
+    condition depends on the pixel, not on the lane), ``(n, channel block, row)`` in
+    parallel. False for any other kernel."""
+    from lepton_edge.lowering import schedules as s
+
+    bits = s.vector_bits(target)
+    lanes = bits // 32
+    blocks = s._blocks(sch)
+    if blocks is None:
+        return False
+    reductions = [b for b in blocks if b.is_reduction]
+    if len(reductions) != 1:
+        return False
+    pool = reductions[0]
+    block = sch.get(pool.rv)
+    name = block.name_hint
+    if not name.startswith("pool_") or not pool.kinds.startswith("SSSSS") \
+            or "S" in pool.kinds[5:] or len(block.writes) != 1:
+        return False
+    out = block.writes[0].source
+    if len(out.shape) != 5 or s._const(out.shape[4]) != lanes \
+            or s._const(pool.iters[4].dom.extent) != lanes:
+        return False
+    for b in blocks:
+        if b is not pool and s._feeds(sch, b.rv, pool.rv):
+            sch.compute_inline(b.rv)
+    main = sch.get_sblock(name)
+    work = s._work(sch.get(lp).extent for lp in sch.get_loops(main))
+    writeback = sch.cache_write(main, 0, "local")
+    b, c, y, x, lane, *window = sch.get_loops(main)
+    sch.reorder(b, c, y, x, *window, lane)
+    fused = sch.fuse(b, c, y)
+    sch.reverse_compute_at(writeback, x, preserve_unit_loops=False)
+    s._inline_consumers(sch, writeback)
+    sch.vectorize(lane)
+    if work >= s.PARALLEL_MIN_WORK:
+        sch.parallel(fused)
+    if window:
+        sch.decompose_reduction(main, window[0])
+    s._vectorize_innermost(sch, writeback, below=x, unroll_rest=True)
+    s._schedule_rest(sch, bits)
+    return True

@@ -1,0 +1,262 @@
+"""Channel-blocked float32 convolutions (lowering/nchwc.py): same results as onnxruntime for
+the convolution kinds a CNN has (regular, strided, padded, 1x1, depthwise, with channel counts
+that are and are not multiples of the vector width, bias / ReLU / clip / residual epilogues,
+pools between convolutions, symbolic batch), and the structure: the nchwc rule schedules the
+converted kernels and a chain of convolutions pays layout transforms only at its ends."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+
+import lepton_edge
+from lepton_edge.lowering import nchwc, schedules
+from lepton_edge.lowering import relax as lowering
+from tests.conftest import assert_close, ort_run
+
+rng = np.random.default_rng(7)
+TARGET = {"kind": "llvm", "mcpu": "haswell"}  # AVX2: 8 float lanes
+
+
+def const(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def cnn() -> onnx.ModelProto:
+    """3-channel stem (stays NCHW) -> residual 3x3 pair -> max pool -> strided 3x3 ->
+    depthwise -> clip -> 1x1 -> average pool -> 10-channel 1x1 (stays NCHW) -> global pool;
+    a second output taps the chain after the depthwise convolution."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r0"], ["s2"]),
+        helper.make_node("Relu", ["s2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "wd", "bd"], ["cd"], pads=[1, 1, 1, 1], group=24),
+        helper.make_node("Clip", ["cd", "lo", "hi"], ["depthwise"]),
+        helper.make_node("Conv", ["depthwise", "w4"], ["c4"]),
+        helper.make_node("AveragePool", ["c4"], ["p4"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p4", "w5", "b5"], ["c5"]),
+        helper.make_node("GlobalAveragePool", ["c5"], ["pooled"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "nchwc_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 20, 28])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 10, 1, 1]),
+         helper.make_tensor_value_info("depthwise", TensorProto.FLOAT, ["N", 24, 5, 7])],
+        [const("w0", 16, 3, 3, 3), const("b0", 16), const("w1", 16, 16, 3, 3), const("b1", 16),
+         const("w2", 16, 16, 3, 3), const("b2", 16), const("w3", 24, 16, 3, 3),
+         const("b3", 24), const("wd", 24, 1, 3, 3), const("bd", 24), const("w4", 32, 24, 1, 1),
+         const("w5", 10, 32, 1, 1), const("b5", 10),
+         numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feeds(model: lepton_edge.Model, batch: int) -> dict[str, np.ndarray]:
+    return {spec.name: rng.standard_normal(
+        [batch if isinstance(d, str) else d for d in spec.shape]).astype(np.float32)
+        for spec in model.inputs}
+
+
+def test_nchwc_cnn_matches_onnxruntime(build) -> None:
+    model = lepton_edge.load(cnn())
+    _, session = build(model, golden_count=1)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    for batch in (1, 3):  # symbolic batch: one build, any size
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def odd_convs() -> onnx.ModelProto:
+    """Convolutions next to the converted ones: a grouped convolution (stays NCHW), a
+    10-channel input (NCHW input, NCHWc output), asymmetric padding, a strided 1x1 and a
+    strided depthwise convolution."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[0, 1, 2, 1]),
+        helper.make_node("Conv", ["a", "wg", "bg"], ["g"], pads=[1, 1, 1, 1], group=2),
+        helper.make_node("Conv", ["g", "wp", "bp"], ["p"], strides=[2, 2]),
+        helper.make_node("Relu", ["p"], ["pr"]),
+        helper.make_node("Conv", ["pr", "wd"], ["d"], pads=[1, 0, 1, 1], strides=[2, 2],
+                         group=24),
+        helper.make_node("GlobalAveragePool", ["d"], ["pooled"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "odd_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10, 13, 18])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 24, 1, 1]),
+         helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N", 24, 4, 4])],
+        [const("wa", 16, 10, 3, 3), const("wg", 16, 8, 3, 3), const("bg", 16),
+         const("wp", 24, 16, 1, 1), const("bp", 24), const("wd", 24, 1, 3, 3)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_odd_convolutions_match_onnxruntime(build) -> None:
+    model = lepton_edge.load(odd_convs())
+    _, session = build(model, golden_count=1)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    for batch in (1, 2):
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def _calls(mod: tvm.IRModule, name: str) -> list[str]:
+    """Lines of the Relax main function calling ``name`` (TVMScript text)."""
+    text = mod["main"].script(show_meta=False)
+    return [line for line in text.splitlines() if f"R.{name}(" in line]
+
+
+def _converted(proto: onnx.ModelProto) -> tvm.IRModule:
+    mod = lowering.import_onnx(proto)
+    return schedules.ConvertConvLayout(tvm.target.Target(TARGET))(mod)
+
+
+def test_a_conv_chain_pays_layout_transforms_only_at_its_ends() -> None:
+    mod = _converted(cnn())
+    text = mod["main"].script(show_meta=False)
+    # 6 convolutions converted (the 3-channel stem with an NCHW input), the 10-channel one not
+    assert len(re.findall(r"R\.call_tir\((cls\.)?conv2d_nchwc", text)) == 6, text
+    assert len(_calls(mod, "nn.conv2d")) == 1
+    # Activation layout transforms: the tap of the depthwise output and the input of the
+    # 10-channel convolution; none between the converted convolutions, the pools, the
+    # residual add and the ReLU6 (clip as maximum / minimum) in between. (The others act on
+    # bias constants and fold while compiling.)
+    activations = [ln for ln in _calls(mod, "layout_transform") if "(N," in ln.split("=")[0]]
+    assert len(activations) == 2, activations
+    assert all("lambda i0, i1, i2, i3, i4:" in ln for ln in activations)  # back to NCHW
+    assert _calls(mod, "maximum") and _calls(mod, "minimum")  # Clip, still in NCHWc
+    assert not [ln for ln in text.splitlines() if "call_tir(cls.maximum" in ln]
+
+
+def test_converted_kernels_are_scheduled_by_the_nchwc_rule() -> None:
+    target = tvm.target.Target(TARGET)
+    report = schedules.ScheduleReport()
+    captured = {}
+
+    def keep(mod: tvm.IRModule, tgt: object, **kw: object) -> tvm.IRModule:
+        captured["mod"] = original(mod, tgt, **kw)
+        return captured["mod"]
+
+    original = schedules.apply_default_schedules
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schedules, "apply_default_schedules", keep)
+        tvm.compile(lowering.import_onnx(cnn()), target=target,
+                    relax_pipeline=schedules.cpu_pipeline(target, report=report))
+    convs = {name: rule for name, rule in report.rules.items() if "conv2d_nchwc" in name}
+    assert len(convs) == 6 and set(convs.values()) == {"nchwc"}, report.rules
+    # the pools between the convolutions, on NCHWc tensors, vectorized along the lanes
+    assert report.rules["max_pool2d"] == report.rules["avg_pool2d"] == "nchwc-pool"
+    for name in ("max_pool2d", "avg_pool2d"):
+        assert "T.vectorized(T.int64(8))" in captured["mod"][name].script()
+    for name in convs:
+        func = captured["mod"][name]
+        text = func.script()
+        assert "T.vectorized(T.int64(8))" in text and "T.unroll(" in text, name
+        # The epilogue (bias, ReLU, residual add, clip) joins the register tile's write-back:
+        # the kernel allocates its local accumulators and the padded input, nothing else.
+        allocs = [ln.strip() for ln in text.splitlines() if "T.sblock_alloc_buffer(" in ln]
+        assert any('scope="local"' in a for a in allocs), (name, allocs)
+        assert all('scope="local"' in a or a.startswith(nchwc.PAD_BLOCK + " =")
+                   for a in allocs), (name, allocs)
+
+
+def test_integer_and_grouped_convolutions_are_left_as_they_are() -> None:
+    from tvm import relax
+
+    def module(dtype: str, wdtype: str, groups: int, out_dtype: str) -> tvm.IRModule:
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 16, 8, 8), dtype))
+        weight = rng.integers(-3, 3, (16, 16 // groups, 3, 3)).astype(wdtype)
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=[1, 1, 1, 1],
+                                               groups=groups, out_dtype=out_dtype))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+        return bb.get()
+
+    for mod in (module("uint8", "int8", 1, "int32"),  # the int8 lowering's kernels
+                module("float32", "float32", 2, "float32")):  # grouped, not depthwise
+        converted, count = nchwc.convert_conv_layout(mod, 8)
+        assert count == 0 and converted.same_as(mod)
+    _, count = nchwc.convert_conv_layout(module("float32", "float32", 1, "float32"), 8)
+    assert count == 1
+
+
+def test_layout_switch_turns_the_conversion_off(monkeypatch) -> None:
+    monkeypatch.setenv("LEPTON_NCHWC", "0")
+    mod = _converted(cnn())
+    assert len(_calls(mod, "nn.conv2d")) == 7 and not _calls(mod, "layout_transform")
+
+
+@pytest.mark.parametrize("blocks, width", [(8, 56), (4, 28), (32, 14), (64, 7), (3, 5),
+                                           (1, 1), (160, 7), (2, 112)])
+def test_tile_shapes_fit_the_registers_and_divide_the_loops(blocks: int, width: int) -> None:
+    t_c, t_w = nchwc.tile_shape(blocks, width)
+    assert blocks % t_c == 0 and width % t_w == 0
+    assert t_c * t_w <= nchwc.TILE_ACCUMULATORS and t_c * t_w + t_c + 1 <= 16
+    if width % 4 == 0 and blocks % 2 == 0:
+        assert t_c * t_w >= 8  # enough independent accumulators to hide the FMA latency
+
+
+def test_packed_filters_keep_every_weight() -> None:
+    weight = rng.standard_normal((16, 24, 3, 3)).astype(np.float32)
+    packed = nchwc.pack_filter(weight, 8, depthwise=False)
+    assert packed.shape == (2, 3, 3, 3, 8, 8)
+    assert packed[1, 2, 0, 1, 5, 3] == weight[8 + 3, 16 + 5, 0, 1]
+    stem = nchwc.pack_filter(weight[:, :3], 8, depthwise=False, blocked=False)
+    assert stem.shape == (2, 3, 3, 3, 8) and stem[1, 2, 0, 1, 3] == weight[11, 2, 0, 1]
+    dw = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    assert nchwc.pack_filter(dw, 8, depthwise=True)[1, 2, 0, 3] == dw[11, 0, 2, 0]
+
+
+def _conv_then(op: onnx.NodeProto, out_shape: list[object], *inits: onnx.TensorProto
+               ) -> onnx.ModelProto:
+    """x -> Conv (8 -> 16 channels, NCHWc) -> ``op`` (reading "c") -> y."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), op],
+        "conv_then", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [const("w", 16, 8, 3, 3), *inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _axes(*values: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(values, np.int64), "axes")
+
+
+@pytest.mark.parametrize("proto, reason", [
+    (_conv_then(helper.make_node("ReduceMean", ["c", "axes"], ["y"]), ["N", 1, 6, 7],
+                _axes(1)), "relax.mean"),
+    (_conv_then(helper.make_node("Concat", ["c", "c"], ["y"], axis=1), ["N", 32, 6, 7]),
+     "concat"),
+    (_conv_then(helper.make_node("Split", ["c", "split"], ["y", "z"], axis=1), ["N", 8, 6, 7],
+                numpy_helper.from_array(np.array([8, 8], np.int64), "split")), "ConvertLayout"),
+])
+def test_ops_not_verified_in_nchwc_keep_the_module_in_nchw(proto: onnx.ModelProto,
+                                                           reason: str) -> None:
+    mod = lowering.import_onnx(proto)
+    with pytest.raises(nchwc.NotConvertible, match=reason):
+        nchwc.convert_conv_layout(mod, 8)
+    # the pipeline pass then leaves the module as it was, and says why
+    logged: list[str] = []
+    kept = schedules.ConvertConvLayout(tvm.target.Target(TARGET), logged.append)(mod)
+    assert _calls(kept, "nn.conv2d") and logged and "kept in NCHW" in logged[0]
+
+
+def test_a_global_pool_reads_nchwc_directly() -> None:
+    proto = _conv_then(helper.make_node("ReduceMean", ["c", "axes"], ["y"]), ["N", 16, 1, 1],
+                       _axes(2, 3))
+    _, count = nchwc.convert_conv_layout(lowering.import_onnx(proto), 8)
+    assert count == 1
