@@ -6,10 +6,9 @@
 #                                      # CNNs at 224x224, BERT-base-shaped encoder at seq 128;
 #                                      # fp32 and int8; batch 1 and a larger batch
 #
-# The full run takes LONG: --tune defaults to 0, so the CPU kernels are TVM's untuned
-# defaults (a 224x224 ResNet takes seconds per image, BERT-base longer, for every one of
-# the runs); --tune N tunes each model with N MetaSchedule trials first (much longer still,
-# but the tuning database is reused by later runs). Other options: --runs R --warmup W
+# The full run takes about 5 minutes here: --tune defaults to 0, so the CPU kernels are
+# lepton-edge's default schedules (lowering/schedules.py); --tune N tunes each model with N
+# MetaSchedule trials first (much longer, but the tuning database is reused by later runs). Other options: --runs R --warmup W
 # --calib S --out FILE (see benchmarks/models.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/untuned.py [--models digits,resnet18,mobilenet_v2,bert]
                                            [--runs R] [--warmup W] [--threads T]
-                                           [--plain | --no-pack] [--block K] [--pause-ms P]
+                                           [--plain | --no-pack | --no-nchwc] [--block K]
+                                           [--pause-ms P]
                                            [--batches B1,B2]
 
 Each model is compiled for "cpu" without tuning (the default schedules of
 lepton_edge/lowering/schedules.py; --plain sets LEPTON_DEFAULT_SCHEDULES=0 for TVM's plain
 loops, the "before" numbers; --no-pack sets LEPTON_PACK_CONV=0: pointwise convolutions keep
-their OIHW filters and vectorize along the output width) and timed with
+their OIHW filters and vectorize along the output width; --no-nchwc sets LEPTON_NCHWC=0:
+float32 convolutions stay NCHW instead of lowering/nchwc.py's channel-blocked layout) and
+timed with
 lepton_edge.bench.compare against onnxruntime fp32 on the same random input, in per-engine
 blocks (K timed calls of one engine back to back after a P ms pause and one untimed call, the
 engine order rotating every round; see lepton_edge.bench.Protocol). Printed per model and
@@ -84,6 +87,8 @@ def main() -> None:
                         help="TVM's plain loops (LEPTON_DEFAULT_SCHEDULES=0): the 'before'")
     parser.add_argument("--no-pack", action="store_true",
                         help="LEPTON_PACK_CONV=0: no packed pointwise filters (for A/B runs)")
+    parser.add_argument("--no-nchwc", action="store_true",
+                        help="LEPTON_NCHWC=0: float32 convolutions in NCHW, not NCHW8c (A/B runs)")
     args = parser.parse_args()
     if args.export is not None:
         _export(args.models.split(","), args.export)
@@ -92,6 +97,8 @@ def main() -> None:
         os.environ["LEPTON_DEFAULT_SCHEDULES"] = "0"
     if args.no_pack:
         os.environ["LEPTON_PACK_CONV"] = "0"
+    if args.no_nchwc:
+        os.environ["LEPTON_NCHWC"] = "0"
     if args.threads:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool
     names = [n.strip() for n in args.models.split(",") if n.strip()]
