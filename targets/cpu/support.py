@@ -258,7 +258,8 @@ def _inferred(nodes: list[onnx.NodeProto], inputs: dict[str, onnx.TypeProto],
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", opset)])
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - nothing known: the callers then refuse
+    except Exception:  # noqa: BLE001 - nothing known: _inner_view's conditions then see
+        # run-time values (and refuse), _narrow_reason judges by the outer values alone
         return {}, {}
     types: dict[str, int] = {}
     shapes: dict[str, tuple[Any, ...]] = {}
