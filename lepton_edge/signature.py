@@ -235,3 +235,41 @@ def check_feeds(
         expected = "; ".join(str(s) for s in specs)
         raise InputError("bad inputs: " + "; ".join(problems) + f". The model takes {expected}")
     return values, symbols.values
+
+
+class FeedChecker:
+    """check_feeds for one signature, remembering the last accepted call.
+
+    A call whose inputs are all plain tensors given as C-contiguous numpy arrays of exactly the
+    dtypes and shapes of the last accepted call passes without the full check (its result,
+    symbols included, would be the same); any other call takes check_feeds, errors and all.
+    """
+
+    def __init__(self, specs: tuple[TensorSpec, ...]) -> None:
+        self.specs = specs
+        self._plain = all(s.kind == TENSOR and s.dtype != "object" for s in specs)
+        # ((name, dtype, shape, narrow) per input, symbols) of the last accepted call
+        self._last: tuple[tuple[tuple[str, np.dtype, tuple[int, ...], bool], ...],
+                          dict[str, int]] | None = None
+
+    def __call__(self, feeds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+        last = self._last
+        if last is not None and type(feeds) is dict and len(feeds) == len(last[0]):
+            values: dict[str, Any] = {}
+            for name, dtype, shape, narrow in last[0]:
+                value = feeds.get(name)
+                if (type(value) is not np.ndarray or value.dtype is not dtype
+                        or value.shape != shape or not value.flags.c_contiguous):
+                    break
+                values[name] = value.view(np.uint8) if narrow else value
+            else:
+                return values, dict(last[1])
+        values, symbols = check_feeds(self.specs, feeds)
+        if self._plain:
+            self._last = (tuple((s.name, feeds[s.name].dtype, feeds[s.name].shape,
+                                 is_narrow(feeds[s.name].dtype))
+                                for s in self.specs if type(feeds[s.name]) is np.ndarray),
+                          dict(symbols))
+            if len(self._last[0]) != len(self.specs):
+                self._last = None  # an input given as a list or an ndarray subclass
+        return values, symbols

@@ -61,21 +61,51 @@ class TvmVmExecutable(Executable):
         self._device = tvm.runtime.cpu(0)
         self._vm = VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
         self._main = self._vm["main"]
+        # (input position, dtype, shape) -> an aligned numpy buffer and the TVM tensor over it
+        self._staged: dict[tuple[int, np.dtype, tuple[int, ...]], tuple[np.ndarray, Any]] = {}
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        # Like the VM itself, not for concurrent calls (the Session runs under its lock).
+        # A small input is copied into a 64-byte aligned buffer kept per position, dtype and
+        # shape, already wrapped as a TVM tensor: a copy of a few KiB costs less than asking
+        # numpy for the data pointer, and the caller's array is never handed to the VM.
+        staged = self._staged
+        args = []
+        for slot, array in enumerate(inputs):
+            hit = staged.get((slot, array.dtype, array.shape))
+            if hit is None:
+                args.append(self._convert(slot, array))
+            else:
+                hit[0][...] = array
+                args.append(hit[1])
+        return _to_numpy(self._main(*args))
+
+    def _convert(self, slot: int, array: np.ndarray) -> Any:
         # DLPack instead of tvm.runtime.tensor(): ~5x less per-call overhead, which is most of
         # a small model's batch-1 time. TVM's kernels assume 64-byte aligned data, so an
         # input that is not aligned (or not contiguous) is copied into an aligned buffer.
         # Dtypes outside DLPack's numeric set (bfloat16, float8 from ml_dtypes) take the copy.
         # Empty arrays too: TVM's DLPack import rejects their (unaligned) data pointers.
-        args = [self._tvm.from_dlpack(_aligned(a)) if a.dtype.name in _DLPACK_DTYPES and a.size
-                else self._tvm.tensor(a, self._device) for a in inputs]
-        return _to_numpy(self._main(*args))
+        if array.dtype.name not in _DLPACK_DTYPES or not array.size:
+            return self._tvm.tensor(array, self._device)
+        if array.nbytes > _STAGE_BYTES:
+            return self._tvm.from_dlpack(_aligned(array))
+        if len(self._staged) >= _STAGED_MAX:  # many shapes (a symbolic batch): start over
+            self._staged.clear()
+        buffer = _aligned_empty(array.shape, array.dtype)
+        np.copyto(buffer, array)
+        tensor = self._tvm.from_dlpack(buffer)
+        self._staged[(slot, array.dtype, array.shape)] = (buffer, tensor)
+        return tensor
 
 
 _ALIGN = 64
 _DLPACK_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
                             "uint32", "uint64", "float16", "float32", "float64"})
+
+
+_STAGE_BYTES = 1 << 16  # inputs up to this size are copied into a kept aligned buffer
+_STAGED_MAX = 16
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
@@ -85,11 +115,17 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     if (array.flags.writeable and array.ctypes.data % _ALIGN == 0
             and array.strides == _c_strides(array)):
         return array
-    buffer = np.empty(array.nbytes + _ALIGN, np.uint8)
-    start = (-buffer.ctypes.data) % _ALIGN
-    out = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out = _aligned_empty(array.shape, array.dtype)
     np.copyto(out, array)
     return out
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on a 64-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(nbytes + _ALIGN, np.uint8)
+    start = (-buffer.ctypes.data) % _ALIGN
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _c_strides(array: np.ndarray) -> tuple[int, ...]:
@@ -102,10 +138,12 @@ def _c_strides(array: np.ndarray) -> tuple[int, ...]:
 
 def _to_numpy(result: Any) -> list[np.ndarray]:
     if hasattr(result, "numpy"):
-        if str(result.dtype) in _DLPACK_DTYPES:
-            # a copy: the VM may reuse the output's storage on the next call
+        try:
+            # a copy: the VM may reuse the output's storage on the next call (and an output
+            # may be a staged input buffer)
             return [np.from_dlpack(result).copy()]
-        return [result.numpy()]
+        except (RuntimeError, BufferError):  # bfloat16, float8: not in DLPack's numeric set
+            return [result.numpy()]
     items = list(result)
     if all(isinstance(i, int) for i in items):  # a Shape output comes back as a shape tuple
         return [np.array(items, dtype=np.int64)]
