@@ -701,12 +701,29 @@ def _analyse_contraction(sch: Schedule, blk: _Block, bits: int) -> _Contraction 
         size = float(extent) if extent is not None else math.inf
         if size > reg_extent:
             reg, reg_extent, reg_factor = i, size, factor
+    if reg is None:
+        # No row to register-block (one row, or rows known only at run time: a batch folded
+        # into a dense layer's rows cannot be split without a bounds check): a tile of one
+        # row keeps only its column vectors as accumulators, and two leave the FMA units
+        # waiting on their latency (27% of the peak, digits' 512 -> 64 layer at batch 64).
+        # Widen the tile along the columns instead (panels: whole panels per tile).
+        vec_tile = _wide_tile(vec_extent, vec_tile, lanes, _ACCUMULATORS[bits] * 2 // 3,
+                              math.gcd(*panels) if panels else None)
     nvec = math.ceil(vec_tile / lanes)
     reg_tile = 1
     if reg is not None:
         reg_tile = _largest_divisor(reg_factor, max(1, _ACCUMULATORS[bits] // nvec))
     return _Contraction(blk, vec, reg, vec_tile, reg_tile, lanes, strided,
                         prepacked=bool(panels))
+
+
+def _wide_tile(extent: int, tile: int, lanes: int, vectors: int, panel: int | None) -> int:
+    """The widest tile of whole vectors (at most `vectors`) that divides `extent` (and holds
+    whole `panel`s, or fits in one), if wider than `tile`; else `tile`."""
+    for wide in range(vectors * lanes, tile, -lanes):
+        if extent % wide == 0 and (panel is None or wide % panel == 0 or panel % wide == 0):
+            return wide
+    return tile
 
 
 def _panel_tile(load: Any, var: Any) -> int | None:

@@ -7,6 +7,7 @@ converted kernels and a chain of convolutions pays layout transforms only at its
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -260,3 +261,27 @@ def test_a_global_pool_reads_nchwc_directly() -> None:
                        _axes(2, 3))
     _, count = nchwc.convert_conv_layout(lowering.import_onnx(proto), 8)
     assert count == 1
+
+
+def test_digits_cnn_with_its_dense_layers_matches_onnxruntime(build) -> None:
+    """The sample digits CNN: NCHWc convolutions, then dense layers whose rows (the batch) are
+    known only at run time, tiled wide along the columns (schedules._wide_tile)."""
+    model = lepton_edge.load(Path(__file__).resolve().parents[2]
+                             / "samples/digits/digits.onnx")
+    _, session = build(model, golden_count=0)
+    for batch in (1, 5, 64):
+        feeds = {"image": rng.standard_normal((batch, 1, 8, 8)).astype(np.float32)}
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+@pytest.mark.parametrize(("extent", "tile", "panel", "want"), [
+    (64, 16, 16, 64), (64, 16, None, 64), (10, 10, None, 10), (1000, 16, None, 40),
+    (48, 16, 16, 48), (48, 24, 24, 48), (24, 24, 24, 24), (128, 16, 32, 64)])
+def test_wide_tiles_hold_whole_vectors_and_panels(extent: int, tile: int, panel: int | None,
+                                                   want: int) -> None:
+    got = schedules._wide_tile(extent, tile, 8, 8, panel)
+    assert got == want
+    assert extent % got == 0 and got >= tile
+    assert got == tile or (got % 8 == 0 and got <= 64)
+    if panel is not None and got != tile:
+        assert got % panel == 0 or panel % got == 0
