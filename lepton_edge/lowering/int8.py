@@ -73,7 +73,7 @@ def requantize_reference(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, zer
 
 
 def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -128,
-                  high: int = 127, min_shift: int | None = None) -> Any:
+                  high: int = 127, min_shift: int | None = None, scale64: Any = None) -> Any:
     """The TE form of requantize_reference (bit-exact): int32 tensor `acc` -> int8.
 
     m0/shift are Python ints (per tensor) or te tensors (m0 int32, shift int64) that
@@ -89,7 +89,13 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     2^30), t = shift - 32 >= 1 and l = prod mod 2^32, the same rounding is
     q = (h + 2^(t-1) - [l == 0 and (h >> t) even]) >> t: the bits below 2^32 only decide exact
     ties. AVX2 has no 64-bit arithmetic shift, minimum or maximum; this way only the
-    multiply and the extraction of h and l work on 64-bit lanes."""
+    multiply and the extraction of h and l work on 64-bit lanes.
+
+    `scale64` (a Python float or a float64 te tensor like m0: m0 * 2^-shift, exact) selects
+    the float64 form, q = lrint(acc * scale64) (llvm.lrint: one vcvtpd2dq per 4 lanes on
+    x86): bit-exact when every |acc| * odd(m0) < 2^53 (the product is then exact; lrint
+    rounds half to even in the default rounding mode). LLVM targets only. The caller checks that bound and |acc * scale64| < 2^30 (float_requantize_ok); on
+    AVX2 it takes fewer vector instructions than the integer forms."""
     from tvm import te, tirx
 
     i64 = "int64"
@@ -138,8 +144,33 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
                      tirx.const(low, i64))
         return tirx.Let(prod, acc[index].astype(i64) * mult, q).astype("int8")
 
+    def body64(*index: Any) -> Any:
+        scale = (tirx.const(scale64, "float64") if isinstance(scale64, float)
+                 else at(scale64, index))
+        # |q| < 2^30 (float_requantize_ok): the zero point and the clip in int32
+        q = tirx.call_llvm_pure_intrin("int32", "llvm.lrint",
+                                       acc[index].astype("float64") * scale) \
+            + tirx.const(zero_point, "int32")
+        return tirx.max(tirx.min(q, tirx.const(high, "int32")),
+                        tirx.const(low, "int32")).astype("int8")
+
+    if scale64 is not None:
+        return te.compute(acc.shape, body64, name="requantize")
     fast = shift_min is not None and int(shift_min) >= 33
     return te.compute(acc.shape, body32 if fast else body, name="requantize")
+
+
+def float_requantize_ok(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray) -> bool:
+    """Whether requantize_te's float64 form is exact for accumulators |acc| <= `bound` (per
+    output channel, broadcast against m0 and shift): every |acc| * odd part of m0 below
+    2^53, and every |acc| * m0 * 2^-shift below 2^30 (it then fits int32)."""
+    m = np.asarray(m0, np.int64).ravel()
+    sh = np.broadcast_to(np.asarray(shift, np.int64).ravel(), m.shape)
+    top = np.broadcast_to(np.asarray(bound, np.int64).ravel(), m.shape)
+    odd = m // (m & -m).clip(min=1)
+    return bool(np.all(top >= 0) and np.all(top * odd < 2**53)
+                and np.all(top.astype(np.float64) * m * np.exp2(-sh.astype(np.float64))
+                           < 2**30))
 
 
 #: ops that only move or relabel elements: they commute with a per-tensor (de)quantize
@@ -169,13 +200,16 @@ def _dtype(expr: Any) -> str:
     return ""
 
 
-def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
-                         ) -> tuple[Any, LoweringReport]:
+def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
+                         float_requantize: bool = False) -> tuple[Any, LoweringReport]:
     """Rewrite the recognised QDQ patterns of every Relax function in `mod` to integer code.
 
     With `unsigned_activations` the activations of matmul and non-grouped conv2d kernels
     with constant weights are shifted to uint8 (x + 128) and the zero-point correction is
-    adjusted, so the kernels are uint8 x int8 -> int32 (bit-identical results)."""
+    adjusted, so the kernels are uint8 x int8 -> int32 (bit-identical results).
+    With `float_requantize` (x86 builds) a requantization whose accumulators are bounded
+    tightly enough (conv/matmul with constant weights: float_requantize_ok) uses the
+    float64 form of requantize_te, also bit-exact."""
     from tvm import relax
     from tvm.ir.expr import Constant  # TVM 0.27 moved relax.Constant into tvm.ir
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -306,10 +340,11 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
 
         def lower_core(self, kind: str, expr: Any, bias: Any, y_scale_f: float, y_zp_i: int,
                        low: int, high: int) -> Any:
+            self.bound = None
             acc, acc_scale, bshape = self.accumulate(kind, expr, bias)
             m0, shift = fixed_point_multiplier(acc_scale / y_scale_f)
             return self.requantize(acc, m0.reshape(bshape), shift.reshape(bshape), y_zp_i,
-                                   low, high)
+                                   low, high, self.bound)
 
         def accumulate(self, kind: str, expr: Any, bias: Any) -> tuple[Any, np.ndarray, tuple]:
             """int32 accumulator of conv2d/matmul over dequantized int8 operands, with the
@@ -342,6 +377,11 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
                 w_sum = w_q.astype(np.int64).sum(axis=0)
                 bshape = (out_channels,)
             correction = bias_q - int(x_zp) * w_sum
+            # |acc| bound per output channel: |x_q| <= 255 (uint8) or 128 (int8)
+            x_abs = 128 if _dtype(x_q) == "int8" else 255
+            w_abs = (np.abs(w_q.astype(np.int64)).reshape(out_channels, -1).sum(axis=1)
+                     if kind == "relax.nn.conv2d" else np.abs(w_q.astype(np.int64)).sum(axis=0))
+            self.bound = x_abs * w_abs + np.abs(correction)
             if np.abs(correction).max(initial=0) >= 2**31:
                 raise _NotLowerable("bias correction overflows int32")
             acc = self.builder_.emit(relax.op.add(
@@ -472,9 +512,15 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True
             return acc, w_q.astype(np.int64).reshape(w_q.shape[0], -1).sum(axis=1)
 
         def requantize(self, acc: Any, m0: np.ndarray, shift: np.ndarray, zp: int, low: int,
-                       high: int) -> Any:
+                       high: int, bound: np.ndarray | None = None) -> Any:
             """One elementwise kernel, requantize_te (a single TIR block: FuseOps fuses it
             into the conv/matmul's epilogue, and the schedules compute it per output tile)."""
+            if float_requantize and bound is not None and float_requantize_ok(bound, m0, shift):
+                scale = m0.astype(np.float64) * np.exp2(-shift.astype(np.float64))
+                scale_arg: Any = (float(scale.ravel()[0]) if np.all(scale == scale.ravel()[0])
+                                  else relax.const(scale, "float64"))
+                return self.builder_.call_te(requantize_te, acc, 0, 0, zp, low, high, None,
+                                             scale_arg, primfunc_name_hint="requantize")
             if np.all(m0 == m0.ravel()[0]) and np.all(shift == shift.ravel()[0]):
                 m0_arg: Any = int(m0.ravel()[0])
                 shift_arg: Any = int(shift.ravel()[0])

@@ -206,12 +206,12 @@ def legalize_passes() -> list[Any]:
             rx.transform.FuseOps(), rx.transform.FuseTIR()]
 
 
-def lower_int8(mod: Any) -> tuple[Any, Any]:
+def lower_int8(mod: Any, *, float_requantize: bool = False) -> tuple[Any, Any]:
     """Rewrite recognised QDQ patterns to integer kernels (see lowering/int8.py)."""
     from lepton_edge.lowering.int8 import lower_qdq_to_integer
 
     try:
-        return lower_qdq_to_integer(mod)
+        return lower_qdq_to_integer(mod, float_requantize=float_requantize)
     except Exception as exc:  # noqa: BLE001 - a pass bug must not pass silently
         raise TargetError(f"int8 lowering failed: {_first_line(exc)}") from exc
 

@@ -14,7 +14,8 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    "widen"); conv2d gets the pixel-vectorized int16 kernel (below: "AVX2 convolutions"),
    with the zero-point pad in front of it folded into its input packing; one-channel convs
    stay generic there; and int8 depthwise conv2d gets a kernel vectorized along the output
-   width ("depthwise int8 convolutions"). FuseOps may fuse the elementwise
+   width ("depthwise int8 convolutions"; a strided one stages its input per channel,
+   de-interleaved, with the zero-point pad folded in). FuseOps may fuse the elementwise
    consumers (bias, requantization) into the kernel; the rules recognise the kernel by its
    "dot" block, not by name.
 2. registers two implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
@@ -30,8 +31,8 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    pixel-vectorized convs use it with the roles swapped: A a weight pair, B 8 pixels x 2
    channels).
 3. `int8_rules(target)`: default-schedule rules (no tuning) that tile the kernels, keep the
-   accumulators in registers (the conv kernels: in parallel over whole blocks of output
-   channels, since TVM allocates a tile's buffers once per parallel iteration, with a
+   accumulators in registers (the conv kernels in parallel over whole blocks of output
+   channels, the matmuls over whole column panels when there are enough, since TVM allocates a tile's buffers once per parallel iteration, with a
    workspace call; per tile that cost more than the tile's work on small layers), run the
    fused epilogue per tile from the accumulators, and tensorize with the target's intrinsic (VNNI when the target
    has avx512vnni, else AVX2 / I16 when it has avx2, else none: the kernels then run TVM's
@@ -488,37 +489,51 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                     and tuple(int(v) for v in w.value.shape[:2]) == (int(dims[1]), 1))
 
         def depthwise(self, call: Any, x: Any, weight: np.ndarray) -> Any:
+            """AVX2: the depthwise kernel; a zero-point pad in front (lowering/int8.py) is
+            folded into its per-channel staging."""
             attrs = call.attrs
             (sh, sw), (dh, dw) = (tuple(int(v) for v in attrs.strides),
                                   tuple(int(v) for v in attrs.dilation))
-            h, wd = (int(d) for d in shape(x)[2:])
             _, _, kh, kw = weight.shape
-            oh = (h - (kh - 1) * dh - 1) // sh + 1
-            ow = (wd - (kw - 1) * dw - 1) // sw + 1
+            padding, pad_value = (0, 0, 0, 0), 0
+            if sw > 1 and self.out_width(call) >= PX_LANES:
+                # measured: staging pays at stride 2 (gathers otherwise); at stride 1 and on
+                # 7-wide rows the separate pad kernel was as fast or faster
+                x, padding, pad_value = self.folded_pad(x, "int8", -128, 127)
+            h, wd = (int(d) for d in shape(x)[2:])
+            oh = (h + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
+            ow = (wd + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
             tile = dw_tile(oh, ow)
             out = self.builder_.call_te(
                 _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw), tile,
-                primfunc_name_hint="int8_depthwise",
+                padding, pad_value, primfunc_name_hint="int8_depthwise",
                 primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
             notes.append(f"depthwise conv2d {list(weight.shape)}: vectorized along the width, "
-                         f"tile {tile[0]} rows x {tile[1]} pixels")
+                         f"tile {tile[0]} rows x {tile[1]} pixels"
+                         + (f", pad {list(padding)} folded" if any(padding) else ""))
             return out
+
+        def folded_pad(self, x: Any, want: str, low: int, high: int
+                       ) -> tuple[Any, tuple[int, int, int, int], int]:
+            """(input, (top, left, bottom, right), value) of a constant spatial pad of
+            dtype `want` producing `x` (the kernel then pads itself), else (x, 0s, 0)."""
+            source = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if source is not None and str(getattr(source.op, "name", "")) == "relax.nn.pad" \
+                    and str(source.attrs.pad_mode) == "constant" \
+                    and dtype(source.args[0]) == want:
+                widths = [int(v) for v in source.attrs.pad_width]
+                value = float(source.attrs.pad_value)
+                if len(widths) == 8 and not any(widths[:4]) and value == int(value) \
+                        and low <= value <= high:
+                    return (source.args[0], (widths[4], widths[6], widths[5], widths[7]),
+                            int(value))
+            return x, (0, 0, 0, 0), 0
 
         def conv2d_px(self, call: Any, x: Any, weight: np.ndarray) -> Any:
             """AVX2: the pixel-vectorized int16 kernel; a zero-point pad in front of the
             conv (lowering/int8.py) is folded into its packing pass."""
             attrs = call.attrs
-            padding, pad_value = (0, 0, 0, 0), 0
-            source = self.lookup_binding(x) if isinstance(x, relax.Var) else None
-            if source is not None and str(getattr(source.op, "name", "")) == "relax.nn.pad" \
-                    and str(source.attrs.pad_mode) == "constant" \
-                    and dtype(source.args[0]) == "uint8":
-                widths = [int(v) for v in source.attrs.pad_width]
-                value = float(source.attrs.pad_value)
-                if len(widths) == 8 and not any(widths[:4]) and value == int(value) \
-                        and 0 <= value <= 255:
-                    x, pad_value = source.args[0], int(value)
-                    padding = (widths[4], widths[6], widths[5], widths[7])
+            x, padding, pad_value = self.folded_pad(x, "uint8", 0, 255)
             o, _, kh, kw = weight.shape
             dims = [int(d) for d in shape(x)[1:]]
             (sh, sw), (dh, dw) = (tuple(int(v) for v in attrs.strides),
@@ -690,7 +705,11 @@ def _schedule_conv2d_px(sch: Any, intrin: str) -> None:
 # a row segment of up to DW_MAX_LANES pixels accumulates in registers over the KH x KW taps
 # (each tap one vector load of input pixels, widened, times the broadcast weight), and the
 # fused requantization runs on the tile. A row segment is a divisor of the output width
-# (no bounds checks); a stride reads every s-th input pixel.
+# (no bounds checks). A column stride (rows >= 8 wide) first stages each channel, in the
+# kernel's channel loop while it is in cache ("pack_dw"): padded with the zero point (the
+# pad kernel in front is folded in) and split into the stride's column phases, so that
+# every tap is one contiguous vector load instead of a gather. At stride 1, and for
+# narrower rows, the separate pad kernel measured as fast or faster than the staging.
 
 DW_BLOCK = "dot_dw"
 DW_MAX_LANES = 32  # int32 accumulators per row segment (4 ymm)
@@ -711,22 +730,43 @@ def dw_tile(oh: int, ow: int) -> tuple[int, int]:
 
 
 def _te_depthwise(x: Any, w: Any, strides: tuple[int, int], dilation: tuple[int, int],
-                  tile: tuple[int, int]) -> Any:
-    """NCHW int8 (padded) x [C, 1, KH, KW] int8 -> NCHW int32, one filter per channel."""
-    from tvm import te
+                  tile: tuple[int, int], padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+                  pad_value: int = 0) -> Any:
+    """NCHW int8 (`padding` top, left, bottom, right with `pad_value`) x [C, 1, KH, KW] int8
+    -> NCHW int32, one filter per channel. A padded or strided input is first staged per
+    channel ("pack_dw"): padded, its columns split into the stride's phases (w % s, w // s),
+    so that every tap reads contiguous pixels."""
+    from tvm import te, tirx
 
     n, c, h, wd = x.shape
     h, wd = int(h), int(wd)
     _, _, kh, kw = (int(v) for v in w.shape)
     (sh, sw), (dh, dw) = strides, dilation
-    oh = (h - (kh - 1) * dh - 1) // sh + 1
-    ow = (wd - (kw - 1) * dw - 1) // sw + 1
+    pt, pl, pb, pr = padding
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
+    if sw == 1 and not any(padding):
+        return te.compute(
+            (n, c, oh, ow),
+            lambda b, ch, y, z: te.sum(
+                x[b, ch, y * sh + ry * dh, z * sw + rx * dw].astype("int32")
+                * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
+            name=DW_BLOCK, attrs={PX_TILE_ATTR: list(tile)})
+    pad = tirx.const(pad_value, "int8")
+
+    def value(b: Any, ch: Any, row: Any, col: Any) -> Any:
+        inside = tirx.all(row >= pt, row < pt + h, col >= pl, col < pl + wd)
+        return tirx.if_then_else(tirx.likely(inside), x[b, ch, row - pt, col - pl], pad)
+
+    staged = te.compute(
+        (n, c, (oh - 1) * sh + (kh - 1) * dh + 1, sw, ow + ((kw - 1) * dw) // sw),
+        lambda b, ch, row, ph, j: value(b, ch, row, j * sw + ph), name="pack_dw")
     return te.compute(
         (n, c, oh, ow),
         lambda b, ch, y, z: te.sum(
-            x[b, ch, y * sh + ry * dh, z * sw + rx * dw].astype("int32")
+            staged[b, ch, y * sh + ry * dh, (rx * dw) % sw, z + (rx * dw) // sw].astype("int32")
             * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
         name=DW_BLOCK, attrs={PX_TILE_ATTR: list(tile)})
 
@@ -744,6 +784,9 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
     sch.reorder(b, ch_o, ch_i, y_o, z_o, ry, rx, y_i, z_i)
     outer = sch.fuse(b, ch_o)
     sch.parallel(outer)
+    if _has_block(sch, "pack_dw"):  # staged per channel, while it stays in cache
+        pack = sch.get_sblock("pack_dw")
+        sch.compute_at(pack, ch_i)
     sch.unroll(ry)
     sch.unroll(rx)
     sch.unroll(y_i)
@@ -768,6 +811,8 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
     mine = [i for i, name in enumerate(names) if name.startswith(ours)]
     for name in names[:mine[0]]:
         block = sch.get_sblock(name)
+        if name == "pack_dw":  # computed per channel inside the kernel
+            continue
         if not name.startswith("pack"):
             try:  # an elementwise input of the epilogue (a residual's dequantize)
                 sch.compute_inline(block)
@@ -838,17 +883,27 @@ def _schedule_matmul(sch: Any, intrin: str) -> None:
     nb_o, nb_i = sch.split(nb, factors=[None, nb_i_f])
     # weight-stationary: a [K, 16 * nb_i] weight panel stays in cache while all rows pass
     sch.reorder(nb_o, *lead, row_o, ko, row_i, nb_i, ni, ki)
-    outer = sch.fuse(nb_o, *lead, row_o)
+    # Parallel over whole column panels (all their rows) when there are enough of them: TVM
+    # allocates the tile buffers once per parallel iteration (a workspace call), which per
+    # tile cost a noticeable share of small tiles' work
+    panels = 1
+    for loop in (nb_o, *lead):
+        panels *= _extent(loop, sch) or 1
+    if panels >= PX_MIN_PARALLEL:
+        outer = sch.fuse(nb_o, *lead) if lead else nb_o
+        tile = row_o
+    else:
+        outer = tile = sch.fuse(nb_o, *lead, row_o)
     sch.parallel(outer)  # before tensorize: parallel needs the reduction block intact
     sch.unroll(row_i)
     sch.unroll(nb_i)
     cache = sch.cache_write(dot, 0, "local")
-    sch.reverse_compute_at(cache, outer)
+    sch.reverse_compute_at(cache, tile)
     init = sch.decompose_reduction(dot, ko)
     sch.tensorize(ni, intrin + LOCAL_ACC)
     _vectorize_inner(sch, init, lanes)
     _vectorize_inner(sch, cache, lanes)
-    _schedule_around(sch, outer)
+    _schedule_around(sch, tile)
 
 
 #: conv register tile: (accumulator vectors, output-channel blocks at most)

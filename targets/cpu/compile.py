@@ -71,7 +71,8 @@ class CpuTarget(Target):
         lowering = None
         packed: list[str] = []
         if _has_qdq(subgraph):
-            mod, lowering = relax.lower_int8(mod)
+            # x86: the exact float64 requantization where accumulators allow it (int8.py)
+            mod, lowering = relax.lower_int8(mod, float_requantize=meta["arch"] == "x86_64")
         cross = profile.get("cross_compiler") if meta["arch"] != host_arch() else None
         trials = profile.get("tune")
         tuning_db = profile.get("tuning_db")

@@ -208,6 +208,25 @@ def test_integer_kernel_is_bit_exact(case: str, build) -> None:
     assert np.abs(got.astype(int) - ort_spec(model, x_q).astype(int)).max() <= 1
 
 
+def test_float_requantize_only_when_asked_and_bounded() -> None:
+    """x86 builds (float_requantize=True) get the float64 requantization when the
+    accumulator bound allows it; the default (other targets: FPGA) keeps integers. The
+    compiled CPU builds above run it: their results are the bit-exact references."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from lepton_edge.lowering.int8 import float_requantize_ok
+
+    model, _ = qdq_model("conv")
+    mod = from_onnx(model, keep_params_in_input=False)
+    plain, _ = lower_qdq_to_integer(mod)
+    fast, _ = lower_qdq_to_integer(mod, float_requantize=True)
+    assert "float64" not in plain.script(show_meta=False)
+    assert "float64" in fast.script(show_meta=False)
+    m0, shift = fixed_point_multiplier(np.array([0.9, 1e-3]))
+    assert float_requantize_ok(np.array([2**21, 2**21]), m0, shift)
+    assert not float_requantize_ok(np.array([2**21, 2**30]), m0, shift)  # past 2^53
+
+
 def test_unrecognised_pattern_stays_float_and_correct(build) -> None:
     model, _ = qdq_model("matmul", weight_zp=5)  # asymmetric weights: not lowered
     _, session = build(lepton_edge.load(model))

@@ -185,6 +185,39 @@ def test_depthwise_conv2d_is_bit_exact(case: str, fused: bool) -> None:
     np.testing.assert_array_equal(run(executable, x), want)
 
 
+# x shape, kernel, strides, pad (top, left, bottom, right), batch: stride 2, output rows
+# >= 8 wide: the zero-point pad is folded into the kernel's de-interleaved staging
+DEPTHWISE_PADDED = {
+    "3x3_stride2": ([1, 16, 32, 32], 3, (2, 2), (1, 1, 1, 1), None),
+    "3x3_stride2_odd_width_11_channels": ([1, 11, 19, 21], 3, (2, 2), (1, 1, 1, 1), None),
+    "3x3_stride2_uneven_pad_symbolic_batch": ([N, 5, 18, 17], 3, (2, 2), (0, 1, 1, 2), 3),
+    "5x5_stride2_rows_only": ([1, 9, 17, 33], 5, (2, 1), (2, 2, 2, 2), None),
+}
+
+
+@pytest.mark.parametrize("case", list(DEPTHWISE_PADDED))
+@pytest.mark.parametrize("fused", [False, True])
+def test_depthwise_folded_pad_is_bit_exact(case: str, fused: bool) -> None:
+    x_shape, k, strides, pad, batch = DEPTHWISE_PADDED[case]
+    c = x_shape[1]
+    weight = extreme_int8((c, 1, k, k))
+    shift = 5 if fused else None
+    mod = conv_module(x_shape, weight, dtype="int8", strides=strides, pad=pad, pad_value=-7,
+                      shift=shift)
+    packed_mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
+    folded = strides[1] > 1
+    assert ("R.nn.pad" in packed_mod.script()) != folded
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and packed[0].startswith("depthwise conv2d"), packed
+    assert packed[0].endswith(f"pad {list(pad)} folded") == folded, packed
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    x[rng.random(shape) < 0.3] = -128
+    want = reference(x, weight, strides, (1, 1), pad, -7, c, shift)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
 def test_depthwise_tile_divides_the_width() -> None:
     assert x86_int8.dw_tile(56, 56) == (4, 8)  # 32 accumulators (4 ymm)
     assert x86_int8.dw_tile(112, 112) == (2, 16)
@@ -234,3 +267,76 @@ def test_32bit_requantize_equals_reference(per_channel: bool) -> None:
     lib["main"](*[tvm.runtime.tensor(f) for f in feeds], got)
     want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_float64_requantize_equals_reference(per_channel: bool) -> None:
+    """The float64 form (x86 builds, accumulators bounded: float_requantize_ok) against the
+    numpy definition at the bound, on random accumulators and on exact ties."""
+    from tvm import te
+
+    from lepton_edge.lowering.int8 import float_requantize_ok
+
+    multipliers = np.array([0.2499, 3.1e-3, 0.7, 1.7e-6, 2.3e-9, 0.0123, 1.9])
+    if not per_channel:
+        multipliers = multipliers[1:2]
+    m0, shift = fixed_point_multiplier(multipliers)
+    c = 7
+    bound = np.full(multipliers.size, 2**21)
+    assert float_requantize_ok(bound, m0, shift)
+    assert not float_requantize_ok(np.full(multipliers.size, 2**23), m0, shift)
+    acc = rng.integers(-2**21, 2**21 + 1, (5, c, 64), dtype=np.int64)
+    acc[1, :, :4] = [[-2**21, 2**21, 3, -3]] * c
+    for ch in range(multipliers.size):  # acc * m0 = (2k + 1) * 2^(shift - 1): exact ties
+        half = 1 << int(shift[ch] - 1)
+        step = half // np.gcd(int(m0[ch]), half)
+        ties = np.array([(2 * k + 1) * step for k in range(-32, 32)
+                         if abs((2 * k + 1) * step) <= 2**21], np.int64)
+        acc[2, ch if per_channel else slice(None), :ties.size] = ties
+    acc = acc.astype(np.int32)
+    shape = (1, -1, 1) if per_channel else ()
+    scale = m0.astype(np.float64) * np.exp2(-shift.astype(np.float64))
+    x = te.placeholder(acc.shape, "int32", "acc")
+    if per_channel:
+        scale_t = te.placeholder((1, c, 1), "float64", "scale")
+        out = requantize_te(x, 0, 0, -3, -100, 120, scale64=scale_t)
+        args, feeds = [x, scale_t, out], [acc, scale.reshape(shape)]
+    else:
+        out = requantize_te(x, 0, 0, -3, -100, 120, scale64=float(scale[0]))
+        args, feeds = [x, out], [acc]
+    sch = tvm.s_tir.Schedule(te.create_prim_func(args))
+    sch.vectorize(sch.get_loops(sch.get_sblock("requantize"))[-1])
+    lib = tvm.compile(sch.mod, target=HASWELL)
+    got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
+    lib["main"](*[tvm.runtime.tensor(f) for f in feeds], got)
+    want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_matmul_runs_whole_column_panels_per_parallel_iteration() -> None:
+    """The int16 matmul: parallel over column panels (all rows of one panel per iteration:
+    one accumulator allocation each), bit-exact with a symbolic batch."""
+    k, n = 64, 256
+    weight = extreme_int8((k, n))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([N, 12, k], "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(weight, "int8"), out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod, _ = x86_int8.pack_int8_kernels(bb.get(), HASWELL)
+    mod = relax.transform.LegalizeOps()(mod)
+    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_matmul_i16_avx2")
+    text = "".join(f.script() for f in mod.functions.values()
+                   if isinstance(f, tvm.tirx.PrimFunc))
+    # 256 columns = 16 panels of 2 x 8, per batch element, in parallel; in each, the
+    # 12 rows = 3 tiles of 4 in a serial loop
+    assert "T.parallel(N * T.int64(16))" in text, text
+    assert "for i1_0 in range(T.int64(3)):" in text, text
+    executable = tvm.compile(mod, target=HASWELL)
+    a = extreme_uint8((2, 12, k))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a)).numpy()
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ weight.astype(np.int64))
