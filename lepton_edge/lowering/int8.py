@@ -84,9 +84,10 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     One block, prod bound once (a Let), and m0 widened from int32 so that LLVM multiplies
     32 x 32 -> 64 bits (vpmuldq) instead of emulating a 64-bit multiply.
 
-    `min_shift` (a promise: every shift is at least that) >= 33, the usual case (multipliers
-    below 2^-1), selects 32-bit arithmetic after the multiply: with h = prod >> 32 (|h| <
-    2^30), t = shift - 32 >= 1 and l = prod mod 2^32, the same rounding is
+    `min_shift` (a promise: every shift is at least that) >= 33, the usual case (every
+    multiplier m0 * 2^-shift below 2^-2: m0 is in [2^30, 2^31)), selects 32-bit arithmetic
+    after the multiply: with h = prod >> 32 (|h| < 2^30), t = shift - 32 >= 1 and
+    l = prod mod 2^32, the same rounding is
     q = (h + 2^(t-1) - [l == 0 and (h >> t) even]) >> t: the bits below 2^32 only decide exact
     ties. AVX2 has no 64-bit arithmetic shift, minimum or maximum; this way only the
     multiply and the extraction of h and l work on 64-bit lanes.
@@ -94,8 +95,11 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     `scale64` (a Python float or a float64 te tensor like m0: m0 * 2^-shift, exact) selects
     the float64 form, q = lrint(acc * scale64) (llvm.lrint: one vcvtpd2dq per 4 lanes on
     x86): bit-exact when every |acc| * odd(m0) < 2^53 (the product is then exact; lrint
-    rounds half to even in the default rounding mode). LLVM targets only. The caller checks that bound and |acc * scale64| < 2^30 (float_requantize_ok); on
-    AVX2 it takes fewer vector instructions than the integer forms."""
+    rounds half to even in the default rounding mode). It assumes that mode,
+    round-to-nearest-even (x86 MXCSR's default): a caller that changes the floating-point
+    rounding mode around the kernel changes the results. LLVM targets only. The caller
+    checks that bound and |acc * scale64| < 2^30 (float_requantize_ok); on AVX2 it takes
+    fewer vector instructions than the integer forms."""
     from tvm import te, tirx
 
     i64 = "int64"
@@ -192,7 +196,8 @@ def _name(var: Any) -> str:
     return str(getattr(var, "name", None) or getattr(var, "name_hint", "") or "v")
 
 
-def _dtype(expr: Any) -> str:
+def expr_dtype(expr: Any) -> str:
+    """The dtype of a Relax expression ("" when it has none: a tuple, unknown)."""
     for attr in ("ty", "struct_info", "checked_type"):
         info = getattr(expr, attr, None)
         if info is not None and getattr(info, "dtype", None) is not None:
@@ -248,7 +253,7 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
         def visit_var_binding_(self, binding: Any) -> None:
             value = binding.value
             if self.float_outputs and op_name(value) in ("relax.nn.conv2d", "relax.matmul") \
-                    and _dtype(binding.var) == "float32" \
+                    and expr_dtype(binding.var) == "float32" \
                     and op_name(self.resolve(value.args[0])) == "relax.dequantize":
                 try:
                     new_value = self.lower_float_output(value)
@@ -323,7 +328,7 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
             while op_name(expr) in _MOVEMENT_OPS:
                 moves.append(expr)
                 expr = self.resolve(expr.args[0])
-            if op_name(expr) != "relax.dequantize" or _dtype(expr.args[0]) != "int8":
+            if op_name(expr) != "relax.dequantize" or expr_dtype(expr.args[0]) != "int8":
                 return None
             scale_in, zp_in = expr.args[1:3]
             if not (isinstance(scale_in, Constant) and isinstance(zp_in, Constant)):
@@ -378,7 +383,7 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
                 bshape = (out_channels,)
             correction = bias_q - int(x_zp) * w_sum
             # |acc| bound per output channel: |x_q| <= 255 (uint8) or 128 (int8)
-            x_abs = 128 if _dtype(x_q) == "int8" else 255
+            x_abs = 128 if expr_dtype(x_q) == "int8" else 255
             w_abs = (np.abs(w_q.astype(np.int64)).reshape(out_channels, -1).sum(axis=1)
                      if kind == "relax.nn.conv2d" else np.abs(w_q.astype(np.int64)).sum(axis=0))
             self.bound = x_abs * w_abs + np.abs(correction)
@@ -446,7 +451,7 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
             if scale.size != 1 or zp.size != 1:
                 raise _NotLowerable("per-channel activation quantization")
             source = deq.args[0]
-            dtype = _dtype(source)
+            dtype = expr_dtype(source)
             if dtype != "int8":
                 raise _NotLowerable(f"activation is {dtype}, not int8")
             return self.visit_expr(source), float(scale.ravel()[0]), int(zp.ravel()[0])

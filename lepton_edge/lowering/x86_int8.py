@@ -11,13 +11,23 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    intrinsic's description. conv2d packs its input to NCHW[c4] inside the kernel and writes
    NCHW. For an AVX2 target without VNNI, matmul weights are instead widened to int16 at
    compile time, [N/8, K/2, 8, 2], and the kernel widens its uint8 activations once (block
-   "widen"); conv2d gets the pixel-vectorized int16 kernel (below: "AVX2 convolutions"),
-   with the zero-point pad in front of it folded into its input packing; one-channel convs
-   stay generic there; and int8 depthwise conv2d gets a kernel vectorized along the output
-   width ("depthwise int8 convolutions"; a strided one stages its input per channel,
-   de-interleaved, with the zero-point pad folded in). FuseOps may fuse the elementwise
-   consumers (bias, requantization) into the kernel; the rules recognise the kernel by its
-   "dot" block, not by name.
+   "widen"). conv2d there gets one of two int16 kernels (`use_pixel_kernel`): 1x1 convs,
+   output rows narrower than 8 pixels and inputs of at most 4 channels get the
+   pixel-vectorized kernel (below: "AVX2 convolutions"; the zero-point pad in front of it
+   folded into its input packing); the other convs (kernels other than 1x1, rows >= 8 wide,
+   > 4 input channels: ResNet-18's 3x3 layers) keep the NCHW[c2] kernel (weights
+   [OC/8, C/2, KH, KW, 8, 2]: output channels along the vector, each input pair broadcast;
+   the pad stays a kernel of its own); one-channel convs stay generic. int8 depthwise conv2d
+   gets a kernel vectorized along the output width ("depthwise int8 convolutions"; a
+   strided one stages its input per channel, de-interleaved, with the zero-point pad folded
+   in). FuseOps may fuse the elementwise consumers (bias, requantization) into the kernel;
+   the rules recognise the kernel by its "dot" block, not by name. The requantization
+   there is lowering/int8.py's requantize_te: on x86 builds its float64 form where the
+   per-channel accumulator bounds make it exact (float_requantize_ok, checked at compile
+   time): q = lrint(acc * m0 * 2^-shift) (llvm.lrint, vcvtpd2dq), which rounds half to even
+   only in the default floating-point rounding mode (round-to-nearest-even; code that
+   changes MXCSR's rounding mode around a call would change results); else the 32-bit
+   integer form when every shift >= 33, else the 64-bit one.
 2. registers two implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
    (A 4 x uint8, B 16 x 4 int8, C 16 x int32):
    * INTRIN_VNNI: one `vpdpbusd` (llvm.x86.avx512.vpdpbusd.512 with <64 x i8> operands, as
@@ -52,6 +62,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from lepton_edge.lowering.int8 import expr_dtype
 
 Rule = Callable[[Any, Any], bool]
 
@@ -383,10 +395,6 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
     notes: list[str] = []
     avx2_only = target is not None and dot_intrinsic(target) == INTRIN_AVX2
 
-    def dtype(expr: Any) -> str:
-        info = getattr(expr, "ty", None)
-        return str(getattr(info, "dtype", "") or "")
-
     def shape(expr: Any) -> list[Any] | None:
         dims = getattr(getattr(expr, "ty", None), "shape", None)
         values = getattr(dims, "values", None)
@@ -402,8 +410,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             x, w = call.args
             if avx2_only and name == "relax.nn.conv2d" and self.is_depthwise(call):
                 return self.depthwise(call, x, w.value.numpy())
-            if str(call.attrs.out_dtype) != "int32" or dtype(x) != "uint8" \
-                    or not isinstance(w, Constant) or dtype(w) != "int8":
+            if str(call.attrs.out_dtype) != "int32" or expr_dtype(x) != "uint8" \
+                    or not isinstance(w, Constant) or expr_dtype(w) != "int8":
                 return call
             weight = w.value.numpy()
             if name == "relax.matmul":
@@ -478,8 +486,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             x, w = call.args
             attrs = call.attrs
             dims = shape(x)
-            return (str(attrs.out_dtype) == "int32" and dtype(x) == "int8"
-                    and isinstance(w, Constant) and dtype(w) == "int8"
+            return (str(attrs.out_dtype) == "int32" and expr_dtype(x) == "int8"
+                    and isinstance(w, Constant) and expr_dtype(w) == "int8"
                     and (str(attrs.data_layout), str(attrs.kernel_layout),
                          str(attrs.out_layout)) == ("NCHW", "OIHW", "NCHW")
                     and not any(int(p) for p in attrs.padding)
@@ -520,7 +528,7 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             source = self.lookup_binding(x) if isinstance(x, relax.Var) else None
             if source is not None and str(getattr(source.op, "name", "")) == "relax.nn.pad" \
                     and str(source.attrs.pad_mode) == "constant" \
-                    and dtype(source.args[0]) == want:
+                    and expr_dtype(source.args[0]) == want:
                 widths = [int(v) for v in source.attrs.pad_width]
                 value = float(source.attrs.pad_value)
                 if len(widths) == 8 and not any(widths[:4]) and value == int(value) \
@@ -572,7 +580,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
 # size works; the padded outputs are computed and dropped). The input's zero-point padding
 # and a strided conv's column phases (w % s, w // s: contiguous vector loads) are folded
 # into the packing pass, so no separate pad kernel runs; a 1x1 conv packs only the pixels
-# it reads and treats them as one flat row (no width padding per row).
+# it reads (the stride applied in the packing, so the kernel runs at stride 1), row by row,
+# each row zero-padded like the others to a whole number of tiles (Vx vectors of 8).
 
 PX_LANES = 8  # output pixels (int32) per vpmaddwd
 PX_MAX_NARROW_C = 4  # input channels: a stem conv (RGB) packs to c2 with little reuse
@@ -772,6 +781,8 @@ def _te_depthwise(x: Any, w: Any, strides: tuple[int, int], dilation: tuple[int,
 
 
 def _schedule_depthwise(sch: Any, intrin: str) -> None:
+    from tvm.s_tir.schedule import ScheduleError
+
     del intrin  # plain vector code: widen, multiply, add
     dot = sch.get_sblock(DW_BLOCK)
     b, ch, y, z, ry, rx = sch.get_loops(dot)
@@ -796,7 +807,7 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
     sch.decompose_reduction(dot, ry)
     try:  # the epilogue (or the output copy) reads the accumulators
         sch.compute_inline(cache)
-    except Exception:  # noqa: BLE001 - no epilogue: the copy writes the output itself
+    except ScheduleError:  # no epilogue: the cache's copy writes the output itself
         sch.vectorize(sch.get_loops(cache)[-1])
     _epilogue_per_tile(sch, DW_BLOCK, z_o, whole_rows=_extent(z_o, sch) == 1)
 
@@ -806,6 +817,8 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
     packing inlined into their consumers (a residual's dequantize) or given parallel loops,
     the elementwise epilogue inlined into its last block, which runs per output tile (loop
     `tile`), reading the accumulators, vectorized along the row, its other loops unrolled."""
+    from tvm.s_tir.schedule import ScheduleError
+
     root = sch.get_sblock("root")
     names = [sch.get(blk).name_hint for blk in sch.get_child_blocks(root)]
     mine = [i for i, name in enumerate(names) if name.startswith(ours)]
@@ -817,7 +830,7 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
             try:  # an elementwise input of the epilogue (a residual's dequantize)
                 sch.compute_inline(block)
                 continue
-            except Exception:  # noqa: BLE001 - a pass of its own
+            except ScheduleError:  # not inlinable: a pass of its own
                 pass
         _parallel_outer(sch, block)
     epilogue = names[mine[-1] + 1:]
@@ -827,7 +840,7 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
             try:  # a copy: read the accumulators directly
                 sch.compute_inline(block)
                 continue
-            except Exception:  # noqa: BLE001 - the output block itself: it stays
+            except ScheduleError:  # the output block itself: it stays
                 pass
         # Each step per tile, in order, its result a tile-sized local buffer. Not inlined:
         # TVM's simplifier would widen an int32 bias add into the requantization's int64
@@ -933,12 +946,15 @@ def _schedule_conv2d(sch: Any, intrin: str) -> None:
     _schedule_around(sch, outer)  # a whole output row: the epilogue vectorizes along W
 
 
-def _schedule_around(sch: Any, tile: Any, any_width: bool = False) -> None:
+def _schedule_around(sch: Any, tile: Any) -> None:
     """The other blocks of the function: the ones before the dot product (input packing,
     anything fused in front) run as parallel loops; the ones after it (unpacking and the
-    fused elementwise epilogue: bias, requantization) are computed per output tile, in order, right after the tile's accumulators are
-    written, while they are in cache (an "unpack" copy is inlined). A block that refuses
-    gets parallel loops of its own."""
+    fused elementwise epilogue: bias, requantization) are computed per output tile, in
+    order, right after the tile's accumulators are written, while they are in cache (an
+    "unpack" copy is inlined). A block that refuses (ScheduleError) gets parallel loops of
+    its own."""
+    from tvm.s_tir.schedule import ScheduleError
+
     root = sch.get_sblock("root")
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     ours = [i for i, n in enumerate(names) if n.startswith("dot")]  # init, update, write-back
@@ -951,16 +967,15 @@ def _schedule_around(sch: Any, tile: Any, any_width: bool = False) -> None:
             try:  # a pure copy: read the accumulators directly
                 sch.compute_inline(block)
                 continue
-            except Exception:  # noqa: BLE001 - an output block: it stays
+            except ScheduleError:  # an output block: it stays
                 pass
         try:  # each block per tile, in order: nothing is computed twice (no inlining)
             sch.reverse_compute_at(block, tile)
             loops = sch.get_loops(block)
             extent = _extent(loops[-1], sch)
-            if extent is not None and extent <= 4 * LANES and (
-                    extent % 8 == 0 or (any_width and extent > 1)):
+            if extent is not None and extent <= 4 * LANES and extent % 8 == 0:
                 sch.vectorize(loops[-1])
-        except Exception:  # noqa: BLE001 - falls back to parallel loops of its own
+        except ScheduleError:  # falls back to parallel loops of its own
             _parallel_outer(sch, block)
 
 

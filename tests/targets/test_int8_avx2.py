@@ -1,7 +1,8 @@
 """AVX2 (no VNNI) int8 kernels of lowering/x86_int8.py: int16 `vpmaddwd` kernels, bit-exact.
 
 For an AVX2 target without VNNI, pack_int8_kernels(mod, target) widens constant weights to
-int16 at compile time (matmul [N/8, K/2, 8, 2]; conv2d: the pixel-vectorized kernels of
+int16 at compile time (matmul [N/8, K/2, 8, 2]; conv2d: the pixel-vectorized kernel, or the
+NCHW[c2] kernel for wide KxK convs with more than 4 input channels: both tested in
 tests/targets/test_x86_int8_px.py) and the kernel widens its uint8 activations once; every
 8 x 2 block is one `vpmaddwd` (INTRIN_I16). Compared with numpy int64 math on extreme values (0/255
 activations, -128/127 weights).

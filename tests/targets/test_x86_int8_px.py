@@ -2,6 +2,8 @@
 
 * conv2d: pixel-vectorized int16 kernels (`vpmaddwd`: 8 output pixels x 2 input channels
   times a broadcast weight pair), the zero-point pad in front folded into the packing pass;
+  and, for wide KxK convs with more than 4 input channels (use_pixel_kernel false), the
+  NCHW[c2] int16 kernel (8 output channels x 2 input channels per `vpmaddwd`);
 * depthwise conv2d: vectorized along the output width;
 * the 32-bit requantization (lowering/int8.py requantize_te with every shift >= 33).
 
@@ -134,6 +136,39 @@ def test_wide_3x3_conv_keeps_the_c2_kernel() -> None:
     assert any(s.endswith("x86_int8_conv2d_i16_avx2") for s in scheduled), scheduled
     x = extreme_uint8((2, 10, 12, 12))
     want = reference(x, weight, (1, 1), (1, 1), (1, 1, 1, 1), 77, 1, 8)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+# The NCHW[c2] kernel's cases (rows >= 8 wide, > 4 input channels, KxK > 1): x shape,
+# (out channels, kernel), strides, dilation, pad (top, left, bottom, right), batch, shift
+C2_CONVS = {
+    "stride2_pad": ([1, 10, 19, 21], (12, 3), (2, 2), (1, 1), (1, 1, 1, 1), None, 9),
+    "dilated_pad": ([1, 6, 14, 13], (20, 3), (1, 1), (2, 2), (2, 2, 2, 2), None, None),
+    "uneven_pad_odd_channels": ([1, 9, 10, 12], (9, 3), (1, 1), (1, 1), (0, 1, 2, 0), None,
+                                8),
+    "symbolic_batch_strided_dilated": ([N, 8, 21, 20], (16, 3), (2, 1), (2, 2),
+                                       (1, 2, 0, 1), 2, 10),
+    "5x5_stride2": ([1, 7, 20, 22], (8, 5), (2, 2), (1, 1), (2, 2, 2, 2), None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(C2_CONVS))
+def test_c2_conv2d_is_bit_exact(case: str) -> None:
+    """The NCHW[c2] int16 kernel (still ResNet-18's wide 3x3 layers) with strides, dilation,
+    uneven zero-point padding (a pad pass of its own), a symbolic batch, a fused epilogue."""
+    x_shape, (oc, k), strides, dilation, pad, batch, shift = C2_CONVS[case]
+    weight = extreme_int8((oc, x_shape[1], k, k))
+    width = (x_shape[3] + pad[1] + pad[3] - (k - 1) * dilation[1] - 1) // strides[1] + 1
+    assert width >= x86_int8.PX_LANES  # the case really is one for the c2 kernel
+    assert not x86_int8.use_pixel_kernel(weight.shape, width)
+    mod = conv_module(x_shape, weight, strides=strides, dilation=dilation, pad=pad,
+                      pad_value=201, shift=shift)
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and "NCHW[c2] input, packed int16" in packed[0], packed
+    assert any(s.endswith("x86_int8_conv2d_i16_avx2") for s in scheduled), scheduled
+    shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
+    x = extreme_uint8(shape)
+    want = reference(x, weight, strides, dilation, pad, 201, 1, shift)
     np.testing.assert_array_equal(run(executable, x), want)
 
 
