@@ -36,15 +36,20 @@ from typing import Any
 
 import numpy as np
 
+from lepton_edge.lowering.int8 import expr_dtype
+
 #: The kernel layout of a packed convolution weight.
 PACKED_KERNEL_LAYOUT = "IHWO"
 
 
-def _dtype(expr: Any) -> str:
-    return str(getattr(getattr(expr, "ty", None), "dtype", "") or "")
+def error_message(exc: BaseException) -> str:
+    """The message of a (TVM) exception: TVM errors end with it after a traceback dump, so
+    this is the last non-empty line, at most 500 characters."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
-def _rewrite_calls(mod: Any, rewrite: Any) -> Any:
+def rewrite_calls(mod: Any, rewrite: Any) -> Any:
     """`mod` with every call of its Relax functions replaced by `rewrite(mutator, call)`
     (called after the call's arguments were rewritten; `mutator` gives lookup_binding and
     builder_)."""
@@ -80,8 +85,8 @@ def pack_conv2d_weights(mod: Any, *, lanes: int = 8) -> tuple[Any, int]:
             return call
         x, w = call.args
         attrs = call.attrs
-        if not isinstance(w, Constant) or _dtype(x) not in ("float32", "float64") \
-                or _dtype(w) != _dtype(x):
+        if not isinstance(w, Constant) or expr_dtype(x) not in ("float32", "float64") \
+                or expr_dtype(w) != expr_dtype(x):
             return call
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) \
                 != ("NCHW", "OIHW", "NCHW"):
@@ -103,7 +108,7 @@ def pack_conv2d_weights(mod: Any, *, lanes: int = 8) -> tuple[Any, int]:
         packed += 1
         return new
 
-    return _rewrite_calls(mod, pack), packed
+    return rewrite_calls(mod, pack), packed
 
 
 def matmul_tile(columns: int, lanes: int, vectors: int) -> int | None:
@@ -143,7 +148,7 @@ def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3) -> tuple[
         x, w = call.args
         if isinstance(w, relax.Var):  # bound to a constant (a Gemm's folded transpose)
             w = mutator.lookup_binding(w)
-        if not isinstance(w, Constant) or _dtype(x) != "float32" or _dtype(w) != "float32":
+        if not isinstance(w, Constant) or expr_dtype(x) != "float32" or expr_dtype(w) != "float32":
             return call
         out_dtype = str(call.attrs.out_dtype)
         if out_dtype not in ("", "void", "None", "float32"):
@@ -165,4 +170,4 @@ def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3) -> tuple[
         return mutator.builder_.call_te(kernel, x, const, tile,
                                         primfunc_name_hint="matmul_packed")
 
-    return _rewrite_calls(mod, pack), packed
+    return rewrite_calls(mod, pack), packed

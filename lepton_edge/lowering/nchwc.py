@@ -3,12 +3,16 @@
 :func:`convert_conv_layout` (the Relax pass ``lowering.schedules.ConvertConvLayout``, first in
 :func:`lowering.schedules.cpu_pipeline`) stores the activations around every convertible float32
 ``relax.nn.conv2d`` as ``[N, C / c, H, W, c]`` (``c`` = the SIMD width in floats, 8 on AVX2)
-with TVM's ``relax.transform.ConvertLayout``, which keeps that layout through the elementwise
-ops (bias, ReLU, residual add, Clip) and pools between convolutions, so a chain of
-convolutions pays one ``layout_transform`` at each end or at an op that cannot take the layout
-(a Flatten, a ``mean``, a convolution left in NCHW). TVM's ONNX importer turns Clip (ReLU6)
-into ``call_tir`` kernels that ConvertLayout cannot see through; :func:`clips_as_ops` first
-rewrites them to ``relax.maximum`` / ``relax.minimum`` of their constant bound. Each converted
+with TVM's ``relax.transform.ConvertLayout``, which keeps that layout through the ops of
+:data:`FOLLOWS_LAYOUT` (bias, ReLU, residual add, Clip, Max / Min, pools) and reductions over
+H and W only (a global average pool reads NCHWc directly), so a chain of convolutions pays
+one ``layout_transform`` at each end. Every other op (a Flatten, a Softmax, a Resize, a
+Concat, a reduction over channels, an instance norm, a product with a ``[N, 1, H, W]``
+attention map) gets its operands back in NCHW (:func:`_nchw_barriers`) and runs as imported;
+the convolutions around it stay blocked. TVM's ONNX importer turns Clip (ReLU6) into
+``call_tir`` kernels and Max / Min into a reduction of a ``stack`` that ConvertLayout cannot
+convert; :func:`clips_as_ops` and :func:`stacked_extrema_as_ops` first rewrite them to
+``relax.maximum`` / ``relax.minimum``. Each converted
 convolution then becomes a kernel of its own (``call_te`` of :func:`conv2d_nchwc_te`, blocks
 :data:`CONV_BLOCK` / :data:`DEPTHWISE_BLOCK`, padding in the block :data:`PAD_BLOCK`) whose
 filter is packed once at compile time with numpy (:func:`pack_filter`).
@@ -37,8 +41,7 @@ width and builds each channel block's padded plane inside its parallel loop.
 tensors along the lanes.
 
 ``LEPTON_NCHWC=0`` turns the conversion off (the convolutions keep NCHW and the schedules of
-lowering/schedules.py), for A/B runs; ``LEPTON_NCHWC_PLANE=0`` turns off the whole-plane
-accumulation of small planes, ``LEPTON_NCHWC_PER_IMAGE=0`` the per-image padding.
+lowering/schedules.py), for A/B runs.
 
 Measured (benchmarks/untuned.py, 1 thread, ratio to onnxruntime fp32 in the same run, noisy
 shared machine): ResNet-18-shaped b1 2.1x -> 1.1x, b8 -> 1.1x; MobileNetV2-shaped b1 2.2x ->
@@ -52,6 +55,9 @@ import os
 from typing import Any
 
 import numpy as np
+
+from lepton_edge.lowering.int8 import expr_dtype
+from lepton_edge.lowering.layout import error_message
 
 #: Names of the TE blocks this module creates (the schedule rule finds its kernels by them).
 CONV_BLOCK = "conv2d_nchwc"
@@ -72,20 +78,8 @@ PLANE_ACCUMULATORS = 1024
 PLANE_ACCUMULATORS_POINTWISE = 256
 
 
-def _per_image_enabled() -> bool:
-    return os.environ.get("LEPTON_NCHWC_PER_IMAGE", "1") != "0"
-
-
-def _plane_split_enabled() -> bool:
-    return os.environ.get("LEPTON_NCHWC_PLANE", "1") != "0"
-
-
 def enabled() -> bool:
     return os.environ.get("LEPTON_NCHWC", "1") != "0"
-
-
-def _dtype(expr: Any) -> str:
-    return str(getattr(getattr(expr, "ty", None), "dtype", "") or "")
 
 
 def _shape(expr: Any) -> list[int | None]:
@@ -110,7 +104,7 @@ def convertible(call: Any, lanes: int) -> str | None:
         return None
     x, w = call.args
     attrs = call.attrs
-    if not isinstance(w, Constant) or _dtype(x) != "float32" or _dtype(w) != "float32":
+    if not isinstance(w, Constant) or expr_dtype(x) != "float32" or expr_dtype(w) != "float32":
         return None
     if str(attrs.out_dtype) not in ("", "void", "None", "float32"):
         return None
@@ -135,13 +129,18 @@ def convertible(call: Any, lanes: int) -> str | None:
 
 def convert_conv_layout(mod: Any, lanes: int) -> tuple[Any, int]:
     """``(module, number of convolutions converted)``: TVM's ConvertLayout with NCHW{lanes}c
-    activations for the :func:`convertible` convolutions only, then each of them replaced by
+    activations for the :func:`convertible` convolutions only (the operands of any op not
+    verified in that layout converted back to NCHW before it), then each of them replaced by
     a :func:`conv2d_nchwc_te` kernel with its filter packed in numpy. Raises
-    :class:`NotConvertible` when ConvertLayout fails or would give an NCHWc tensor to an op
-    outside :data:`FOLLOWS_LAYOUT`."""
+    :class:`NotConvertible`, naming TVM's message, when ConvertLayout itself fails (or, as a
+    check of :func:`_nchw_barriers`, would still give an NCHWc tensor to an op outside
+    :data:`FOLLOWS_LAYOUT`)."""
     from tvm import relax
 
+    last_op = [""]  # the op ConvertLayout visits (named if its layout inference fails)
+
     def layout_cb(call: Any) -> Any:
+        last_op[0] = str(getattr(call.op, "name", call.op))
         data = convertible(call, lanes)
         if data is not None:
             return {"relax.nn.conv2d": [data, f"OIHW{lanes}o", f"NCHW{lanes}c"]}
@@ -153,14 +152,18 @@ def convert_conv_layout(mod: Any, lanes: int) -> tuple[Any, int]:
 
     if not _has_convertible(mod, lanes):
         return mod, 0
-    original = clips_as_ops(mod)
+    original = _nchw_barriers(stacked_extrema_as_ops(clips_as_ops(mod)), lanes)
     try:
         converted = relax.transform.ConvertLayout({}, layout_cb)(original)
-        converted = relax.transform.Normalize()(converted)
-    except Exception as exc:  # noqa: BLE001 - TVM's layout inference of some op failed
-        raise NotConvertible(f"TVM's ConvertLayout failed: {_first_line(exc)}") from exc
+        converted = relax.transform.Normalize()(_drop_barriers(converted))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        # TVM's layout inference of some op failed (its FFI raises InternalError, a
+        # RuntimeError, or the builtin error named by the C++ check)
+        raise NotConvertible(f"TVM's ConvertLayout failed at {last_op[0] or 'an op'}: "
+                             f"{error_message(exc)}") from exc
+    before = _blocked_inputs(original)
     unsafe = sorted(op for op, count in _blocked_inputs(converted).items()
-                    if op not in FOLLOWS_LAYOUT and count > _blocked_inputs(original).get(op, 0))
+                    if op not in FOLLOWS_LAYOUT and count > before.get(op, 0))
     if unsafe:
         raise NotConvertible("NCHWc tensors would reach " + ", ".join(unsafe)
                              + " (not verified in that layout)")
@@ -172,15 +175,13 @@ class NotConvertible(Exception):
     NCHW, which is always correct, and logs why)."""
 
 
-#: Ops that may take the NCHWc tensors between convolutions (TVM's layout inference for them
-#: is covered by tests/targets/test_nchwc.py); any other op that ConvertLayout would feed an
-#: NCHWc tensor (a channel Split, a Softmax or reduction over channels, a Concat, a Resize)
-#: makes :func:`convert_conv_layout` refuse the whole module.
+#: Ops that may take the NCHWc tensors between convolutions (tests/targets/test_nchwc.py
+#: compares models with each of them to onnxruntime); any other op gets its operands back in
+#: NCHW (:func:`_nchw_barriers`).
 FOLLOWS_LAYOUT = frozenset({
     "relax.nn.conv2d", "relax.layout_transform", "relax.add", "relax.subtract",
     "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum", "relax.nn.relu",
-    "relax.clip", "relax.sigmoid", "relax.tanh", "relax.nn.max_pool2d", "relax.nn.avg_pool2d",
-    "relax.nn.adaptive_avg_pool2d"})
+    "relax.sigmoid", "relax.tanh", "relax.abs", "relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
 
 
 #: Reductions that may take an NCHWc tensor when they reduce over H and W only.
@@ -188,13 +189,111 @@ SPATIAL_REDUCTIONS = frozenset({"relax.mean", "relax.sum", "relax.max", "relax.m
 
 
 def _spatial_axes(call: Any) -> bool:
-    """True when the reduction ``call`` of a rank-5 (NCHWc) tensor reduces over some of its
-    H and W axes only (not the channel blocks or the lanes)."""
+    """True when the reduction ``call`` of a rank-4 (NCHW) or rank-5 (NCHWc) tensor reduces
+    over some of its H and W axes only (not the channels, channel blocks or lanes)."""
     axes = getattr(call.attrs, "axis", None)
-    if axes is None or not call.args or len(_shape(call.args[0])) != 5:
+    rank = len(_shape(call.args[0])) if call.args else 0
+    if axes is None or rank not in (4, 5):
         return False
-    normalized = {int(a) % 5 for a in axes}
+    normalized = {int(a) % rank for a in axes}
     return bool(normalized) and normalized <= {2, 3}
+
+
+#: Elementwise ops of :data:`FOLLOWS_LAYOUT` whose tensor operands broadcast against each other.
+ELEMENTWISE = frozenset({
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+    "relax.minimum"})
+#: The identity op (no layout inference in TVM, so ConvertLayout hands it NCHW) that
+#: :func:`_nchw_barriers` puts before the operands of an op not verified in NCHWc.
+_BARRIER = "relax.builtin.stop_lift_params"
+
+
+def _needs_nchw(call: Any, lanes: int) -> bool:
+    """True when ``call`` must read its 4-d operands in NCHW: an op outside
+    :data:`FOLLOWS_LAYOUT` (other than a spatial reduction), or an elementwise op with a
+    variable operand that cannot be channel-blocked alongside (a ``[N, 1, H, W]`` map, a
+    channel count not a multiple of ``lanes``, another rank)."""
+    from tvm.ir.expr import Constant
+
+    name = str(getattr(call.op, "name", ""))
+    if name in ("relax.call_tir", _BARRIER) or not name.startswith("relax."):
+        return False
+    if name in SPATIAL_REDUCTIONS and _spatial_axes(call):
+        return False
+    if name not in FOLLOWS_LAYOUT:
+        return True
+    if name not in ELEMENTWISE:
+        return False
+    for arg in call.args:
+        if isinstance(arg, Constant):
+            continue
+        shape = _shape(arg)
+        if len(shape) == 0:
+            continue
+        if len(shape) != 4 or shape[1] is None or shape[1] % lanes:
+            return True
+    return False
+
+
+def _nchw_barriers(mod: Any, lanes: int) -> Any:
+    """``mod`` with each variable 4-d float32 operand of a :func:`_needs_nchw` call wrapped in
+    :data:`_BARRIER`, so that ConvertLayout converts it back to NCHW there (removed again by
+    :func:`_drop_barriers`): the op computes in NCHW as imported, the rest stays blocked."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    from lepton_edge.lowering.layout import rewrite_calls
+
+    def wrap(mutator: Any, arg: Any) -> Any:
+        if isinstance(arg, relax.Tuple):
+            return relax.Tuple([wrap(mutator, field) for field in arg.fields])
+        if isinstance(arg, Constant) or len(_shape(arg)) != 4 or expr_dtype(arg) != "float32":
+            return arg
+        return mutator.builder_.emit(relax.op.builtin.stop_lift_params(arg))
+
+    def channel_constant(arg: Any, channels: int) -> Any:
+        """A constant operand (else ``arg``) that broadcasts over NCHW as ``[1, C, h, w]`` (h, w each 1 or
+        the full size), so that ConvertLayout blocks it too (a transform of a constant,
+        folded while compiling) instead of computing the op in NCHW."""
+        value = arg.value.numpy()
+        if value.size <= 1 or value.ndim > 4:
+            return arg
+        value = value.reshape((1,) * (4 - value.ndim) + value.shape)
+        if value.shape[0] != 1 or value.shape[1] not in (1, channels):
+            return arg
+        return relax.const(np.ascontiguousarray(
+            np.broadcast_to(value, (1, channels, *value.shape[2:]))))
+
+    def rewrite(mutator: Any, call: Any) -> Any:
+        if not _needs_nchw(call, lanes):
+            if str(getattr(call.op, "name", "")) not in ELEMENTWISE:
+                return call
+            blocked = [_shape(a)[1] for a in call.args
+                       if not isinstance(a, Constant) and len(_shape(a)) == 4]
+            if not blocked:
+                return call
+            args = [channel_constant(a, blocked[0]) if isinstance(a, Constant) else a
+                    for a in call.args]
+            if all(new.same_as(old) for new, old in zip(args, call.args)):
+                return call
+            return relax.Call(call.op, args, call.attrs, call.ty_args)
+        args = [wrap(mutator, arg) for arg in call.args]
+        if all(new.same_as(old) for new, old in zip(args, call.args)):
+            return call
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+    return rewrite_calls(mod, rewrite)
+
+
+def _drop_barriers(mod: Any) -> Any:
+    from tvm import relax
+
+    from lepton_edge.lowering.layout import rewrite_calls
+
+    def rewrite(_mutator: Any, call: Any) -> Any:
+        return call.args[0] if str(getattr(call.op, "name", "")) == _BARRIER else call
+
+    return relax.transform.CanonicalizeBindings()(rewrite_calls(mod, rewrite))
 
 
 def _blocked_inputs(mod: Any) -> dict[str, int]:
@@ -222,11 +321,6 @@ def _blocked_inputs(mod: Any) -> dict[str, int]:
         if isinstance(func, relax.Function):
             Count().visit_expr(func)
     return counts
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else type(exc).__name__
 
 
 def _scalar(mutator: Any, expr: Any) -> float | None:
@@ -266,7 +360,7 @@ def clips_as_ops(mod: Any) -> Any:
     float32 bound to ``relax.maximum`` / ``relax.minimum`` of the constant."""
     from tvm import relax, tirx
 
-    from lepton_edge.lowering.layout import _rewrite_calls
+    from lepton_edge.lowering.layout import rewrite_calls
 
     kinds: dict[str, str] = {}
     for gvar, func in mod.functions_items():
@@ -285,14 +379,62 @@ def clips_as_ops(mod: Any) -> Any:
             return call
         x, bound = args.fields
         value = _scalar(mutator, bound)
-        if value is None or _dtype(x) != "float32" or np.isnan(value):
+        if value is None or expr_dtype(x) != "float32" or np.isnan(value):
             return call
         op = relax.op.maximum if kind == "maximum" else relax.op.minimum
         return op(x, relax.const(np.float32(value)))
 
     if not kinds:
         return mod
-    mod = _rewrite_calls(mod, rewrite)
+    mod = rewrite_calls(mod, rewrite)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def stacked_extrema_as_ops(mod: Any) -> Any:
+    """TVM's ONNX frontend imports Max / Min of several tensors as ``max`` / ``min`` over
+    axis 0 of a ``stack`` of their ``broadcast_to`` copies, which ConvertLayout cannot convert
+    (its layout inference of that reduction fails): rewrite it to a chain of
+    ``relax.maximum`` / ``relax.minimum`` of the tensors themselves (the same numbers, with
+    numpy broadcasting to the same shape), which keep the NCHWc layout."""
+    from tvm import relax
+
+    from lepton_edge.lowering.layout import rewrite_calls
+
+    def bound(mutator: Any, expr: Any) -> Any:
+        value = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return value if isinstance(value, relax.Call) else None
+
+    def rewrite(mutator: Any, call: Any) -> Any:
+        name = str(getattr(call.op, "name", ""))
+        if name not in ("relax.max", "relax.min") or bool(call.attrs.keepdims) \
+                or [int(a) for a in (call.attrs.axis or [])] != [0]:
+            return call
+        stacked = bound(mutator, call.args[0])
+        if stacked is None or str(getattr(stacked.op, "name", "")) != "relax.stack" \
+                or int(stacked.attrs.axis) != 0:
+            return call
+        fields = stacked.args[0].fields if isinstance(stacked.args[0], relax.Tuple) else None
+        if not fields:
+            return call
+        operands = []
+        for field in fields:
+            copy = bound(mutator, field)
+            if copy is not None and str(getattr(copy.op, "name", "")) == "relax.broadcast_to":
+                field = copy.args[0]
+            operands.append(field)
+        if len(operands) < 2:
+            return call
+        op = relax.op.maximum if name == "relax.max" else relax.op.minimum
+        result = operands[0]
+        for operand in operands[1:]:
+            result = mutator.builder_.emit(op(result, operand))
+        # the same type (shape and dtype) as the reduction's, else keep it (the unused
+        # bindings are removed below)
+        return result if str(result.ty) == str(call.ty) else call
+
+    # (the reduction's variable becomes an alias of the chain's result: ConvertLayout would
+    # give an alias the initial layout)
+    mod = relax.transform.CanonicalizeBindings()(rewrite_calls(mod, rewrite))
     return relax.transform.DeadCodeElimination()(mod)
 
 
@@ -390,7 +532,7 @@ def _legalize(mod: Any, lanes: int) -> tuple[Any, int]:
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    from lepton_edge.lowering.layout import _rewrite_calls
+    from lepton_edge.lowering.layout import rewrite_calls
 
     count = 0
     layout = f"NCHW{lanes}c"
@@ -422,7 +564,7 @@ def _legalize(mod: Any, lanes: int) -> tuple[Any, int]:
             tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
             depthwise, primfunc_name_hint=DEPTHWISE_BLOCK if depthwise else CONV_BLOCK)
 
-    mod = _rewrite_calls(mod, rewrite)
+    mod = rewrite_calls(mod, rewrite)
     mod = relax.transform.DeadCodeElimination()(mod)
     return mod, count
 
@@ -455,8 +597,6 @@ def tile_shape(blocks: int, width: int, *, depthwise: bool = False) -> tuple[int
 def schedule_nchwc(sch: Any, target: Any) -> bool:
     """Schedule rule for the kernels of :func:`conv2d_nchwc_te` (see the module docstring);
     False for any other kernel."""
-    from tvm.s_tir.schedule import ScheduleError
-
     from lepton_edge.lowering import schedules as s
 
     names = []
@@ -498,9 +638,9 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     plane = extents[2] * width if extents[2] is not None else None
     limit = PLANE_ACCUMULATORS_POINTWISE if extents[6:8] == [1, 1] else PLANE_ACCUMULATORS
     split_channels = not depthwise and len(loops) == 9 and plane is not None \
-        and plane * t_c <= limit and _plane_split_enabled()
+        and plane * t_c <= limit
     staged = padded and depthwise
-    per_image = padded and not depthwise and not split_channels and _per_image_enabled()
+    per_image = padded and not depthwise and not split_channels
     if not staged and not per_image:
         s._split_padding(sch, main)
     writeback = sch.cache_write(main, 0, "local")
@@ -556,10 +696,9 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     sch.vectorize(lane)
     if work >= s.PARALLEL_MIN_WORK:
         sch.parallel(fused)
-    try:
-        sch.decompose_reduction(main, reduce_loops[0])
-    except ScheduleError:
-        return False
+    # (a ScheduleError here reaches the ScheduleReport's refused list, see
+    # schedules._schedule_one)
+    sch.decompose_reduction(main, reduce_loops[0])
     s._vectorize_innermost(sch, writeback, below=fused if split_channels else x_o,
                            unroll_rest=True)
     if staged:

@@ -13,6 +13,7 @@ from typing import Any
 import onnx
 
 from lepton_edge.errors import TargetError
+from lepton_edge.lowering.layout import error_message
 
 
 def supported_onnx_ops() -> frozenset[str]:
@@ -47,7 +48,7 @@ def import_onnx(proto: onnx.ModelProto) -> Any:
         # TVM's importer, plus converters for axes/pads/k/... given at run time (dynamic_ops.py)
         mod = dynamic_ops.from_onnx(proto)
     except Exception as exc:  # noqa: BLE001 - the importer raises anything; name it for the user
-        raise TargetError(f"TVM could not import the graph: {_first_line(exc)}") from exc
+        raise TargetError(f"TVM could not import the graph: {error_message(exc)}") from exc
     return fold_constant_calls(mod)
 
 
@@ -213,7 +214,7 @@ def lower_int8(mod: Any, *, float_requantize: bool = False) -> tuple[Any, Any]:
     try:
         return lower_qdq_to_integer(mod, float_requantize=float_requantize)
     except Exception as exc:  # noqa: BLE001 - a pass bug must not pass silently
-        raise TargetError(f"int8 lowering failed: {_first_line(exc)}") from exc
+        raise TargetError(f"int8 lowering failed: {error_message(exc)}") from exc
 
 
 def build_llvm_library(
@@ -241,7 +242,7 @@ def build_llvm_library(
         try:
             executable = _compile_untuned(mod, tvm.target.Target(target), log)
         except Exception as exc:  # noqa: BLE001
-            raise TargetError(f"TVM failed to compile for {target}: {_first_line(exc)}"
+            raise TargetError(f"TVM failed to compile for {target}: {error_message(exc)}"
                               ) from exc
     with tempfile.TemporaryDirectory(prefix="lepton-build-") as tmp:
         path = Path(tmp) / "lib.so"
@@ -252,7 +253,7 @@ def build_llvm_library(
             else:
                 executable.export_library(str(path), fcompile=fcompile)
         except Exception as exc:  # noqa: BLE001
-            raise TargetError(f"linking the shared library failed: {_first_line(exc)}") from exc
+            raise TargetError(f"linking the shared library failed: {error_message(exc)}") from exc
         return path.read_bytes()
 
 
@@ -268,10 +269,3 @@ def _compile_untuned(mod: Any, target: Any, log: Any) -> Any:
     from lepton_edge.lowering.schedules import cpu_pipeline
 
     return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, log=log))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # TVM errors end with the message after a traceback dump; the last line is the useful one.
-    return (lines[-1] if lines else type(exc).__name__)[:500]

@@ -231,9 +231,14 @@ class ConvertConvLayout:
             mod, count = nchwc.convert_conv_layout(mod, lanes)
         except nchwc.NotConvertible as exc:
             # NCHW is always correct (and scheduled by the contraction rule): say why the
-            # faster layout was not used.
+            # faster layout was not used (a warning when no log is given: the Python API).
+            message = f"float32 convolutions kept in NCHW (slower): {exc}"
             if self.log is not None:
-                self.log(f"convolutions kept in NCHW: {exc}")
+                self.log(message)
+            else:
+                import warnings
+
+                warnings.warn(message, UserWarning, stacklevel=2)
             return mod
         if self.log is not None and count:
             self.log(f"{count} float32 convolution(s) in NCHW{lanes}c")

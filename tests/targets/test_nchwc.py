@@ -1,8 +1,10 @@
 """Channel-blocked float32 convolutions (lowering/nchwc.py): same results as onnxruntime for
 the convolution kinds a CNN has (regular, strided, padded, 1x1, depthwise, with channel counts
 that are and are not multiples of the vector width, bias / ReLU / clip / residual epilogues,
-pools between convolutions, symbolic batch), and the structure: the nchwc rule schedules the
-converted kernels and a chain of convolutions pays layout transforms only at its ends."""
+pools between convolutions, symbolic batch, Max / Min, broadcast constants, and ops not
+verified in NCHWc, which read NCHW while the convolutions around them stay blocked), and the
+structure: the nchwc rule schedules the converted kernels and a chain of convolutions pays
+layout transforms only at its ends."""
 
 from __future__ import annotations
 
@@ -237,23 +239,144 @@ def _axes(*values: int) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(values, np.int64), "axes")
 
 
-@pytest.mark.parametrize("proto, reason", [
-    (_conv_then(helper.make_node("ReduceMean", ["c", "axes"], ["y"]), ["N", 1, 6, 7],
-                _axes(1)), "relax.mean"),
-    (_conv_then(helper.make_node("Concat", ["c", "c"], ["y"], axis=1), ["N", 32, 6, 7]),
-     "concat"),
-    (_conv_then(helper.make_node("Split", ["c", "split"], ["y", "z"], axis=1), ["N", 8, 6, 7],
-                numpy_helper.from_array(np.array([8, 8], np.int64), "split")), "ConvertLayout"),
-])
-def test_ops_not_verified_in_nchwc_keep_the_module_in_nchw(proto: onnx.ModelProto,
-                                                           reason: str) -> None:
+def _between_convs(nodes: list[onnx.NodeProto], *inits: onnx.TensorProto) -> onnx.ModelProto:
+    """x -> Conv "c" -> Conv "c2" (16 channels, NCHWc) -> ``nodes`` (reading "c" / "c2",
+    writing "t", 16 channels) -> Conv -> y."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["c", "w2"], ["c2"], pads=[1, 1, 1, 1]), *nodes,
+         helper.make_node("Conv", ["t", "w3"], ["y"], pads=[1, 1, 1, 1])],
+        "between_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 6, 7])],
+        [const("w", 16, 8, 3, 3), const("w2", 16, 16, 3, 3), const("w3", 16, 16, 3, 3),
+         *inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _activation_transforms(mod: tvm.IRModule) -> list[str]:
+    """The layout_transform lines of ``mod`` acting on activations (batch ``N``)."""
+    return [ln for ln in _calls(mod, "layout_transform") if "(N," in ln.split("=")[0]]
+
+
+def _matches_onnxruntime(build, proto: onnx.ModelProto) -> None:
+    model = lepton_edge.load(proto)
+    _, session = build(model, golden_count=0)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    for batch in (1, 3):  # symbolic batch: one build, any size
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def test_max_and_min_of_conv_outputs_stay_blocked(build) -> None:
+    """ONNX Max / Min (imported as a reduction of a stack) become maximum / minimum, which
+    keep NCHWc: the only activation transforms are the model's input and output."""
+    proto = _between_convs([helper.make_node("Max", ["c", "c2"], ["m"]),
+                            helper.make_node("Min", ["m", "c2", "c"], ["t"])])
+    mod = _converted(proto)
+    text = mod["main"].script(show_meta=False)
+    assert len(re.findall(r"R\.call_tir\((cls\.)?conv2d_nchwc", text)) == 3, text
+    assert len(_activation_transforms(mod)) == 2, text
+    assert _calls(mod, "maximum") and _calls(mod, "minimum") and not _calls(mod, "stack")
+    _matches_onnxruntime(build, proto)
+
+
+def test_a_spatial_attention_map_reads_nchw_and_the_other_convs_stay_blocked(build) -> None:
+    """Mul by a sigmoid ``[N, 1, H, W]`` map (from a 1-channel convolution, which stays NCHW):
+    the product runs in NCHW; the other three convolutions keep NCHWc and the nchwc rule."""
+    proto = _between_convs([helper.make_node("Conv", ["c2", "ws", "bs"], ["s"],
+                                             pads=[1, 1, 1, 1]),
+                            helper.make_node("Sigmoid", ["s"], ["map"]),
+                            helper.make_node("Mul", ["c2", "map"], ["t"])],
+                           const("ws", 1, 16, 3, 3), const("bs", 1))
+    mod = _converted(proto)
+    text = mod["main"].script(show_meta=False)
+    assert len(re.findall(r"R\.call_tir\((cls\.)?conv2d_nchwc", text)) == 3, text
+    assert len(_calls(mod, "nn.conv2d")) == 1  # the 1-channel map
+    multiply = _calls(mod, "multiply")
+    assert len(multiply) == 1 and "(N, 16, 6, 7)" in multiply[0]  # in NCHW
+    target = tvm.target.Target(TARGET)
+    report = schedules.ScheduleReport()
+    tvm.compile(lowering.import_onnx(proto), target=target,
+                relax_pipeline=schedules.cpu_pipeline(target, report=report))
+    convs = {name: rule for name, rule in report.rules.items() if "conv2d_nchwc" in name}
+    # two kernels: the second and the last convolution have the same shapes and share one
+    assert len(convs) == 2 and set(convs.values()) == {"nchwc"}, report.rules
+    _matches_onnxruntime(build, proto)
+
+
+@pytest.mark.parametrize("proto", [
+    _conv_then(helper.make_node("ReduceMean", ["c", "axes"], ["y"]), ["N", 1, 6, 7], _axes(1)),
+    _conv_then(helper.make_node("Concat", ["c", "c"], ["y"], axis=1), ["N", 32, 6, 7]),
+    _between_convs([helper.make_node("Split", ["c2", "split"], ["a", "b"], axis=1),
+                    helper.make_node("Concat", ["b", "a"], ["t"], axis=1)],
+                   numpy_helper.from_array(np.array([8, 8], np.int64), "split")),
+    _between_convs([helper.make_node("InstanceNormalization", ["c2", "scale", "bias"], ["t"])],
+                   const("scale", 16), const("bias", 16)),
+    _between_convs([helper.make_node("ReduceMax", ["c2", "axes"], ["r"]),
+                    helper.make_node("Sub", ["c2", "r"], ["t"])], _axes(2, 3)),
+    _between_convs([helper.make_node("ReduceMin", ["c2", "axes"], ["r"]),
+                    helper.make_node("Add", ["c2", "r"], ["t"])], _axes(2, 3)),
+], ids=["mean-channels", "concat", "split", "instance-norm", "reduce-max", "reduce-min"])
+def test_ops_not_verified_in_nchwc_read_nchw(build, proto: onnx.ModelProto) -> None:
+    """An op outside FOLLOWS_LAYOUT gets its operands back in NCHW; the convolutions stay
+    converted and the numbers are onnxruntime's."""
     mod = lowering.import_onnx(proto)
-    with pytest.raises(nchwc.NotConvertible, match=reason):
+    convs = sum(node.op_type == "Conv" for node in proto.graph.node)
+    _, count = nchwc.convert_conv_layout(mod, 8)
+    assert count == convs
+    _matches_onnxruntime(build, proto)
+
+
+def test_a_failing_layout_conversion_is_named_and_leaves_nchw(monkeypatch) -> None:
+    from tvm import relax
+
+    mod = lowering.import_onnx(_conv_then(helper.make_node("Relu", ["c"], ["y"]),
+                                          ["N", 16, 6, 7]))
+
+    def failing(*_args: object) -> object:
+        def fail(_mod: object) -> object:
+            raise tvm.error.InternalError("traceback...\nCheck failed: some layout")
+        return fail
+
+    monkeypatch.setattr(relax.transform, "ConvertLayout", failing)
+    with pytest.raises(nchwc.NotConvertible, match="ConvertLayout failed at .*: Check failed"):
         nchwc.convert_conv_layout(mod, 8)
-    # the pipeline pass then leaves the module as it was, and says why
     logged: list[str] = []
     kept = schedules.ConvertConvLayout(tvm.target.Target(TARGET), logged.append)(mod)
-    assert _calls(kept, "nn.conv2d") and logged and "kept in NCHW" in logged[0]
+    assert kept.same_as(mod) and "kept in NCHW" in logged[0] and "some layout" in logged[0]
+    # without a log (the Python API): a warning
+    with pytest.warns(UserWarning, match="kept in NCHW .*some layout"):
+        schedules.ConvertConvLayout(tvm.target.Target(TARGET))(mod)
+
+
+def test_elementwise_ops_and_broadcast_constants_keep_nchwc(build) -> None:
+    """Add of a [C, 1, 1] constant, Div by a [W] one, (constant [H, W]) - x, Sigmoid, Relu
+    and a product of two blocked tensors between convolutions: no activation transform but at
+    the model's ends (the constants are blocked while compiling). Then, numbers only: PRelu
+    with a per-channel slope, Tanh (imported as a polynomial with a ``where``, which reads
+    NCHW) and a GlobalAveragePool."""
+    proto = _between_convs(
+        [helper.make_node("Add", ["c2", "kc"], ["a"]),
+         helper.make_node("Div", ["a", "kw"], ["d"]),
+         helper.make_node("Sub", ["khw", "d"], ["s"]),
+         helper.make_node("Sigmoid", ["s"], ["g"]),
+         helper.make_node("Relu", ["c"], ["h"]),
+         helper.make_node("Mul", ["g", "h"], ["t"])],
+        const("kc", 16, 1, 1), numpy_helper.from_array(
+            (rng.uniform(0.5, 2.0, 7) * rng.choice([-1, 1], 7)).astype(np.float32), "kw"),
+        const("khw", 6, 7))
+    mod = _converted(proto)
+    assert len(_activation_transforms(mod)) == 2, mod["main"].script(show_meta=False)
+    for op in ("add", "divide", "subtract", "sigmoid", "nn.relu", "multiply"):
+        assert all("(N, 2, 6, 7, 8)" in ln for ln in _calls(mod, op)), op
+    _matches_onnxruntime(build, proto)
+    prelu = _between_convs([helper.make_node("PRelu", ["c2", "slope"], ["p"]),
+                            helper.make_node("GlobalAveragePool", ["p"], ["q"]),
+                            helper.make_node("Tanh", ["c"], ["h"]),
+                            helper.make_node("Mul", ["h", "q"], ["t"])],
+                           const("slope", 16, 1, 1))
+    _matches_onnxruntime(build, prelu)
 
 
 def test_a_global_pool_reads_nchwc_directly() -> None:
@@ -285,3 +408,12 @@ def test_wide_tiles_hold_whole_vectors_and_panels(extent: int, tile: int, panel:
     assert got == tile or (got % 8 == 0 and got <= 64)
     if panel is not None and got != tile:
         assert got % panel == 0 or panel % got == 0
+
+
+def test_a_layout_inference_failure_names_the_op(monkeypatch) -> None:
+    """Without the rewrite of Max to maximum, TVM's layout inference of the imported
+    reduction fails: the reason names that op."""
+    monkeypatch.setattr(nchwc, "stacked_extrema_as_ops", lambda mod: mod)
+    mod = lowering.import_onnx(_between_convs([helper.make_node("Max", ["c", "c2"], ["t"])]))
+    with pytest.raises(nchwc.NotConvertible, match="ConvertLayout failed at relax.max: "):
+        nchwc.convert_conv_layout(mod, 8)
