@@ -170,7 +170,8 @@ def float_requantize_ok(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray) ->
     2^53, and every |acc| * m0 * 2^-shift below 2^30 (it then fits int32)."""
     m = np.asarray(m0, np.int64).ravel()
     sh = np.broadcast_to(np.asarray(shift, np.int64).ravel(), m.shape)
-    top = np.broadcast_to(np.asarray(bound, np.int64).ravel(), m.shape)
+    # |acc| <= 2^31 whatever the bound (an int32 accumulator): capped, top * odd fits int64
+    top = np.minimum(np.broadcast_to(np.asarray(bound, np.int64).ravel(), m.shape), 2**31)
     odd = m // (m & -m).clip(min=1)
     return bool(np.all(top >= 0) and np.all(top * odd < 2**53)
                 and np.all(top.astype(np.float64) * m * np.exp2(-sh.astype(np.float64))

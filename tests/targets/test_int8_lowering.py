@@ -225,6 +225,8 @@ def test_float_requantize_only_when_asked_and_bounded() -> None:
     m0, shift = fixed_point_multiplier(np.array([0.9, 1e-3]))
     assert float_requantize_ok(np.array([2**21, 2**21]), m0, shift)
     assert not float_requantize_ok(np.array([2**21, 2**30]), m0, shift)  # past 2^53
+    # a bound past int32 (a very long reduction): capped at 2^31, no int64 wrap-around
+    assert not float_requantize_ok(np.array([2**33]), np.array([2**31 - 1]), np.array([40]))
 
 
 def test_unrecognised_pattern_stays_float_and_correct(build) -> None:

@@ -323,8 +323,9 @@ def test_ops_not_verified_in_nchwc_read_nchw(build, proto: onnx.ModelProto) -> N
     converted and the numbers are onnxruntime's."""
     mod = lowering.import_onnx(proto)
     convs = sum(node.op_type == "Conv" for node in proto.graph.node)
-    _, count = nchwc.convert_conv_layout(mod, 8)
+    converted, count = nchwc.convert_conv_layout(mod, 8)
     assert count == convs
+    assert "stop_lift_params" not in converted.script()  # the NCHW markers are gone
     _matches_onnxruntime(build, proto)
 
 

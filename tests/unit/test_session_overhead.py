@@ -25,7 +25,16 @@ def _error(call, feeds) -> str:
     return str(info.value)
 
 
-def test_a_repeated_call_returns_what_check_feeds_returns() -> None:
+def test_a_repeated_call_returns_what_check_feeds_returns(monkeypatch) -> None:
+    from lepton_edge import signature
+
+    full: list[int] = []
+
+    def counted(specs, feeds):
+        full.append(1)
+        return check_feeds(specs, feeds)
+
+    monkeypatch.setattr(signature, "check_feeds", counted)
     checker = FeedChecker(SPECS)
     for n in (2, 2, 5, 5, 2):  # first call, repeat, new batch, repeat, back
         feeds = _feeds(n)
@@ -36,6 +45,7 @@ def test_a_repeated_call_returns_what_check_feeds_returns() -> None:
         for name in want:
             assert got[name] is feeds[name]  # contiguous arrays pass through uncopied
             assert want[name] is feeds[name]
+    assert len(full) == 3  # the repeats took the fast path (first call, n=5, back to n=2)
 
 
 @pytest.mark.parametrize("bad", [
