@@ -346,6 +346,15 @@ def _te_matmul_i16(a: Any, wp: Any, n: int) -> Any:
     return te.compute((*lead, n), lambda *i: dot[i], name="unpack")
 
 
+
+def _conv_axes(blocks: int, kh: int, kw: int, group: int) -> tuple[Any, Any, Any, Any]:
+    """A blocked int conv's reduction: input-channel blocks, filter rows and columns, and the
+    channels inside a block (the pairs one vpmaddwd/vpdpbusd lane sums)."""
+    from tvm import te
+
+    return (te.reduce_axis((0, blocks), "rc"), te.reduce_axis((0, kh), "ry"),
+            te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "ri"))
+
 def _te_conv2d(x: Any, wp: Any, oc: int, strides: tuple[int, int],
                dilation: tuple[int, int]) -> Any:
     """NCHW uint8 (already padded) x packed OIHW weight -> NCHW int32. The weight's last two
@@ -366,10 +375,7 @@ def _te_conv2d(x: Any, wp: Any, oc: int, strides: tuple[int, int],
             cb * group + ci < c, x[b, tirx.min(cb * group + ci, c - 1), y, z].astype(dtype),
             tirx.const(0, dtype)),
         name="pack")
-    rc = te.reduce_axis((0, icb), "rc")
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-    ri = te.reduce_axis((0, group), "ri")
+    rc, ry, rx, ri = _conv_axes(icb, kh, kw, group)
     dot = te.compute(
         (n, ocb, oh, ow, lanes),
         lambda b, ob, y, z, oi: te.sum(
@@ -663,10 +669,7 @@ def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
              group),
             lambda b, cb, row, ph, j, ci: value(b, cb * group + ci, row, j * sw + ph),
             name="pack_px")
-    rc = te.reduce_axis((0, c2), "rc")
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-    ri = te.reduce_axis((0, group), "ri")
+    rc, ry, rx, ri = _conv_axes(c2, kh, kw, group)
     dot = te.compute(
         (n, ocb, ohp, r, owp),
         lambda b, ob, y, o, z: te.sum(
