@@ -233,7 +233,7 @@ def tune_and_build(
     # Prepared once: the tasks are extracted from, and the database applied to, the same
     # module (preparing twice cost a BERT-base-sized model 9-25 s of FoldConstant before
     # relax.fold_constant_calls took that work over).
-    prepared = _prepare(mod, target)
+    prepared = _prepare(mod, target, log)
     say(f"legalized and fused in {time.perf_counter() - started:.1f} s")
     if trials > 0:
         tasks = _tunable_tasks(prepared, target, say)
@@ -246,17 +246,23 @@ def tune_and_build(
     return executable
 
 
-def _prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = None
+             ) -> tvm.IRModule:
     """Legalize and fuse: the kernels after this are the tuning tasks, and building must run the
     very same passes so that the database keys (structural hashes) match."""
     from tvm.relax import pipeline
 
     from lepton_edge.lowering.relax import legalize_passes
-    from lepton_edge.lowering.schedules import VectorMath
+    from lepton_edge.lowering.schedules import ConvertConvLayout, PackConvWeights, VectorMath
 
     try:
         with target:
             return tvm.transform.Sequential([
+                # the layouts of the untuned build (float32 convolutions in NCHWc, constant
+                # filters and matmul weights packed), so a tuned kernel competes with the
+                # same kernel's default schedule, not with a slower NCHW one
+                ConvertConvLayout(target, log),
+                PackConvWeights(target, log),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 VectorMath(),  # erf / softmax without libm calls (lowering/schedules.py)

@@ -213,3 +213,41 @@ def test_gathers_and_scalar_parameter_kernels_are_not_tuned() -> None:
     text = "\n".join(logs)
     assert "data-dependent indices (gathers) stay untuned" in text
     assert "symbolic shapes or scalar parameters stay untuned" in text and "shape_to_tensor" in text
+
+
+def conv_relu_model() -> onnx.ModelProto:
+    """x [1, 16, 10, 10] -> 3x3 Conv (16 -> 16, pad 1, bias) -> Relu: NCHWc-convertible."""
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["y"], ["z"])],
+        "conv_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 10, 10])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16, 10, 10])],
+        [w, b],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_tuned_convolutions_use_the_untuned_builds_layout(tmp_path: Path) -> None:
+    """A tuned build tunes the same channel-blocked (NCHWc) convolution kernel the untuned
+    build runs (lowering/nchwc.py), so tuning competes with that kernel's default schedule,
+    not with a slower NCHW convolution; a build from the database (here an empty one: tuning a
+    convolution for real takes ~1 min, measured) runs that kernel and matches onnxruntime."""
+    model = conv_relu_model()
+    mod = lowering.import_onnx(model)
+    target = cpu_target()
+    logs: list[str] = []
+    prepared = tuning._prepare(mod, target, logs.append)
+    names = [t.task_name for t in tuning._tunable_tasks(prepared, target, lambda _m: None)]
+    assert any(n.startswith("fused_conv2d_nchwc") for n in names), names
+    assert not any(n.startswith("conv2d") and "nchwc" not in n for n in names), names
+    assert any("NCHW8c" in line for line in logs), logs
+    executable = tuning.tune_and_build(mod, target, trials=0, database_dir=tmp_path / "db",
+                                       log=logs.append)
+    assert any("kernels: 0 from the tuning database" in line for line in logs), logs
+    x = np.random.default_rng(3).standard_normal((1, 16, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(run(executable, x), ort_run(model, {"x": x})["z"], rtol=1e-4,
+                               atol=1e-4)
