@@ -129,6 +129,13 @@ def main() -> None:
         ort = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         tuned = lepton_edge.runtime.load(art_path)
         untuned = lepton_edge.runtime.load(untuned_path)
+        for label, session in (("tuned", tuned), ("untuned", untuned)):
+            # a failed CPU build falls back to onnxruntime inside the artifact: timing that
+            # as "lepton" would report onnxruntime's speed under our name
+            away = [str(p) for p in session.placement.values() if p.target != "cpu"]
+            if away:
+                raise SystemExit(f"the {label} artifact does not run on the CPU build: "
+                                 + "; ".join(away) + " (see its compile log above)")
         runners = {"lepton tuned": lambda: list(tuned.run(feeds).values())[0],
                    "lepton untuned": lambda: list(untuned.run(feeds).values())[0],
                    "onnxruntime": lambda: ort.run(None, feeds)[0]}

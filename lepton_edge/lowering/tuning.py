@@ -253,16 +253,18 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = Non
     from tvm.relax import pipeline
 
     from lepton_edge.lowering.relax import legalize_passes
-    from lepton_edge.lowering.schedules import ConvertConvLayout, PackConvWeights, VectorMath
+    from lepton_edge.lowering.schedules import ConvertConvLayout, VectorMath
 
     try:
         with target:
             return tvm.transform.Sequential([
-                # the layouts of the untuned build (float32 convolutions in NCHWc, constant
-                # filters and matmul weights packed), so a tuned kernel competes with the
-                # same kernel's default schedule, not with a slower NCHW one
+                # the untuned build's convolution layouts (float32 convolutions in NCHWc,
+                # other constant filters packed), so a tuned convolution competes with the
+                # same kernel's default schedule, not with a slower NCHW one. Matmul weights
+                # stay unpacked: MetaSchedule cannot tune the packed matmul kernel ("Do not
+                # have a default for prim.Let", BERT-base, measured)
                 ConvertConvLayout(target, log),
-                PackConvWeights(target, log),
+                _PackConvFilters(target),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 VectorMath(),  # erf / softmax without libm calls (lowering/schedules.py)
@@ -274,6 +276,23 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = Non
     except Exception as exc:  # noqa: BLE001 - TVM raises anything; name the step
         raise TuningError(f"TVM could not legalize the module for tuning: {_last_line(exc)}"
                           ) from exc
+
+
+@tvm.transform.module_pass(opt_level=0, name="LeptonPackConvFilters")
+class _PackConvFilters:
+    """The constant-filter packing of :class:`lowering.schedules.PackConvWeights` without its
+    matmul-weight packing (see :func:`_prepare`). ``LEPTON_PACK_CONV=0`` turns it off."""
+
+    def __init__(self, target: tvm.target.Target) -> None:
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        from lepton_edge.lowering.layout import pack_conv2d_weights
+        from lepton_edge.lowering.schedules import vector_bits
+
+        if os.environ.get("LEPTON_PACK_CONV", "1") == "0":
+            return mod
+        return pack_conv2d_weights(mod, lanes=max(1, vector_bits(self.target) // 32))[0]
 
 
 def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> list[Any]:
@@ -295,6 +314,15 @@ def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> li
     if indirect:
         say(f"{len(indirect)} kernel(s) with data-dependent indices (gathers) stay untuned: "
             f"{', '.join(indirect)}")
+    # MetaSchedule's search stops the whole run on a let-bound expression ("Do not have a
+    # default for prim.Let": VectorMath's exp/erf share their intermediates that way, e.g.
+    # every softmax): those kernels keep their (vectorized) default schedules.
+    let_bound = [t.task_name for t in static if t.task_name not in indirect
+                 and _has_let(t.dispatched[0]["main"])]
+    if let_bound:
+        say(f"{len(let_bound)} kernel(s) with let-bound math (exp, erf) keep the default "
+            f"schedules: {', '.join(let_bound)}")
+    indirect += let_bound
     flat = [t.task_name for t in static if t.task_name not in indirect
             and not _has_reduction(t.dispatched[0]["main"])]
     if flat:
@@ -349,6 +377,11 @@ def _tir_nodes(node: Any, wanted: Callable[[Any], bool]) -> list[Any]:
             if child is not None:
                 stack.append(child)
     return found
+
+
+def _has_let(func: Any) -> bool:
+    """Whether the kernel has a let-bound expression (``tirx.Let``)."""
+    return bool(_tir_nodes(func.body, lambda n: type(n).__name__ == "Let"))
 
 
 def _has_data_dependent_index(func: Any) -> bool:

@@ -251,3 +251,23 @@ def test_tuned_convolutions_use_the_untuned_builds_layout(tmp_path: Path) -> Non
     x = np.random.default_rng(3).standard_normal((1, 16, 10, 10)).astype(np.float32)
     np.testing.assert_allclose(run(executable, x), ort_run(model, {"x": x})["z"], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_let_bound_math_is_not_tuned() -> None:
+    """MetaSchedule stops the whole search on a let-bound expression ("Do not have a default
+    for prim.Let"; BERT-base's softmax, measured): kernels using VectorMath's exp / erf keep
+    their default schedules and the rest is tuned."""
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("Softmax", ["y"], ["z"], axis=-1)],
+        "matmul_softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    target = cpu_target()
+    prepared = tuning._prepare(lowering.import_onnx(model), target)
+    logs: list[str] = []
+    names = {t.task_name for t in tuning._tunable_tasks(prepared, target, logs.append)}
+    assert any(n.startswith("matmul") for n in names) and not any("softmax" in n for n in names)
+    assert any("let-bound math (exp, erf) keep the default schedules: softmax" in line
+               for line in logs), logs
