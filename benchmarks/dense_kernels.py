@@ -1,6 +1,7 @@
 """BERT-base's matmuls one at a time: lepton-edge (untuned) vs onnxruntime, GFLOPS per kernel.
 
-    .venv/bin/python benchmarks/dense_kernels.py [--cases qkv,out_proj,ffn1,ffn2,scores,context]
+    .venv/bin/python benchmarks/dense_kernels.py [--cases qkv,out_proj,ffn1,ffn2,scores,context,
+                                                          digits_fc] [--threads T]
                                                  [--runs R] [--warmup W] [--block K]
 
 Each case is a one-kernel ONNX model shaped like a layer of benchmarks/models.py's BERT-base
@@ -11,11 +12,13 @@ encoder at sequence 128, batch 1, with the batch symbolic as in the exported mod
 - ffn1: x[N, 128, 768] @ W[768, 3072] + b;
 - ffn2: x[N, 128, 3072] @ W[3072, 768] + b + residual;
 - scores: q[N, 12, 128, 64] @ k[N, 12, 64, 128] (both inputs, batched);
-- context: p[N, 12, 128, 128] @ v[N, 12, 128, 64].
+- context: p[N, 12, 128, 128] @ v[N, 12, 128, 64];
+- digits_fc: the digits CNN's first dense layer at batch 64, x[N, 512] -> Gemm W[64, 512]
+  (transB) + b -> ReLU, the batch N being the only (symbolic) row count.
 
 Each is compiled for "cpu" (`lepton_edge.compile`, `--tune 0`) and timed against onnxruntime
 fp32 with `lepton_edge.bench.compare` (per-engine blocks, same process, same inputs, both on
-all cores). Printed: p50 of both, the ratio lepton/onnxruntime, and GFLOPS (2 x MACs / p50),
+all cores or --threads). Printed: p50 of both, the ratio lepton/onnxruntime, and GFLOPS (2 x MACs / p50),
 also as a share of the fp32 FMA peak of `lepton_edge.bench.cpu_peak`.
 """
 
@@ -35,11 +38,11 @@ sys.path.insert(0, str(REPO))
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-CASES = ("qkv", "out_proj", "ffn1", "ffn2", "scores", "context")
+CASES = ("qkv", "out_proj", "ffn1", "ffn2", "scores", "context", "digits_fc")
 
 
 def _model(case: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]], int]:
-    """(model, feed shapes at N=1, MACs at N=1)."""
+    """(model, feed shapes, MACs at those shapes: N = 1, digits_fc N = 64)."""
     rng = np.random.default_rng(0)
 
     def const(name: str, *shape: int) -> onnx.TensorProto:
@@ -64,6 +67,14 @@ def _model(case: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]], int]
         inits += [const("w", k, n), const("b", n)]
         out = [tensor("y", [*shape[:2], n])]
         macs = 128 * k * n
+    elif case == "digits_fc":
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+                 helper.make_node("Relu", ["h"], ["y"])]
+        inits += [const("w", 64, 512), const("b", 64)]
+        inputs = [tensor("x", ["N", 512])]
+        feeds = {"x": (64, 512)}
+        out = [tensor("y", ["N", 64])]
+        macs = 64 * 512 * 64
     elif case == "out_proj":
         nodes = [helper.make_node("Reshape", ["x", "s2"], ["x2"]),
                  helper.make_node("Gemm", ["x2", "w", "b"], ["h"], transB=1),
@@ -95,7 +106,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both engines (TVM_NUM_THREADS, onnxruntime intra-op "
+                             "threads); default: each engine's own (all cores)")
     args = parser.parse_args()
+    if args.threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's pool starts
 
     import lepton_edge
     from lepton_edge import bench
@@ -119,7 +135,8 @@ def main() -> None:
             path = art.save(tmp / f"{case}.lepton")
             feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
             report = bench.compare(path, feeds, model_path=onnx_path, runs=args.runs,
-                                   warmup=args.warmup, block=args.block, peak=peak)
+                                   warmup=args.warmup, block=args.block, peak=peak,
+                                   threads=args.threads)
             lep = report.engines[bench.LEPTON].latency.p50
             ort = report.engines["onnxruntime"]
             rate = {n: 2 * macs / (ms / 1e3) / 1e9 for n, ms in

@@ -1,7 +1,7 @@
 """Kernel-level A/B timing of the default schedules: each variant's kernels, timed interleaved.
 
     .venv/bin/python benchmarks/kernel_ab.py MODEL.onnx [--keep matmul] [--reps 15] [--cold]
-                                             [VARIANT ...]
+                                             [--size 1] [VARIANT ...]
 
 Each VARIANT is a line of Python run before that variant's module is prepared, with `S` =
 lepton_edge.lowering.schedules, `L` = lepton_edge.lowering.layout and `os` in scope (both
@@ -9,7 +9,7 @@ modules are reloaded first), e.g. ``"S.MATMUL_VECTORS = 2"`` or
 ``"os.environ['LEPTON_PACK_MATMUL'] = '0'"``; no VARIANT = the code as it is. The ONNX model
 is imported and legalized like an untuned CPU build (weight packing, VectorMath, TVM's
 legalization and fusion); every kernel whose name contains --keep is scheduled with
-`apply_default_schedules`, built alone and called on random inputs (symbolic sizes = 1).
+`apply_default_schedules`, built alone and called on random inputs (symbolic sizes: --size).
 Kernels of the variants are matched by MAC count and name order, timed round-robin (`--reps`
 rounds; `--cold` touches 64 MB between calls so weights come from memory), and printed with
 min / median milliseconds and GFLOPS of the min. Threads: TVM_NUM_THREADS (default: the
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--keep", default="matmul", help="substring of the kernels to time")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--cold", action="store_true", help="evict the caches between calls")
+    parser.add_argument("--size", type=int, default=1,
+                        help="value of every symbolic size (the batch)")
     args = parser.parse_intermixed_args()
 
     import onnx
@@ -62,8 +64,8 @@ def main() -> None:
         if isinstance(expr, tirx.IntImm):
             return int(expr.value)
         analyzer = tvm.sym.Analyzer()
-        for var in S._vars_in(expr):  # noqa: SLF001 - the symbolic batch: 1
-            analyzer.bind(var, tirx.const(1, "int64"))
+        for var in S._vars_in(expr):  # noqa: SLF001 - the symbolic batch
+            analyzer.bind(var, tirx.const(args.size, "int64"))
         return int(analyzer.simplify(expr).value)
 
     def inputs(func: Any) -> list[Any]:
@@ -73,7 +75,7 @@ def main() -> None:
             try:
                 shape = [concrete(d) for d in param.shape]
             except Exception:  # noqa: BLE001 - a scalar parameter (a symbolic size)
-                out.append(1)
+                out.append(args.size)
                 continue
             out.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(str(param.dtype))))
         return out

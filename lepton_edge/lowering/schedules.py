@@ -22,7 +22,13 @@ order
    residual add, int8 requantization; epilogue stages with forks such as GELU's are inlined
    first) is computed per tile while it is still in registers. Rows counted symbolically
    (``N * 128`` when a Reshape folds the batch into a Gemm's rows) are tiled by a divisor of
-   their constant factor, without bounds checks.
+   their constant factor, without bounds checks. A matmul whose only rows are the batch
+   itself (``N``: a dense layer) gets two schedules in one kernel, chosen per call: row
+   tiles of ``_ACCUMULATORS / vectors`` rows (a split with a remainder; the accumulator is
+   stored ``[N // t, t, ...]`` so it stays a register tile, and TVM's loop partitioning,
+   asked for by a ``pragma_loop_partition_hint``, runs the whole tiles with no bounds check
+   and the remainder with one) when there are at least two tiles of rows or whole tiles
+   only, else one row at a time in tiles widened along the columns (:func:`_dispatch`).
    A strided convolution's input is stored de-interleaved (``[..., w % s, w // s]``) so its
    vector loads are contiguous; padding becomes a fill plus a vectorized copy; a matmul with
    many rows copies each weight column panel contiguously before sweeping the rows (constant
@@ -49,9 +55,9 @@ matmul panel front to back with no run-time copy. :class:`VectorMath` replaces f
 and last-axis softmax by kernels built from :func:`rational_erf` / :func:`rational_exp`,
 polynomials that vectorize (LLVM calls libm once per element for ``T.erf`` / ``T.exp``).
 
-Shapes may be symbolic (the runtime's batch ``N``): symbolic loops are never split except by
-a divisor of their constant factor, otherwise only fused into the parallel loop, so every
-schedule holds for any size. :data:`MarkShapeFuncsNoAlias`
+Shapes may be symbolic (the runtime's batch ``N``): symbolic loops are split by a divisor of
+their constant factor, or fused into the parallel loop, or (a dense layer's rows, above) split
+with a predicated remainder, so every schedule holds for any size. :data:`MarkShapeFuncsNoAlias`
 (in :func:`finalize_passes`) keeps LLVM's ``noalias`` on the kernels of such builds.
 
 A schedule never changes what is computed (TVM's primitives check that), except the order of
@@ -89,6 +95,9 @@ PARALLEL_MIN_WORK = 1 << 17
 STAGE_MIN_PLANE = 28 * 28
 #: SIMD vectors per output row of a matmul tile (convolutions: 2): 3 x 4 rows = 12 accumulators.
 MATMUL_VECTORS = 3
+#: Register-block a dense layer's rows counted only at run time (the batch) with a remainder
+#: (False: one row per tile, the columns widened; for A/B runs, benchmarks/kernel_ab.py).
+SYMBOLIC_ROW_TILES = True
 #: Most vector accumulators one output tile keeps in registers (AVX2 has 16, AVX-512 32).
 _ACCUMULATORS = {256: 12, 512: 24, 128: 12}
 
@@ -164,6 +173,8 @@ def _schedule_one(func: tirx.PrimFunc, target: Any, rules: list[tuple[str, Rule]
             lines = [ln for ln in str(exc).splitlines() if ln.strip()]
             refused.append(f"{name}: {lines[-1][:200] if lines else type(exc).__name__}")
             continue
+        if isinstance(done, tirx.PrimFunc):  # a rule that combined schedules itself
+            return name, done
         if done:
             return name, sch.mod["main"]
     return None
@@ -631,9 +642,13 @@ class _Contraction:
     channels: bool = False
     #: the weight is stored in column panels already (lowering/layout.py): no run-time copy
     prepacked: bool = False
+    #: the register-blocked extent is symbolic with no constant factor (a batch of rows): split
+    #: by ``reg_tile`` with a remainder, the whole tiles partitioned from the predicated tail
+    tail: bool = False
 
 
-def _analyse_contraction(sch: Schedule, blk: _Block, bits: int) -> _Contraction | None:
+def _analyse_contraction(sch: Schedule, blk: _Block, bits: int, *,
+                         batch_rows: bool = True) -> _Contraction | None:
     block = sch.get(blk.rv)
     if len(block.writes) != 1 or block.init is None or "O" in blk.kinds:
         return None
@@ -695,31 +710,41 @@ def _analyse_contraction(sch: Schedule, blk: _Block, bits: int) -> _Contraction 
     # a batch folded into a matmul, N * 128) counts as longest and is tiled by a divisor of
     # its constant factor, so the split needs no bounds check for any N.
     reg, reg_extent, reg_factor = None, 0.0, 0
+    symbolic_rows = None  # a matmul's symbolic row extent without a constant factor
     for i in out_vars[:-1]:
         dom = blk.iters[i].dom.extent
         extent = _const(dom)
         factor = extent if extent is not None else _const_factor(dom)
-        if factor <= 1:
-            continue
         if all(any(_uses(ix, ivars[i]) for ix in ld.indices) for ld in reads):
+            continue
+        if factor <= 1:
+            if extent is None and symbolic_rows is None:
+                symbolic_rows = i
             continue
         size = float(extent) if extent is not None else math.inf
         if size > reg_extent:
             reg, reg_extent, reg_factor = i, size, factor
+    if (reg is None and symbolic_rows is not None and batch_rows and SYMBOLIC_ROW_TILES
+            and _plain_reads(block)):
+        reg, reg_factor = symbolic_rows, 1
     if reg is None:
-        # No row to register-block (one row, or rows known only at run time: a batch folded
-        # into a dense layer's rows cannot be split without a bounds check): a tile of one
-        # row keeps only its column vectors as accumulators, and two leave the FMA units
-        # waiting on their latency (27% of the peak, digits' 512 -> 64 layer at batch 64).
+        # No row to register-block (one row; or the batch rows of a dense layer in the
+        # schedule its kernel runs for few rows, batch_rows=False): a tile of one row keeps
+        # only its column vectors as accumulators, and two leave the FMA units waiting on
+        # their latency (27% of the peak, digits' 512 -> 64 layer at batch 64).
         # Widen the tile along the columns instead (panels: whole panels per tile).
         vec_tile = _wide_tile(vec_extent, vec_tile, lanes, _ACCUMULATORS[bits] * 2 // 3,
                               math.gcd(*panels) if panels else None)
     nvec = math.ceil(vec_tile / lanes)
-    reg_tile = 1
-    if reg is not None:
+    reg_tile, tail = 1, False
+    if reg is not None and reg_factor <= 1:
+        # Rows known only at run time (the batch): whole tiles of rows in a loop of their
+        # own, then the remaining rows (fewer than a tile) with a predicate.
+        reg_tile, tail = max(1, _ACCUMULATORS[bits] // nvec), True
+    elif reg is not None:
         reg_tile = _largest_divisor(reg_factor, max(1, _ACCUMULATORS[bits] // nvec))
     return _Contraction(blk, vec, reg, vec_tile, reg_tile, lanes, strided,
-                        prepacked=bool(panels))
+                        prepacked=bool(panels), tail=tail)
 
 
 def _wide_tile(extent: int, tile: int, lanes: int, vectors: int, panel: int | None) -> int:
@@ -834,19 +859,66 @@ def _vector_tile(extent: int, lanes: int, vectors: int = 2) -> int | None:
     return best if best >= max(2, lanes // 2) else None
 
 
-def schedule_contraction(sch: Schedule, target: Any) -> bool:
+def schedule_contraction(sch: Schedule, target: Any) -> bool | tirx.PrimFunc:
     """Matmul / batch-matmul / dense / NCHW conv2d kernels with their fused producers and
-    epilogues (see the module docstring). False when the kernel has no such block."""
+    epilogues (see the module docstring). False when the kernel has no such block.
+
+    A matmul whose rows are counted only at run time (the batch of a dense layer) becomes two
+    schedules in one kernel, chosen per call by the row count: with at least two register
+    tiles of rows (or whole tiles only), tiles of rows x columns (each weight vector reused
+    over the rows) in a loop free of bounds checks, then the remaining rows with one; else
+    one row at a time in tiles widened along the columns (a 6-row tile holding 1 valid row
+    runs 6 predicates per step). Returns that combined kernel (a PrimFunc) instead of True."""
+    original = sch.mod["main"]
+    bits = vector_bits(target)
+    planned = _plan(sch, bits, batch_rows=True)
+    if planned is None:
+        return False
+    blocks, plan = planned
+    _apply_contraction(sch, blocks, plan, bits)
+    if not plan.tail:
+        return True
+    wide = Schedule(tvm.IRModule({"main": original}))
+    planned = _plan(wide, bits, batch_rows=False)
+    if planned is None:
+        return True  # the row tiles alone: right for any row count
+    _apply_contraction(wide, *planned, bits)
+    if not all(a.same_as(b) for a, b in zip(sch.mod["main"].params, wide.mod["main"].params,
+                                            strict=True)):
+        return True
+    # The predicated remainder tile costs about what the wide schedule spends on a tile's
+    # rows (measured: 7 rows 15 us blocked vs 11 us wide, digits' 512 -> 64 layer): blocked
+    # when the rows fill whole tiles or at least two.
+    rows, tile = plan.block.iters[plan.reg].dom.extent, plan.reg_tile
+    blocked = tirx.Or(rows >= 2 * tile, tirx.floormod(rows, tile) == 0)
+    return _dispatch(blocked, sch.mod["main"], wide.mod["main"])
+
+
+def _plan(sch: Schedule, bits: int, *, batch_rows: bool
+          ) -> tuple[list[_Block], _Contraction] | None:
     blocks = _blocks(sch)
     if blocks is None:
-        return False
+        return None
     reductions = [b for b in blocks if b.is_reduction]
     if len(reductions) != 1:
-        return False
-    bits = vector_bits(target)
-    plan = _analyse_contraction(sch, reductions[0], bits)
-    if plan is None:
-        return False
+        return None
+    plan = _analyse_contraction(sch, reductions[0], bits, batch_rows=batch_rows)
+    return None if plan is None else (blocks, plan)
+
+
+def _dispatch(cond: Any, then_func: tirx.PrimFunc, else_func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One kernel running ``then_func``'s loops when ``cond`` holds, else ``else_func``'s (two
+    schedules of the same function: same parameters and buffers)."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    then_root, else_root = then_func.body.block, else_func.body.block
+    root = SBlock([], [], [], "root", tirx.IfThenElse(cond, then_root.body, else_root.body),
+                  alloc_buffers=[*then_root.alloc_buffers, *else_root.alloc_buffers])
+    return then_func.with_body(SBlockRealize([], True, root))
+
+
+def _apply_contraction(sch: Schedule, blocks: list[_Block], plan: _Contraction,
+                       bits: int) -> None:
     work = _work(it.dom.extent for it in plan.block.iters)
     main = plan.block.rv
     name = sch.get(main).name_hint
@@ -878,6 +950,8 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
     kinds = plan.block.kinds
     # Accumulate in a register tile, written back (with the epilogue) once per tile.
     writeback = sch.cache_write(main, 0, "local")
+    if plan.tail:
+        _tile_accumulator_rows(sch, main, plan)
     loops = sch.get_loops(main)
     vec_o, vec_i = sch.split(loops[plan.vec], [None, plan.vec_tile])
     vec_u = None
@@ -922,7 +996,7 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
             outer = pre + post + [vec_o] + ([reg_o] if reg_o is not None else [])
         else:
             outer = pre + ([reg_o] if reg_o is not None else []) + post + [vec_o]
-    elif pack is not None or plan.prepacked:
+    elif pack is not None or plan.prepacked or plan.tail:
         # Matmul with many rows: each (batch, column panel) packs its weight panel [K, tile]
         # contiguously once (a strided panel thrashes the caches' sets), then sweeps the rows;
         # a weight stored in panels already (lowering/layout.py) is swept the same way.
@@ -956,13 +1030,33 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool:
         _stage_per_channel(sch, sch.get_sblock(name), staged, fused, strides.get(staged, 1))
     if work >= PARALLEL_MIN_WORK:
         sch.parallel(fused)
+    if plan.tail:
+        sch.annotate(reg_o, "pragma_loop_partition_hint", 1)
     if reduce_loops:
         # The zero-initialisation moves out of the reduction, copying the tile loops' kinds.
         sch.decompose_reduction(main, reduce_loops[0])
     _vectorize_innermost(sch, writeback, below=anchor, unroll_rest=True, lanes=plan.lanes)
     # Whatever is left at the root (padding, epilogues that could not join) runs generic.
     _schedule_rest(sch, bits)
-    return True
+
+
+def _tile_accumulator_rows(sch: Schedule, main: Any, plan: _Contraction) -> None:
+    """Store the register tile's accumulator (``main``'s output after ``cache_write``) with its
+    symbolic row axis split as ``[rows // t, t]``: its per-tile region is then provably in
+    bounds and TVM compacts it to a tile of registers (with the rows' remainder predicate on
+    the accumulator's original ``[rows, ...]`` shape it keeps a whole-output buffer)."""
+    block = sch.get(main)
+    row = block.iter_vars[plan.reg].var
+    at = next((d for d, ix in enumerate(block.body.indices) if ix.same_as(row)), None)
+    if at is None:  # not indexed by the row iterator directly: keep the layout
+        return
+    tile = plan.reg_tile
+
+    def split_rows(*idx: Any) -> list[Any]:
+        return [x for d, v in enumerate(idx) for x in ((v // tile, v % tile) if d == at
+                                                         else (v,))]
+
+    sch.transform_layout(main, ("write", 0), split_rows, assume_injective_transform=True)
 
 
 def _per_channel_input(block: Any, plan: _Contraction) -> str | None:
