@@ -324,9 +324,12 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
         def requantized_copy(self, expr: Any, scale: float, zp: int) -> Any:
             """quantize(movement*(dequantize(x))) with the same scalar scale and zero point
             is movement*(x): the int8 values are only moved (exact, as in ONNX: an integer
-            times s divided by s rounds back to itself). Else None."""
+            times s divided by s rounds back to itself). Max pooling counts as a movement:
+            dequantize is increasing, so the max of dequantized values is the dequantized
+            max, and its int8 padding (the dtype's minimum, -128) never wins over a real
+            value, as -inf does not in float. Else None."""
             moves = []
-            while op_name(expr) in _MOVEMENT_OPS:
+            while op_name(expr) in _MOVEMENT_OPS or op_name(expr) == "relax.nn.max_pool2d":
                 moves.append(expr)
                 expr = self.resolve(expr.args[0])
             if op_name(expr) != "relax.dequantize" or expr_dtype(expr.args[0]) != "int8":

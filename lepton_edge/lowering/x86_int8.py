@@ -12,18 +12,19 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    NCHW. For an AVX2 target without VNNI, matmul weights are instead widened to int16 at
    compile time, [N/8, K/2, 8, 2], and the kernel widens its uint8 activations once (block
    "widen"). conv2d there gets one of two int16 kernels (`use_pixel_kernel`): 1x1 convs,
-   output rows narrower than 8 pixels and inputs of at most 4 channels get the
+   rows of at most 6 pixels and inputs of at most 4 channels get the
    pixel-vectorized kernel (below: "AVX2 convolutions"; the zero-point pad in front of it
-   folded into its input packing); the other convs (kernels other than 1x1, rows >= 8 wide,
-   > 4 input channels: ResNet-18's 3x3 layers) keep the NCHW[c2] kernel (weights
+   folded into its input packing); the other convs (KxK with > 4 input channels:
+   ResNet-18's 3x3 layers) keep the NCHW[c2] kernel (weights
    [OC/8, C/2, KH, KW, 8, 2]: output channels along the vector, each input pair broadcast;
    the pad stays a kernel of its own); one-channel convs stay generic. int8 depthwise conv2d
-   gets a kernel vectorized along the output width ("depthwise int8 convolutions"; a
-   strided one stages its input per channel, de-interleaved, with the zero-point pad folded
-   in). FuseOps may fuse the elementwise consumers (bias, requantization) into the kernel;
-   the rules recognise the kernel by its "dot" block, not by name. The requantization
-   there is lowering/int8.py's requantize_te: on x86 builds its float64 form where the
-   per-channel accumulator bounds make it exact (float_requantize_ok, checked at compile
+   gets a kernel that stages each channel (zero-point pad folded in, strides split into
+   phases) as a flattened plane and runs the taps as a 1-D convolution over it in whole
+   vectors ("depthwise int8 convolutions"; int8 NCHW max pooling runs the same way). FuseOps
+   may fuse the elementwise consumers (bias, requantization) into the kernel; the rules
+   recognise the kernel by its "dot" block, not by name. The requantization there is
+   lowering/int8.py's requantize_te: on x86 builds its float64 form where the per-channel
+   accumulator bounds make it exact (float_requantize_ok, checked at compile
    time): q = lrint(acc * m0 * 2^-shift) (llvm.lrint, vcvtpd2dq), which rounds half to even
    only in the default floating-point rounding mode (round-to-nearest-even; code that
    changes MXCSR's rounding mode around a call would change results); else the 32-bit
@@ -411,6 +412,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             name = str(getattr(call.op, "name", ""))
+            if name == "relax.nn.max_pool2d" and avx2_only:
+                return self.max_pool(call)
             if name not in ("relax.matmul", "relax.nn.conv2d") or len(call.args) != 2:
                 return call
             x, w = call.args
@@ -509,21 +512,49 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             (sh, sw), (dh, dw) = (tuple(int(v) for v in attrs.strides),
                                   tuple(int(v) for v in attrs.dilation))
             _, _, kh, kw = weight.shape
-            padding, pad_value = (0, 0, 0, 0), 0
-            if sw > 1 and self.out_width(call) >= PX_LANES:
-                # measured: staging pays at stride 2 (gathers otherwise); at stride 1 and on
-                # 7-wide rows the separate pad kernel was as fast or faster
-                x, padding, pad_value = self.folded_pad(x, "int8", -128, 127)
+            x, padding, pad_value = self.folded_pad(x, "int8", -128, 127)
             h, wd = (int(d) for d in shape(x)[2:])
             oh = (h + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
             ow = (wd + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
-            tile = dw_tile(oh, ow)
+            rows, pitch, _ = dw_tile(oh, ow, kw, sw, dw)
             out = self.builder_.call_te(
-                _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw), tile,
+                _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw),
                 padding, pad_value, primfunc_name_hint="int8_depthwise",
                 primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"depthwise conv2d {list(weight.shape)}: vectorized along the width, "
-                         f"tile {tile[0]} rows x {tile[1]} pixels"
+            notes.append(f"depthwise conv2d {list(weight.shape)}: flattened planes of pitch "
+                         f"{pitch}, tile {rows} rows ({rows * pitch} outputs)"
+                         + (f", pad {list(padding)} folded" if any(padding) else ""))
+            return out
+
+        def max_pool(self, call: Any) -> Any:
+            """AVX2: int8 NCHW max pooling (lowering/int8.py pools requantized int8 values
+            directly) on the depthwise kernel's staged planes, its padding folded in."""
+            attrs, x = call.attrs, call.args[0]
+            dims = shape(x)
+            if expr_dtype(x) != "int8" or str(attrs.layout) != "NCHW" \
+                    or str(attrs.out_layout) != "NCHW" or bool(attrs.ceil_mode) \
+                    or dims is None or len(dims) != 4 \
+                    or not all(isinstance(d, tirx.IntImm) for d in dims[1:]):
+                return call
+            kernel = tuple(int(v) for v in attrs.pool_size)
+            strides = tuple(int(v) for v in attrs.strides)
+            dilation = tuple(int(v) for v in attrs.dilation)
+            pad = [int(v) for v in attrs.padding]
+            if len(pad) == 2:
+                pad = pad * 2
+            padding = (pad[0], pad[1], pad[2], pad[3])
+            h, wd = int(dims[2]), int(dims[3])
+            oh = (h + pad[0] + pad[2] - (kernel[0] - 1) * dilation[0] - 1) // strides[0] + 1
+            ow = (wd + pad[1] + pad[3] - (kernel[1] - 1) * dilation[1] - 1) // strides[1] + 1
+            want = shape(call)
+            if want is None or len(want) != 4 or [oh, ow] != [
+                    int(d) if isinstance(d, tirx.IntImm) else -1 for d in want[2:]]:
+                return call  # a pooling shape rule this kernel does not follow
+            out = self.builder_.call_te(
+                _te_max_pool, x, kernel, strides, dilation, padding,
+                primfunc_name_hint="int8_max_pool",
+                primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
+            notes.append(f"max_pool2d {list(kernel)}: int8, flattened planes"
                          + (f", pad {list(padding)} folded" if any(padding) else ""))
             return out
 
@@ -599,12 +630,34 @@ PX_TILE_ATTR = "lepton.px_tile"  # the dot block's (Vy, Vx), for the schedule
 
 
 def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
-    """AVX2: the pixel-vectorized kernel for 1x1 convs, rows narrower than 8 pixels and
-    inputs of at most PX_MAX_NARROW_C channels; the NCHW[c2] kernel (output channels along
-    the vector, each input pair broadcast) for the other (3x3, wide) convs, where it measured
-    faster here (ResNet-18's 28- and 14-wide 3x3 layers: 64 and 58 GMAC/s against 40 and 46)."""
-    _, c, kh, kw = weight_shape
-    return (kh == 1 and kw == 1) or out_width < PX_LANES or c <= PX_MAX_NARROW_C
+    """AVX2: the pixel-vectorized kernel for 1x1 convs, inputs of at most PX_MAX_NARROW_C
+    channels and rows narrower than 8 pixels whose width leaves the NCHW[c2] kernel fewer
+    than C2_MIN_ACCUMULATORS accumulators (c2_tile: 6 or fewer pixels); the NCHW[c2] kernel
+    (output channels along the vector, each input pair broadcast) for the other KxK convs,
+    where it measured faster here (ResNet-18's 28- and 14-wide 3x3 layers: 64 and 58 GMAC/s
+    against 40 and 46; its 7-wide 512-channel layers with a 1 x 7 tile: 63-73 against
+    40-52)."""
+    o, c, kh, kw = weight_shape
+    if (kh == 1 and kw == 1) or c <= PX_MAX_NARROW_C:
+        return True
+    blocks, columns = c2_tile(-(-o // I16_LANES), out_width)
+    return out_width < PX_LANES and blocks * columns < C2_MIN_ACCUMULATORS
+
+
+#: narrow rows: the NCHW[c2] kernel when its tile has this many accumulators (measured on
+#: 7-wide rows, 1 x 7; 6-wide rows keep the pixel kernel, not measured)
+C2_MIN_ACCUMULATORS = 7
+
+
+def c2_tile(blocks: int, width: int, intrin: str = INTRIN_I16) -> tuple[int, int]:
+    """(output-channel blocks, output pixels) of a blocked conv's register tile over
+    `blocks` output-channel blocks and rows `width` wide: the most accumulators within
+    CONV_TILE's budget (exact divisors: no predicates), more channel blocks on a tie (each
+    input broadcast then feeds more of them): a 7-wide row gets 1 x 7 rather than 2 x 1."""
+    budget, ob_max = CONV_TILE[intrin]
+    return max(((o, _divisor(width, max(1, budget // o)))
+                for o in range(1, ob_max + 1) if blocks % o == 0),
+               key=lambda t: (t[0] * t[1], t[0]))
 
 
 def px_tile(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
@@ -710,77 +763,121 @@ def _schedule_conv2d_px(sch: Any, intrin: str) -> None:
     _epilogue_per_tile(sch, PX_BLOCK, tile)
 
 
-# --- depthwise int8 convolutions, vectorized along the output width ---------------------
+# --- depthwise int8 convolutions, vectorized along the flattened output plane ------------
 #
-# int8 x int8 -> int32 depthwise conv2d (NCHW, one filter per channel; the input already
-# padded by lowering/int8.py): the channels run in parallel, an output tile of DW_ROWS rows x
-# a row segment of up to DW_MAX_LANES pixels accumulates in registers over the KH x KW taps
-# (each tap one vector load of input pixels, widened, times the broadcast weight), and the
-# fused requantization runs on the tile. A row segment is a divisor of the output width
-# (no bounds checks). A column stride (rows >= 8 wide) first stages each channel, in the
-# kernel's channel loop while it is in cache ("pack_dw"): padded with the zero point (the
-# pad kernel in front is folded in) and split into the stride's column phases, so that
-# every tap is one contiguous vector load instead of a gather. At stride 1, and for
-# narrower rows, the separate pad kernel measured as fast or faster than the staging.
+# int8 x int8 -> int32 depthwise conv2d (NCHW, one filter per channel). Each channel is first
+# staged ("pack_dw", in the kernel's channel loop while it is in cache): padded with the
+# zero point (the pad kernel in front, from lowering/int8.py, is folded in; the constant
+# border is filled first, then the in-bound pixels copied: decompose_padding) and split into
+# the strides' phases, planes [sh * sw, Hq, Wq] with a row pitch Wq >= ow + ((KW - 1) * DW)
+# // SW. In such a plane every filter tap reads the output plane's pixels at one constant
+# offset (output (y, x) at flat index y * Wq + x), so the taps run as one 1-D convolution
+# over the flattened plane: whole vectors of 8 int32 accumulators, however narrow the rows
+# (the Wq - ow columns past each row, and rows past the last tile's end, are computed and
+# dropped). A tile of R whole output rows (dw_tile: R * Wq a whole number of vectors)
+# accumulates over the KH x KW taps, DW_VECTORS vectors at a time in registers, and the
+# fused requantization then runs on the tile's R rows, vectorized along the row. int8 max
+# pooling (`_te_max_pool`, padding -128) uses the same planes and schedule with max for sum.
 
 DW_BLOCK = "dot_dw"
-DW_MAX_LANES = 32  # int32 accumulators per row segment (4 ymm)
-DW_TILE_OUTPUTS = 56  # a tile of narrow whole rows: up to 7 vectors of 8
+DW_FLAT_OUTPUTS = 128  # flat outputs (int32) per tile, at most, when whole rows fit
+DW_VECTORS = 8  # accumulator vectors of 8 int32 held in registers across the taps
 DW_CHANNELS = 16  # channels per parallel iteration, at most
 
 
-def dw_tile(oh: int, ow: int) -> tuple[int, int]:
-    """(rows, pixels) of a depthwise output tile: the longest row segment of at most
-    DW_MAX_LANES pixels that divides the width, preferring multiples of 8; then as many rows
-    as divide the height within DW_MAX_LANES accumulators, or DW_TILE_OUTPUTS outputs for
-    narrow whole rows (whose epilogue is then one contiguous vector)."""
-    lanes = [d for d in range(1, min(ow, DW_MAX_LANES) + 1) if ow % d == 0]
-    width = max(lanes, key=lambda d: (d % 8 == 0, d))
-    limit = DW_TILE_OUTPUTS if width == ow else DW_MAX_LANES
-    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * width <= max(limit, width))
-    return rows, width
+def dw_tile(oh: int, ow: int, kw: int, sw: int = 1, dw: int = 1) -> tuple[int, int, int]:
+    """(R rows, pitch, tiles) of a depthwise kernel: staged planes of row pitch >= ow +
+    ((kw - 1) * dw) // sw, tiles of R rows whose R * pitch flat outputs are whole vectors of
+    PX_LANES (at most DW_FLAT_OUTPUTS when rows are that short), the least flat work
+    (tiles * R * pitch; the rows past oh are computed and dropped), fewer tiles on a tie."""
+    least = ow + ((kw - 1) * dw) // sw
+    best = None
+    for pitch in range(least, least + PX_LANES):
+        for rows in range(1, oh + 1):
+            flat = rows * pitch
+            if flat % PX_LANES or (rows > 1 and flat > DW_FLAT_OUTPUTS):
+                continue
+            tiles = -(-oh // rows)
+            key = (tiles * flat, tiles)
+            if best is None or key < best[0]:
+                best = (key, (rows, pitch, tiles))
+    assert best is not None  # rows = 1 with pitch a multiple of PX_LANES always fits
+    return best[1]
 
 
-def _te_depthwise(x: Any, w: Any, strides: tuple[int, int], dilation: tuple[int, int],
-                  tile: tuple[int, int], padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-                  pad_value: int = 0) -> Any:
-    """NCHW int8 (`padding` top, left, bottom, right with `pad_value`) x [C, 1, KH, KW] int8
-    -> NCHW int32, one filter per channel. A padded or strided input is first staged per
-    channel ("pack_dw"): padded, its columns split into the stride's phases (w % s, w // s),
-    so that every tap reads contiguous pixels."""
+def _dw_planes(x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+               dilation: tuple[int, int], padding: tuple[int, int, int, int],
+               pad_value: int) -> tuple[Any, Any, int, int, int, int]:
+    """A per-channel kernel's staged planes ("pack_dw": NCHW int8 x padded with `pad_value`,
+    split into the strides' phases, [N, C, SH * SW, Hq, pitch]) and a function giving the
+    value a tap (ry, rx) reads for flat output (y, j); with oh, ow, rows, pitch."""
     from tvm import te, tirx
 
     n, c, h, wd = x.shape
     h, wd = int(h), int(wd)
-    _, _, kh, kw = (int(v) for v in w.shape)
+    kh, kw = kernel
     (sh, sw), (dh, dw) = strides, dilation
     pt, pl, pb, pr = padding
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    rows, pitch, tiles = dw_tile(oh, ow, kw, sw, dw)
+    # staged rows: every tap of the computed rows (rows * tiles) reads inside, the last
+    # column's reach wrapping into one more row
+    hq = rows * tiles + ((kh - 1) * dh) // sh + (1 if ((kw - 1) * dw) // sw else 0)
+    pad = tirx.const(pad_value, str(x.dtype))
+
+    def value(b: Any, ch: Any, phase: Any, i: Any, j: Any) -> Any:
+        row, col = i * sh + phase // sw, j * sw + phase % sw
+        inside = tirx.all(row >= pt, row < pt + h, col >= pl, col < pl + wd)
+        return tirx.if_then_else(inside, x[b, ch, row - pt, col - pl], pad)
+
+    staged = te.compute((n, c, sh * sw, hq, pitch), value, name="pack_dw")
+
+    def tap(b: Any, ch: Any, y: Any, j: Any, ry: Any, rx: Any) -> Any:
+        phase = ((ry * dh) % sh) * sw + (rx * dw) % sw
+        col = j + (rx * dw) // sw  # may run into the next staged row: flat, contiguous
+        return staged[b, ch, phase, y + (ry * dh) // sh + col // pitch, col % pitch]
+
+    return staged, tap, oh, ow, rows, pitch
+
+
+def _te_depthwise(x: Any, w: Any, strides: tuple[int, int], dilation: tuple[int, int],
+                  padding: tuple[int, int, int, int] = (0, 0, 0, 0), pad_value: int = 0
+                  ) -> Any:
+    """NCHW int8 (`padding` top, left, bottom, right with `pad_value`) x [C, 1, KH, KW] int8
+    -> NCHW int32, one filter per channel, over the staged flattened planes (see above)."""
+    from tvm import te
+
+    n, c = x.shape[:2]
+    _, _, kh, kw = (int(v) for v in w.shape)
+    _, tap, oh, ow, rows, pitch = _dw_planes(x, (kh, kw), strides, dilation, padding,
+                                             pad_value)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
-    if sw == 1 and not any(padding):
-        return te.compute(
-            (n, c, oh, ow),
-            lambda b, ch, y, z: te.sum(
-                x[b, ch, y * sh + ry * dh, z * sw + rx * dw].astype("int32")
-                * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
-            name=DW_BLOCK, attrs={PX_TILE_ATTR: list(tile)})
-    pad = tirx.const(pad_value, "int8")
+    dot = te.compute(
+        (n, c, oh + (-oh) % rows, pitch),
+        lambda b, ch, y, j: te.sum(tap(b, ch, y, j, ry, rx).astype("int32")
+                                   * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
+        name=DW_BLOCK, attrs={PX_TILE_ATTR: [rows, pitch, strides[1]]})
+    return te.compute((n, c, oh, ow), lambda b, ch, y, z: dot[b, ch, y, z], name="unpack")
 
-    def value(b: Any, ch: Any, row: Any, col: Any) -> Any:
-        inside = tirx.all(row >= pt, row < pt + h, col >= pl, col < pl + wd)
-        return tirx.if_then_else(tirx.likely(inside), x[b, ch, row - pt, col - pl], pad)
 
-    staged = te.compute(
-        (n, c, (oh - 1) * sh + (kh - 1) * dh + 1, sw, ow + ((kw - 1) * dw) // sw),
-        lambda b, ch, row, ph, j: value(b, ch, row, j * sw + ph), name="pack_dw")
-    return te.compute(
-        (n, c, oh, ow),
-        lambda b, ch, y, z: te.sum(
-            staged[b, ch, y * sh + ry * dh, (rx * dw) % sw, z + (rx * dw) // sw].astype("int32")
-            * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
-        name=DW_BLOCK, attrs={PX_TILE_ATTR: list(tile)})
+def _te_max_pool(x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                 dilation: tuple[int, int], padding: tuple[int, int, int, int]) -> Any:
+    """NCHW int8 max pooling (`padding` with -128, which never wins over a value) over the
+    staged flattened planes of the depthwise kernel, scheduled by the same rule."""
+    from tvm import te
+
+    n, c = x.shape[:2]
+    kh, kw = kernel
+    _, tap, oh, ow, rows, pitch = _dw_planes(x, kernel, strides, dilation, padding, -128)
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    pooled = te.compute(
+        (n, c, oh + (-oh) % rows, pitch),
+        lambda b, ch, y, j: te.max(tap(b, ch, y, j, ry, rx), axis=[ry, rx]),
+        name=DW_BLOCK, attrs={PX_TILE_ATTR: [rows, pitch, strides[1]]})
+    return te.compute((n, c, oh, ow), lambda b, ch, y, z: pooled[b, ch, y, z], name="unpack")
 
 
 def _schedule_depthwise(sch: Any, intrin: str) -> None:
@@ -788,31 +885,69 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
 
     del intrin  # plain vector code: widen, multiply, add
     dot = sch.get_sblock(DW_BLOCK)
-    b, ch, y, z, ry, rx = sch.get_loops(dot)
-    rows, width = (int(v) for v in sch.get(dot).annotations[PX_TILE_ATTR])
+    b, ch, y, j, ry, rx = sch.get_loops(dot)
+    rows, pitch, stride_w = (int(v) for v in sch.get(dot).annotations[PX_TILE_ATTR])
     y_o, y_i = sch.split(y, factors=[None, rows])
-    z_o, z_i = sch.split(z, factors=[None, width])
+    # the tile's rows flattened: R * pitch outputs, whole vectors
+    vectors = rows * pitch // PX_LANES
+    f_o, f_v, f_i = sch.split(sch.fuse(y_i, j),
+                              factors=[None, _divisor(vectors, DW_VECTORS), PX_LANES])
     # channels in parallel, DW_CHANNELS at a time: TVM allocates the tile buffers once per
     # parallel iteration (a workspace call each), not once per small channel
     ch_o, ch_i = sch.split(ch, factors=[None, _divisor(_extent(ch, sch), DW_CHANNELS)])
-    sch.reorder(b, ch_o, ch_i, y_o, z_o, ry, rx, y_i, z_i)
-    outer = sch.fuse(b, ch_o)
-    sch.parallel(outer)
-    if _has_block(sch, "pack_dw"):  # staged per channel, while it stays in cache
-        pack = sch.get_sblock("pack_dw")
-        sch.compute_at(pack, ch_i)
+    sch.reorder(b, ch_o, ch_i, y_o, f_o, ry, rx, f_v, f_i)
+    sch.parallel(sch.fuse(b, ch_o))
+    pack = sch.get_sblock("pack_dw")
+    sch.compute_at(pack, ch_i)
+    # the staged planes flat: a tap's reads become contiguous (q // pitch * pitch + q % pitch)
+    sch.transform_layout(pack, ("write", 0),
+                         lambda b_, c_, p_, i_, j_: (b_, c_, p_, i_ * pitch + j_))
     sch.unroll(ry)
     sch.unroll(rx)
-    sch.unroll(y_i)
-    sch.vectorize(z_i)
+    sch.unroll(f_v)
+    sch.vectorize(f_i)
     cache = sch.cache_write(dot, 0, "local")
-    sch.reverse_compute_at(cache, z_o)
-    sch.decompose_reduction(dot, ry)
+    sch.reverse_compute_at(cache, y_o)
+    init = sch.decompose_reduction(dot, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
     try:  # the epilogue (or the output copy) reads the accumulators
         sch.compute_inline(cache)
-    except ScheduleError:  # no epilogue: the cache's copy writes the output itself
+    except ScheduleError:
         sch.vectorize(sch.get_loops(cache)[-1])
-    _epilogue_per_tile(sch, DW_BLOCK, z_o, whole_rows=_extent(z_o, sch) == 1)
+    _epilogue_per_tile(sch, DW_BLOCK, y_o)
+    _stage_depthwise(sch, pack, ch_i, stride_w == 1)  # last: it rebuilds the loops under ch_i
+
+
+def _stage_depthwise(sch: Any, pack: Any, channel: Any, contiguous: bool) -> None:
+    """The per-channel staging (its loops under loop `channel`): the pad value filled
+    (vectorized), then the in-bound pixels copied (vectorized along the row at column
+    stride 1); when TVM cannot split it so, one pass that tests every pixel."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    loops = sch.get_loops(pack)
+    depth = [sch.get(lp).same_as(sch.get(channel)) for lp in loops].index(True)
+    if depth + 1 >= len(loops):
+        return
+    try:
+        fill = sch.decompose_padding(pack, loops[depth + 1])
+    except ScheduleError:
+        return
+    for block in (fill, pack) if contiguous else (fill,):
+        inner = sch.get_loops(block)[-1]
+        if (_extent(inner, sch) or 0) > 1:
+            try:
+                sch.vectorize(inner)
+            except ScheduleError:
+                pass
+
+
+def _pack_pairs(sch: Any, block: Any) -> None:
+    """An int16 kernel's input packing: the channel pair (innermost, 2) unrolled, so that
+    LLVM's loop vectorizer sees two contiguous rows stored interleaved (widen + unpack)
+    rather than a strided scalar loop."""
+    loops = sch.get_loops(block)
+    if len(loops) >= 2 and _extent(loops[-1], sch) == I16_GROUP:
+        sch.unroll(loops[-1])
 
 
 def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False) -> None:
@@ -836,6 +971,8 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
             except ScheduleError:  # not inlinable: a pass of its own
                 pass
         _parallel_outer(sch, block)
+        if name == "pack_px":
+            _pack_pairs(sch, block)
     epilogue = names[mine[-1] + 1:]
     for name in epilogue:
         block = sch.get_sblock(name)
@@ -930,9 +1067,7 @@ def _schedule_conv2d(sch: Any, intrin: str) -> None:
     lanes = I16_LANES if intrin == INTRIN_I16 else LANES
     dot = sch.get_sblock("dot")
     b, ob, y, z, oi, rc, ry, rx, ri = sch.get_loops(dot)
-    budget, ob_max = CONV_TILE[intrin]
-    ob_i_f = _divisor(_extent(ob, sch), ob_max)
-    z_i_f = _divisor(_extent(z, sch), max(1, budget // ob_i_f))
+    ob_i_f, z_i_f = c2_tile(_extent(ob, sch) or 1, _extent(z, sch) or 1, intrin)
     ob_o, ob_i = sch.split(ob, factors=[None, ob_i_f])
     z_o, z_i = sch.split(z, factors=[None, z_i_f])
     sch.reorder(b, ob_o, y, z_o, rc, ry, rx, ob_i, z_i, oi, ri)
@@ -965,6 +1100,8 @@ def _schedule_around(sch: Any, tile: Any) -> None:
     epilogue = [sch.get_sblock(n) for n in names[ours[-1] + 1:]]
     for block in before:
         _parallel_outer(sch, block)
+        if sch.get(block).name_hint == "pack":
+            _pack_pairs(sch, block)
     for block in epilogue:
         if sch.get(block).name_hint.startswith("unpack"):
             try:  # a pure copy: read the accumulators directly

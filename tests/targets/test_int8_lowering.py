@@ -416,3 +416,38 @@ def test_requantized_data_movement_is_integer_and_exact(build) -> None:
     want_float_path = reference_session(model).run(["y2_q"], {"x_q": x_q})[0]
     np.testing.assert_array_equal(got["y2_q"], want_float_path)
 
+
+
+def test_requantized_max_pool_runs_on_int8(build) -> None:
+    """Q(MaxPool(DQ(x))) with the same scale and zero point (ResNet's stem pool: 3x3, stride
+    2, padded) pools the int8 values themselves: no float pass, bit-exact (the int8 pad,
+    -128, never wins over a value, as -inf does not in float)."""
+    s, z = 0.021, -3
+    inits = [numpy_helper.from_array(np.array(s, np.float32), "s"),
+             numpy_helper.from_array(np.array(z, np.int8), "z")]
+    nodes = [helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x"]),
+             helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["y_q"])]
+    graph = helper.make_graph(
+        nodes, "qdq_pool", [helper.make_tensor_value_info("x_q", TensorProto.INT8,
+                                                          ["N", 3, 9, 8])],
+        [helper.make_tensor_value_info("y_q", TensorProto.INT8, ["N", 3, 5, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from tvm.relax.frontend.onnx import from_onnx
+
+    lowered, report = lower_qdq_to_integer(from_onnx(model, keep_params_in_input=False))
+    assert report.kept_float == [], report
+    text = lowered.script()
+    assert "R.nn.max_pool2d" in text and "float32" not in text
+    _, session = build(lepton_edge.load(model))
+    x_q = rng.integers(-128, 128, (2, 3, 9, 8)).astype(np.int8)
+    x_q[0, 0] = -128  # a plane of the minimum: its pooled output is -128, as in float
+    x_q[1, :, 0, :] = -128
+    got = session.run({"x_q": x_q})["y_q"]
+    padded = np.pad(x_q.astype(np.int64), [(0, 0), (0, 0), (1, 1), (1, 1)],
+                    constant_values=-1000)
+    want = np.stack([[padded[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(2, 3))
+                      for j in range(4)] for i in range(5)]).transpose(2, 3, 0, 1)
+    np.testing.assert_array_equal(got, want.astype(np.int8))
+    np.testing.assert_array_equal(got, reference_session(model).run(["y_q"], {"x_q": x_q})[0])

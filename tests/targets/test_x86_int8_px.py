@@ -4,7 +4,8 @@
   times a broadcast weight pair), the zero-point pad in front folded into the packing pass;
   and, for wide KxK convs with more than 4 input channels (use_pixel_kernel false), the
   NCHW[c2] int16 kernel (8 output channels x 2 input channels per `vpmaddwd`);
-* depthwise conv2d: vectorized along the output width;
+* depthwise conv2d: each channel staged as flattened planes (zero-point pad folded in,
+  strides split into phases), the taps a 1-D convolution over them in whole vectors;
 * the 32-bit requantization (lowering/int8.py requantize_te with every shift >= 33).
 
 Each kernel is compared with numpy int64 math on extreme values (0/255 or -128/127 inputs,
@@ -96,11 +97,11 @@ def reference(x: np.ndarray, weight: np.ndarray, strides, dilation, pad, pad_val
 CONVS = {
     "1x1": ([1, 16, 14, 14], (24, 1), (1, 1), (1, 1), (0, 0, 0, 0), None),
     "1x1_stride2_odd_channels": ([1, 9, 9, 11], (7, 1), (2, 2), (1, 1), (0, 0, 0, 0), None),
-    "3x3_pad_symbolic_batch": ([N, 5, 9, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2),
+    "3x3_pad_symbolic_batch": ([N, 5, 9, 5], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2),
     "3x3_stride2_pad": ([1, 6, 13, 10], (10, 3), (2, 2), (1, 1), (1, 1, 1, 1), None),
     "7x7_stride2_c3": ([1, 3, 20, 20], (16, 7), (2, 2), (1, 1), (3, 3, 3, 3), None),
-    "3x3_dilated_uneven_pad": ([1, 8, 11, 10], (20, 3), (1, 1), (2, 2), (0, 1, 2, 0), None),
-    "3x3_c33_7x7": ([1, 33, 7, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), None),
+    "3x3_dilated_uneven_pad": ([1, 8, 11, 8], (20, 3), (1, 1), (2, 2), (0, 1, 2, 0), None),
+    "3x3_c33_5x5": ([1, 33, 5, 5], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), None),
 }
 
 
@@ -123,12 +124,19 @@ def test_pixel_conv2d_is_bit_exact(case: str, fused: bool) -> None:
 
 
 def test_wide_3x3_conv_keeps_the_c2_kernel() -> None:
-    """3x3 convs with 8 or more output columns and more than 4 input channels: the NCHW[c2]
-    kernel (output channels along the vector), measured faster there; the pad stays a pass."""
+    """KxK convs with more than 4 input channels whose row width gives the NCHW[c2] kernel
+    (output channels along the vector) a tile of >= 6 accumulators: that kernel, measured
+    faster there (7-wide rows too, with a 1 x 7 tile); the pad stays a pass."""
     assert x86_int8.use_pixel_kernel((64, 64, 1, 1), 56)
-    assert x86_int8.use_pixel_kernel((512, 512, 3, 3), 7)
+    assert not x86_int8.use_pixel_kernel((512, 512, 3, 3), 7)
+    assert x86_int8.use_pixel_kernel((64, 64, 3, 3), 5)  # a 1 x 5 c2 tile
+    assert x86_int8.use_pixel_kernel((32, 16, 3, 3), 6)  # 6-wide rows: not measured
     assert x86_int8.use_pixel_kernel((64, 3, 7, 7), 112)
     assert not x86_int8.use_pixel_kernel((128, 128, 3, 3), 28)
+    assert x86_int8.c2_tile(64, 7) == (1, 7)
+    assert x86_int8.c2_tile(32, 14) == (1, 7)
+    assert x86_int8.c2_tile(32, 28) == (2, 4)
+    assert x86_int8.c2_tile(3, 12) == (1, 6)  # 3 blocks: no pairs
     weight = extreme_int8((12, 10, 3, 3))
     mod = conv_module([N, 10, 12, 12], weight, pad=(1, 1, 1, 1), pad_value=77, shift=8)
     executable, packed, scheduled = build(mod)
@@ -139,7 +147,7 @@ def test_wide_3x3_conv_keeps_the_c2_kernel() -> None:
     np.testing.assert_array_equal(run(executable, x), want)
 
 
-# The NCHW[c2] kernel's cases (rows >= 8 wide, > 4 input channels, KxK > 1): x shape,
+# The NCHW[c2] kernel's cases (> 4 input channels, KxK > 1, rows >= 7 wide): x shape,
 # (out channels, kernel), strides, dilation, pad (top, left, bottom, right), batch, shift
 C2_CONVS = {
     "stride2_pad": ([1, 10, 19, 21], (12, 3), (2, 2), (1, 1), (1, 1, 1, 1), None, 9),
@@ -149,6 +157,9 @@ C2_CONVS = {
     "symbolic_batch_strided_dilated": ([N, 8, 21, 20], (16, 3), (2, 1), (2, 2),
                                        (1, 2, 0, 1), 2, 10),
     "5x5_stride2": ([1, 7, 20, 22], (8, 5), (2, 2), (1, 1), (2, 2, 2, 2), None, None),
+    "7_wide_symbolic_batch": ([N, 5, 9, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, 9),
+    "c33_7_wide": ([1, 33, 7, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), None, None),
+    "stride2_to_7_wide": ([1, 16, 14, 14], (24, 3), (2, 2), (1, 1), (0, 0, 1, 1), None, 8),
 }
 
 
@@ -159,8 +170,7 @@ def test_c2_conv2d_is_bit_exact(case: str) -> None:
     x_shape, (oc, k), strides, dilation, pad, batch, shift = C2_CONVS[case]
     weight = extreme_int8((oc, x_shape[1], k, k))
     width = (x_shape[3] + pad[1] + pad[3] - (k - 1) * dilation[1] - 1) // strides[1] + 1
-    assert width >= x86_int8.PX_LANES  # the case really is one for the c2 kernel
-    assert not x86_int8.use_pixel_kernel(weight.shape, width)
+    assert not x86_int8.use_pixel_kernel(weight.shape, width)  # really a c2 case
     mod = conv_module(x_shape, weight, strides=strides, dilation=dilation, pad=pad,
                       pad_value=201, shift=shift)
     executable, packed, scheduled = build(mod)
@@ -173,7 +183,7 @@ def test_c2_conv2d_is_bit_exact(case: str) -> None:
 
 
 def test_folded_pad_leaves_no_pad_kernel() -> None:
-    mod = conv_module([1, 8, 6, 6], extreme_int8((8, 8, 3, 3)), pad=(1, 1, 1, 1),
+    mod = conv_module([1, 8, 5, 5], extreme_int8((8, 8, 3, 3)), pad=(1, 1, 1, 1),
                       pad_value=128)
     packed_mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
     assert "R.nn.pad" not in packed_mod.script()
@@ -198,6 +208,8 @@ DEPTHWISE = {
     "3x3_stride2_symbolic_batch": ([N, 5, 9, 9], 3, (2, 2), (1, 1), 2),
     "3x3_dilated_odd_width": ([1, 7, 11, 13], 3, (1, 1), (2, 2), None),
     "5x5_wide": ([1, 3, 6, 68], 5, (1, 1), (1, 1), None),
+    "3x3_dilated_stride2": ([1, 9, 15, 16], 3, (2, 2), (2, 2), None),
+    "1x1_channels_scaled": ([1, 4, 5, 3], 1, (1, 1), (1, 1), None),
 }
 
 
@@ -220,13 +232,21 @@ def test_depthwise_conv2d_is_bit_exact(case: str, fused: bool) -> None:
     np.testing.assert_array_equal(run(executable, x), want)
 
 
-# x shape, kernel, strides, pad (top, left, bottom, right), batch: stride 2, output rows
-# >= 8 wide: the zero-point pad is folded into the kernel's de-interleaved staging
+# x shape, kernel, strides, pad (top, left, bottom, right), batch: the zero-point pad is
+# folded into the kernel's per-channel staging (flattened planes, strides split in phases)
 DEPTHWISE_PADDED = {
     "3x3_stride2": ([1, 16, 32, 32], 3, (2, 2), (1, 1, 1, 1), None),
     "3x3_stride2_odd_width_11_channels": ([1, 11, 19, 21], 3, (2, 2), (1, 1, 1, 1), None),
     "3x3_stride2_uneven_pad_symbolic_batch": ([N, 5, 18, 17], 3, (2, 2), (0, 1, 1, 2), 3),
     "5x5_stride2_rows_only": ([1, 9, 17, 33], 5, (2, 1), (2, 2, 2, 2), None),
+    "3x3_14_wide_19_channels": ([1, 19, 14, 14], 3, (1, 1), (1, 1, 1, 1), None),
+    "3x3_7_wide_symbolic_batch": ([N, 17, 7, 7], 3, (1, 1), (1, 1, 1, 1), 2),
+    "3x3_stride2_to_7_wide": ([1, 24, 14, 14], 3, (2, 2), (0, 0, 1, 1), None),
+    "3x3_columns_only_stride": ([1, 6, 10, 23], 3, (1, 2), (1, 0, 2, 1), None),
+    "5x5_wide_uneven_pad": ([1, 3, 12, 70], 5, (1, 1), (2, 1, 0, 3), None),
+    # strided with wide rows (staged planes of pitch 31 and 28)
+    "3x3_stride2_wide_rows": ([1, 3, 12, 60], 3, (2, 2), (1, 1, 1, 1), None),
+    "5x5_stride3_wide_symbolic_batch": ([N, 2, 11, 80], 5, (3, 3), (2, 1, 2, 3), 2),
 }
 
 
@@ -240,11 +260,10 @@ def test_depthwise_folded_pad_is_bit_exact(case: str, fused: bool) -> None:
     mod = conv_module(x_shape, weight, dtype="int8", strides=strides, pad=pad, pad_value=-7,
                       shift=shift)
     packed_mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
-    folded = strides[1] > 1
-    assert ("R.nn.pad" in packed_mod.script()) != folded
+    assert "R.nn.pad" not in packed_mod.script()
     executable, packed, scheduled = build(mod)
     assert len(packed) == 1 and packed[0].startswith("depthwise conv2d"), packed
-    assert packed[0].endswith(f"pad {list(pad)} folded") == folded, packed
+    assert packed[0].endswith(f"pad {list(pad)} folded"), packed
     assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
     shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
     x = rng.integers(-128, 128, shape).astype(np.int8)
@@ -253,13 +272,72 @@ def test_depthwise_folded_pad_is_bit_exact(case: str, fused: bool) -> None:
     np.testing.assert_array_equal(run(executable, x), want)
 
 
-def test_depthwise_tile_divides_the_width() -> None:
-    assert x86_int8.dw_tile(56, 56) == (4, 8)  # 32 accumulators (4 ymm)
-    assert x86_int8.dw_tile(112, 112) == (2, 16)
-    # narrow rows: whole rows per tile, up to 56 outputs (the epilogue: one contiguous run)
-    assert x86_int8.dw_tile(14, 14) == (2, 14)
-    assert x86_int8.dw_tile(7, 7) == (7, 7)
-    assert x86_int8.dw_tile(9, 10) == (3, 10)
+# x shape, pool size, strides, dilation, pad (top, left, bottom, right), batch
+MAX_POOLS = {
+    "3x3_stride2_pad": ([1, 5, 16, 16], (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), None),
+    "2x2_stride2_odd_size_symbolic_batch": ([N, 3, 9, 11], (2, 2), (2, 2), (1, 1),
+                                            (0, 0, 0, 0), 2),
+    "3x3_stride1_uneven_pad": ([1, 4, 7, 10], (3, 3), (1, 1), (1, 1), (0, 1, 2, 1), None),
+    "3x2_dilated_rows_stride": ([1, 2, 13, 9], (3, 2), (2, 1), (2, 1), (1, 0, 1, 1), None),
+}
+
+
+@pytest.mark.parametrize("case", list(MAX_POOLS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_int8_max_pool_is_bit_exact(case: str, fused: bool) -> None:
+    """int8 NCHW max pooling on the depthwise kernel's staged planes (padding -128 folded
+    in), alone or with a fused elementwise consumer (the uint8 shift the next conv needs)."""
+    x_shape, pool, strides, dilation, pad, batch = MAX_POOLS[case]
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x_shape, "int8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.max_pool2d(xv, pool, strides, pad, dilation))
+            if fused:
+                y = bb.emit(relax.op.astype(relax.op.add(relax.op.astype(y, "int16"),
+                                                         relax.const(128, "int16")), "uint8"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    executable, packed, scheduled = build(bb.get())
+    assert len(packed) == 1 and packed[0].startswith("max_pool2d"), packed
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    x[rng.random(shape) < 0.3] = -128
+    x[0, 0] = -128  # a whole plane of the minimum: the padding must not change it
+    padded = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])],
+                    constant_values=-1000)
+    (kh, kw), (sh, sw), (dh, dw) = pool, strides, dilation
+    oh = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    ow = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    want = np.full((*shape[:2], oh, ow), -1000, np.int64)
+    for ry in range(kh):
+        for rx in range(kw):
+            want = np.maximum(want, padded[:, :, ry * dh:ry * dh + (oh - 1) * sh + 1:sh,
+                                           rx * dw:rx * dw + (ow - 1) * sw + 1:sw])
+    want = want.astype(np.int8)
+    if fused:
+        want = (want.astype(np.int16) + 128).astype(np.uint8)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+def test_depthwise_tile_is_whole_vectors_of_whole_rows() -> None:
+    """Tiles of whole output rows of a flattened plane: R * pitch a multiple of 8, the pitch
+    long enough for the filter's reach, the rows covering the output, little padded work."""
+    assert x86_int8.dw_tile(14, 14, 3) == (7, 16, 2)  # 112 outputs, 2 tiles
+    assert x86_int8.dw_tile(112, 112, 3) == (1, 120, 112)
+    assert x86_int8.dw_tile(56, 56, 3, 2) == (2, 60, 28)  # stride 2: pitch >= 57
+    for oh, ow, kw, sw, dw in [(7, 7, 3, 1, 1), (9, 10, 5, 1, 1), (28, 28, 3, 2, 1),
+                               (13, 6, 3, 1, 2), (1, 1, 3, 1, 1), (30, 41, 7, 3, 1)]:
+        rows, pitch, tiles = x86_int8.dw_tile(oh, ow, kw, sw, dw)
+        assert pitch >= ow + (kw - 1) * dw // sw and rows * pitch % 8 == 0
+        assert rows * tiles >= oh > rows * (tiles - 1)
+        assert rows == 1 or rows * pitch <= x86_int8.DW_FLAT_OUTPUTS
+        assert tiles * rows * pitch <= 2 * _ceil8(oh * (ow + (kw - 1) * dw // sw))
+
+
+def _ceil8(value: int) -> int:
+    return -(-value // 8) * 8
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
