@@ -27,26 +27,34 @@ keeps NCHW and the schedules of lowering/schedules.py.
 :func:`schedule_nchwc` (a rule of :func:`lowering.schedules.apply_default_schedules`, tried
 before the contraction rule; the ScheduleReport names it ``nchwc``) register-tiles the
 convolution: an output tile of ``t_c`` channel blocks x ``t_w`` output columns
-(:func:`tile_shape`: at most :data:`TILE_ACCUMULATORS` vector accumulators that fit AVX2's 16
-registers with the filter vectors and the broadcast value) accumulates over ``(ic_outer, kh,
-kw, ic_inner)``, each filter vector loaded once per step and each input value broadcast, the
-innermost ``ic_inner`` step unrolled; the fused epilogue (bias, ReLU / clip, residual add) is
-applied to the tile before it is stored. ``(n, oc_outer, oh)`` run in parallel. Small output
-planes (7x7, 14x14) accumulate the whole plane input-channel block by input-channel block
-(:data:`PLANE_ACCUMULATORS`) so each filter slice is reused from L1, with the batch inside the
-channel blocks. A regular convolution pads image by image (a fill and a vectorized copy); a
-depthwise convolution vectorizes along its ``c`` channels, register-blocks along the output
-width and builds each channel block's padded plane inside its parallel loop.
-:func:`schedule_pool_nchwc` (``nchwc-pool``) vectorizes TVM's max / average pools on NCHWc
-tensors along the lanes.
+(:func:`wide_tile_shape`: 4 x 3 = 12 vector accumulators where the channels allow, which with
+the ``t_w`` broadcast input values and one filter vector fill AVX2's 16 registers)
+accumulates over ``(ic_outer, kh, kw, ic_inner)``, each filter vector loaded once per step
+and each input value broadcast, the innermost ``ic_inner`` step unrolled; the fused epilogue
+(bias, ReLU / clip, residual add) is applied to the tile before it is stored. When ``t_w``
+does not divide the output width the kernel computes a few extra columns (reading the last
+input column again) that are never stored (:data:`CROP_BLOCK`; 57 for 56). ``(n, oc_outer,
+oh)`` run in parallel. Small output planes (7x7, 14x14; :data:`PLANE_ACCUMULATORS`) are tiled
+as one row of ``oh * ow`` pixels (49 -> 51 computed, not 7 -> 9 per row) and accumulate the
+whole plane in a local array, chunk of input-channel blocks by chunk
+(:data:`FILTER_CHUNK_BYTES`), so that each chunk's filter slice is reused from cache, with the
+batch inside the channel blocks. A regular convolution pads image by image (a fill and a
+vectorized copy); a depthwise convolution vectorizes along its ``c`` channels,
+register-blocks along the output width and builds each channel block's padded plane inside
+its parallel loop (with a stride or a large plane it reads its input in place instead, with
+a bounds check: :data:`DEPTHWISE_PLANE_BYTES`). :func:`schedule_pool_nchwc`
+(``nchwc-pool``) vectorizes TVM's max / average pools on NCHWc tensors along the lanes.
 
 ``LEPTON_NCHWC=0`` turns the conversion off (the convolutions keep NCHW and the schedules of
 lowering/schedules.py), for A/B runs.
 
-Measured (benchmarks/untuned.py, 1 thread, ratio to onnxruntime fp32 in the same run, noisy
-shared machine): ResNet-18-shaped b1 2.1x -> 1.1x, b8 -> 1.1x; MobileNetV2-shaped b1 2.2x ->
-1.04x, b8 -> 0.94x; single kernels (benchmarks/conv_kernels.py, quiet machine) reach 75-95%
-of the FMA peak on ResNet-18's 3x3 layers, on par with onnxruntime's.
+Measured (1 thread, noisy shared machine, fastest calls): ResNet-18's and MobileNetV2's
+convolutions reach 70-95% of the FMA peak, 0.96-1.08x onnxruntime's NCHWc Conv kernel
+(benchmarks/conv_kernels.py; the depthwise ones are memory-bound); in-model, with the same
+inputs, the 4 x 3 tiles, the flat small planes and the in-place strided depthwise reads
+took ResNet-18's convolutions from 40.9 to 39.3 ms and MobileNetV2's from 7.7 to 7.2 ms;
+whole models 0.98-1.03x (ResNet-18-shaped) and 0.81-0.95x (MobileNetV2-shaped)
+onnxruntime's time.
 """
 
 from __future__ import annotations
@@ -63,19 +71,39 @@ from lepton_edge.lowering.layout import error_message
 CONV_BLOCK = "conv2d_nchwc"
 DEPTHWISE_BLOCK = "conv2d_nchwc_depthwise"
 PAD_BLOCK = "conv2d_nchwc_pad"
+#: The copy of the computed columns when the convolution computes a few extra output columns
+#: so that its register tiles divide the width (:func:`wide_tile_shape`).
+CROP_BLOCK = "conv2d_nchwc_crop"
+#: Block annotation of :data:`CONV_BLOCK`: ``[t_c, t_w, flat]``, the register tile the TE was
+#: built for (its computed width a multiple of ``t_w``) and whether its output plane is one
+#: row of pixels (:func:`conv2d_nchwc_te`); :func:`schedule_nchwc` uses it.
+TILE_ANNOTATION = "lepton_nchwc_tile"
 #: Most vector accumulators of one output tile (AVX2 has 16 vector registers: the rest hold
-#: the filter vectors and the broadcast input value).
+#: the broadcast input values and a filter vector).
 TILE_ACCUMULATORS = 12
 #: A convolution whose output plane times the tile's channel blocks has at most this many
-#: pixels accumulates the whole plane in a local array, input-channel block by block (see
-#: :func:`schedule_nchwc`): 1024 x 8 floats = 32 KB, L1. Measured (1 thread): ResNet-18's
-#: 14x14x256 3x3 layer 2.75 -> 2.4 ms (784 = 196 pixels x 4 blocks), 7x7x512 3.3 -> 3.0 ms;
-#: 28x28x128 (1568) no better, 56x56x64 slightly worse.
+#: pixels is tiled as one row of pixels and accumulates the whole plane in a local array,
+#: chunk of input-channel blocks by chunk (see :func:`schedule_nchwc`): 1024 x 8 floats =
+#: 32 KB, L1. Measured (1 thread, 1x7 tiles then): ResNet-18's 14x14x256 3x3 layer 2.75 ->
+#: 2.4 ms (784 = 196 pixels x 4 blocks), 7x7x512 3.3 -> 3.0 ms; 28x28x128 (1568) no better,
+#: 56x56x64 slightly worse; as one row of 51 pixels in 4 x 3 tiles, 7x7x512 3.0 -> 2.6 ms.
 PLANE_ACCUMULATORS = 1024
 #: The same for 1x1 filters, whose step per input-channel block is short (8 FMAs per pixel)
 #: next to reloading the accumulators: 14x14 pointwise layers with 4 blocks (784) measured
 #: 6% slower split, 7x7 ones (49 x 1) 8% faster.
 PLANE_ACCUMULATORS_POINTWISE = 256
+#: A small plane (see :func:`schedule_nchwc`) accumulates its register tiles over chunks of
+#: input channel blocks whose filter slice has at most this many bytes (one chunk for a 1x1
+#: filter of up to 64 input blocks: measured 5% faster than 32 KB chunks on MobileNetV2's
+#: 7x7 320->1280 layer; a 3x3 filter 4 blocks at a time, any size between 1 and all blocks
+#: measured alike on ResNet-18's 7x7x512 layer).
+FILTER_CHUNK_BYTES = 65536
+#: A depthwise convolution with a stride, or whose padded plane of one channel block has more
+#: bytes than this, reads its input in place with a bounds check per tap and pixel instead of
+#: building a padded copy of each plane: measured (1 thread) MobileNetV2's 112x112x96
+#: stride-2 layer 0.24 -> 0.13 ms, 112x112x32 0.15 -> 0.11 ms (a 416 KB plane, out of L2);
+#: 56x56x144 (107 KB) 0.19 -> 0.22 and 7x7x960 0.026 -> 0.035 ms slower that way.
+DEPTHWISE_PLANE_BYTES = 256 * 1024
 
 
 def enabled() -> bool:
@@ -505,25 +533,86 @@ def conv2d_nchwc_te(x: Any, w: Any, strides: tuple[int, int],
         xp = x
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
+    if depthwise and xp is not x and (sh > 1 or sw > 1
+                                      or ph * pw * int(lanes) * 4 > DEPTHWISE_PLANE_BYTES):
+        # Read the input in place, zero outside it (a branch per tap and pixel, predictable),
+        # instead of a padded copy (see DEPTHWISE_PLANE_BYTES).
+        def masked(b: Any, c: Any, y: Any, xx: Any, i: Any) -> Any:
+            y, xx = y - top, xx - left
+            inside = tirx.all(y >= 0, y < h, xx >= 0, xx < wd)
+            return tirx.if_then_else(inside, x[b, c, y, xx, i], tirx.const(0.0, x.dtype))
+
+        return te.compute(
+            (n, ocb, oh, ow, lanes),
+            lambda b, c, y, xx, i: te.sum(masked(b, c, y * sh + ry, xx * sw + rx, i)
+                                          * w[c, ry, rx, i], axis=[ry, rx]),
+            name=DEPTHWISE_BLOCK)
     if depthwise:
         return te.compute(
             (n, ocb, oh, ow, lanes),
             lambda b, c, y, xx, i: te.sum(xp[b, c, y * sh + ry, xx * sw + rx, i]
                                           * w[c, ry, rx, i], axis=[ry, rx]),
             name=DEPTHWISE_BLOCK)
+    # Register tiles of t_w output columns: when t_w does not divide the width, the kernel
+    # computes the next multiple of t_w columns (the extra ones read the last input column,
+    # clamped, and are never stored: CROP_BLOCK copies the real ones). A small output plane
+    # (accumulated chunk of input channel blocks by chunk in schedule_nchwc, at most
+    # PLANE_ACCUMULATORS pixels x t_c blocks) is tiled as one row of oh * ow pixels (the
+    # extra pixels repeat the last one).
     rco = te.reduce_axis((0, cb), name="rco")
-    if not blocked:  # [N, C, H, W] input, filter [O/c, I, KH, KW, c]
-        return te.compute(
-            (n, ocb, oh, ow, lanes),
-            lambda b, c, y, xx, o: te.sum(xp[b, rco, y * sh + ry, xx * sw + rx]
-                                          * w[c, rco, ry, rx, o], axis=[rco, ry, rx]),
-            name=CONV_BLOCK)
-    rci = te.reduce_axis((0, lanes), name="rci")
-    return te.compute(
-        (n, ocb, oh, ow, lanes),
-        lambda b, c, y, xx, o: te.sum(xp[b, rco, y * sh + ry, xx * sw + rx, rci]
-                                      * w[c, rco, ry, rx, rci, o], axis=[rco, ry, rx, rci]),
-        name=CONV_BLOCK)
+    taps = (lambda rci: [rco, ry, rx, rci]) if blocked else (lambda _: [rco, ry, rx])
+
+    def read(b: Any, y: Any, xx: Any, rci: Any) -> Any:
+        return xp[b, rco, y, xx, rci] if blocked else xp[b, rco, y, xx]
+
+    def weight(c: Any, rci: Any, o: Any) -> Any:
+        return w[c, rco, ry, rx, rci, o] if blocked else w[c, rco, ry, rx, o]
+
+    rci = te.reduce_axis((0, lanes), name="rci") if blocked else None
+    pixels = int(oh) * int(ow)
+    t_c, t_w, flat, computed = output_tiling(int(ocb), int(oh), int(ow), kh * kw, blocked)
+    attrs = {TILE_ANNOTATION: [t_c, t_w, int(flat)]}
+    if flat:
+        def pixel(p: Any) -> tuple[Any, Any]:
+            q = p if computed == pixels else tirx.min(p, pixels - 1)
+            return q // ow * sh, q % ow * sw
+
+        conv = te.compute(
+            (n, ocb, computed, lanes),
+            lambda b, c, p, o: te.sum(
+                read(b, pixel(p)[0] + ry, pixel(p)[1] + rx, rci) * weight(c, rci, o),
+                axis=taps(rci)),
+            name=CONV_BLOCK, attrs=attrs)
+        return te.compute((n, ocb, oh, ow, lanes),
+                          lambda b, c, y, xx, i: conv[b, c, y * ow + xx, i], name=CROP_BLOCK)
+
+    def column(xx: Any, kx: Any) -> Any:
+        return xx * sw + kx if computed == ow else tirx.min(xx * sw + kx, pw - 1)
+
+    conv = te.compute(
+        (n, ocb, oh, computed, lanes),
+        lambda b, c, y, xx, o: te.sum(read(b, y * sh + ry, column(xx, rx), rci)
+                                      * weight(c, rci, o), axis=taps(rci)),
+        name=CONV_BLOCK, attrs=attrs)
+    if computed == ow:
+        return conv
+    return te.compute((n, ocb, oh, ow, lanes), lambda *i: conv(*i), name=CROP_BLOCK)
+
+
+def output_tiling(blocks: int, oh: int, ow: int, taps: int, blocked: bool
+                  ) -> tuple[int, int, bool, int]:
+    """``(t_c, t_w, flat, computed)`` of a regular convolution with ``blocks`` output channel
+    blocks, an ``oh`` x ``ow`` output and ``taps`` filter positions: flat (a blocked input
+    whose plane fits :data:`PLANE_ACCUMULATORS`, or :data:`PLANE_ACCUMULATORS_POINTWISE` for
+    a 1x1 filter) tiles the ``oh * ow`` pixels as one row, else each output row; ``computed``
+    pixels or columns (a multiple of ``t_w``)."""
+    pixels = oh * ow
+    limit = PLANE_ACCUMULATORS_POINTWISE if taps == 1 else PLANE_ACCUMULATORS
+    t_c, t_w = wide_tile_shape(blocks, pixels, plane=True)
+    if blocked and -(-pixels // t_w) * t_w * t_c <= limit:
+        return t_c, t_w, True, -(-pixels // t_w) * t_w
+    t_c, t_w = wide_tile_shape(blocks, ow)
+    return t_c, t_w, False, -(-ow // t_w) * t_w
 
 
 def _legalize(mod: Any, lanes: int) -> tuple[Any, int]:
@@ -572,8 +661,9 @@ def _legalize(mod: Any, lanes: int) -> tuple[Any, int]:
 # --- schedule ----------------------------------------------------------------------------------
 
 def tile_shape(blocks: int, width: int, *, depthwise: bool = False) -> tuple[int, int]:
-    """``(t_c, t_w)``: channel blocks x output columns of one register tile. ``t_c`` divides
-    ``blocks`` (at most 4), ``t_w`` divides ``width``; the accumulators plus one register per
+    """``(t_c, t_w)``: channel blocks x output columns of one register tile (depthwise
+    convolutions; regular ones use :func:`wide_tile_shape`). ``t_c`` divides ``blocks``
+    (at most 4), ``t_w`` divides ``width``; the accumulators plus one register per
     filter vector and one for the broadcast input fit the 16 vector registers of AVX2
     (``t_c * t_w + t_c + 1 <= 16``, at most :data:`TILE_ACCUMULATORS`). Preferred: at least 8
     accumulators (two FMA units x 4 cycles of latency), then the fewest loads per FMA
@@ -588,6 +678,42 @@ def tile_shape(blocks: int, width: int, *, depthwise: bool = False) -> tuple[int
             if width % t_w or acc > TILE_ACCUMULATORS or acc + t_c + 1 > 16:
                 continue
             key = (acc >= 8, -(t_c + t_w) / acc, acc, -t_c)
+            if best is None or key > best[0]:
+                best = (key, t_c, t_w)
+    assert best is not None  # (1, 1) always fits
+    return best[1], best[2]
+
+
+def wide_tile_shape(blocks: int, width: int, *, plane: bool = False) -> tuple[int, int]:
+    """``(t_c, t_w)`` of a regular convolution's register tile, ``t_w`` not necessarily a
+    divisor of ``width`` (the kernel then computes ``ceil(width / t_w) * t_w`` columns, see
+    :func:`conv2d_nchwc_te`). Per step of the unrolled input channel the tile loads ``t_c``
+    filter vectors and broadcasts ``t_w`` input values (kept in registers across the channel
+    blocks), each filter vector used by ``t_w`` FMAs in a row: the accumulators, the ``t_w``
+    broadcasts and one filter vector fit AVX2's 16 registers (``t_c * t_w + t_w + 1 <= 16``,
+    at most :data:`TILE_ACCUMULATORS`; 3 x 4 and 2 x 6 spill, 2 x 6 measured 40% slower than
+    4 x 3): 4 x 3 (12 accumulators, 7 loads per 12 FMAs) measured 15% faster than 2 x 4 on a
+    48-wide 64-channel 3x3 layer, 2-4% on ResNet-18's 56-wide one (computing 57 columns),
+    while computing 15 columns for 14 or 30 for 28 lost 2-7% to 4 x 2 / 2 x 4 tiles. Chosen:
+    the most FMAs per cycle estimated as ``useful columns / computed columns x min(1, acc /
+    8) x (1 - 0.3 x (loads per FMA - 7 / 12))`` (8 accumulators hide the FMA latency; fewer
+    loads per FMA leave the load ports free; 0.3 fitted to those measurements), then the
+    fewest loads per FMA. A ``plane`` (a small output plane as one row of pixels, reloading
+    its accumulators per chunk of input channels) ignores the loads and then prefers the
+    most channel blocks: 4 x 2 measured 2% faster than 4 x 3 on ResNet-18's 7x7 (50 pixels
+    computed, not 51) and 14x14 (196, not 198) layers, 2-9% faster than 2 x 5 on the 7x7."""
+    best: tuple[Any, ...] | None = None
+    for t_c in (1, 2, 3, 4):
+        if blocks % t_c:
+            continue
+        for t_w in range(1, min(width, TILE_ACCUMULATORS) + 1):
+            acc = t_c * t_w
+            if acc > TILE_ACCUMULATORS or acc + t_w + 1 > 16:
+                continue
+            loads = (t_c + t_w) / acc
+            useful = width / (-(-width // t_w) * t_w)
+            rate = useful * min(1.0, acc / 8) * (1 - (0 if plane else 0.3) * (loads - 7 / 12))
+            key = (round(rate, 4), t_c, acc) if plane else (round(rate, 4), -loads, -t_c)
             if best is None or key > best[0]:
                 best = (key, t_c, t_w)
     assert best is not None  # (1, 1) always fits
@@ -623,22 +749,26 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     padded = any(sch.get(rv).name_hint == PAD_BLOCK for rv in sch.get_producers(main))
     loops = sch.get_loops(main)
     extents = [s._const(sch.get(lp).extent) for lp in loops]
-    blocks, width = extents[1], extents[3]
+    tile = sch.get(main).annotations.get(TILE_ANNOTATION)
+    # flat: the output plane as one row of pixels [N, C/c, oh * ow, c] (conv2d_nchwc_te)
+    flat = tile is not None and bool(int(tile[2]))
+    blocks, width = extents[1], extents[2 if flat else 3]
     if blocks is None or width is None:
         return False
     work = s._work(sch.get(lp).extent for lp in loops)
-    t_c, t_w = tile_shape(blocks, width, depthwise=depthwise)
-    # Small output planes (7x7): the input-channel block loop runs outside the plane, so
-    # that each block's filter slice (KH x KW x c x t_c*c floats) is reused from L1 over
-    # every pixel; the plane's accumulators live in a small local array (L1) and each
-    # tile's are reloaded once per input block. Register-tiled per pixel instead, the whole
-    # filter of a channel block streams from L2 once per output row with only t_w FMAs per
-    # loaded filter vector. The batch then runs inside the channel blocks, so a filter
+    if tile is not None:
+        t_c, t_w = int(tile[0]), int(tile[1])
+        sch.unannotate(main, TILE_ANNOTATION)
+        if blocks % t_c or width % t_w:
+            return False
+    else:
+        t_c, t_w = tile_shape(blocks, width, depthwise=depthwise)
+    # Small output planes (flat, see conv2d_nchwc_te): the loop over chunks of input channel
+    # blocks runs outside the plane, so that each chunk's filter slice is reused from cache
+    # over every pixel; the plane's accumulators live in a small local array and each tile's
+    # are reloaded once per chunk. The batch runs inside the channel blocks, so a filter
     # (9.4 MB in ResNet-18's last layers) is read once per call, not once per image.
-    plane = extents[2] * width if extents[2] is not None else None
-    limit = PLANE_ACCUMULATORS_POINTWISE if extents[6:8] == [1, 1] else PLANE_ACCUMULATORS
-    split_channels = not depthwise and len(loops) == 9 and plane is not None \
-        and plane * t_c <= limit
+    split_channels = flat
     staged = padded and depthwise
     per_image = padded and not depthwise and not split_channels
     if not staged and not per_image:
@@ -651,7 +781,11 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
         sch.reorder(b, c, y, x_o, ry, rx, x_i, lane)
         reduce_loops, inner = [ry, rx], [x_i]
     else:
-        b, c, y, x, lane, *reduce_loops = loops  # rco, ry, rx[, rci]
+        if flat:
+            b, c, x, lane, *reduce_loops = loops  # rco, ry, rx, rci
+            y = None
+        else:
+            b, c, y, x, lane, *reduce_loops = loops  # rco, ry, rx[, rci]
         if len(reduce_loops) == 3:
             # NCHW input (a stem): input channels innermost, so that the unrolled step
             # broadcasts distinct input values (see below)
@@ -660,7 +794,13 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
         x_o, x_i = sch.split(x, [None, t_w])
         if split_channels:
             rco = reduce_loops[0]
-            sch.reorder(c_o, b, rco, y, x_o, *reduce_loops[1:], c_i, x_i, lane)
+            taps = int(np.prod([s._const(sch.get(lp).extent) for lp in reduce_loops[1:]]))
+            chunk = _divisor_at_most(s._const(sch.get(rco).extent),
+                                     FILTER_CHUNK_BYTES // (taps * t_c * 8 * 8 * 4))
+            if chunk > 1:
+                rco, rco_i = sch.split(rco, [None, chunk])
+                reduce_loops = [rco, rco_i, *reduce_loops[1:]]
+            sch.reorder(c_o, b, rco, x_o, *reduce_loops[1:], c_i, x_i, lane)
         else:
             sch.reorder(b, c_o, y, x_o, *reduce_loops, c_i, x_i, lane)
         c = c_o
@@ -671,11 +811,20 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     outer = [c, y] if per_image else [b, c, y]
     if depthwise or not split_channels:
         fused = sch.fuse(b, c) if staged else sch.fuse(*outer)
-        sch.reverse_compute_at(writeback, x_o, preserve_unit_loops=False)
     else:
         fused = sch.fuse(c, b)  # (channel block, n): see split_channels above
-        sch.reverse_compute_at(writeback, fused, preserve_unit_loops=False)
+    anchor = fused if flat else x_o
+    sch.reverse_compute_at(writeback, anchor, preserve_unit_loops=False)
     s._inline_consumers(sch, writeback)
+    if (flat and sch.get_consumers(writeback)) or _cropped(sch, writeback, width):
+        # Extra columns (see conv2d_nchwc_te): the copy (and epilogue) of the real columns
+        # reads the tile's accumulators directly, under the same loop, with a condition on
+        # the column (false only in the last tile of a row).
+        consumer = sch.get_consumers(writeback)[0]
+        sch.compute_inline(writeback)
+        sch.reverse_compute_at(consumer, anchor, preserve_unit_loops=False)
+        s._inline_consumers(sch, consumer)
+        writeback = consumer
     if per_image:
         s._stage_per_channel(sch, main, PAD_BLOCK, b, 1)
         if work >= s.PARALLEL_MIN_WORK:
@@ -699,12 +848,30 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     # (a ScheduleError here reaches the ScheduleReport's refused list, see
     # schedules._schedule_one)
     sch.decompose_reduction(main, reduce_loops[0])
-    s._vectorize_innermost(sch, writeback, below=fused if split_channels else x_o,
-                           unroll_rest=True)
+    s._vectorize_innermost(sch, writeback, below=anchor, unroll_rest=True)
     if staged:
         s._stage_per_channel(sch, main, PAD_BLOCK, fused, 1)
     s._schedule_rest(sch, s.vector_bits(target))
     return True
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def _cropped(sch: Any, writeback: Any, width: int) -> bool:
+    """True when the only consumer of the convolution's write-back keeps fewer than its
+    ``width`` output columns (the :data:`CROP_BLOCK` copy, possibly inlined into an
+    epilogue)."""
+    consumers = sch.get_consumers(writeback)
+    if len(consumers) != 1:
+        return False
+    from lepton_edge.lowering import schedules as s
+
+    writes = sch.get(consumers[0]).writes
+    return len(writes) == 1 and len(writes[0].source.shape) == 5 \
+        and s._const(writes[0].source.shape[3]) not in (None, width)
 
 
 def schedule_pool_nchwc(sch: Any, target: Any) -> bool:

@@ -114,6 +114,98 @@ def test_odd_convolutions_match_onnxruntime(build) -> None:
         assert_close(session.run(feeds), ort_run(model.proto, feeds))
 
 
+def tiled_convs() -> onnx.ModelProto:
+    """Register tiles that do not divide the output (extra columns or pixels computed and
+    never stored): rows of 26 and 13 columns (3x3, strided 3x3, 1x1 with a residual add),
+    a stem of 26 columns, small planes tiled as one row of pixels (11x7 strided 3x3 with 3
+    channel blocks, 1x1 with 2), with bias / ReLU / residual / swish (the convolution read
+    twice) epilogues."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s2"]),
+        helper.make_node("Relu", ["s2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w4"], ["c4"]),
+        helper.make_node("Add", ["c4", "r3"], ["s4"]),
+        helper.make_node("Relu", ["s4"], ["r4"]),
+        helper.make_node("Conv", ["r4", "w5", "b5"], ["c5"], pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c5"], ["r5"]),
+        helper.make_node("Conv", ["r5", "w6", "b6"], ["c6"]),
+        helper.make_node("Sigmoid", ["c6"], ["g6"]),
+        helper.make_node("Mul", ["c6", "g6"], ["swish"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiled_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 41, 26])],
+        [helper.make_tensor_value_info("swish", TensorProto.FLOAT, ["N", 16, 11, 7]),
+         helper.make_tensor_value_info("r4", TensorProto.FLOAT, ["N", 32, 21, 13])],
+        [const("w0", 16, 3, 3, 3), const("b0", 16), const("w1", 32, 16, 3, 3),
+         const("b1", 32), const("w2", 32, 32, 3, 3), const("w3", 32, 32, 3, 3),
+         const("b3", 32), const("w4", 32, 32, 1, 1), const("w5", 24, 32, 3, 3),
+         const("b5", 24), const("w6", 16, 24, 1, 1), const("b6", 16)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_tiles_that_do_not_divide_the_output_match_onnxruntime(build) -> None:
+    # every convolution above computes extra columns or pixels: (blocks, oh, ow, taps,
+    # blocked input) -> flat (one row of pixels) or not
+    layers = {(2, 41, 26, 9, False): False, (4, 41, 26, 9, True): False,
+              (4, 21, 13, 9, True): False, (4, 21, 13, 1, True): False,
+              (3, 11, 7, 9, True): True, (2, 11, 7, 1, True): True}
+    for (blocks, oh, ow, taps, blocked), flat in layers.items():
+        _, t_w, is_flat, computed = nchwc.output_tiling(blocks, oh, ow, taps, blocked)
+        assert is_flat == flat and computed > (oh * ow if flat else ow)
+        assert computed % t_w == 0
+    target = tvm.target.Target(TARGET)
+    report = schedules.ScheduleReport()
+    tvm.compile(lowering.import_onnx(tiled_convs()), target=target,
+                relax_pipeline=schedules.cpu_pipeline(target, report=report))
+    convs = {name: rule for name, rule in report.rules.items() if "conv2d_nchwc" in name}
+    assert len(convs) == 7 and set(convs.values()) == {"nchwc"}, report.rules
+    assert not report.refused, report.refused
+    model = lepton_edge.load(tiled_convs())
+    _, session = build(model, golden_count=1)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    for batch in (1, 3):  # symbolic batch: one build, any size
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def test_depthwise_convolutions_reading_their_input_in_place_match_onnxruntime(build) -> None:
+    """A depthwise plane larger than DEPTHWISE_PLANE_BYTES (stride 1, asymmetric padding)
+    and a strided one read the input with a bounds check instead of a padded copy."""
+    assert 132 * 134 * 8 * 4 > nchwc.DEPTHWISE_PLANE_BYTES
+    nodes = [
+        helper.make_node("Conv", ["x", "wd", "bd"], ["d"], pads=[1, 2, 1, 0], group=8),
+        helper.make_node("Relu", ["d"], ["r"]),
+        helper.make_node("Conv", ["r", "ws"], ["s"], pads=[1, 1, 1, 1], strides=[2, 2],
+                         group=8),
+    ]
+    graph = helper.make_graph(
+        nodes, "depthwise_in_place",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 130, 132])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 8, 65, 66]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 8, 130, 132])],
+        [const("wd", 8, 1, 3, 3), const("bd", 8), const("ws", 8, 1, 3, 3)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mod = _converted(proto)
+    assert len(re.findall(r"call_tir\((cls\.)?conv2d_nchwc_depthwise", mod["main"].script())) == 2
+    kernels = [f.script() for gv, f in mod.functions_items() if "depthwise" in gv.name_hint]
+    assert len(kernels) == 2 and not any(nchwc.PAD_BLOCK in k for k in kernels)
+    model = lepton_edge.load(proto)
+    _, session = build(model, golden_count=1)
+    for batch in (1, 2):
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
 def _calls(mod: tvm.IRModule, name: str) -> list[str]:
     """Lines of the Relax main function calling ``name`` (TVMScript text)."""
     text = mod["main"].script(show_meta=False)
@@ -211,6 +303,23 @@ def test_tile_shapes_fit_the_registers_and_divide_the_loops(blocks: int, width: 
     assert t_c * t_w <= nchwc.TILE_ACCUMULATORS and t_c * t_w + t_c + 1 <= 16
     if width % 4 == 0 and blocks % 2 == 0:
         assert t_c * t_w >= 8  # enough independent accumulators to hide the FMA latency
+
+
+@pytest.mark.parametrize("blocks, width", [(8, 56), (16, 28), (64, 49), (3, 5), (1, 1),
+                                           (18, 196), (2, 112), (160, 51), (5, 7)])
+def test_wide_tiles_fit_the_registers_and_waste_little(blocks: int, width: int) -> None:
+    t_c, t_w = nchwc.wide_tile_shape(blocks, width)
+    assert blocks % t_c == 0 and t_w <= width
+    # accumulators + the broadcast input values + one filter vector: AVX2's 16 registers
+    assert t_c * t_w <= nchwc.TILE_ACCUMULATORS and t_c * t_w + t_w + 1 <= 16
+    computed = -(-width // t_w) * t_w
+    assert computed - width < t_w
+    if width >= 12:
+        assert computed <= width * 1.1
+    if blocks % 2 == 0 and width >= 12:
+        assert t_c * t_w >= 8  # enough independent accumulators to hide the FMA latency
+    if blocks % 4 == 0 and width % 3 == 0:
+        assert (t_c, t_w) == (4, 3)  # 12 accumulators, 7 loads per 12 FMAs
 
 
 def test_packed_filters_keep_every_weight() -> None:
