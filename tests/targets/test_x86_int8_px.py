@@ -327,6 +327,7 @@ def test_depthwise_tile_is_whole_vectors_of_whole_rows() -> None:
     assert x86_int8.dw_tile(14, 14, 3) == (7, 16, 2)  # 112 outputs, 2 tiles
     assert x86_int8.dw_tile(112, 112, 3) == (1, 120, 112)
     assert x86_int8.dw_tile(56, 56, 3, 2) == (2, 60, 28)  # stride 2: pitch >= 57
+    assert x86_int8.dw_tile(7, 7, 3) == (8, 9, 1)  # one tile of 9 vectors, a row dropped
     for oh, ow, kw, sw, dw in [(7, 7, 3, 1, 1), (9, 10, 5, 1, 1), (28, 28, 3, 2, 1),
                                (13, 6, 3, 1, 2), (1, 1, 3, 1, 1), (30, 41, 7, 3, 1)]:
         rows, pitch, tiles = x86_int8.dw_tile(oh, ow, kw, sw, dw)
@@ -334,6 +335,27 @@ def test_depthwise_tile_is_whole_vectors_of_whole_rows() -> None:
         assert rows * tiles >= oh > rows * (tiles - 1)
         assert rows == 1 or rows * pitch <= x86_int8.DW_FLAT_OUTPUTS
         assert tiles * rows * pitch <= 2 * _ceil8(oh * (ow + (kw - 1) * dw // sw))
+
+
+def test_strided_depthwise_staging_tests_no_pixel() -> None:
+    """A strided kernel stages its padded plane first (pad fill, then the in-bound rows
+    copied in vectors) and splits the phases from it with no bounds test per pixel."""
+    mod = conv_module([1, 4, 20, 20], extreme_int8((4, 1, 3, 3)), dtype="int8",
+                      strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
+    mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = tvm.s_tir.Schedule(func)
+    for name in ("pack_dw", x86_int8.DW_PADDED):  # the padded plane's border decomposed
+        block = sch.get(sch.get_sblock(name))
+        assert "if_then_else" not in str(block.body), name
+    for name in (x86_int8.DW_PADDED, x86_int8.DW_PADDED + "_pad_const"):
+        inner = sch.get(sch.get_loops(sch.get_sblock(name))[-1])
+        assert inner.kind == tvm.tirx.ForKind.VECTORIZED, name
 
 
 def _ceil8(value: int) -> int:
