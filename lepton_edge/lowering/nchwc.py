@@ -35,7 +35,7 @@ and each input value broadcast, the innermost ``ic_inner`` step unrolled; the fu
 does not divide the output width the kernel computes a few extra columns (reading the last
 input column again) that are never stored (:data:`CROP_BLOCK`; 57 for 56). ``(n, oc_outer,
 oh)`` run in parallel. Small output planes (7x7, 14x14; :data:`PLANE_ACCUMULATORS`) are tiled
-as one row of ``oh * ow`` pixels (49 -> 51 computed, not 7 -> 9 per row) and accumulate the
+as one row of ``oh * ow`` pixels (49 -> 50 computed in 4 x 2 tiles, not 7 -> 9 per row) and accumulate the
 whole plane in a local array, chunk of input-channel blocks by chunk
 (:data:`FILTER_CHUNK_BYTES`), so that each chunk's filter slice is reused from cache, with the
 batch inside the channel blocks. A regular convolution pads image by image (a fill and a
@@ -86,7 +86,8 @@ TILE_ACCUMULATORS = 12
 #: chunk of input-channel blocks by chunk (see :func:`schedule_nchwc`): 1024 x 8 floats =
 #: 32 KB, L1. Measured (1 thread, 1x7 tiles then): ResNet-18's 14x14x256 3x3 layer 2.75 ->
 #: 2.4 ms (784 = 196 pixels x 4 blocks), 7x7x512 3.3 -> 3.0 ms; 28x28x128 (1568) no better,
-#: 56x56x64 slightly worse; as one row of 51 pixels in 4 x 3 tiles, 7x7x512 3.0 -> 2.6 ms.
+#: 56x56x64 slightly worse; as one row of 51 pixels in 4 x 3 tiles (since then 50 in 4 x 2,
+#: measured 2% faster), 7x7x512 3.0 -> 2.6 ms.
 PLANE_ACCUMULATORS = 1024
 #: The same for 1x1 filters, whose step per input-channel block is short (8 FMAs per pixel)
 #: next to reloading the accumulators: 14x14 pointwise layers with 4 blocks (784) measured

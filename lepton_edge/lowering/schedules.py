@@ -263,9 +263,10 @@ class PackConvWeights:
     schedule vectorizes convolutions along output channels). ``LEPTON_PACK_CONV=0`` turns it
     off (the convolutions then vectorize along the output width)."""
 
-    def __init__(self, target: Any, log: Log | None = None) -> None:
+    def __init__(self, target: Any, log: Log | None = None, *, matmuls: bool = True) -> None:
         self.target = target
         self.log = log
+        self.matmuls = matmuls  # False: filters only (tuned builds, lowering/tuning.py)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         import os
@@ -278,7 +279,7 @@ class PackConvWeights:
             if self.log is not None and count:
                 self.log(f"packed the filters of {count} convolution(s) output-channel "
                          "innermost")
-        if os.environ.get("LEPTON_PACK_MATMUL", "1") != "0":
+        if self.matmuls and os.environ.get("LEPTON_PACK_MATMUL", "1") != "0":
             mod, count = pack_matmul_weights(mod, lanes=lanes, vectors=MATMUL_VECTORS)
             if self.log is not None and count:
                 self.log(f"packed the constant weights of {count} matmul(s) in column panels")
@@ -875,6 +876,13 @@ def schedule_contraction(sch: Schedule, target: Any) -> bool | tirx.PrimFunc:
     if planned is None:
         return False
     blocks, plan = planned
+    if plan.tail and _row_index_at(sch.get(plan.block.rv), plan) is None:
+        # the accumulator could not be stored [rows // t, t] (_tile_accumulator_rows): it
+        # would stay a whole-output buffer sized by the batch; one row at a time instead
+        planned = _plan(sch, bits, batch_rows=False)
+        if planned is None:
+            return False
+        blocks, plan = planned
     _apply_contraction(sch, blocks, plan, bits)
     if not plan.tail:
         return True
@@ -1040,16 +1048,21 @@ def _apply_contraction(sch: Schedule, blocks: list[_Block], plan: _Contraction,
     _schedule_rest(sch, bits)
 
 
+def _row_index_at(block: Any, plan: _Contraction) -> int | None:
+    """Which dimension of ``block``'s output the register-blocked row iterator indexes
+    directly, or None."""
+    row = block.iter_vars[plan.reg].var
+    return next((d for d, ix in enumerate(block.body.indices) if ix.same_as(row)), None)
+
+
 def _tile_accumulator_rows(sch: Schedule, main: Any, plan: _Contraction) -> None:
     """Store the register tile's accumulator (``main``'s output after ``cache_write``) with its
     symbolic row axis split as ``[rows // t, t]``: its per-tile region is then provably in
     bounds and TVM compacts it to a tile of registers (with the rows' remainder predicate on
     the accumulator's original ``[rows, ...]`` shape it keeps a whole-output buffer)."""
-    block = sch.get(main)
-    row = block.iter_vars[plan.reg].var
-    at = next((d for d, ix in enumerate(block.body.indices) if ix.same_as(row)), None)
-    if at is None:  # not indexed by the row iterator directly: keep the layout
-        return
+    at = _row_index_at(sch.get(main), plan)
+    if at is None:  # schedule_contraction plans without row tiles then
+        raise ValueError("the row tile's accumulator is not indexed by the row iterator")
     tile = plan.reg_tile
 
     def split_rows(*idx: Any) -> list[Any]:

@@ -253,7 +253,7 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = Non
     from tvm.relax import pipeline
 
     from lepton_edge.lowering.relax import legalize_passes
-    from lepton_edge.lowering.schedules import ConvertConvLayout, VectorMath
+    from lepton_edge.lowering.schedules import ConvertConvLayout, PackConvWeights, VectorMath
 
     try:
         with target:
@@ -264,7 +264,7 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = Non
                 # stay unpacked: MetaSchedule cannot tune the packed matmul kernel ("Do not
                 # have a default for prim.Let", BERT-base, measured)
                 ConvertConvLayout(target, log),
-                _PackConvFilters(target),
+                PackConvWeights(target, log, matmuls=False),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 VectorMath(),  # erf / softmax without libm calls (lowering/schedules.py)
@@ -276,23 +276,6 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = Non
     except Exception as exc:  # noqa: BLE001 - TVM raises anything; name the step
         raise TuningError(f"TVM could not legalize the module for tuning: {_last_line(exc)}"
                           ) from exc
-
-
-@tvm.transform.module_pass(opt_level=0, name="LeptonPackConvFilters")
-class _PackConvFilters:
-    """The constant-filter packing of :class:`lowering.schedules.PackConvWeights` without its
-    matmul-weight packing (see :func:`_prepare`). ``LEPTON_PACK_CONV=0`` turns it off."""
-
-    def __init__(self, target: tvm.target.Target) -> None:
-        self.target = target
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        from lepton_edge.lowering.layout import pack_conv2d_weights
-        from lepton_edge.lowering.schedules import vector_bits
-
-        if os.environ.get("LEPTON_PACK_CONV", "1") == "0":
-            return mod
-        return pack_conv2d_weights(mod, lanes=max(1, vector_bits(self.target) // 32))[0]
 
 
 def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> list[Any]:

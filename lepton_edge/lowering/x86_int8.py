@@ -631,8 +631,8 @@ PX_TILE_ATTR = "lepton.px_tile"  # the dot block's (Vy, Vx), for the schedule
 
 def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
     """AVX2: the pixel-vectorized kernel for 1x1 convs, inputs of at most PX_MAX_NARROW_C
-    channels and rows narrower than 8 pixels whose width leaves the NCHW[c2] kernel fewer
-    than C2_MIN_ACCUMULATORS accumulators (c2_tile: 6 or fewer pixels); the NCHW[c2] kernel
+    channels, rows of at most 6 pixels (C2_MIN_WIDTH), and 7-wide rows whose output channels
+    leave the NCHW[c2] kernel fewer than C2_MIN_ACCUMULATORS accumulators; the NCHW[c2] kernel
     (output channels along the vector, each input pair broadcast) for the other KxK convs,
     where it measured faster here (ResNet-18's 28- and 14-wide 3x3 layers: 64 and 58 GMAC/s
     against 40 and 46; its 7-wide 512-channel layers with a 1 x 7 tile: 63-73 against
@@ -640,13 +640,19 @@ def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
     o, c, kh, kw = weight_shape
     if (kh == 1 and kw == 1) or c <= PX_MAX_NARROW_C:
         return True
+    if out_width >= PX_LANES:
+        return False
+    if out_width < C2_MIN_WIDTH:  # 2-6 wide: not measured on the NCHW[c2] kernel
+        return True
     blocks, columns = c2_tile(-(-o // I16_LANES), out_width)
-    return out_width < PX_LANES and blocks * columns < C2_MIN_ACCUMULATORS
+    return blocks * columns < C2_MIN_ACCUMULATORS
 
 
 #: narrow rows: the NCHW[c2] kernel when its tile has this many accumulators (measured on
-#: 7-wide rows, 1 x 7; 6-wide rows keep the pixel kernel, not measured)
+#: 7-wide rows, 1 x 7) and the rows are at least C2_MIN_WIDTH wide (narrower rows keep the
+#: pixel kernel: a 4-wide row's 2 x 4 tile would qualify, but was not measured)
 C2_MIN_ACCUMULATORS = 7
+C2_MIN_WIDTH = 7
 
 
 def c2_tile(blocks: int, width: int, intrin: str = INTRIN_I16) -> tuple[int, int]:

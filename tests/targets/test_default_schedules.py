@@ -569,6 +569,7 @@ def test_batch_rows_match_numpy_for_any_row_count(build) -> None:
     a remainder, and a remainder-only count the blocked schedule may not take."""
     proto = batch_dense()
     _, session = build(lepton_edge.load(proto), golden_count=1)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
     w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
     for batch in (1, 5, 6, 7, 12, 13, 24, 31):
         x = rng.standard_normal((batch, 40)).astype(np.float32)

@@ -441,6 +441,7 @@ def test_requantized_max_pool_runs_on_int8(build) -> None:
     text = lowered.script()
     assert "R.nn.max_pool2d" in text and "float32" not in text
     _, session = build(lepton_edge.load(model))
+    assert [p.target for p in session.placement.values()] == ["cpu"]
     x_q = rng.integers(-128, 128, (2, 3, 9, 8)).astype(np.int8)
     x_q[0, 0] = -128  # a plane of the minimum: its pooled output is -128, as in float
     x_q[1, :, 0, :] = -128

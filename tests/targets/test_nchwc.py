@@ -170,12 +170,7 @@ def test_tiles_that_do_not_divide_the_output_match_onnxruntime(build) -> None:
     convs = {name: rule for name, rule in report.rules.items() if "conv2d_nchwc" in name}
     assert len(convs) == 7 and set(convs.values()) == {"nchwc"}, report.rules
     assert not report.refused, report.refused
-    model = lepton_edge.load(tiled_convs())
-    _, session = build(model, golden_count=1)
-    assert [p.target for p in session.placement.values()] == ["cpu"]
-    for batch in (1, 3):  # symbolic batch: one build, any size
-        feeds = _feeds(model, batch)
-        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+    _matches_onnxruntime(build, tiled_convs())
 
 
 def test_depthwise_convolutions_reading_their_input_in_place_match_onnxruntime(build) -> None:
@@ -199,11 +194,7 @@ def test_depthwise_convolutions_reading_their_input_in_place_match_onnxruntime(b
     assert len(re.findall(r"call_tir\((cls\.)?conv2d_nchwc_depthwise", mod["main"].script())) == 2
     kernels = [f.script() for gv, f in mod.functions_items() if "depthwise" in gv.name_hint]
     assert len(kernels) == 2 and not any(nchwc.PAD_BLOCK in k for k in kernels)
-    model = lepton_edge.load(proto)
-    _, session = build(model, golden_count=1)
-    for batch in (1, 2):
-        feeds = _feeds(model, batch)
-        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+    _matches_onnxruntime(build, proto)
 
 
 def _calls(mod: tvm.IRModule, name: str) -> list[str]:

@@ -131,6 +131,8 @@ def test_wide_3x3_conv_keeps_the_c2_kernel() -> None:
     assert not x86_int8.use_pixel_kernel((512, 512, 3, 3), 7)
     assert x86_int8.use_pixel_kernel((64, 64, 3, 3), 5)  # a 1 x 5 c2 tile
     assert x86_int8.use_pixel_kernel((32, 16, 3, 3), 6)  # 6-wide rows: not measured
+    assert x86_int8.c2_tile(2, 4) == (2, 4)  # 8 accumulators, but 4-wide rows: not measured
+    assert x86_int8.use_pixel_kernel((16, 16, 3, 3), 4)
     assert x86_int8.use_pixel_kernel((64, 3, 7, 7), 112)
     assert not x86_int8.use_pixel_kernel((128, 128, 3, 3), 28)
     assert x86_int8.c2_tile(64, 7) == (1, 7)
