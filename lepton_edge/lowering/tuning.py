@@ -261,8 +261,8 @@ def _prepare(mod: tvm.IRModule, target: tvm.target.Target, log: Log | None = Non
                 # the untuned build's convolution layouts (float32 convolutions in NCHWc,
                 # other constant filters packed), so a tuned convolution competes with the
                 # same kernel's default schedule, not with a slower NCHW one. Matmul weights
-                # stay unpacked: MetaSchedule cannot tune the packed matmul kernel ("Do not
-                # have a default for prim.Let", BERT-base, measured)
+                # stay unpacked, as tuned builds always had them (MetaSchedule on the packed
+                # matmul kernels has not been tried)
                 ConvertConvLayout(target, log),
                 PackConvWeights(target, log, matmuls=False),
                 relax.transform.DecomposeOpsForInference(),
@@ -305,14 +305,14 @@ def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> li
     if let_bound:
         say(f"{len(let_bound)} kernel(s) with let-bound math (exp, erf) keep the default "
             f"schedules: {', '.join(let_bound)}")
-    indirect += let_bound
-    flat = [t.task_name for t in static if t.task_name not in indirect
+    excluded = indirect + let_bound
+    flat = [t.task_name for t in static if t.task_name not in excluded
             and not _has_reduction(t.dispatched[0]["main"])]
     if flat:
         say(f"{len(flat)} kernel(s) without a reduction keep the default schedules: "
             f"{', '.join(flat)}")
     return [t for t in static if not t.mod.attrs.get("tirx.is_scheduled", False)
-            and t.task_name not in indirect and t.task_name not in flat]
+            and t.task_name not in excluded and t.task_name not in flat]
 
 
 # Fields of TIR statements and expressions that hold children (TVM 0.27 has no Python visitor).
