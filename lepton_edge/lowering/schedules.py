@@ -920,8 +920,12 @@ def _dispatch(cond: Any, then_func: tirx.PrimFunc, else_func: tirx.PrimFunc) -> 
     from tvm.s_tir import SBlock, SBlockRealize
 
     then_root, else_root = then_func.body.block, else_func.body.block
+    # a buffer the original kernel allocates at its root (a stage neither schedule changed)
+    # is the same object in both: allocated once
+    allocs = list(then_root.alloc_buffers)
+    allocs += [b for b in else_root.alloc_buffers if not any(b.same_as(a) for a in allocs)]
     root = SBlock([], [], [], "root", tirx.IfThenElse(cond, then_root.body, else_root.body),
-                  alloc_buffers=[*then_root.alloc_buffers, *else_root.alloc_buffers])
+                  alloc_buffers=allocs)
     return then_func.with_body(SBlockRealize([], True, root))
 
 

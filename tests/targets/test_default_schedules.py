@@ -722,3 +722,25 @@ def test_rational_exp_matches_numpy() -> None:
     normal = np.isfinite(x) & (x > schedules.EXP_LOW) & (x < schedules.EXP_HIGH)
     assert np.abs(y[normal] / want[normal] - 1).max() < 3e-7
     assert (y[x < schedules.EXP_LOW] == 0).all() and (y[x > schedules.EXP_HIGH] == np.inf).all()
+
+
+def test_row_dispatch_kernels_allocate_shared_stages_once(build) -> None:
+    """A Resize whose scales come at run time has symbolic output rows, so the contraction
+    rule builds its two-schedule kernel (_dispatch); a stage both schedules share is
+    allocated once (it was allocated twice: "resize_src has duplicate definitions", the
+    build failed and fell back to onnxruntime; ONNX node test
+    resize_downsample_scales_linear_half_pixel_symmetric)."""
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
+                          coordinate_transformation_mode="half_pixel_symmetric")],
+        "resize_runtime_scales",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 4]),
+         helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, "H", "W"])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    _, session = build(lepton_edge.load(proto), golden_count=0, fallback=False)
+    assert [p.target for p in session.placement.values()] == ["cpu"]
+    x = np.array([[[[1.0, 2.0, 3.0, 4.0]]]], np.float32)
+    for scales in ([1.0, 1.0, 1.0, 0.6], [1.0, 1.0, 2.0, 1.5]):
+        feeds = {"x": x, "scales": np.array(scales, np.float32)}
+        assert_close(session.run(feeds), ort_run(proto, feeds))
