@@ -364,6 +364,31 @@ def _ceil8(value: int) -> int:
     return -(-value // 8) * 8
 
 
+def _put_ties(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, per_channel: bool, *,
+              limit: int) -> None:
+    """Write exact ties (acc * m0 = (2k + 1) * 2^(shift - 1), |acc| <= limit) into acc[2]."""
+    for ch in range(m0.size):
+        half = 1 << int(shift[ch] - 1)
+        step = half // np.gcd(int(m0[ch]), half)
+        ties = np.array([(2 * k + 1) * step for k in range(-32, 32)
+                         if abs((2 * k + 1) * step) <= limit], np.int64)
+        acc[2, ch if per_channel else slice(None), :ties.size] = ties
+
+
+def _assert_requantize_matches(args: list, feeds: list, acc: np.ndarray, m0: np.ndarray,
+                               shift: np.ndarray, shape: tuple) -> None:
+    """Build the vectorized requantize kernel for AVX2 and compare with the numpy definition."""
+    from tvm import te
+
+    sch = tvm.s_tir.Schedule(te.create_prim_func(args))
+    sch.vectorize(sch.get_loops(sch.get_sblock("requantize"))[-1])
+    lib = tvm.compile(sch.mod, target=HASWELL)
+    got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
+    lib["main"](*[tvm.runtime.tensor(f) for f in feeds], got)
+    want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_32bit_requantize_equals_reference(per_channel: bool) -> None:
     """Every shift >= 33 (multipliers below 1/4): 32-bit rounding after the 64-bit product,
@@ -379,12 +404,7 @@ def test_32bit_requantize_equals_reference(per_channel: bool) -> None:
     acc = rng.integers(-2**31, 2**31, (5, c, 64), dtype=np.int64)
     acc[0] = rng.integers(-3000, 3000, (c, 64))
     acc[1, :, :4] = [[-2**31, 2**31 - 1, 3, -3]] * c
-    for ch in range(multipliers.size):  # acc * m0 = (2k + 1) * 2^(shift - 1): exact ties
-        half = 1 << int(shift[ch] - 1)
-        step = half // np.gcd(int(m0[ch]), half)
-        ties = np.array([(2 * k + 1) * step for k in range(-32, 32)
-                         if abs((2 * k + 1) * step) < 2**31], np.int64)
-        acc[2, ch if per_channel else slice(None), :ties.size] = ties
+    _put_ties(acc, m0, shift, per_channel, limit=2**31 - 1)
     acc = acc.astype(np.int32)
     shape = (1, -1, 1) if per_channel else ()
     x = te.placeholder(acc.shape, "int32", "acc")
@@ -397,13 +417,7 @@ def test_32bit_requantize_equals_reference(per_channel: bool) -> None:
     else:
         out = requantize_te(x, int(m0[0]), int(shift[0]), -3, -100, 120)
         args, feeds = [x, out], [acc]
-    sch = tvm.s_tir.Schedule(te.create_prim_func(args))
-    sch.vectorize(sch.get_loops(sch.get_sblock("requantize"))[-1])
-    lib = tvm.compile(sch.mod, target=HASWELL)
-    got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
-    lib["main"](*[tvm.runtime.tensor(f) for f in feeds], got)
-    want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
-    np.testing.assert_array_equal(got.numpy(), want)
+    _assert_requantize_matches(args, feeds, acc, m0, shift, shape)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -424,12 +438,7 @@ def test_float64_requantize_equals_reference(per_channel: bool) -> None:
     assert not float_requantize_ok(np.full(multipliers.size, 2**23), m0, shift)
     acc = rng.integers(-2**21, 2**21 + 1, (5, c, 64), dtype=np.int64)
     acc[1, :, :4] = [[-2**21, 2**21, 3, -3]] * c
-    for ch in range(multipliers.size):  # acc * m0 = (2k + 1) * 2^(shift - 1): exact ties
-        half = 1 << int(shift[ch] - 1)
-        step = half // np.gcd(int(m0[ch]), half)
-        ties = np.array([(2 * k + 1) * step for k in range(-32, 32)
-                         if abs((2 * k + 1) * step) <= 2**21], np.int64)
-        acc[2, ch if per_channel else slice(None), :ties.size] = ties
+    _put_ties(acc, m0, shift, per_channel, limit=2**21)
     acc = acc.astype(np.int32)
     shape = (1, -1, 1) if per_channel else ()
     scale = m0.astype(np.float64) * np.exp2(-shift.astype(np.float64))
@@ -441,13 +450,7 @@ def test_float64_requantize_equals_reference(per_channel: bool) -> None:
     else:
         out = requantize_te(x, 0, 0, -3, -100, 120, scale64=float(scale[0]))
         args, feeds = [x, out], [acc]
-    sch = tvm.s_tir.Schedule(te.create_prim_func(args))
-    sch.vectorize(sch.get_loops(sch.get_sblock("requantize"))[-1])
-    lib = tvm.compile(sch.mod, target=HASWELL)
-    got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
-    lib["main"](*[tvm.runtime.tensor(f) for f in feeds], got)
-    want = requantize_reference(acc, m0.reshape(shape), shift.reshape(shape), -3, -100, 120)
-    np.testing.assert_array_equal(got.numpy(), want)
+    _assert_requantize_matches(args, feeds, acc, m0, shift, shape)
 
 
 def test_matmul_runs_whole_column_panels_per_parallel_iteration() -> None:
