@@ -796,8 +796,10 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
         if split_channels:
             rco = reduce_loops[0]
             taps = int(np.prod([s._const(sch.get(lp).extent) for lp in reduce_loops[1:]]))
+            lanes = s._const(sch.get(lane).extent)
+            # one input block's filter slice: taps x t_c output blocks x lanes x lanes float32
             chunk = _divisor_at_most(s._const(sch.get(rco).extent),
-                                     FILTER_CHUNK_BYTES // (taps * t_c * 8 * 8 * 4))
+                                     FILTER_CHUNK_BYTES // (taps * t_c * lanes * lanes * 4))
             if chunk > 1:
                 rco, rco_i = sch.split(rco, [None, chunk])
                 reduce_loops = [rco, rco_i, *reduce_loops[1:]]
