@@ -17,6 +17,19 @@ movement, pooling, Relu/Clip and residual Adds that lie between them are quantiz
 chains whose results feed no integer kernel (GELU's interior, LayerNorm, Softmax) stay float,
 and so do matmuls of two activations (attention), whose only integer form today is slower
 than fp32. "all" is onnxruntime's behaviour.
+
+Weight precision (`weight_bits`): 8 (default) quantizes weights to [-127, 127]; 7 to
+[-64, 64] (onnxruntime's `reduce_range=True`), straight from the fp32 weights. The reason is
+speed on x86 CPUs with AVX2 but no VNNI: their fastest int8 multiply-add, `vpmaddubsw`, adds
+two uint8 x int8 products in saturating int16. lepton-edge's x86 int8 lowering uses it only
+where a compile-time check on the constant weight proves that no pair of weights can saturate,
+which holds for every weight in [-64, 64] (255 * (64 + 64) <= 32767) and almost never for
+8-bit weights; otherwise it keeps an exact but slower int16 kernel. onnxruntime's own int8
+kernels on such a CPU (Zen 3 here) saturate with 8-bit weights (digits logits off by up to 3.2
+from the QDQ semantics) and are exact with 7-bit ones. The price: about twice the weight
+rounding error (6 dB less weight SQNR). Activations are the same either way; with
+op_types "all" or a list, the constant operands of the elementwise ops onnxruntime quantizes
+(a bias Add's bias, LayerNormalization's scale) get its reduced range [-64, 64] too.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import numpy as np
 import onnx
 
 from lepton_edge.compress.calibrate import calibration_batches
-from lepton_edge.errors import InputError, ModelError
+from lepton_edge.errors import InputError, InternalError, ModelError
 from lepton_edge.model import Model, load
 from lepton_edge.reference import reference_session
 
@@ -44,6 +57,12 @@ METHODS = ("minmax", "percentile", "entropy")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # op_types presets: "lepton" = select_nodes' per-node rules, "all" = onnxruntime's default.
 OP_TYPE_PRESETS = ("lepton", "all")
+# weight_bits -> the symmetric int8 range of the quantized weights, and what it is for.
+WEIGHT_BITS = {
+    8: (127, "full int8 range; the most accurate (default)"),
+    7: (64, "onnxruntime's reduce_range: exact vpmaddubsw int8 kernels on AVX2 CPUs without "
+            "VNNI (faster there), about twice the weight rounding error"),
+}
 # Ops lowering/int8.py turns into integer kernels (with a constant int8 weight).
 KERNEL_OPS = ("Conv", "Gemm", "MatMul")
 # Ops whose int8 result keeps its input's scale (onnxruntime quantizes them with the input's
@@ -82,6 +101,15 @@ class QuantReport:
     steps: tuple[str, ...] = field(default_factory=tuple)
     quantized: dict[str, str] = field(default_factory=dict)  # node -> why it is int8
     op_types: str = "lepton"
+    weight_bits: int = 8  # see WEIGHT_BITS
+    per_channel: bool = True
+
+    @property
+    def weights(self) -> str:
+        """The weight format in words: 'weights 7-bit ([-64, 64]), symmetric, per channel'."""
+        qmax = WEIGHT_BITS[self.weight_bits][0]
+        return (f"weights {self.weight_bits}-bit ([-{qmax}, {qmax}]), symmetric, "
+                + ("per channel" if self.per_channel else "per tensor"))
 
     def table(self) -> str:
         rows = [f"{'tensor':<40} {'node':<24} {'kind':<10} {'SQNR dB':>8} {'cosine':>8}"]
@@ -91,6 +119,7 @@ class QuantReport:
         rows.append("outputs: " + ", ".join(f"{k} cosine {v:.5f}"
                                              for k, v in self.output_cosine.items()))
         rows.append(f"op_types: {self.op_types}")
+        rows.append(f"{self.weights}: {WEIGHT_BITS[self.weight_bits][1]}")
         for node, reason in self.quantized.items():
             rows.append(f"int8: {node}: {reason}")
         for node, reason in self.kept_float.items():
@@ -134,6 +163,7 @@ def quantize(
     progress: bool = False,
     op_types: str | tuple[str, ...] | list[str] = "lepton",
     activation_matmuls: bool = False,
+    weight_bits: int = 8,
 ) -> Model:
     """Quantize `model` to int8 QDQ ONNX, calibrated on `calibration`.
 
@@ -149,6 +179,10 @@ def quantize(
     stays float, with its reason in `report.kept_float`); "all" every op type onnxruntime
     registers (its own default); or a list of op types for onnxruntime's rules on just those.
     `activation_matmuls` also quantizes matmuls of two activations (attention) in "lepton".
+    `weight_bits` is 8 (weights in [-127, 127], default) or 7 (weights in [-64, 64],
+    onnxruntime's reduce_range, quantized from fp32): on AVX2 CPUs without VNNI 7-bit weights
+    let lepton-edge use exact `vpmaddubsw` int8 kernels (see the module docstring), at about
+    twice the weight rounding error; activations are quantized the same either way.
     The returned Model carries the QuantReport as `model.report`.
     """
     if not isinstance(model, Model):
@@ -157,6 +191,7 @@ def quantize(
         raise InputError(f"unknown calibration method '{method}'; choose one of {METHODS}")
     if scale is not None and not (scale > 0 and math.isfinite(scale)):
         raise InputError(f"scale must be a positive number, got {scale}")
+    _check_weight_bits(weight_bits)
     node_names = {n.name for n in model.proto.graph.node}
     unknown = sorted(set(keep_float) - node_names)
     if unknown:
@@ -182,8 +217,10 @@ def quantize(
                 f"in float it is still below ({steps[-1]}); relax the budget or use another "
                 "method") from None
         quantized = _quantize_once(model, batches, method, per_channel, symmetric_activations,
-                                   scale, list(kept), percentile, progress, selection)
-        report = _report(model, quantized, batches, reference, method, kept, steps, selection)
+                                   scale, list(kept), percentile, progress, selection,
+                                   int(weight_bits))
+        report = _report(model, quantized, batches, reference, method, kept, steps, selection,
+                         int(weight_bits), per_channel)
         worst = min(report.output_cosine.values()) if report.output_cosine else 1.0
         if min_output_cosine is None or worst >= min_output_cosine:
             break
@@ -209,6 +246,14 @@ class Selection:
     int8: dict[str, str]  # node -> why it is quantized (intended)
     floats: dict[str, str]  # node -> why it stays float
     exclude_output_quantization: tuple[str, ...] = ()
+
+
+def _check_weight_bits(weight_bits: Any) -> None:
+    if isinstance(weight_bits, bool) or not isinstance(weight_bits, (int, np.integer)) \
+            or int(weight_bits) not in WEIGHT_BITS:
+        allowed = "; ".join(f"{bits}: weights in [-{qmax}, {qmax}], {why}"
+                            for bits, (qmax, why) in WEIGHT_BITS.items())
+        raise InputError(f"weight_bits must be 8 or 7, got {weight_bits!r} ({allowed})")
 
 
 def _check_op_types(model: Model, op_types: Any, activation_matmuls: bool) -> Any:
@@ -435,7 +480,7 @@ class _Reader:
 def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: str,
                    per_channel: bool, symmetric: bool, scale: float | None,
                    exclude: list[str], percentile: float, progress: bool,
-                   selection: Selection) -> onnx.ModelProto:
+                   selection: Selection, weight_bits: int = 8) -> onnx.ModelProto:
     from onnxruntime.quantization import (
         CalibrationMethod, QuantFormat, QuantType, quantize_static,
     )
@@ -478,6 +523,7 @@ def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: s
                     str(src), str(dst), _Reader(batches, progress),
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, per_channel=per_channel,
+                    reduce_range=weight_bits == 7,
                     calibrate_method=calib, nodes_to_exclude=exclude, extra_options=extra,
                     op_types_to_quantize=(list(selection.ort_op_types)
                                           if selection.ort_op_types else None),
@@ -486,7 +532,30 @@ def _quantize_once(model: Model, batches: list[dict[str, np.ndarray]], method: s
                 )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"quantization failed: {exc}") from None
-        return onnx.load(dst)
+        quantized = onnx.load(dst)
+    if weight_bits != 8:
+        _check_weight_range(quantized, weight_bits)
+    return quantized
+
+
+def _check_weight_range(proto: onnx.ModelProto, weight_bits: int) -> None:
+    """Every int8 constant a DequantizeLinear reads lies in the weight_bits range.
+
+    onnxruntime's reduce_range=True gives [-64, 64]; lepton-edge's exact vpmaddubsw kernels
+    rely on it only after their own compile-time check, but a quantizer that silently gave
+    8-bit weights here would make the option a no-op, so it is checked where it is made."""
+    qmax = WEIGHT_BITS[weight_bits][0]
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        tensor = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if tensor is None or tensor.data_type != onnx.TensorProto.INT8:
+            continue
+        q = onnx.numpy_helper.to_array(tensor)
+        if q.size and int(np.abs(q.astype(np.int32)).max()) > qmax:
+            raise InternalError(
+                f"onnxruntime's quantizer gave '{tensor.name}' values up to "
+                f"{int(np.abs(q.astype(np.int32)).max())}, outside the {weight_bits}-bit range "
+                f"[-{qmax}, {qmax}] asked for (onnxruntime version change?)")
 
 
 @contextlib.contextmanager
@@ -564,7 +633,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _report(model: Model, quantized: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
             reference: dict[str, list[np.ndarray]], method: str, kept: dict[str, str],
-            steps: list[str], selection: Selection) -> QuantReport:
+            steps: list[str], selection: Selection, weight_bits: int = 8,
+            per_channel: bool = True) -> QuantReport:
     graph = quantized.graph
     producers = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
@@ -625,7 +695,8 @@ def _report(model: Model, quantized: onnx.ModelProto, batches: list[dict[str, np
                for o in model.proto.graph.output if o.name in quant_values}
     return QuantReport(method=method, layers=tuple(layers), kept_float=kept_float,
                        output_cosine=outputs, steps=tuple(steps), quantized=int8,
-                       op_types=selection.op_types)
+                       op_types=selection.op_types, weight_bits=weight_bits,
+                       per_channel=per_channel)
 
 
 def _decisions(model: Model, quantized: onnx.ModelProto, kept: dict[str, str],

@@ -314,3 +314,170 @@ def test_residual_add_between_kernels_is_quantized() -> None:
     assert not any(fed["flatten"])  # float movement after float math, quantized for fc
     assert cosine(spec_output(q.proto, {"x": x[32:]}), spec_output(model.proto,
                                                                   {"x": x[32:]})) >= 0.99
+
+
+# ---- weight_bits=7: weights in [-64, 64] (onnxruntime's reduce_range) ----
+
+def weight_dqs(proto: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, int, str]]:
+    """Conv/Gemm weight name -> (int8 values, scales, axis, the kernel's input scale name)."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        dq_x, dq_w = producers[node.input[0]], producers[node.input[1]]
+        assert dq_w.op_type == "DequantizeLinear" and dq_w.input[0] in inits
+        axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
+        out[dq_w.input[0].removesuffix("_quantized")] = (
+            inits[dq_w.input[0]], inits[dq_w.input[1]], axis, dq_x.input[1])
+    return out
+
+
+def activation_qparams(proto: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+            for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.fixture(scope="module")
+def digits_8_and_7(digits):
+    model, x, _ = digits
+    return {(bits, pc): quantize(model, x[:128], weight_bits=bits, per_channel=pc)
+            for bits in (8, 7) for pc in (True, False)}
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_bits_7_gives_64_range_weights_from_fp32(digits, digits_8_and_7,
+                                                        per_channel: bool) -> None:
+    """Every Conv/Gemm weight is round(w / s) with s = max|w| / 64 (per output channel or per
+    tensor), computed from the fp32 weight (no re-rounding of 8-bit values); the int32 biases
+    follow the new scale; activations' scales and zero points are exactly those of 8 bits."""
+    model, _, _ = digits
+    q8, q7 = digits_8_and_7[(8, per_channel)], digits_8_and_7[(7, per_channel)]
+    fp32 = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64)
+            for t in model.proto.graph.initializer}
+    w8, w7 = weight_dqs(q8.proto), weight_dqs(q7.proto)
+    assert sorted(w7) == sorted(w8) and len(w7) == 4
+    act7 = activation_qparams(q7.proto)
+    assert act7 == activation_qparams(q8.proto) and len(act7) >= 5
+    inits7 = {t.name: onnx.numpy_helper.to_array(t) for t in q7.proto.graph.initializer}
+    for name, (q, s, axis, x_scale) in w7.items():
+        w = fp32[name]
+        assert q.dtype == np.int8 and s.ndim == (1 if per_channel else 0)
+        shape = [-1 if i == axis else 1 for i in range(w.ndim)] if per_channel else []
+        scale = s.astype(np.float64).reshape(shape)
+        amax = (np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
+                if per_channel else np.abs(w).max())
+        np.testing.assert_allclose(s, amax / 64, rtol=1e-6)
+        np.testing.assert_allclose(s, w8[name][1] * 127 / 64, rtol=1e-5)
+        q_abs = np.abs(q.astype(np.int32))
+        assert q_abs.max() == 64
+        if per_channel:  # each output channel uses its whole range
+            assert (q_abs.max(axis=tuple(i for i in range(q.ndim) if i != axis)) == 64).all()
+        # the nearest integer to w / s: re-rounding an 8-bit value would be off by up to 0.75
+        assert np.abs(q - w / scale).max() <= 0.5 + 1e-4
+        assert np.abs(w8[name][0].astype(np.int32)).max() == 127
+    producers = {o: n for n in q7.proto.graph.node for o in n.output}
+    for node in q7.proto.graph.node:  # int32 bias scale = input scale * new weight scale
+        if node.op_type in ("Conv", "Gemm"):
+            _, s, _, x_scale = w7[producers[node.input[1]].input[0].removesuffix("_quantized")]
+            bias_dq = producers[node.input[2]]
+            assert inits7[bias_dq.input[0]].dtype == np.int32
+            np.testing.assert_allclose(inits7[bias_dq.input[1]], inits7[x_scale] * s,
+                                       rtol=1e-6)
+    # the report: the choice, and 7 bits' doubled rounding step (6 dB less weight SQNR)
+    assert (q7.report.weight_bits, q8.report.weight_bits) == (7, 8)
+    where = "per channel" if per_channel else "per tensor"
+    assert f"weights 7-bit ([-64, 64]), symmetric, {where}: onnxruntime's reduce_range" in \
+        q7.report.table()
+    assert f"weights 8-bit ([-127, 127]), symmetric, {where}" in q8.report.table()
+    assert q7.report.op_types == "lepton" and q7.report.quantized == q8.report.quantized
+    sqnr8 = {x.tensor: x.sqnr_db for x in q8.report.layers if x.tensor in w8}
+    sqnr7 = {x.tensor: x.sqnr_db for x in q7.report.layers if x.tensor in w7}
+    assert len(sqnr7) == 4 and all(4.5 <= sqnr8[n] - sqnr7[n] <= 7.5 for n in sqnr7), \
+        (sqnr8, sqnr7)
+
+
+def test_weight_bits_7_keeps_digits_accuracy(digits, digits_8_and_7) -> None:
+    """README's int8 bound (within 0.5 points of fp32) holds with 7-bit weights on the 360
+    digits test images under the QDQ semantics; the logit error grows, but stays small.
+    Measured: accuracy 0.9778 for fp32, 8 and 7 bits; mean |logit error| 0.061 (8-bit) and
+    0.073 (7-bit) per channel, 0.062 and 0.107 per tensor (mean |logit| 5.9)."""
+    model, x, y = digits
+    fp32 = spec_run(model.proto, x)
+    acc = float((fp32.argmax(1) == y).mean())
+    for per_channel in (True, False):
+        err = {}
+        for bits in (8, 7):
+            got = spec_run(digits_8_and_7[(bits, per_channel)].proto, x)
+            assert abs(float((got.argmax(1) == y).mean()) - acc) <= 0.005, (bits, per_channel)
+            err[bits] = float(np.abs(got - fp32).mean())
+        assert err[8] < err[7] < 0.05 * float(np.abs(fp32).mean()), err
+        assert digits_8_and_7[(7, per_channel)].report.output_cosine["logits"] > 0.9995
+
+
+def test_weight_bits_rejects_other_values(digits) -> None:
+    model, x, _ = digits
+    for bad in (6, 16, 4, 0, True, 7.0, "7", None):
+        with pytest.raises(InputError, match=r"weight_bits must be 8 or 7, got .*8: weights in "
+                           r"\[-127, 127\].*7: weights in \[-64, 64\].*vpmaddubsw.*without VNNI"):
+            quantize(model, x[:8], weight_bits=bad)
+
+
+def compiled_matches_qdq(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray,
+                         tmp_path: Path) -> None:
+    """Compile for the CPU: integer kernels for both convs and both Gemms, every logit within
+    one output quantization step of the QDQ semantics, and fp32's accuracy within 0.5 points."""
+    art = lepton_edge.compile(proto, ["cpu"])
+    session = lepton_edge.runtime.load(art.save(tmp_path / "q.lepton"), self_test=True)
+    meta = art.manifest["subgraphs"][0]["builds"][0]["meta"]
+    assert [k.split(" ")[0] for k in meta["int8_kernels"]] == ["conv2d", "conv2d", "matmul",
+                                                               "matmul"]
+    step = art.manifest["output_quant_step"]["logits"]
+    want = spec_run(proto, x)
+    got = session.run({"image": x})["logits"]
+    assert np.abs(got - want).max() <= step * (1 + 1e-5)
+    fp32 = spec_run(onnx.load(DIGITS / "digits.onnx"), x)
+    assert abs(float((got.argmax(1) == y).mean()) - float((fp32.argmax(1) == y).mean())) <= 0.005
+
+
+def test_cli_weight_bits_7_quantize_then_compile(digits, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lepton_edge.cli import cli
+
+    _, x, y = digits
+    np.save(tmp_path / "calib.npy", x[:64])
+    args = ["quantize", str(DIGITS / "digits.onnx"), "-o", str(tmp_path / "q.onnx"),
+            "--calib", str(tmp_path / "calib.npy")]
+    out = subprocess.run([sys.executable, "-m", "lepton_edge.cli"] + args
+                         + ["--weight-bits", "7"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "weights 7-bit ([-64, 64]), symmetric, per channel" in out.stdout
+    proto = onnx.load(tmp_path / "q.onnx")
+    weights = weight_dqs(proto)
+    assert len(weights) == 4 and all(np.abs(q.astype(np.int32)).max() == 64
+                                     for q, _, _, _ in weights.values())
+    compiled_matches_qdq(proto, x, y, tmp_path)
+    bad = CliRunner().invoke(cli, args + ["--weight-bits", "6"])
+    assert bad.exit_code == 2 and "Invalid value for '--weight-bits'" in bad.output
+
+
+def test_onnxruntime_reduce_range_model_compiles_exactly(digits, tmp_path: Path) -> None:
+    """A model onnxruntime's own quantize_static made with reduce_range=True (its defaults
+    otherwise: per-tensor weights, every op type) has [-64, 64] weights and compiles to the
+    same integer kernels, matching the QDQ semantics."""
+    from onnxruntime.quantization import quantize_static
+
+    _, x, y = digits
+    batches = iter([{"image": x[i:i + 32]} for i in range(0, 128, 32)])
+    reader = type("Reader", (), {"get_next": lambda self: next(batches, None)})()
+    quantize_static(str(DIGITS / "digits.onnx"), str(tmp_path / "rr.onnx"), reader,
+                    reduce_range=True)
+    proto = onnx.load(tmp_path / "rr.onnx")
+    weights = weight_dqs(proto)
+    assert len(weights) == 4
+    for q, s, _, _ in weights.values():
+        assert q.dtype == np.int8 and s.ndim == 0 and np.abs(q.astype(np.int32)).max() == 64
+    compiled_matches_qdq(proto, x, y, tmp_path)
