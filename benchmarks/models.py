@@ -1,17 +1,19 @@
 """The benchmark suite's models and the suite driver (see benchmarks/run.sh).
 
     .venv/bin/python benchmarks/models.py [--quick] [--tune N] [--runs R] [--warmup W]
-                                          [--out benchmarks/RESULTS_suite.md]
+                                          [--weight-bits 8,7] [--out benchmarks/RESULTS_suite.md]
 
 Models: the digits CNN (samples/digits/digits.onnx); a ResNet-18-shaped CNN and a
 MobileNetV2-shaped CNN at 224x224 (random weights, built here with torch, exported through
 lepton_edge.load(module, example)); a BERT-base-shaped encoder (12 layers, d=768, 12 heads,
 FFN 3072) at sequence 128. Each model runs fp32 and int8 (lepton_edge.quantize, MinMax,
-on random calibration data), at batch 1 and a larger batch, with lepton_edge.bench.compare
-(artifact vs onnxruntime fp32 and, for int8, onnxruntime int8; alternating rounds).
---quick runs only the digits CNN with few runs (about a minute). The full run takes long:
-without --tune the CPU kernels are TVM's untuned defaults and a 224x224 ResNet runs for
-seconds per image, BERT-base longer; with --tune N each model is also tuned (minutes to
+on random calibration data; weights 8-bit and, with the default --weight-bits 8,7, also
+7-bit), at batch 1 and a larger batch, with lepton_edge.bench.compare
+(artifact vs onnxruntime fp32 and, for int8, onnxruntime int8 of the same QDQ model; per-engine
+blocks in rotating order, bench.Protocol).
+--quick runs only the digits CNN with few runs (about a minute). Without --tune the CPU
+kernels are lepton-edge's default schedules (lowering/schedules.py, x86_int8.py) and the full
+run takes about 8 minutes here; with --tune N each model is also tuned first (minutes to
 hours). Weights are random: only speed is meaningful, not accuracy.
 """
 
@@ -136,10 +138,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--calib", type=int, default=16, help="random calibration samples")
+    parser.add_argument("--weight-bits", default="8,7", metavar="BITS[,BITS]",
+                        help="int8 variants to run: weights quantized to 8 bits ([-127, 127]) "
+                             "and/or 7 bits ([-64, 64], quantize(weight_bits=7): the exact "
+                             "vpmaddubsw kernels on AVX2 without VNNI)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/RESULTS_suite.md")
     parser.add_argument("--invoked-as", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     runs = args.runs or (5 if args.quick else 30)
+    try:
+        weight_bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--weight-bits {args.weight_bits!r}: a comma list of 8 and 7")
+    if not weight_bits or any(b not in (7, 8) for b in weight_bits):
+        parser.error(f"--weight-bits {args.weight_bits!r}: a comma list of 8 and 7")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
 
     argv = sys.argv[1:]
@@ -167,20 +179,24 @@ def main() -> None:
             calib = rng.standard_normal((args.calib, *shape[1:])).astype(np.float32)
             fp32_onnx = tmp / f"m{index}.onnx"
             fp32_onnx.write_bytes(model.proto.SerializeToString())
-            q = lepton_edge.quantize(model, calib)
-            int8_onnx = tmp / f"m{index}.int8.onnx"
-            int8_onnx.write_bytes(q.proto.SerializeToString())
-            for precision, variant in (("fp32", model), ("int8", q)):
+            variants: list[tuple[str, Any, Path | None]] = [("fp32", model, None)]
+            for bits in weight_bits:
+                q = lepton_edge.quantize(model, calib, weight_bits=bits)
+                int8_onnx = tmp / f"m{index}.int8w{bits}.onnx"
+                int8_onnx.write_bytes(q.proto.SerializeToString())
+                variants.append(("int8" if bits == 8 else f"int8 ({bits}-bit weights)", q,
+                                 int8_onnx))
+            for vi, (precision, variant, int8_onnx) in enumerate(variants):
                 start = time.perf_counter()
                 art = lepton_edge.compile(variant, ["cpu"], golden_count=0, tune=args.tune)
-                path = art.save(tmp / f"m{index}.{precision}.lepton")
+                path = art.save(tmp / f"m{index}.v{vi}.lepton")
                 took = time.perf_counter() - start
                 for batch in batches:
                     feeds = {input_name: rng.standard_normal(
                         (batch, *shape[1:])).astype(np.float32)}
                     report = bench.compare(
                         path, feeds, model_path=fp32_onnx,
-                        int8_model=int8_onnx if precision == "int8" else None,
+                        int8_model=int8_onnx,
                         runs=runs, warmup=warmup, peak=peak)
                     report.artifact = f"{name}, {precision}"
                     block = [f"## {name}, {precision}, batch {batch}", "",
