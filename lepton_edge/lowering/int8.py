@@ -73,7 +73,8 @@ def requantize_reference(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, zer
 
 
 def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -128,
-                  high: int = 127, min_shift: int | None = None, scale64: Any = None) -> Any:
+                  high: int = 127, min_shift: int | None = None, scale64: Any = None,
+                  fold_zero_point: bool = False) -> Any:
     """The TE form of requantize_reference (bit-exact): int32 tensor `acc` -> int8.
 
     m0/shift are Python ints (per tensor) or te tensors (m0 int32, shift int64) that
@@ -99,7 +100,16 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     round-to-nearest-even (x86 MXCSR's default): a caller that changes the floating-point
     rounding mode around the kernel changes the results. LLVM targets only. The caller
     checks that bound and |acc * scale64| < 2^30 (float_requantize_ok); on AVX2 it takes
-    fewer vector instructions than the integer forms."""
+    fewer vector instructions than the integer forms.
+
+    `fold_zero_point` (float form only; the caller checks float_zero_point_ok) adds the zero
+    point in float64 before rounding, q = lrint(acc * scale64 + zero_point), so that what is
+    left is a clip of the rounded value to [low, high], which LLVM narrows to int8 with the
+    saturating packs (vpackssdw, vpacksswb). With the zero point added after rounding, as
+    in the reference, LLVM moves the add past the clip, and the shifted bounds are no
+    longer the int8 range: it narrows with shuffles instead (15 vector instructions per 8
+    outputs on AVX2 against 10; 1x1 convs with a nonzero zero point measured 0.82-0.96x the
+    time, one thread, Zen 3)."""
     from tvm import te, tirx
 
     i64 = "int64"
@@ -151,10 +161,14 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     def body64(*index: Any) -> Any:
         scale = (tirx.const(scale64, "float64") if isinstance(scale64, float)
                  else at(scale64, index))
-        # |q| < 2^30 (float_requantize_ok): the zero point and the clip in int32
-        q = tirx.call_llvm_pure_intrin("int32", "llvm.lrint",
-                                       acc[index].astype("float64") * scale) \
-            + tirx.const(zero_point, "int32")
+        x = acc[index].astype("float64") * scale
+        if fold_zero_point and zero_point:
+            # exact (float_zero_point_ok); LLVM contracts it into one FMA, also exact
+            x = x + tirx.const(float(zero_point), "float64")
+            q = tirx.call_llvm_pure_intrin("int32", "llvm.lrint", x)
+        else:  # |q| < 2^30 (float_requantize_ok): the zero point and the clip in int32
+            q = tirx.call_llvm_pure_intrin("int32", "llvm.lrint", x) \
+                + tirx.const(zero_point, "int32")
         return tirx.max(tirx.min(q, tirx.const(high, "int32")),
                         tirx.const(low, "int32")).astype("int8")
 
@@ -164,18 +178,64 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
     return te.compute(acc.shape, body32 if fast else body, name="requantize")
 
 
-def float_requantize_ok(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray) -> bool:
-    """Whether requantize_te's float64 form is exact for accumulators |acc| <= `bound` (per
-    output channel, broadcast against m0 and shift): every |acc| * odd part of m0 below
-    2^53, and every |acc| * m0 * 2^-shift below 2^30 (it then fits int32)."""
+def _float_facts(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel, for accumulators |acc| <= bound (capped at 2^31, an int32): whether
+    acc * m0 * 2^-shift is exact in float64 (|acc| * odd(m0) < 2^53), whether it is never a
+    tie (in Z + 1/2: acc * m0 divisible by 2^(shift - 1), so |acc| >= 2^(shift - 1 - v2(m0))),
+    whether it stays below 2^30 in magnitude (the rounded value fits int32), and the shift."""
     m = np.asarray(m0, np.int64).ravel()
     sh = np.broadcast_to(np.asarray(shift, np.int64).ravel(), m.shape)
     # |acc| <= 2^31 whatever the bound (an int32 accumulator): capped, top * odd fits int64
     top = np.minimum(np.broadcast_to(np.asarray(bound, np.int64).ravel(), m.shape), 2**31)
-    odd = m // (m & -m).clip(min=1)
-    return bool(np.all(top >= 0) and np.all(top * odd < 2**53)
-                and np.all(top.astype(np.float64) * m * np.exp2(-sh.astype(np.float64))
-                           < 2**30))
+    low_bit = (m & -m).clip(min=1)
+    tie_at = sh - 1 - np.log2(low_bit).astype(np.int64)  # ties need |acc| >= 2^tie_at
+    tie_free = (tie_at >= 32) | (top < np.left_shift(1, tie_at.clip(0, 62)))
+    fits = top.astype(np.float64) * m * np.exp2(-sh.astype(np.float64)) < 2**30
+    valid = (top >= 0) & (m > 0)
+    return valid & (top * (m // low_bit) < 2**53), valid & tie_free, valid & fits, sh
+
+
+def float_requantize_ok(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray, *,
+                        tie_free: bool = False) -> bool:
+    """Whether requantize_te's float64 form, lrint(fl(acc * s)) with s = m0 * 2^-shift (a
+    float64, exact), equals the reference for accumulators |acc| <= `bound` (per output
+    channel, broadcast against m0 and shift). Every |acc * s| must be below 2^30 (the
+    rounded value then fits int32), and per channel either (2. only with `tie_free`, which
+    the lowering passes)
+
+    1. the product is exact (|acc| * odd(m0) < 2^53): lrint rounds x = acc * s half to
+       even, as the reference does; or
+    2. no x is a tie (|acc| < 2^(shift - 1 - v2(m0))) and shift <= 44: x is a multiple of
+       2^-shift, and so is its distance to the nearest half-integer h, which is nonzero.
+       While |x| < 2^9, rounding x to float64 moves it by at most 2^-45 < 2^-shift, so not
+       onto h, and never across it (h is a float64 and rounding is monotone): lrint gives
+       floor(x + 1/2), the reference's value. Where |x| >= 2^9, fl(x) is too (2^9 is a
+       float64), and both results are beyond +-384, clipped to the same bound whatever the
+       zero point (|zero point| <= 128).
+    2. covers the long reductions (1x1 convs over 576-960 channels: bounds ~2^24) where
+       the product is not exact."""
+    exact, no_ties, fits, sh = _float_facts(bound, m0, shift)
+    return bool(np.all(fits & (exact | (no_ties & (sh <= 44) & tie_free))))
+
+
+def float_zero_point_ok(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray) -> bool:
+    """Whether requantize_te's float form may also add the zero point z in float64 before
+    rounding, lrint(fl(fl(x) + z)) with x = acc * m0 * 2^-shift (float_requantize_ok holds),
+    for accumulators |acc| <= `bound`: equal to the reference's rne(x) + z when, per channel,
+    no x is a tie (rne(x + z) != rne(x) + z at ties for odd z) and
+
+    * the product is exact and shift <= 45: y = x + z is rounded once; its distance to any
+      half-integer h is a nonzero multiple of 2^-shift, and while |y| < 2^8 rounding moves
+      it by at most 2^-46: not onto h, never across (monotone, h a float64), so lrint gives
+      floor(y + 1/2) = rne(x) + z. Where |y| >= 2^8, fl(y) is too, and both results clip
+      to the same bound; or
+    * shift <= 43 (two roundings): while |x| < 2^9 they move y by at most
+      2^-45 + 2^-44 < 2^-shift, and the composition is still monotone; beyond, both results
+      are beyond +-384 and clip alike.
+    A multiply-add that LLVM contracts into one FMA rounds once: covered by both cases."""
+    exact, tie_free, fits, sh = _float_facts(bound, m0, shift)
+    return bool(np.all(fits & tie_free & (sh <= np.where(exact, 45, 43))))
 
 
 #: ops that only move or relabel elements: they commute with a per-tensor (de)quantize
@@ -214,8 +274,9 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
     with constant weights are shifted to uint8 (x + 128) and the zero-point correction is
     adjusted, so the kernels are uint8 x int8 -> int32 (bit-identical results).
     With `float_requantize` (x86 builds) a requantization whose accumulators are bounded
-    tightly enough (conv/matmul with constant weights: float_requantize_ok) uses the
-    float64 form of requantize_te, also bit-exact."""
+    tightly enough (conv/matmul with constant weights: float_requantize_ok with its
+    tie-free rule) uses the float64 form of requantize_te, also bit-exact, and adds the
+    zero point before rounding where float_zero_point_ok proves that exact too."""
     from tvm import relax
     from tvm.ir.expr import Constant  # TVM 0.27 moved relax.Constant into tvm.ir
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -524,12 +585,14 @@ def lower_qdq_to_integer(mod: Any, *, unsigned_activations: bool = True,
                        high: int, bound: np.ndarray | None = None) -> Any:
             """One elementwise kernel, requantize_te (a single TIR block: FuseOps fuses it
             into the conv/matmul's epilogue, and the schedules compute it per output tile)."""
-            if float_requantize and bound is not None and float_requantize_ok(bound, m0, shift):
+            if float_requantize and bound is not None \
+                    and float_requantize_ok(bound, m0, shift, tie_free=True):
                 scale = m0.astype(np.float64) * np.exp2(-shift.astype(np.float64))
                 scale_arg: Any = (float(scale.ravel()[0]) if np.all(scale == scale.ravel()[0])
                                   else relax.const(scale, "float64"))
+                fold = bool(zp) and float_zero_point_ok(bound, m0, shift)
                 return self.builder_.call_te(requantize_te, acc, 0, 0, zp, low, high, None,
-                                             scale_arg, primfunc_name_hint="requantize")
+                                             scale_arg, fold, primfunc_name_hint="requantize")
             if np.all(m0 == m0.ravel()[0]) and np.all(shift == shift.ravel()[0]):
                 m0_arg: Any = int(m0.ravel()[0])
                 shift_arg: Any = int(shift.ravel()[0])

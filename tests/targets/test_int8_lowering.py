@@ -227,6 +227,108 @@ def test_float_requantize_only_when_asked_and_bounded() -> None:
     assert not float_requantize_ok(np.array([2**21, 2**30]), m0, shift)  # past 2^53
     # a bound past int32 (a very long reduction): capped at 2^31, no int64 wrap-around
     assert not float_requantize_ok(np.array([2**33]), np.array([2**31 - 1]), np.array([40]))
+    # ... which the tie-free rule accepts (shift <= 44), but not at shift 45
+    assert float_requantize_ok(np.array([2**33]), np.array([2**31 - 1]), np.array([40]),
+                               tie_free=True)
+    assert not float_requantize_ok(np.array([2**33]), np.array([2**31 - 1]), np.array([45]),
+                                   tie_free=True)
+
+
+def test_float_requantize_rules_at_their_limits() -> None:
+    """float_requantize_ok(tie_free=True) and float_zero_point_ok at the edges of their
+    conditions: exact product or (no tie reachable and shift <= 44); the zero point in
+    float64 only without ties, shift <= 45 (exact product) or <= 43 (two roundings)."""
+    from lepton_edge.lowering.int8 import float_requantize_ok, float_zero_point_ok
+
+    odd = np.array([2**31 - 1])  # m0 odd: a product is exact iff |acc| < 2^53 / m0 ~ 2^22
+    small, large = np.array([2**21]), np.array([2**24])  # exact / not exact
+    for shift in (43, 44, 45):
+        sh = np.array([shift])
+        assert float_requantize_ok(small, odd, sh, tie_free=True)
+        assert float_requantize_ok(large, odd, sh, tie_free=True) == (shift <= 44)
+        assert float_zero_point_ok(small, odd, sh) == (shift <= 45)
+        assert float_zero_point_ok(large, odd, sh) == (shift <= 43)
+    # m0 = 3 * 2^29: ties at acc = odd multiples of 2^(shift - 1 - 29)
+    m0, sh = np.array([3 * 2**29]), np.array([40])
+    assert float_requantize_ok(np.array([2**10 - 1]), m0, sh)  # exact: ties are fine
+    assert float_zero_point_ok(np.array([2**10 - 1]), m0, sh)  # no tie below 2^10
+    assert not float_zero_point_ok(np.array([2**10]), m0, sh)  # acc = 1024: x = 1.5
+    # a reachable tie (acc = 2^30, m0 = (2^23 - 1) * 2^8) with an inexact product (2^31 *
+    # odd(m0) >= 2^53): not the float form; one step below the tie it is
+    m0 = np.array([2**31 - 2**8])
+    assert not float_requantize_ok(np.array([2**31]), m0, np.array([39]), tie_free=True)
+    assert float_requantize_ok(np.array([2**30 - 1]), m0, np.array([39]), tie_free=True)
+    # |acc * M| >= 2^30 does not fit int32 after rounding
+    assert not float_requantize_ok(np.array([2**31]), odd, np.array([31]), tie_free=True)
+
+
+def _near_ties(m0: int, shift: int, limit: int, count: int) -> np.ndarray:
+    """The `count` accumulators in (0, limit] whose x = acc * m0 * 2^-shift lies closest to a
+    half-integer (either side), and their negatives: where rounding decides the result."""
+    acc = np.arange(1, limit + 1, dtype=np.int64)
+    rem = (acc * m0) & ((1 << shift) - 1)
+    distance = np.abs(rem - (1 << (shift - 1)))
+    best = acc[np.argsort(distance, kind="stable")[:count]]
+    return np.concatenate([best, -best])
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_float_requantize_forms_are_bit_exact(fold: bool) -> None:
+    """requantize_te's float64 form, with the zero point added after rounding (int32) or
+    before it (in float64, fold_zero_point), compiled for the host both vectorized (8 lanes:
+    the epilogue's packs) and as scalar code (row tails), against requantize_reference on
+    channels at the rules' limits: exact products with exact ties (not folded), inexact
+    products at shift 44 / 43, the accumulator bounds, the nearest near-ties, zero points
+    -128, -3, 0, 7, 127 and relu-style lower clips."""
+    import tvm
+    from tvm import te
+
+    from lepton_edge.lowering.int8 import float_requantize_ok, float_zero_point_ok
+
+    # per channel: multiplier M = m0 * 2^-shift and the accumulator bound
+    m0 = np.array([3 * 2**29, 2**31 - 1, 1_500_000_001, 2**30 + 12345, 1_234_567_891, 2**30])
+    shift = np.array([33, 44, 43, 40, 39, 31])
+    bound = np.array([2**12, 2**24, 2**23, 2**20, 2**22, 2**10])
+    if fold:  # no reachable ties (channel 0: at odd multiples of 8; 5: M = 0.5, any odd)
+        bound[0], shift[1], m0[5] = 2**3 - 1, 43, 2**31 - 1
+    c = m0.size
+    assert float_requantize_ok(bound, m0, shift, tie_free=True)
+    assert float_zero_point_ok(bound, m0, shift) == fold
+    columns = 96
+    acc = rng.integers(-1, 2, (c, columns), dtype=np.int64) * bound[:, None]  # +-bound, 0
+    for ch in range(c):
+        x_limit = int(min(bound[ch], (600 << int(shift[ch])) // int(m0[ch])))
+        acc[ch, :32] = rng.integers(-x_limit, x_limit + 1, 32)
+        near = _near_ties(int(m0[ch]), int(shift[ch]), x_limit, 24)
+        acc[ch, 32:32 + near.size] = near
+        half = 1 << int(shift[ch] - 1)
+        step = half // np.gcd(int(m0[ch]), half)  # exact ties, where reachable
+        ties = [t for t in (step, 3 * step, -step, -5 * step) if t <= bound[ch]]
+        acc[ch, 80:80 + len(ties)] = ties
+    acc = np.clip(acc, -bound[:, None], bound[:, None])
+    rem = (np.abs(acc) * m0[:, None]) & ((1 << shift[:, None]) - 1)
+    assert np.any(rem == 1 << (shift[:, None] - 1)) != fold  # exact ties where allowed
+    acc = np.stack([acc, -acc]).astype(np.int32)  # (2, c, columns)
+    scale = m0.astype(np.float64) * np.exp2(-shift.astype(np.float64))
+    host = tvm.target.Target({"kind": "llvm",
+                              "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+    for zp, low, high in ((-128, -128, 127), (-3, -3, 127), (0, -128, 127), (7, -100, 120),
+                          (127, -128, 127)):
+        x = te.placeholder(acc.shape, "int32", "acc")
+        scale_t = te.placeholder((1, c, 1), "float64", "scale")
+        out = requantize_te(x, 0, 0, zp, low, high, scale64=scale_t, fold_zero_point=fold)
+        want = requantize_reference(acc, m0.reshape(1, -1, 1), shift.reshape(1, -1, 1), zp,
+                                    low, high)
+        for vector in (True, False):
+            sch = tvm.s_tir.Schedule(te.create_prim_func([x, scale_t, out]))
+            if vector:
+                loop = sch.get_loops(sch.get_sblock("requantize"))[-1]
+                sch.vectorize(sch.split(loop, [None, 8])[1])
+            lib = tvm.compile(sch.mod, target=host)
+            got = tvm.runtime.tensor(np.zeros(acc.shape, np.int8))
+            lib["main"](tvm.runtime.tensor(acc), tvm.runtime.tensor(scale.reshape(1, c, 1)),
+                        got)
+            np.testing.assert_array_equal(got.numpy(), want, err_msg=f"zp {zp}, {vector=}")
 
 
 def test_unrecognised_pattern_stays_float_and_correct(build) -> None:
@@ -452,3 +554,110 @@ def test_requantized_max_pool_runs_on_int8(build) -> None:
                       for j in range(4)] for i in range(5)]).transpose(2, 3, 0, 1)
     np.testing.assert_array_equal(got, want.astype(np.int8))
     np.testing.assert_array_equal(got, reference_session(model).run(["y_q"], {"x_q": x_q})[0])
+
+
+def mobilenet_block() -> tuple[onnx.ModelProto, list[dict]]:
+    """int8 in [N, 288, 12, 12] -> [1x1 288->16] -> [1x1 16->32 +Relu] -> [3x3 depthwise
+    +Relu] -> [1x1 32->16] -> Add(first layer's output) -> int8 out, each bracket DQ -> Conv
+    (+bias) -> Q. Relu layers quantize with zero point -128 (as calibrated ReLU6 outputs do),
+    the others with odd zero points; the first layer's reduction is long (288 channels,
+    weights +-127), past the exact float64 product. 12-wide rows: 8-lane vectors and tails."""
+    specs = [  # name, in, out, groups, kernel, relu, in scale/zp, out scale/zp
+        ("l0", 288, 16, 1, 1, False, 0.02, -5, 0.15, 3),
+        ("l1", 16, 32, 1, 1, True, 0.15, 3, 0.9, -128),
+        ("l2", 32, 32, 32, 3, True, 0.9, -128, 0.5, -128),
+        ("l3", 32, 16, 1, 1, False, 0.5, -128, 1.5, 5),
+    ]
+    nodes, inits, layers = [], [], []
+    current = "x_q"
+    for name, cin, cout, groups, k, relu, sx, zx, sy, zy in specs:
+        w_q = rng.integers(-127, 128, (cout, cin // groups, k, k)).astype(np.int8)
+        if name == "l0":
+            w_q = np.where(rng.random(w_q.shape) < 0.5, -127, 127).astype(np.int8)
+        layer = dict(name=name, groups=groups, k=k, relu=relu, sx=sx, zx=zx, sy=sy, zy=zy,
+                     w_q=w_q, sw=rng.uniform(0.002, 0.006, cout).astype(np.float32),
+                     b_q=rng.integers(-3000, 3000, cout).astype(np.int32))
+        layers.append(layer)
+        for key, value in ((f"{name}_sx", np.array(sx, np.float32)),
+                           (f"{name}_zx", np.array(zx, np.int8)),
+                           (f"{name}_sy", np.array(sy, np.float32)),
+                           (f"{name}_zy", np.array(zy, np.int8)),
+                           (f"{name}_w", w_q), (f"{name}_sw", layer["sw"]),
+                           (f"{name}_zw", np.zeros(cout, np.int8)), (f"{name}_b", layer["b_q"]),
+                           (f"{name}_sb", (np.float32(sx) * layer["sw"]).astype(np.float32)),
+                           (f"{name}_zb", np.zeros(cout, np.int32))):
+            inits.append(numpy_helper.from_array(value, key))
+        nodes += [
+            helper.make_node("DequantizeLinear", [current, f"{name}_sx", f"{name}_zx"],
+                             [f"{name}_x"]),
+            helper.make_node("DequantizeLinear", [f"{name}_w", f"{name}_sw", f"{name}_zw"],
+                             [f"{name}_wf"], axis=0),
+            helper.make_node("DequantizeLinear", [f"{name}_b", f"{name}_sb", f"{name}_zb"],
+                             [f"{name}_bf"], axis=0),
+            helper.make_node("Conv", [f"{name}_x", f"{name}_wf", f"{name}_bf"], [f"{name}_a"],
+                             pads=[k // 2] * 4, group=groups),
+        ]
+        out = f"{name}_a"
+        if relu:
+            nodes.append(helper.make_node("Relu", [out], [f"{name}_r"]))
+            out = f"{name}_r"
+        nodes.append(helper.make_node("QuantizeLinear", [out, f"{name}_sy", f"{name}_zy"],
+                                      [f"{name}_q"]))
+        current = f"{name}_q"
+    inits += [numpy_helper.from_array(np.array(1.25, np.float32), "sum_s"),
+              numpy_helper.from_array(np.array(-2, np.int8), "sum_z")]
+    nodes += [helper.make_node("DequantizeLinear", ["l0_q", "l0_sy", "l0_zy"], ["skip"]),
+              helper.make_node("DequantizeLinear", ["l3_q", "l3_sy", "l3_zy"], ["proj"]),
+              helper.make_node("Add", ["proj", "skip"], ["sum"]),
+              helper.make_node("QuantizeLinear", ["sum", "sum_s", "sum_z"], ["y_q"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.INT8, ["N", c, 12, 12])
+               for n, c in (("l0_q", 16), ("l3_q", 16), ("y_q", 16))]
+    graph = helper.make_graph(
+        nodes, "qdq_mobilenet_block",
+        [helper.make_tensor_value_info("x_q", TensorProto.INT8, ["N", 288, 12, 12])],
+        outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), layers
+
+
+def test_mobilenet_block_is_bit_exact(build) -> None:
+    """A MobileNetV2-shaped int8 block on the x86 build: every conv runs the float64
+    requantization with the zero point added before rounding (the first one past the exact
+    product: the tie-free rule), bit-exact against numpy integer math; the residual Add
+    (float, as the ONNX graph says) and the whole block within one step of onnxruntime with
+    graph optimizations off, equal nearly everywhere."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from lepton_edge.lowering.int8 import float_requantize_ok
+
+    model, layers = mobilenet_block()
+    lowered, report = lower_qdq_to_integer(from_onnx(model, keep_params_in_input=False),
+                                           float_requantize=True)
+    text = lowered.script(show_meta=False)
+    assert len(report.lowered) == 4 and len(report.kept_float) == 1, report  # the Add
+    # every conv the float64 form (l1 and l2 share one function), each with its zero point
+    # added in float64, none the integer form (its 64-bit product)
+    assert text.count("def requantize") == text.count("llvm.lrint") == 3
+    assert text.count("+ T.float64(") == 3 and 'T.Cast("int64"' not in text
+    x_q = rng.integers(-128, 128, (2, 288, 12, 12)).astype(np.int8)
+    x_q[0, :, 0, :] = np.where(layers[0]["w_q"][0, :, 0, 0] > 0, 127, -128)[:, None]
+    bound = 255 * np.abs(layers[0]["w_q"].astype(np.int64)).reshape(16, -1).sum(axis=1)
+    m0, shift = fixed_point_multiplier(np.float32(0.02) * layers[0]["sw"].astype(np.float64)
+                                       / np.float64(np.float32(0.15)))
+    assert not float_requantize_ok(bound, m0, shift)  # only by the tie-free rule
+    _, session = build(lepton_edge.load(model))
+    got = session.run({"x_q": x_q})
+    h = x_q
+    for layer in layers:
+        pad = [layer["k"] // 2] * 4
+        acc = conv_int64(h.astype(np.int64) - layer["zx"], layer["w_q"].astype(np.int64), pad,
+                         [1, 1], layer["groups"]) + layer["b_q"][None, :, None, None]
+        h = requant_layer(acc, layer, (1, -1, 1, 1))
+        if layer["name"] == "l0":
+            assert np.abs(acc).max() > 2**22  # far past 2^53 / odd(m0)
+            np.testing.assert_array_equal(got["l0_q"], h)
+            assert 0.02 < np.mean(np.abs(h.astype(int)) == 127 + (h < 0)) < 0.5  # some clip
+    np.testing.assert_array_equal(got["l3_q"], h)
+    want = reference_session(model).run(None, {"x_q": x_q})
+    for name, ref in zip(("l0_q", "l3_q", "y_q"), want):
+        diff = np.abs(got[name].astype(int) - ref.astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01, name
