@@ -22,9 +22,22 @@ engines (TVM_NUM_THREADS, intra-op threads), and prints lepton / the faster onnx
 fraction of the exact int16 roofline (MACs / (the int8 `vpmaddubsw` peak / 2): a `vpmaddwd`
 does half the multiply-adds).
 
+`--weight-bits 7` quantizes every model with `quantize(..., weight_bits=7)` (weights in
+[-64, 64]: on AVX2 without VNNI the exact `vpmaddubsw` kernels, lowering/x86_int8.py
+maddubs_exact); default 8.
+
+`--whole resnet18,mobilenet_v2,bert_base[:LAYERS] [--batch B] [--weight-bits 7] [--threads 1]` times
+whole untuned builds of benchmarks/models.py's models (the CNNs at 224x224; the BERT-base
+encoder, 12 layers unless `:LAYERS`, at sequence 128), quantized as above: lepton's default
+build, the same model built with LEPTON_X86_INT8_MADDUBS=off (int16 kernels only; skipped
+with --weight-bits 8, whose weights almost never pass the check), onnxruntime int8 (the same QDQ model) and fp32,
+in alternating rounds, each round one warm-up call and the fastest of the rest; prints the
+minima and the ratios to the faster onnxruntime, and whether the two lepton builds agree bit
+for bit.
+
 Then one kernel alone: uint8 [128, 384] x int8 [384, 1536] -> int32, lepton's packed kernel
-(the layout the host's default build uses) against onnxruntime MatMulInteger and fp32
-MatMul, with its bit-exactness against numpy
+(the layout the host's default build uses; weights in [-64, 64] with --weight-bits 7)
+against onnxruntime MatMulInteger and fp32 MatMul, with its bit-exactness against numpy
 (onnxruntime's AVX2 u8 x s8 kernel uses the saturating vpmaddubsw and is not exact).
 onnxruntime runs with spin-waiting off (see ort_options). The floor printed is MACs / measured int8 peak (lepton_edge.bench.cpu_peak: onnxruntime
 MatMulInteger 2048^3, on AVX2 the saturating kernel, so the exact kernels' real ceiling is
@@ -96,9 +109,18 @@ def models() -> dict[str, tuple[lepton_edge.Model, np.ndarray, dict[str, np.ndar
 CNN_SHAPES = {"resnet18": (1, 3, 224, 224), "mobilenet_v2": (1, 3, 224, 224)}
 
 
-def _export_cnns(names: list[str], folder: Path) -> None:
+def _quantize(model: lepton_edge.Model, calib: np.ndarray, weight_bits: int,
+              **kw: object) -> lepton_edge.Model:
+    """quantize(), with weight_bits=7 only when asked (weights in [-64, 64])."""
+    if weight_bits == 8:
+        return quantize(model, calib, **kw)
+    return quantize(model, calib, weight_bits=weight_bits, **kw)
+
+
+def _export_cnns(names: list[str], folder: Path, weight_bits: int = 8) -> None:
     """<folder>/<name>.onnx and <name>.int8.onnx (run in a child process: torch imported in
-    the timing process slows TVM's thread pool, benchmarks/untuned.py)."""
+    the timing process slows TVM's thread pool, benchmarks/untuned.py). Names: resnet18,
+    mobilenet_v2, digits, bert_base[:LAYERS] (sequence 128; 4 calibration samples)."""
     import sys
 
     import torch
@@ -109,20 +131,92 @@ def _export_cnns(names: list[str], folder: Path) -> None:
     rng = np.random.default_rng(0)
     for name in names:
         torch.manual_seed(0)
+        samples = 16
         if name == "digits":
             model = lepton_edge.load(REPO / "samples/digits/digits.onnx")
+        elif name.startswith("bert_base"):
+            layers = int(name.split(":")[1]) if ":" in name else 12
+            model = lepton_edge.load(suite.bert_base(layers).eval(), torch.randn(1, 128, 768),
+                                     input_names=["tokens"])
+            samples = 4
         else:
             build = getattr(suite, name)
             model = lepton_edge.load(build().eval(), torch.randn(*CNN_SHAPES[name]),
                                      input_names=["image"])
         shape = [d if isinstance(d, int) else 1 for d in model.inputs[0].shape]
-        calib = rng.standard_normal((16, *shape[1:])).astype(np.float32)
+        calib = rng.standard_normal((samples, *shape[1:])).astype(np.float32)
         (folder / f"{name}.onnx").write_bytes(model.proto.SerializeToString())
-        q = lepton_edge.quantize(model, calib)
+        q = _quantize(model, calib, weight_bits)
         (folder / f"{name}.int8.onnx").write_bytes(q.proto.SerializeToString())
 
 
-def cnn_benchmark(names: list[str], runs: int, threads: int | None) -> None:
+def whole_benchmark(names: list[str], runs: int, batch: int, weight_bits: int) -> None:
+    """Whole untuned builds: lepton default vs lepton int16-only (MADDUBS_ENV=off) vs
+    onnxruntime int8 and fp32, alternating rounds, minima (module docstring: --whole)."""
+    import subprocess
+    import sys
+
+    from lepton_edge.lowering.x86_int8 import MADDUBS_ENV
+
+    rng = np.random.default_rng(0)
+    rounds = max(2, runs // 5)
+    with tempfile.TemporaryDirectory(prefix="lepton-whole-") as tmp_name:
+        tmp = Path(tmp_name)
+        subprocess.run([sys.executable, __file__, "--export-cnns", ",".join(names),
+                        "--export-dir", str(tmp), "--weight-bits", str(weight_bits)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name in names:
+            fp32 = lepton_edge.load(tmp / f"{name}.onnx")
+            q = lepton_edge.load(tmp / f"{name}.int8.onnx")
+            builds = {"lepton": "auto"}
+            if weight_bits == 7:
+                builds["lepton int16 only"] = "off"
+            engines: dict[str, Callable[[], object]] = {}
+            shape = [batch if not isinstance(d, int) else d for d in q.inputs[0].shape]
+            feeds = {q.inputs[0].name: rng.standard_normal(shape).astype(np.float32)}
+            outs = {}
+            for label, mode in builds.items():
+                os.environ[MADDUBS_ENV] = mode
+                start = time.perf_counter()
+                # no fallback: a failed CPU build must not time onnxruntime as "lepton"
+                art = lepton_edge.compile(q, ["cpu"], golden_count=0, fallback=False)
+                took = time.perf_counter() - start
+                os.environ.pop(MADDUBS_ENV)
+                kernels = [k for sg in art.manifest["subgraphs"] for b in sg["builds"]
+                           for k in b["meta"].get("int8_dot_kernels", [])]
+                u8 = sum("uint8 vpmaddubsw" in k for k in kernels)
+                print(f"<!-- {name} {label}: compile {took:.0f} s, {u8}/{len(kernels)} packed "
+                      "kernels vpmaddubsw -->", flush=True)
+                session = lepton_edge.runtime.load(art.save(tmp / f"{name}-{mode}.lepton"))
+                outs[label] = list(session.run(feeds).values())[0]
+                engines[label] = lambda s=session: s.run(feeds)
+            threads = os.environ.get("TVM_NUM_THREADS")
+            options = ort_options()
+            if threads:
+                options.intra_op_num_threads = int(threads)
+            for label, m in (("ORT int8", q), ("ORT fp32", fp32)):
+                ort = onnxruntime.InferenceSession(m.proto.SerializeToString(), options,
+                                                   providers=["CPUExecutionProvider"])
+                engines[label] = lambda s=ort: s.run(None, feeds)
+            best: dict[str, float] = {k: float("inf") for k in engines}
+            per_round = max(2, runs // rounds)
+            for _ in range(rounds):  # rounds: neighbours' bursts hit every engine alike
+                for label, fn in engines.items():
+                    fn()  # warm-up
+                    best[label] = min(best[label], *median_ms(fn, per_round))
+            faster = min(best["ORT int8"], best["ORT fp32"])
+            agree = ("; lepton builds bit-equal: "
+                     f"{np.array_equal(outs['lepton'], outs['lepton int16 only'])}"
+                     if len(outs) == 2 else "")
+            print(f"{name} batch {batch}, {weight_bits}-bit weights, min of "
+                  f"{rounds * per_round} calls{agree}")
+            for label, ms in best.items():
+                print(f"  {label:18s} {ms:9.2f} ms  {ms / faster:.2f}x the faster onnxruntime",
+                      flush=True)
+
+
+def cnn_benchmark(names: list[str], runs: int, threads: int | None,
+                  weight_bits: int = 8) -> None:
     import subprocess
     import sys
 
@@ -139,8 +233,8 @@ def cnn_benchmark(names: list[str], runs: int, threads: int | None) -> None:
     with tempfile.TemporaryDirectory(prefix="lepton-cnn-") as tmp_name:
         tmp = Path(tmp_name)
         subprocess.run([sys.executable, __file__, "--export-cnns", ",".join(names),
-                        "--export-dir", str(tmp)], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+                        "--export-dir", str(tmp), "--weight-bits", str(weight_bits)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name in names:
             q = lepton_edge.load(tmp / f"{name}.int8.onnx")
             start = time.perf_counter()
@@ -171,6 +265,14 @@ def main() -> None:
                              "int8 builds against onnxruntime fp32/int8 (nothing else)")
     parser.add_argument("--threads", type=int, default=None,
                         help="--cnn: threads for both engines (default: each engine's own)")
+    parser.add_argument("--weight-bits", type=int, choices=(7, 8), default=8,
+                        help="quantize weights to 8 bits ([-127, 127]) or 7 ([-64, 64]: the "
+                             "exact vpmaddubsw kernels on AVX2 without VNNI)")
+    parser.add_argument("--whole", default=None,
+                        help="comma-separated resnet18, mobilenet_v2, bert_base[:LAYERS]: whole "
+                             "untuned builds, lepton (and its int16-only build with "
+                             "--weight-bits 7) vs onnxruntime int8 and fp32, minima")
+    parser.add_argument("--batch", type=int, default=1, help="--whole: batch size")
     parser.add_argument("--export-cnns", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kernel-only", action="store_true", help="only the matmul kernel")
@@ -178,7 +280,18 @@ def main() -> None:
                         help="onnxruntime without spin-waiting threads (diagnosis: slows it)")
     args = parser.parse_args()
     if args.export_cnns:
-        _export_cnns(args.export_cnns.split(","), args.export_dir)
+        _export_cnns(args.export_cnns.split(","), args.export_dir, args.weight_bits)
+        return
+    if args.whole:
+        names = args.whole.split(",")
+        unknown = sorted(n for n in names if n.split(":")[0] not in (
+            "resnet18", "mobilenet_v2", "bert_base"))
+        if unknown:
+            parser.error(f"unknown model(s) {unknown}: choose from resnet18, mobilenet_v2, "
+                         "bert_base[:LAYERS]")
+        if args.threads:
+            os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool
+        whole_benchmark(names, args.runs, args.batch, args.weight_bits)
         return
     if args.cnn:
         unknown = sorted(set(args.cnn.split(",")) - {"resnet18", "mobilenet_v2", "digits"})
@@ -186,7 +299,7 @@ def main() -> None:
             parser.error(f"unknown CNN(s) {unknown}: choose from resnet18, mobilenet_v2, digits")
         if args.threads:
             os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool
-        cnn_benchmark(args.cnn.split(","), args.runs, args.threads)
+        cnn_benchmark(args.cnn.split(","), args.runs, args.threads, args.weight_bits)
         return
     global ORT_SPINNING
     ORT_SPINNING = not args.ort_no_spin
@@ -194,7 +307,7 @@ def main() -> None:
 
     peak = cpu_peak()
     print(f"peak: {peak}")
-    kernel_benchmark(args.runs, peak.int8_gops)
+    kernel_benchmark(args.runs, peak.int8_gops, args.weight_bits)
     if args.kernel_only:
         return
     tmp = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
@@ -205,8 +318,8 @@ def main() -> None:
           "int8 floor ms (% of peak) |")
     print("|" + " --- |" * (len(columns) + 5))
     for name, (model, calib, feeds) in models().items():
-        q = quantize(model, calib)
-        q_all = quantize(model, calib, op_types="all")
+        q = _quantize(model, calib, args.weight_bits)
+        q_all = _quantize(model, calib, args.weight_bits, op_types="all")
         print(f"<!-- {name}: QDQ nodes {q.op_counts().get('QuantizeLinear', 0)} Q + "
               f"{q.op_counts().get('DequantizeLinear', 0)} DQ (lepton), "
               f"{q_all.op_counts().get('QuantizeLinear', 0)} Q + "
@@ -249,8 +362,9 @@ def main() -> None:
               f"{low['lepton int8 all ops'] / low['lepton fp32']:.2f} | | |", flush=True)
 
 
-def kernel_benchmark(runs: int, int8_gops: float | None) -> None:
-    """The packed uint8 x int8 matmul kernel alone vs onnxruntime, alternating rounds."""
+def kernel_benchmark(runs: int, int8_gops: float | None, weight_bits: int = 8) -> None:
+    """The packed uint8 x int8 matmul kernel alone vs onnxruntime, alternating rounds
+    (`weight_bits` 7: weights in [-64, 64], the `vpmaddubsw` kernel on AVX2)."""
     import tvm
     from onnx import TensorProto, helper, numpy_helper
     from tvm import relax
@@ -259,7 +373,8 @@ def kernel_benchmark(runs: int, int8_gops: float | None) -> None:
 
     m, k, n = 128, 384, 1536
     rng = np.random.default_rng(0)
-    w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    qmax = 64 if weight_bits == 7 else 127
+    w = rng.integers(-qmax - (weight_bits == 8), qmax + 1, (k, n)).astype(np.int8)
     x = rng.integers(0, 256, (m, k)).astype(np.uint8)
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType([m, k], "uint8"))

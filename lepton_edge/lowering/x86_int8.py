@@ -9,10 +9,17 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    zero-padded to multiples of 4 and 16, so any size works) and whose reduction (block
    "dot") is written so that its innermost 16 x 4 block is exactly the dot-product
    intrinsic's description. conv2d packs its input to NCHW[c4] inside the kernel and writes
-   NCHW. For an AVX2 target without VNNI, matmul weights are instead widened to int16 at
-   compile time, [N/8, K/2, 8, 2], and the kernel widens its uint8 activations once (block
-   "widen"). conv2d there gets one of two int16 kernels (`use_pixel_kernel`): 1x1 convs,
-   rows of at most 6 pixels and inputs of at most 4 channels get the
+   NCHW. For an AVX2 target without VNNI, a kernel whose constant weight passes
+   `maddubs_exact` (no weight pair can saturate `vpmaddubsw`'s int16 for any uint8 input:
+   every weight in [-64, 64], i.e. 7-bit weights such as onnxruntime's reduce_range ones, and
+   more) keeps that uint8 layout, its "dot" block annotated MADDUBS_ATTR (the check done; a
+   block annotation, which survives FuseOps/FuseTIR), and is tensorized with INTRIN_U8S7
+   (conv2d: stems and 1x1 convs of fewer than 128 channels instead get the pixel-vectorized
+   kernel's uint8 variant, INTRIN_PX_U8S7: `u8s7_conv_kernel`, a measured rule). Other
+   weights there are instead widened to int16 at compile time, matmul [N/8, K/2, 8, 2],
+   and the kernel widens its uint8 activations once (block "widen"). conv2d there gets one
+   of two int16 kernels (`use_pixel_kernel`): 1x1 convs, rows of at most 6 pixels and
+   inputs of at most 4 channels get the
    pixel-vectorized kernel (below: "AVX2 convolutions"; the zero-point pad in front of it
    folded into its input packing); the other convs (KxK with > 4 input channels:
    ResNet-18's 3x3 layers) keep the NCHW[c2] kernel (weights
@@ -29,24 +36,36 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    only in the default floating-point rounding mode (round-to-nearest-even; code that
    changes MXCSR's rounding mode around a call would change results); else the 32-bit
    integer form when every shift >= 33, else the 64-bit one.
-2. registers two implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
+2. registers three implementations of ONE description, C[i] += sum_k A[k] * B[i, k]
    (A 4 x uint8, B 16 x 4 int8, C 16 x int32):
    * INTRIN_VNNI: one `vpdpbusd` (llvm.x86.avx512.vpdpbusd.512 with <64 x i8> operands, as
      this wheel's LLVM 22 declares it; TVM's bundled `dot_16x4_vnni` still passes <16 x i32>
      and fails LLVM verification);
    * INTRIN_AVX2: exact AVX2 code: sign/zero-extend to int16, `vpmaddwd` (exact int16 x
-     int16 -> int32 pair sums), `vphaddd` and a lane fix-up. Never `vpmaddubsw`, which
-     saturates at int16.
+     int16 -> int32 pair sums), `vphaddd` and a lane fix-up, exact for any weight;
+   * INTRIN_U8S7: per 8 outputs one `vpmaddubsw` (uint8 x int8 pairs summed into int16,
+     saturating) of the broadcast activation quad and the packed weights, one `vpmaddwd`
+     with int16 ones (the two pairs into int32) and one `vpaddd`. Exact only when no pair
+     sum a0 * w0 + a1 * w1 (a in [0, 255]) can leave int16, i.e. 255 * (w0+ + w1+) <= 32767
+     and 255 * (w0- + w1-) >= -32768 for every pair (maddubs_exact, checked on the constant
+     weight at compile time; only kernels so marked get it: tuned AVX2 builds pack
+     unchecked weights in the same layout). With weights that can saturate, it (and
+     onnxruntime's AVX2 u8s8 kernel, the same instruction) gets most outputs wrong, so the
+     other kernels stay the default. Half the weight bytes and one load + 3 uops per 32
+     MACs where the int16 kernel needs two loads + 4: 1.4-1.5x its speed on BERT's matmuls
+     (about onnxruntime's MatMulInteger), 1.1-1.9x on most convs;
    and INTRIN_I16 for the int16 layout, C[i] += A[0] * B[i, 0] + A[1] * B[i, 1] (8 x int32):
    one `vpmaddwd` with the activation pair broadcast, one `vpaddd`, no fix-up (the
    pixel-vectorized convs use it with the roles swapped: A a weight pair, B 8 pixels x 2
-   channels).
+   channels); and INTRIN_PX_U8S7, C[i] += sum_k A[k] * B[i, k] (A 4 int8 weights, B 8
+   pixels x 4 uint8 channels, C 8 x int32) for the pixel-vectorized kernel's uint8 variant:
+   `vpmaddubsw` + `vpmaddwd` (ones) + `vpaddd`, under the same maddubs_exact condition.
 3. `int8_rules(target)`: default-schedule rules (no tuning) that tile the kernels, keep the
    accumulators in registers (the conv kernels in parallel over whole blocks of output
    channels, the matmuls over whole column panels when there are enough, since TVM allocates a tile's buffers once per parallel iteration, with a
    workspace call; per tile that cost more than the tile's work on small layers), run the
    fused epilogue per tile from the accumulators, and tensorize with the target's intrinsic (VNNI when the target
-   has avx512vnni, else AVX2 / I16 when it has avx2, else none: the kernels then run TVM's
+   has avx512vnni, else AVX2 / U8S7 / I16 when it has avx2, else none: the kernels then run TVM's
    plain loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module.
 
 The uint8 schedule is the same with either intrinsic, so an AVX2 build (packed without a
@@ -54,7 +73,11 @@ target) exercises exactly the tiling and tensorization that the VNNI build uses.
 by default for VNNI targets, and for AVX2 targets when untuned (`use_dot_kernels`,
 LEPTON_X86_INT8_DOT=auto|on|off; measurements in benchmarks/RESULTS.md). On a Zen 3 core
 `vpmaddwd` issues about as many MACs per cycle as fp32 FMA, so exact int8 matmuls there
-match fp32 kernels at best; VNNI's `vpdpbusd` does 4x the MACs.
+match fp32 kernels at best; VNNI's `vpdpbusd` does 4x the MACs. 7-bit weights (quantized
+with at most 64 in magnitude) take the `vpmaddubsw` kernels instead, exactly: whole models
+1.2-1.4x faster than with the int16 kernels here (1 thread, the same 7-bit QDQ model, bit-
+equal outputs: ResNet-18 b1 30.7 -> 24.2 ms, MobileNetV2 b1 11.1 -> 9.3 ms, BERT-base b8
+1498 -> 1103 ms; benchmarks/int8_speed.py --whole ... --weight-bits 7 --threads 1).
 """
 
 from __future__ import annotations
@@ -73,6 +96,15 @@ GROUP = 4  # uint8 x int8 products summed into each output per step
 KERNEL_ATTR = "lepton.x86_int8"
 INTRIN_VNNI = "lepton_dot_16x4_u8i8i32_vnni"
 INTRIN_AVX2 = "lepton_dot_16x4_u8i8i32_avx2"
+#: AVX2, weights whose pairs cannot saturate int16 (maddubs_exact): `vpmaddubsw` + `vpmaddwd`
+INTRIN_U8S7 = "lepton_dot_16x4_u8i8i32_maddubs"
+#: the pixel-vectorized variant: C[i] += sum_k A[k] * B[i, k], A 4 int8 weights (one
+#: broadcast), B 8 pixels x 4 uint8 channels, C 8 int32 pixels
+INTRIN_PX_U8S7 = "lepton_dot_8x4_i8u8i32_maddubs"
+#: the "dot" block annotation of a uint8-layout kernel whose constant weight passed
+#: maddubs_exact (set only by pack_int8_kernels, after the check; a block annotation, since
+#: it must survive FuseOps/FuseTIR): only such kernels get INTRIN_U8S7
+MADDUBS_ATTR = "lepton.maddubs_exact"
 LOCAL_ACC = "_local_acc"  # suffix of the variants whose accumulator buffer is "local"
 _OUT_EWISE_FUSABLE = 4  # relax OpPatternKind: FuseOps fuses the elementwise consumers in
 
@@ -82,31 +114,37 @@ I16_LANES, I16_GROUP = 8, 2
 
 _registered = False
 #: matmul register tile (rows, column groups), at most; AVX2 has 16 ymm, AVX-512 32 zmm
-MATMUL_TILE = {INTRIN_AVX2: (1, 4), INTRIN_VNNI: (4, 4), INTRIN_I16: (4, 2)}
+MATMUL_TILE = {INTRIN_AVX2: (1, 4), INTRIN_VNNI: (4, 4), INTRIN_I16: (4, 2),
+               INTRIN_U8S7: (2, 2)}
 
 
 def register_intrinsics() -> None:
-    """Register INTRIN_VNNI and INTRIN_AVX2 (accumulator in memory of any scope, for
-    MetaSchedule's global caches) and their LOCAL_ACC variants (accumulator in a "local"
-    buffer: a stack array that LLVM keeps in registers), idempotently."""
+    """Register INTRIN_VNNI, INTRIN_AVX2, INTRIN_U8S7, INTRIN_PX_U8S7 and INTRIN_I16
+    (accumulator in memory of any scope, for MetaSchedule's global caches) and their
+    LOCAL_ACC variants (accumulator in a "local" buffer: a stack array that LLVM keeps in
+    registers), idempotently."""
     global _registered
     if _registered:
         return
     from tvm.s_tir import TensorIntrin
 
     for acc_scope, suffix in (("global", ""), ("local", LOCAL_ACC)):
-        desc, vnni, avx2 = _intrinsic_funcs(acc_scope)
+        desc, vnni, avx2, maddubs = _intrinsic_funcs(acc_scope)
         desc16, impl16 = _intrinsic_funcs_i16(acc_scope)
+        desc_px, impl_px = _intrinsic_funcs_px_u8(acc_scope)
         for name, d, impl in ((INTRIN_VNNI + suffix, desc, vnni),
+                              (INTRIN_PX_U8S7 + suffix, desc_px, impl_px),
                               (INTRIN_AVX2 + suffix, desc, avx2),
+                              (INTRIN_U8S7 + suffix, desc, maddubs),
                               (INTRIN_I16 + suffix, desc16, impl16)):
             if TensorIntrin.get(name, allow_missing=True) is None:
                 TensorIntrin.register(name, d, impl)
     _registered = True
 
 
-def _intrinsic_funcs(acc_scope: str) -> tuple[Any, Any, Any]:
-    """The description and the VNNI / AVX2 implementations, accumulator in `acc_scope`."""
+def _intrinsic_funcs(acc_scope: str) -> tuple[Any, Any, Any, Any]:
+    """The description and the VNNI / AVX2 / AVX2 `vpmaddubsw` implementations, accumulator
+    in `acc_scope`."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -164,7 +202,66 @@ def _intrinsic_funcs(acc_scope: str) -> tuple[Any, Any, Any]:
                 c[T.ramp(h * 8, 1, 8)] = c[T.ramp(h * 8, 1, 8)] + T.Shuffle(
                     [s], [0, 1, 4, 5, 2, 3, 6, 7])
 
-    return desc, vnni, avx2
+    @T.prim_func(s_tir=True)
+    def maddubs(a: T.Buffer((4,), "uint8", offset_factor=1),
+                b: T.Buffer((16, 4), "int8", offset_factor=1),
+                c: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            # a0 a1 a2 a3 as one int32, broadcast: 8 copies of the quad (32 bytes)
+            a32 = T.reinterpret(T.broadcast(
+                T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), 8), dtype="uint8x32")
+            for h in T.unroll(2):
+                # rows 8h..8h+7: int16 pairs a0*b0 + a1*b1, a2*b2 + a3*b3 (saturating, so
+                # exact only for weights that pass maddubs_exact), then summed into int32
+                pairs = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                    a32, b.vload([h * 8, 0], dtype="int8x32"), dtype="int16x16")
+                c[T.ramp(h * 8, 1, 8)] = c[T.ramp(h * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    return desc, vnni, avx2, maddubs
+
+
+def _intrinsic_funcs_px_u8(acc_scope: str) -> tuple[Any, Any]:
+    """C[i] += sum_k A[k] * B[i, k] (A 4 x int8 weights, B 8 x 4 uint8 pixels, C 8 x int32)
+    and its AVX2 implementation: one `vpmaddubsw` of the 8 pixels' channel quads (unsigned
+    operand) and the broadcast weight quad (signed), one `vpmaddwd` with int16 ones, one
+    `vpaddd`. Exact for weights that pass maddubs_exact only, like INTRIN_U8S7."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "int8", offset_factor=1),
+             b: T.Buffer((8, 4), "uint8", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "int8", offset_factor=1),
+             b: T.Buffer((8, 4), "uint8", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            quad = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                b.vload([0, 0], dtype="uint8x32"),
+                T.reinterpret(T.broadcast(quad, 8), dtype="int8x32"), dtype="int16x16")
+            c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    return desc, impl
 
 
 def _intrinsic_funcs_i16(acc_scope: str) -> tuple[Any, Any]:
@@ -248,6 +345,24 @@ def use_dot_kernels(target: Any, *, untuned: bool = False) -> bool:
     return mode == "on" or intrin == INTRIN_VNNI or untuned
 
 
+#: LEPTON_X86_INT8_MADDUBS: "auto" (default) gives AVX2 kernels whose weights pass
+#: maddubs_exact the `vpmaddubsw` kernels; "off" keeps the int16 ones for every weight (for
+#: comparisons: benchmarks/int8_speed.py --whole).
+MADDUBS_ENV = "LEPTON_X86_INT8_MADDUBS"
+
+
+def use_maddubs() -> bool:
+    """Whether AVX2 builds may use the exact `vpmaddubsw` kernels (MADDUBS_ENV)."""
+    import os
+
+    mode = os.environ.get(MADDUBS_ENV, "auto").strip().lower()
+    if mode not in ("auto", "off"):
+        from lepton_edge.errors import TargetError
+
+        raise TargetError(f"{MADDUBS_ENV}={mode!r}: use auto or off")
+    return mode == "auto"
+
+
 # --- Relax: packed kernels -----------------------------------------------------------------
 
 def _ceil(value: int, multiple: int) -> int:
@@ -262,6 +377,32 @@ def pack_matmul_weight(w: np.ndarray) -> np.ndarray:
     padded[:k, :n] = w
     return np.ascontiguousarray(
         padded.reshape(kp // GROUP, GROUP, np_ // LANES, LANES).transpose(2, 0, 3, 1))
+
+
+#: int16 bounds of one `vpmaddubsw` lane: a0 * w0 + a1 * w1 with a0, a1 uint8 in [0, 255]
+_U8_MAX, _I16_MIN, _I16_MAX = 255, -32768, 32767
+
+
+def maddubs_exact(w: np.ndarray) -> bool:
+    """Whether `vpmaddubsw` is exact for constant int8 weight `w` (matmul [K, N], or conv2d
+    OIHW) and every uint8 input: each lane sums a0 * w0 + a1 * w1 over a weight pair as the
+    uint8 layout pairs them (adjacent K, (k0, k1) and (k2, k3) of each group of 4; for
+    conv2d adjacent input channels at the same tap; the zero padding counts as 0) and
+    saturates at int16. Over a in [0, 255] that sum reaches 255 * (w0+ + w1+) at most and
+    255 * (w0- + w1-) at least (w+, w- the positive and negative parts), so the lane is
+    exact for all inputs iff both fit int16: only two weights of one sign can break it
+    (w0 + w1 > 128, or < -128). Weights in [-64, 64] (7-bit, onnxruntime's reduce_range)
+    always pass; so does (127, -128)."""
+    w = np.asarray(w)
+    if w.ndim not in (2, 4) or w.dtype != np.int8:
+        return False
+    k = np.moveaxis(w, 0 if w.ndim == 2 else 1, 0).astype(np.int32)
+    if k.shape[0] % 2:
+        k = np.concatenate([k, np.zeros_like(k[:1])])
+    pairs = k.reshape(k.shape[0] // 2, 2, -1)
+    pos = np.clip(pairs, 0, None).sum(axis=1)
+    neg = np.clip(pairs, None, 0).sum(axis=1)
+    return bool((_U8_MAX * pos <= _I16_MAX).all() and (_U8_MAX * neg >= _I16_MIN).all())
 
 
 def pack_matmul_weight_i16(w: np.ndarray) -> np.ndarray:
@@ -295,8 +436,14 @@ def pack_conv2d_weight(w: np.ndarray) -> np.ndarray:
         op // LANES, LANES, ip // GROUP, GROUP, kh, kw).transpose(0, 2, 4, 5, 1, 3))
 
 
-def _te_matmul(a: Any, wp: Any, n: int) -> Any:
-    """(..., M, K) uint8 x packed weight -> (..., M, n) int32."""
+def _dot_attrs(exact: bool) -> dict[str, Any] | None:
+    """The "dot" block's annotations: MADDUBS_ATTR when its weight passed maddubs_exact."""
+    return {MADDUBS_ATTR: 1} if exact else None
+
+
+def _te_matmul(a: Any, wp: Any, n: int, exact: bool = False) -> Any:
+    """(..., M, K) uint8 x packed weight -> (..., M, n) int32 (`exact`: the weight passed
+    maddubs_exact, annotated for INTRIN_U8S7)."""
     from tvm import te, tirx
 
     *lead, k = a.shape
@@ -313,7 +460,7 @@ def _te_matmul(a: Any, wp: Any, n: int) -> Any:
         lambda *i: te.sum(
             src[(*i[:-1], ko * GROUP + ki)].astype("int32")
             * wp[i[-1] // LANES, ko, i[-1] % LANES, ki].astype("int32"), axis=[ko, ki]),
-        name="dot")
+        name="dot", attrs=_dot_attrs(exact))
     if nb * LANES == n:
         return dot
     return te.compute((*lead, n), lambda *i: dot[i], name="unpack")
@@ -357,10 +504,11 @@ def _conv_axes(blocks: int, kh: int, kw: int, group: int) -> tuple[Any, Any, Any
             te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "ri"))
 
 def _te_conv2d(x: Any, wp: Any, oc: int, strides: tuple[int, int],
-               dilation: tuple[int, int]) -> Any:
+               dilation: tuple[int, int], exact: bool = False) -> Any:
     """NCHW uint8 (already padded) x packed OIHW weight -> NCHW int32. The weight's last two
     axes give the layout: [.., 16, 4] int8 (input packed NCHW[c4] uint8) or [.., 8, 2] int16
-    (input widened and packed NCHW[c2] int16)."""
+    (input widened and packed NCHW[c2] int16). `exact`: an int8 weight that passed
+    maddubs_exact (annotated for INTRIN_U8S7)."""
     from tvm import te, tirx
 
     n, c, h, w = x.shape
@@ -382,17 +530,24 @@ def _te_conv2d(x: Any, wp: Any, oc: int, strides: tuple[int, int],
         lambda b, ob, y, z, oi: te.sum(
             packed[b, rc, y * sh + ry * dh, z * sw + rx * dw, ri].astype("int32")
             * wp[ob, rc, ry, rx, oi, ri].astype("int32"), axis=[rc, ry, rx, ri]),
-        name="dot")
+        name="dot", attrs=_dot_attrs(exact))
     return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // lanes, y, z, o % lanes],
                       name="unpack")
+
+
+#: compile notes: why an AVX2 kernel is (or is not) the `vpmaddubsw` one
+_BOUNDED = "weight pairs bounded: exact"
+_SATURATES = "a weight pair could saturate vpmaddubsw"
 
 
 def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
     """Replace uint8 x constant-int8 -> int32 matmul/conv2d calls by packed-weight kernels.
 
-    For an AVX2 `target` without VNNI, kernels get the int16 layout (weights widened at
-    compile time, `vpmaddwd` per 8 x 2, INTRIN_I16); otherwise (and without a target) every
-    kernel gets the uint8 x int8 [.., 16, 4] layout of the VNNI / AVX2 dot intrinsics.
+    For an AVX2 `target` without VNNI, kernels whose weight passes maddubs_exact get the
+    uint8 layout marked for INTRIN_U8S7 (MADDUBS_ATTR; conv2d: or, by u8s7_conv_kernel, the
+    pixel-vectorized uint8 kernel marked for INTRIN_PX_U8S7), the others the int16 layout
+    (weights widened at compile time, `vpmaddwd` per 8 x 2, INTRIN_I16); otherwise (and without a target) every kernel gets the uint8 x int8
+    [.., 16, 4] layout of the VNNI / AVX2 dot intrinsics, unmarked.
     Returns the new module and one line per call: what was packed, or why a candidate was
     left as it was (it then runs TVM's generic, still exact, code)."""
     from tvm import relax, tirx
@@ -401,6 +556,13 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
 
     notes: list[str] = []
     avx2_only = target is not None and dot_intrinsic(target) == INTRIN_AVX2
+    maddubs = avx2_only and use_maddubs()
+
+    def bounded(weight: np.ndarray) -> bool:
+        return maddubs and maddubs_exact(weight)
+
+    def saturates() -> str:
+        return f" ({_SATURATES})" if maddubs else f" ({MADDUBS_ENV}=off)"
 
     def shape(expr: Any) -> list[Any] | None:
         dims = getattr(getattr(expr, "ty", None), "shape", None)
@@ -435,17 +597,23 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                              "generic code")
                 return call
             k, n = weight.shape
-            if avx2_only:
+            exact = bounded(weight)
+            why = ""
+            if avx2_only and not exact:
                 packed_np, te_func, what = pack_matmul_weight_i16(weight), _te_matmul_i16, "int16"
                 aligned = k % I16_GROUP == 0 and n % I16_LANES == 0
+                why = saturates()
             else:
                 packed_np, te_func, what = pack_matmul_weight(weight), _te_matmul, "int8"
                 aligned = k % GROUP == 0 and n % LANES == 0
-            packed = relax.const(packed_np, what)
+            packed = relax.const(packed_np, "int16" if what == "int16" else "int8")
             out = self.builder_.call_te(
-                te_func, x, packed, n, primfunc_name_hint="int8_matmul_packed",
+                te_func, x, packed, n, *((True,) if exact else ()),
+                primfunc_name_hint="int8_matmul_packed",
                 primfunc_attrs={KERNEL_ATTR: "matmul", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"matmul K={k} N={n}: packed {what} {list(packed_np.shape)}"
+            label = f"uint8 vpmaddubsw {list(packed_np.shape)} ({_BOUNDED})" if exact \
+                else f"{what} {list(packed_np.shape)}{why}"
+            notes.append(f"matmul K={k} N={n}: packed {label}"
                          + ("" if aligned else " (zero-padded)"))
             return out
 
@@ -469,20 +637,27 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             if why:
                 notes.append(f"conv2d: {why}; generic code")
                 return call
-            if avx2_only and use_pixel_kernel(weight.shape, self.out_width(call)):
-                return self.conv2d_px(call, x, weight)
-            if avx2_only:
+            exact = bounded(weight)
+            if exact and u8s7_conv_kernel(weight.shape) == "px":
+                return self.conv2d_px(call, x, weight, f" ({_BOUNDED})", u8=True)
+            why = f" ({_BOUNDED})" if exact else ""
+            if avx2_only and not exact:
+                why = saturates()
+                if use_pixel_kernel(weight.shape, self.out_width(call)):
+                    return self.conv2d_px(call, x, weight, why)
                 packed_np, what, group = pack_conv2d_weight_i16(weight), "int16", I16_GROUP
             else:
                 packed_np, what, group = pack_conv2d_weight(weight), "int8", GROUP
-            packed = relax.const(packed_np, what)
+                what = "uint8 vpmaddubsw" if exact else what
+            packed = relax.const(packed_np, "int16" if what == "int16" else "int8")
             out = self.builder_.call_te(
                 _te_conv2d, x, packed, int(weight.shape[0]),
                 tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
+                *((True,) if exact else ()),
                 primfunc_name_hint="int8_conv2d_packed",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
             notes.append(f"conv2d {list(weight.shape)}: NCHW[c{group}] input, packed {what} "
-                         f"weight {list(packed_np.shape)}")
+                         f"weight {list(packed_np.shape)}{why}")
             return out
 
         def out_width(self, call: Any) -> int:
@@ -574,9 +749,11 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                             int(value))
             return x, (0, 0, 0, 0), 0
 
-        def conv2d_px(self, call: Any, x: Any, weight: np.ndarray) -> Any:
-            """AVX2: the pixel-vectorized int16 kernel; a zero-point pad in front of the
-            conv (lowering/int8.py) is folded into its packing pass."""
+        def conv2d_px(self, call: Any, x: Any, weight: np.ndarray, why: str = "",
+                      u8: bool = False) -> Any:
+            """AVX2: the pixel-vectorized int16 kernel (`u8`: its uint8 `vpmaddubsw`
+            variant, for a weight that passed maddubs_exact); a zero-point pad in front of
+            the conv (lowering/int8.py) is folded into its packing pass."""
             attrs = call.attrs
             x, padding, pad_value = self.folded_pad(x, "uint8", 0, 255)
             o, _, kh, kw = weight.shape
@@ -586,15 +763,16 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             oh = (dims[1] + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
             ow = (dims[2] + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
             tile = px_tile(o, oh, ow)
-            packed_np = pack_conv2d_weight_px(weight, tile[0])
+            packed_np = pack_conv2d_weight_px(weight, tile[0], GROUP if u8 else I16_GROUP)
             out = self.builder_.call_te(
-                _te_conv2d_px, x, relax.const(packed_np, "int16"), int(o), (sh, sw),
-                (dh, dw), padding, pad_value, tile, primfunc_name_hint="int8_conv2d_px",
+                _te_conv2d_px, x, relax.const(packed_np, "int8" if u8 else "int16"), int(o),
+                (sh, sw), (dh, dw), padding, pad_value, tile, primfunc_name_hint="int8_conv2d_px",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"conv2d {list(weight.shape)}: pixel-vectorized int16, packed weight "
+            kind = "uint8 vpmaddubsw" if u8 else "int16"
+            notes.append(f"conv2d {list(weight.shape)}: pixel-vectorized {kind}, packed weight "
                          f"{list(packed_np.shape)}, tile {tile[0]} channels x {tile[1]} rows "
                          f"x {tile[2] * PX_LANES} pixels"
-                         + (f", pad {list(padding)} folded" if any(padding) else ""))
+                         + (f", pad {list(padding)} folded" if any(padding) else "") + why)
             return out
 
     packer = Packer(mod)
@@ -619,6 +797,9 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
 # into the packing pass, so no separate pad kernel runs; a 1x1 conv packs only the pixels
 # it reads (the stride applied in the packing, so the kernel runs at stride 1), row by row,
 # each row zero-padded like the others to a whole number of tiles (Vx vectors of 8).
+# Its uint8 variant (weights that pass maddubs_exact; u8s7_conv_kernel picks it) keeps the
+# pixels uint8, packed in channel quads (8 pixels x 4 channels = 32 bytes), and runs one
+# `vpmaddubsw` + `vpmaddwd` (ones) per 8 pixels x 4 channels (INTRIN_PX_U8S7).
 
 PX_LANES = 8  # output pixels (int32) per vpmaddwd
 PX_MAX_NARROW_C = 4  # input channels: a stem conv (RGB) packs to c2 with little reuse
@@ -648,6 +829,34 @@ def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
     return blocks * columns < C2_MIN_ACCUMULATORS
 
 
+def u8s7_conv_kernel(weight_shape: tuple[int, ...]) -> str:
+    """AVX2, a weight that passed maddubs_exact: which `vpmaddubsw` conv kernel, "px" (the
+    pixel-vectorized kernel's uint8 variant, INTRIN_PX_U8S7: 8 output pixels x 4 input
+    channels per step) or "c4" (the NCHW[c4] kernel, INTRIN_U8S7: 16 output channels x 4
+    input channels); the one chosen measured 1.0-2.0x the int16 kernels' speed on every
+    shape tried, within the noise of a shared machine. A measured rule (1 thread, 7-bit
+    weights, requantization fused, speed relative to the int16 kernel, min over
+    interleaved rounds, noisy within about 15%): narrow inputs (at most
+    PX_MAX_NARROW_C channels: stems) and 1x1 convs of fewer than U8S7_PX_MAX_1X1_C input
+    channels take "px" (MobileNetV2's 1x1 convs with 16-96 channels 1.1-1.8x where "c4"
+    gets 0.5-1.2x: 4-24 reduction steps per output tile leave the c4 kernel's input
+    packing and per-tile work exposed; stems: ResNet-18's 7x7 1.1-1.3x, "c4" 1.2-1.4x;
+    MobileNetV2's 3x3 1.1x, "c4" 0.6-0.9x); the other convs "c4" (ResNet-18's 3x3 layers
+    1.25-2.2x, "px" 1.05-1.7x; 1x1 convs with 144-960 channels 1.0-2.0x, "px" 1.0-1.6x;
+    ResNet-18's strided 1x1 downsamples 1.25x either way)."""
+    _, c, kh, kw = weight_shape
+    if c <= PX_MAX_NARROW_C or (kh == 1 and kw == 1 and c < U8S7_PX_MAX_1X1_C):
+        return "px"
+    return "c4"
+
+
+U8S7_PX_MAX_1X1_C = 128
+#: the c4 `vpmaddubsw` conv tile for rows whose width leaves CONV_TILE's (4, 2) fewer than
+#: 4 accumulators (7 wide: 2 x 1): up to 7 x 1 (14 ymm; ResNet-18's 512@7 3x3: 1.14 ->
+#: 1.32x the int16 kernel)
+U8S7_NARROW_TILE = (7, 1)
+
+
 #: narrow rows: the NCHW[c2] kernel when its tile has this many accumulators (measured on
 #: 7-wide rows, 1 x 7) and the rows are at least C2_MIN_WIDTH wide (narrower rows keep the
 #: pixel kernel: a 4-wide row's 2 x 4 tile would qualify, but was not measured)
@@ -659,11 +868,18 @@ def c2_tile(blocks: int, width: int, intrin: str = INTRIN_I16) -> tuple[int, int
     """(output-channel blocks, output pixels) of a blocked conv's register tile over
     `blocks` output-channel blocks and rows `width` wide: the most accumulators within
     CONV_TILE's budget (exact divisors: no predicates), more channel blocks on a tie (each
-    input broadcast then feeds more of them): a 7-wide row gets 1 x 7 rather than 2 x 1."""
+    input broadcast then feeds more of them): a 7-wide row gets 1 x 7 rather than 2 x 1.
+    INTRIN_U8S7 falls back to U8S7_NARROW_TILE's budget when its own leaves it short."""
+    def best(budget: int, ob_max: int) -> tuple[int, int]:
+        return max(((o, _divisor(width, max(1, budget // o)))
+                    for o in range(1, ob_max + 1) if blocks % o == 0),
+                   key=lambda t: (t[0] * t[1], t[0]))
+
     budget, ob_max = CONV_TILE[intrin]
-    return max(((o, _divisor(width, max(1, budget // o)))
-                for o in range(1, ob_max + 1) if blocks % o == 0),
-               key=lambda t: (t[0] * t[1], t[0]))
+    tile = best(budget, ob_max)
+    if intrin == INTRIN_U8S7 and tile[0] * tile[1] < budget:
+        tile = max(tile, best(*U8S7_NARROW_TILE), key=lambda t: t[0] * t[1])
+    return tile
 
 
 def px_tile(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
@@ -677,34 +893,39 @@ def px_tile(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
     return min(PX_TILES, key=work)
 
 
-def pack_conv2d_weight_px(w: np.ndarray, r: int) -> np.ndarray:
+def pack_conv2d_weight_px(w: np.ndarray, r: int, group: int = I16_GROUP) -> np.ndarray:
     """int8 OIHW -> int16 [ceil(O/r), ceil(I/2), KH, KW, r, 2], widened, zero-padded: the
     tile's r output channels x 2 input channels of one filter tap are 2r consecutive int16
-    (each pair one broadcast)."""
+    (each pair one broadcast). `group` GROUP: int8 [.., r, 4] for the uint8 variant (each
+    quad one broadcast)."""
     o, i, kh, kw = w.shape
-    op, ip = _ceil(o, r), _ceil(i, I16_GROUP)
-    padded = np.zeros((op, ip, kh, kw), np.int16)
+    op, ip = _ceil(o, r), _ceil(i, group)
+    padded = np.zeros((op, ip, kh, kw), np.int16 if group == I16_GROUP else np.int8)
     padded[:o, :i] = w
     return np.ascontiguousarray(padded.reshape(
-        op // r, r, ip // I16_GROUP, I16_GROUP, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+        op // r, r, ip // group, group, kh, kw).transpose(0, 2, 4, 5, 1, 3))
 
 
 def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
                   dilation: tuple[int, int], padding: tuple[int, int, int, int],
                   pad_value: int, tile: tuple[int, int, int]) -> Any:
     """NCHW uint8 (unpadded: `padding` top, left, bottom, right with `pad_value`) x packed
-    int16 weight [OC/R, C/2, KH, KW, R, 2] -> NCHW int32, vectorized along output pixels."""
+    int16 weight [OC/R, C/2, KH, KW, R, 2] -> NCHW int32, vectorized along output pixels.
+    An int8 weight [OC/R, C/4, KH, KW, R, 4] (it passed maddubs_exact: the block is
+    annotated for INTRIN_PX_U8S7) keeps the pixels uint8, packed in channel quads."""
     from tvm import te, tirx
 
     n, c, h, w = x.shape
     c, h, w = int(c), int(h), int(w)
     ocb, c2, kh, kw, r, group = (int(v) for v in wp.shape)
+    u8 = str(wp.dtype) == "int8"
+    dtype = "uint8" if u8 else "int16"
     _, vy, vx = tile
     (sh, sw), (dh, dw) = strides, dilation
     pt, pl, pb, pr = padding
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    pad = tirx.const(pad_value, "int16")
+    pad = tirx.const(pad_value, dtype)
 
     def value(b: Any, ch: Any, row: Any, col: Any) -> Any:
         """x at padded coordinates (row, col), widened; pad_value outside (the zero-point
@@ -713,7 +934,7 @@ def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
         inside = tirx.all(row >= pt, row < pt + h, col >= pl, col < pl + w)
         return tirx.if_then_else(
             inside, x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(row - pt, h - 1), 0),
-                      tirx.max(tirx.min(col - pl, w - 1), 0)].astype("int16"), pad)
+                      tirx.max(tirx.min(col - pl, w - 1), 0)].astype(dtype), pad)
 
     ohp, owp = _ceil(oh, vy), _ceil(ow, PX_LANES * vx)
     if kh == 1 and kw == 1:  # a 1x1 conv packs only the pixels it reads: stride 1 after
@@ -736,13 +957,13 @@ def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
             * packed[b, rc, y * sh + ry * dh, (rx * dw) % sw, z + (rx * dw) // sw,
                      ri].astype("int32"),
             axis=[rc, ry, rx, ri]),
-        name=PX_BLOCK, attrs={PX_TILE_ATTR: [vy, vx]})
+        name=PX_BLOCK, attrs={PX_TILE_ATTR: [vy, vx], **(_dot_attrs(u8) or {})})
     return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // r, y, o % r, z],
                       name="unpack")
 
 
 def _schedule_conv2d_px(sch: Any, intrin: str) -> None:
-    del intrin  # always INTRIN_I16, with the roles swapped: A = weight pair, B = 8 pixels
+    # INTRIN_I16 (or INTRIN_PX_U8S7), with the roles swapped: A = weights, B = 8 pixels
     dot = sch.get_sblock(PX_BLOCK)
     b, ob, y, o, z, rc, ry, rx, ri = sch.get_loops(dot)
     vy, vx = (int(v) for v in sch.get(dot).annotations[PX_TILE_ATTR])
@@ -761,7 +982,7 @@ def _schedule_conv2d_px(sch: Any, intrin: str) -> None:
     cache = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(cache, tile)
     init = sch.decompose_reduction(dot, rc)
-    sch.tensorize(xi, INTRIN_I16 + LOCAL_ACC)
+    sch.tensorize(xi, intrin + LOCAL_ACC)
     _vectorize_inner(sch, init, PX_LANES)
     # the epilogue reads the accumulators themselves (no whole-output int32 buffer), one
     # output row vector at a time, unrolled so that they stay registers
@@ -975,7 +1196,7 @@ def _pack_pairs(sch: Any, block: Any) -> None:
     LLVM's loop vectorizer sees two contiguous rows stored interleaved (widen + unpack)
     rather than a strided scalar loop."""
     loops = sch.get_loops(block)
-    if len(loops) >= 2 and _extent(loops[-1], sch) == I16_GROUP:
+    if len(loops) >= 2 and _extent(loops[-1], sch) in (I16_GROUP, GROUP):
         sch.unroll(loops[-1])
 
 
@@ -1089,7 +1310,8 @@ def _schedule_matmul(sch: Any, intrin: str) -> None:
 
 
 #: conv register tile: (accumulator vectors, output-channel blocks at most)
-CONV_TILE = {INTRIN_AVX2: (6, 1), INTRIN_VNNI: (16, 2), INTRIN_I16: (8, 2)}
+CONV_TILE = {INTRIN_AVX2: (6, 1), INTRIN_VNNI: (16, 2), INTRIN_I16: (8, 2),
+             INTRIN_U8S7: (4, 2)}
 
 
 def _schedule_conv2d(sch: Any, intrin: str) -> None:
@@ -1172,19 +1394,24 @@ def _parallel_outer(sch: Any, block: Any) -> None:
 
 
 _SCHEDULES = {"matmul": _schedule_matmul, "conv2d": _schedule_conv2d,
+              "matmul_u8s7": _schedule_matmul, "conv2d_u8s7": _schedule_conv2d,
               "matmul_i16": _schedule_matmul, "conv2d_i16": _schedule_conv2d,
-              "conv2d_px": _schedule_conv2d_px, "depthwise": _schedule_depthwise}
+              "conv2d_px": _schedule_conv2d_px, "conv2d_px_u8s7": _schedule_conv2d_px,
+              "depthwise": _schedule_depthwise}
 
 
 def packed_kind(sch: Any) -> str | None:
     """"matmul" / "conv2d" when the scheduled function holds one of our packed kernels (a
-    not yet scheduled "dot" block: uint8 x int8 packed [..., 16, 4] -> int32), "matmul_i16"
-    for the int16 one (int16 x int16 packed [N/8, K/2, 8, 2] -> int32), else None."""
+    not yet scheduled "dot" block: uint8 x int8 packed [..., 16, 4] -> int32), with
+    "_u8s7" when that block carries MADDUBS_ATTR (its weight passed maddubs_exact),
+    "matmul_i16" / "conv2d_i16" for the int16 ones (int16 x int16 packed [.., 8, 2] ->
+    int32), "conv2d_px" / "depthwise" for those kernels, else None."""
     func = sch.mod["main"]
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
     if _has_block(sch, PX_BLOCK):
-        return "conv2d_px"
+        marked = MADDUBS_ATTR in sch.get(sch.get_sblock(PX_BLOCK)).annotations
+        return "conv2d_px_u8s7" if marked else "conv2d_px"
     if _has_block(sch, DW_BLOCK):
         return "depthwise"
     if not _has_block(sch, "dot"):
@@ -1207,9 +1434,12 @@ def packed_kind(sch: Any) -> str | None:
     if dtypes != ["int8", "uint8"] or len(weights) != 1:
         return None
     shape = static(weights[0])
-    if shape[-2:] != [LANES, GROUP]:
+    if shape[-2:] != [LANES, GROUP] or len(shape) not in (4, 6):
         return None
-    return {4: "matmul", 6: "conv2d"}.get(len(shape))
+    kind = {4: "matmul", 6: "conv2d"}[len(shape)]
+    # the annotation, never the layout alone: tuned AVX2 builds (LEPTON_X86_INT8_DOT=on)
+    # pack unchecked weights in the same uint8 layout
+    return kind + "_u8s7" if MADDUBS_ATTR in block.annotations else kind
 
 
 def _make_rule(kind: str, intrin: str) -> Rule:
@@ -1232,14 +1462,19 @@ def _make_rule(kind: str, intrin: str) -> Rule:
 
 def int8_rules(target: Any) -> list[Rule]:
     """The int8 default-schedule rules for `target`: tensorize the packed int8 kernels with
-    VNNI (avx512vnni) or the exact AVX2 dot product; none on other targets."""
+    VNNI (avx512vnni) or the exact AVX2 dot products (INTRIN_U8S7 only for kernels marked
+    MADDUBS_ATTR); none on other targets."""
     intrin = dot_intrinsic(target)
     if intrin is None:
         return []
     rules = [_make_rule(kind, intrin) for kind in ("matmul", "conv2d")]
     if intrin == INTRIN_AVX2:
+        rules += [_make_rule(kind, INTRIN_U8S7) for kind in ("matmul_u8s7", "conv2d_u8s7")]
+        rules.append(_make_rule("conv2d_px_u8s7", INTRIN_PX_U8S7))
         rules += [_make_rule(kind, INTRIN_I16)
                   for kind in ("matmul_i16", "conv2d_i16", "conv2d_px", "depthwise")]
+    else:  # VNNI is exact for any weight: a checked kernel is a plain uint8 one there
+        rules += [_make_rule(kind, intrin) for kind in ("matmul_u8s7", "conv2d_u8s7")]
     return rules
 
 

@@ -46,10 +46,15 @@ def test_layout_follows_the_target() -> None:
     weight = extreme_int8((24, 16))
     mod = single_op_module("matmul", [4, 24], weight)
     assert x86_int8.pack_int8_kernels(mod, HASWELL)[1] == [
-        "matmul K=24 N=16: packed int16 [2, 12, 8, 2]"]
+        "matmul K=24 N=16: packed int16 [2, 12, 8, 2] (a weight pair could saturate "
+        "vpmaddubsw)"]
     for target in (CASCADELAKE, None):  # VNNI, or no target: the uint8 x int8 layout
         assert x86_int8.pack_int8_kernels(mod, target)[1] == [
             "matmul K=24 N=16: packed int8 [1, 6, 16, 4]"]
+    # 7-bit weights on AVX2: the uint8 layout, for `vpmaddubsw` (tests/targets/test_x86_int8_u8.py)
+    mod7 = single_op_module("matmul", [4, 24], (weight // 2).astype(np.int8))
+    assert x86_int8.pack_int8_kernels(mod7, HASWELL)[1] == [
+        "matmul K=24 N=16: packed uint8 vpmaddubsw [1, 6, 16, 4] (weight pairs bounded: exact)"]
     packed = x86_int8.pack_matmul_weight_i16(weight)
     assert packed.dtype == np.int16
     np.testing.assert_array_equal(packed[1, 5], weight[10:12, 8:16].T)  # [n % 8, k % 2]

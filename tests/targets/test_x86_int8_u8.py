@@ -1,0 +1,319 @@
+"""AVX2 (no VNNI) exact `vpmaddubsw` int8 kernels of lowering/x86_int8.py (INTRIN_U8S7; for
+stems and narrow 1x1 convs the pixel-vectorized kernel's uint8 variant, INTRIN_PX_U8S7).
+
+`vpmaddubsw` sums a0 * w0 + a1 * w1 (uint8 activations, int8 weights) into a saturating
+int16. pack_int8_kernels gives a kernel the uint8 layout and INTRIN_U8S7 only when its
+constant weight passes maddubs_exact (no pair can leave int16 for any input), and marks
+its "dot" block (MADDUBS_ATTR); every other weight keeps the int16 `vpmaddwd` kernels. The
+kernels are compared bit-exactly with numpy int64 math at the bound (pairs +64/+64 and
+-64/-64 with activations 255: 255 * 128 = 32640), and a 7-bit QDQ model compiled for the
+host with onnxruntime (graph optimizations off: the QDQ semantics).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lepton_edge
+from lepton_edge.lowering import x86_int8
+from lepton_edge.target import host_arch
+from tests.targets.test_int8_lowering import reference
+from tests.targets.test_vnni import HOST, disassembly, run, single_op_module
+from tests.targets.test_x86_int8_px import conv_module
+from tests.targets.test_x86_int8_px import reference as conv_reference
+
+tvm = pytest.importorskip("tvm")
+relax = tvm.relax
+
+HASWELL = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+pytestmark = [
+    pytest.mark.skipif(host_arch() != "x86_64", reason="x86 kernels need an x86 host"),
+    pytest.mark.skipif(not tvm.target.codegen.target_has_features("avx2", HOST),
+                       reason="host CPU has no AVX2"),
+]
+rng = np.random.default_rng(23)
+
+
+def weight7(shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """Random int8 in [-64, 64] with the worst pairs (along `axis`, as the uint8 layout pairs
+    them): +64/+64 and -64/-64 (255 * 128 = 32640 fits int16) and 127/-128 (opposite signs)."""
+    w = rng.integers(-64, 65, shape).astype(np.int8)
+    w = np.moveaxis(w, axis, 0)  # a view: the writes below land in `w`'s original order
+    w[0:2, 0] = 64
+    w[0:2, 1] = -64
+    if w.shape[0] >= 4:
+        w[2, 2], w[3, 2] = 127, -128
+        w[2, 3], w[3, 3] = -128, 127
+    return np.moveaxis(w, 0, axis)
+
+
+def saturating_uint8(shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 with many 255s (the largest pair sums) and 0s."""
+    x = rng.integers(0, 256, shape).astype(np.uint8)
+    mask = rng.random(shape)
+    x[mask < 0.4] = 255
+    x[mask > 0.9] = 0
+    return x
+
+
+def build(mod: tvm.IRModule) -> tuple[object, list[str], list[str]]:
+    """Pack for AVX2, fuse as the CPU build does (legalize, fuse), schedule with our rules."""
+    mod, packed = x86_int8.pack_int8_kernels(mod, HASWELL)
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    return tvm.compile(mod, target=HASWELL), packed, scheduled
+
+
+def test_maddubs_exact_bounds() -> None:
+    def matmul_pair(a: int, b: int, rows: tuple[int, int] = (0, 1), k: int = 8) -> bool:
+        w = np.zeros((k, 3), np.int8)
+        w[rows[0], 1], w[rows[1], 1] = a, b
+        return x86_int8.maddubs_exact(w)
+
+    assert matmul_pair(64, 64) and matmul_pair(-64, -64)
+    assert matmul_pair(127, -128) and matmul_pair(-128, 127)  # opposite signs never saturate
+    assert matmul_pair(128 - 1, 1) and matmul_pair(-128, 0)  # 255 * 128 = 32640
+    assert not matmul_pair(64, 65)  # 255 * 129 = 32895 > 32767
+    assert not matmul_pair(-64, -65)  # -32895 < -32768
+    assert not matmul_pair(127, 127)
+    assert matmul_pair(127, 127, rows=(1, 2))  # rows 1 and 2 are in different pairs
+    assert not matmul_pair(127, 127, rows=(2, 3))
+    assert not matmul_pair(100, 100, rows=(6, 7))
+    odd = np.zeros((5, 2), np.int8)
+    odd[4] = 127  # K padded to 6: its partner is a zero
+    assert x86_int8.maddubs_exact(odd)
+    assert x86_int8.maddubs_exact(np.full((24, 7), 64, np.int8))
+    assert x86_int8.maddubs_exact(np.full((24, 7), -64, np.int8))
+    assert not x86_int8.maddubs_exact(np.full((24, 7), -65, np.int8))
+
+    conv = np.zeros((4, 6, 3, 3), np.int8)
+    conv[1, 0, 1, 1] = conv[1, 1, 1, 2] = 100  # same pair of channels, different taps
+    conv[2, 1, 0, 0] = conv[2, 2, 0, 0] = 100  # channels 1 and 2: different pairs
+    assert x86_int8.maddubs_exact(conv)
+    conv[3, 4, 2, 2] = conv[3, 5, 2, 2] = 100  # channels 4 and 5 at one tap
+    assert not x86_int8.maddubs_exact(conv)
+    assert not x86_int8.maddubs_exact(np.zeros((4, 4), np.int16))  # not an int8 weight
+
+
+# x shape, weight shape, batch for a symbolic row count
+MATMULS = {
+    "aligned": ([tvm.tirx.Var("N", "int64"), 64], (64, 48), 5),
+    "unaligned_k_n": ([3, 18], (18, 21), None),
+    "batched_3d": ([2, 7, 40], (40, 32), None),
+}
+
+
+@pytest.mark.parametrize("case", list(MATMULS))
+def test_u8s7_matmul_is_bit_exact(case: str) -> None:
+    x_shape, w_shape, batch = MATMULS[case]
+    weight = weight7(w_shape, 0)
+    assert x86_int8.maddubs_exact(weight)
+    executable, packed, scheduled = build(single_op_module("matmul", x_shape, weight))
+    assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
+    assert "weight pairs bounded: exact" in packed[0]
+    assert scheduled == ["int8_matmul_packed: x86_int8_matmul_u8s7_avx2"], scheduled
+    shape = tuple(batch if isinstance(d, tvm.tirx.Var) else d for d in x_shape)
+    x = saturating_uint8(shape)
+    x[..., 0, :] = 255  # a row of 255s meets the +64/+64 and -64/-64 columns
+    np.testing.assert_array_equal(run(executable, x),
+                                  x.astype(np.int64) @ weight.astype(np.int64))
+
+
+# x shape, (out channels, kernel), strides, pad (top, left, bottom, right), fused shift
+CONVS = {
+    "3x3_pad": ([1, 12, 9, 10], (20, 3), (1, 1), (1, 1, 1, 1), None),
+    "3x3_stride2_odd_channels_fused": ([1, 10, 11, 11], (17, 3), (2, 2), (1, 1, 1, 1), 9),
+    "1x1_stride2_wide_input": ([1, 130, 9, 9], (24, 1), (2, 2), (0, 0, 0, 0), None),
+    "7_wide_narrow_tile_fused": ([1, 16, 7, 7], (48, 3), (1, 1), (1, 1, 1, 1), 10),
+}
+# the pixel-vectorized uint8 kernel's cases: x shape, (out channels, kernel), strides,
+# dilation, pad
+PX_CONVS = {
+    "1x1": ([1, 16, 14, 14], (24, 1), (1, 1), (1, 1), (0, 0, 0, 0)),
+    "1x1_stride2_odd_channels": ([1, 41, 9, 11], (7, 1), (2, 2), (1, 1), (0, 0, 0, 0)),
+    "7x7_stem_3_channels": ([1, 3, 20, 20], (16, 7), (2, 2), (1, 1), (3, 3, 3, 3)),
+    "3x3_stem_dilated_uneven_pad": ([1, 4, 11, 8], (20, 3), (1, 1), (2, 2), (0, 1, 2, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVS))
+def test_u8s7_conv2d_is_bit_exact(case: str) -> None:
+    x_shape, (oc, k), strides, pad, shift = CONVS[case]
+    weight = weight7((oc, x_shape[1], k, k), 1)
+    assert x86_int8.maddubs_exact(weight)
+    mod = conv_module(x_shape, weight, strides=strides, pad=pad, pad_value=255, shift=shift)
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
+    assert len(scheduled) == 1 and scheduled[0].endswith(": x86_int8_conv2d_u8s7_avx2")
+    assert scheduled[0].startswith("fused_") == (shift is not None), scheduled
+    x = saturating_uint8(tuple(x_shape))
+    x[:, :, :2] = 255
+    want = conv_reference(x, weight, strides, (1, 1), pad, 255, 1, shift)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+def test_pair_just_over_the_bound_keeps_int16() -> None:
+    weight = weight7((32, 16), 0)
+    weight[4, 5], weight[5, 5] = 64, 65  # one pair: 255 * 129 > 32767
+    assert not x86_int8.maddubs_exact(weight)
+    executable, packed, scheduled = build(single_op_module("matmul", [4, 32], weight))
+    assert packed == ["matmul K=32 N=16: packed int16 [2, 16, 8, 2] "
+                      "(a weight pair could saturate vpmaddubsw)"]
+    assert scheduled == ["int8_matmul_packed: x86_int8_matmul_i16_avx2"]
+    x = saturating_uint8((4, 32))
+    x[0] = 255
+    np.testing.assert_array_equal(run(executable, x), x.astype(np.int64) @ weight.astype(np.int64))
+    conv = weight7((8, 12, 3, 3), 1)
+    conv[3, 6, 1, 1] = conv[3, 7, 1, 1] = -65
+    _, packed = x86_int8.pack_int8_kernels(single_op_module("conv", [1, 12, 8, 8], conv),
+                                           HASWELL)
+    assert "int16" in packed[0] and "could saturate vpmaddubsw" in packed[0], packed
+
+
+@pytest.mark.parametrize("case", list(PX_CONVS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_u8s7_pixel_conv2d_is_bit_exact(case: str, fused: bool) -> None:
+    """Stems and narrow 1x1 convs (u8s7_conv_kernel "px"): the pixel-vectorized kernel's
+    uint8 variant, its zero-point pad folded into the packing, pad value 255."""
+    x_shape, (oc, k), strides, dilation, pad = PX_CONVS[case]
+    weight = weight7((oc, x_shape[1], k, k), 1)
+    assert x86_int8.u8s7_conv_kernel(weight.shape) == "px"
+    shift = 9 if fused else None
+    mod = conv_module(x_shape, weight, strides=strides, dilation=dilation, pad=pad,
+                      pad_value=255, shift=shift)
+    executable, packed, scheduled = build(mod)
+    assert len(packed) == 1 and "pixel-vectorized uint8 vpmaddubsw" in packed[0], packed
+    assert "weight pairs bounded: exact" in packed[0]
+    assert len(scheduled) == 1 and scheduled[0].endswith(": x86_int8_conv2d_px_u8s7_avx2")
+    x = saturating_uint8(tuple(x_shape))
+    x[:, :, :2] = 255
+    want = conv_reference(x, weight, strides, dilation, pad, 255, 1, shift)
+    np.testing.assert_array_equal(run(executable, x), want)
+
+
+def test_maddubs_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LEPTON_X86_INT8_MADDUBS=off keeps the int16 kernels for bounded weights too (for
+    comparisons), saying so; an unknown value is a TargetError naming the choices."""
+    from lepton_edge.errors import TargetError
+
+    mod = single_op_module("matmul", [4, 24], weight7((24, 16), 0))
+    monkeypatch.setenv(x86_int8.MADDUBS_ENV, "off")
+    assert x86_int8.pack_int8_kernels(mod, HASWELL)[1] == [
+        "matmul K=24 N=16: packed int16 [2, 12, 8, 2] (LEPTON_X86_INT8_MADDUBS=off)"]
+    monkeypatch.setenv(x86_int8.MADDUBS_ENV, "yes")
+    with pytest.raises(TargetError, match="use auto or off"):
+        x86_int8.pack_int8_kernels(mod, HASWELL)
+    monkeypatch.setenv(x86_int8.MADDUBS_ENV, "auto")
+    assert "uint8 vpmaddubsw" in x86_int8.pack_int8_kernels(mod, HASWELL)[1][0]
+
+
+def test_rule_needs_the_annotation() -> None:
+    """The uint8 layout alone (packed without a target, as tuned AVX2 builds do, for
+    unchecked weights) never gets INTRIN_U8S7; an annotated kernel never gets the others."""
+    weight = weight7((32, 32), 0)
+    rules = {r.__name__: r for r in x86_int8.int8_rules(HASWELL)}
+    u8s7 = rules["x86_int8_matmul_u8s7_avx2"]
+    plain = rules["x86_int8_matmul_avx2"]
+    unchecked, _ = x86_int8.pack_int8_kernels(single_op_module("matmul", [4, 32], weight))
+    checked, _ = x86_int8.pack_int8_kernels(single_op_module("matmul", [4, 32], weight),
+                                            HASWELL)
+    for mod, kind, refuses, takes in ((unchecked, "matmul", u8s7, plain),
+                                      (checked, "matmul_u8s7", plain, u8s7)):
+        func = next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        sch = tvm.s_tir.Schedule(func)
+        assert x86_int8.packed_kind(sch) == kind
+        assert not refuses(sch, HASWELL)
+        tvm.ir.assert_structural_equal(sch.mod["main"], func)  # untouched
+        assert takes(sch, HASWELL)
+    _, scheduled = x86_int8.schedule_int8_kernels(unchecked, HASWELL)
+    assert scheduled == ["int8_matmul_packed: x86_int8_matmul_avx2"]
+
+
+def qdq_model(w_q: np.ndarray, kind: str) -> tuple[onnx.ModelProto, dict]:
+    """int8 in -> DQ -> Conv (pads 1, stride 2) / MatMul, + bias -> Relu -> Q -> int8 out,
+    per-channel weights `w_q` (as tests/targets/test_int8_lowering.py's models, whose
+    `reference` gives the exact integer result)."""
+    sx, zx, sy, zy = 0.02, -7, 0.05, 3
+    o = w_q.shape[0] if kind == "conv" else w_q.shape[1]
+    sw = rng.uniform(0.005, 0.02, o).astype(np.float32)
+    b_q = rng.integers(-2000, 2000, o).astype(np.int32)
+    sb = (np.float32(sx) * sw).astype(np.float32)
+    if kind == "conv":
+        c, h = w_q.shape[1], 9
+        x_shape, y_shape, axis = ["N", c, h, h], ["N", o, (h - 1) // 2 + 1, (h - 1) // 2 + 1], 0
+        op = [helper.make_node("Conv", ["x", "w", "b"], ["acc"], pads=[1, 1, 1, 1],
+                               strides=[2, 2])]
+    else:
+        x_shape, y_shape, axis = ["N", w_q.shape[0]], ["N", o], 1
+        op = [helper.make_node("MatMul", ["x", "w"], ["mm"]),
+              helper.make_node("Add", ["mm", "b"], ["acc"])]
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for v, dt, n in (
+        (sx, np.float32, "sx"), (zx, np.int8, "zx"), (sy, np.float32, "sy"),
+        (zy, np.int8, "zy"))]
+    inits += [numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(sw, "sw"),
+              numpy_helper.from_array(np.zeros(o, np.int8), "zw"),
+              numpy_helper.from_array(b_q, "b_q"), numpy_helper.from_array(sb, "sb"),
+              numpy_helper.from_array(np.zeros(o, np.int32), "zb")]
+    nodes = [helper.make_node("DequantizeLinear", ["x_q", "sx", "zx"], ["x"]),
+             helper.make_node("DequantizeLinear", ["w_q", "sw", "zw"], ["w"], axis=axis),
+             helper.make_node("DequantizeLinear", ["b_q", "sb", "zb"], ["b"], axis=0),
+             *op, helper.make_node("Relu", ["acc"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["y_q"])]
+    graph = helper.make_graph(
+        nodes, f"qdq7_{kind}", [helper.make_tensor_value_info("x_q", TensorProto.INT8, x_shape)],
+        [helper.make_tensor_value_info("y_q", TensorProto.INT8, y_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, dict(sx=sx, zx=zx, sy=sy, zy=zy, w_q=w_q, sw=sw, b_q=b_q, groups=1,
+                       relu=True, kind=kind)
+
+
+def ort_qdq(model: onnx.ModelProto, x_q: np.ndarray) -> np.ndarray:
+    """onnxruntime with graph optimizations off: DequantizeLinear, float op, QuantizeLinear."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, {"x_q": x_q})[0]
+
+
+@pytest.mark.parametrize("kind", ["conv", "matmul"])
+@pytest.mark.parametrize("bits", [7, 8])
+def test_qdq_model_on_the_host(kind: str, bits: int, build) -> None:
+    """A 7-bit QDQ model compiled for the host (AVX2 without VNNI) runs INTRIN_U8S7 in the
+    CPU build (`vpmaddubsw` in its code); the same model with one 8-bit pair over the bound
+    keeps the int16 kernel. Both exact against the integer reference; onnxruntime's QDQ
+    semantics (float, optimizations off) within one quantization step, equal almost always."""
+    if x86_int8.dot_intrinsic(HOST) != x86_int8.INTRIN_AVX2:
+        pytest.skip("host has VNNI: its default build uses the VNNI kernels")
+    w_q = weight7((32, 12, 3, 3), 1) if kind == "conv" else weight7((40, 24), 0)
+    if bits == 8:
+        if kind == "conv":
+            w_q[5, 6:8] = 100  # output channel 5, input channels 6 and 7: 255 * 200 > 32767
+        else:
+            w_q[6:8, 4] = 100
+        assert not x86_int8.maddubs_exact(w_q)
+    model, p = qdq_model(w_q, kind)
+    path, session = build(lepton_edge.load(model), fallback=False)
+    text, meta = disassembly(path)
+    notes = meta["int8_dot_kernels"]
+    assert len(notes) == 1, notes
+    if bits == 7:
+        assert "uint8 vpmaddubsw" in notes[0] and "exact" in notes[0], notes
+        assert "vpmaddubsw" in text
+    else:
+        assert "int16" in notes[0] and "could saturate" in notes[0], notes
+        assert "vpmaddubsw" not in text
+    shape = [4 if isinstance(d, str) else d for d in session.inputs[0].shape]
+    x_q = rng.integers(-128, 128, shape).astype(np.int8)
+    x_q[rng.random(shape) < 0.4] = 127  # x - zx = 134: the largest activations
+    got = session.run({"x_q": x_q})["y_q"]
+    np.testing.assert_array_equal(got, reference(x_q, p))
+    ort = ort_qdq(model, x_q)
+    diff = np.abs(got.astype(int) - ort.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
