@@ -199,7 +199,9 @@ def main() -> None:
                         int8_model=int8_onnx,
                         runs=runs, warmup=warmup, peak=peak)
                     report.artifact = f"{name}, {precision}"
-                    block = [f"## {name}, {precision}, batch {batch}", "",
+                    fell_back = (" - NOT COMPILED CODE: onnxruntime fallback inside the "
+                                 "artifact" if report.fallback else "")
+                    block = [f"## {name}, {precision}, batch {batch}{fell_back}", "",
                              f"compiled in {took:.1f} s (tune {args.tune})", "", "```",
                              report.table(), "```", ""]
                     print("\n".join(block), flush=True)

@@ -458,6 +458,16 @@ class BenchReport:
     peak: Peak | None = None
     protocol: Protocol | None = None
     threads: str = "each engine's default"
+    #: where the artifact's subgraphs ran ("sg0 -> cpu:0 (cpu)"), so that a report never
+    #: passes off an onnxruntime fallback inside the artifact as compiled code
+    placement: tuple[str, ...] = ()
+
+    @property
+    def fallback(self) -> list[str]:
+        """The subgraphs the artifact ran on its onnxruntime fallback, not compiled code."""
+        from lepton_edge.plan import FALLBACK
+
+        return [p for p in self.placement if p.endswith(f"({FALLBACK})")]
 
     @property
     def order(self) -> str:
@@ -472,7 +482,7 @@ class BenchReport:
             "artifact": self.artifact, "batch": self.batch, "macs": self.macs,
             "peak": asdict(self.peak) if self.peak else None, "order": self.order,
             "protocol": asdict(self.protocol) if self.protocol else None,
-            "threads": self.threads,
+            "threads": self.threads, "placement": list(self.placement),
             "engines": {name: {**asdict(r), "latency": asdict(r.latency)}
                         for name, r in self.engines.items()},
         }
@@ -492,6 +502,10 @@ class BenchReport:
                          f"{r.ratio:>9.2f}x {roof:>9} {err:>12}")
         lines.append("vs lepton = engine p50 / lepton p50 (above 1: lepton is faster); "
                      f"threads: {self.threads}")
+        if self.placement:
+            lines.append("lepton ran: " + ", ".join(self.placement)
+                         + (f" - {len(self.fallback)} subgraph(s) on the onnxruntime "
+                            "fallback, not compiled code" if self.fallback else ""))
         lines.append(self.order)
         if self.peak is not None:
             lines.append(f"roofline = share of measured peak: {self.peak}")
@@ -710,7 +724,9 @@ def compare(
     report = BenchReport(artifact=str(art), batch=batch, macs=macs, peak=measured,
                          protocol=protocol,
                          threads=f"{ort_threads}, lepton TVM_NUM_THREADS={tvm_threads}, "
-                                 f"{os.cpu_count()} CPUs")
+                                 f"{os.cpu_count()} CPUs",
+                         placement=tuple(f"{p.subgraph} -> {p.device} ({p.target})"
+                                         for p in session.placement.values()))
     for name in names:
         lat = stats[name]
         roof = None

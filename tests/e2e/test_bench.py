@@ -94,6 +94,18 @@ def test_compare_runs_both_engines(mlp_files: tuple[Path, Path]) -> None:
     data = report.to_dict()
     assert data["engines"]["onnxruntime"]["latency"]["runs"] == 5
     assert data["protocol"]["block"] == 3 and "TVM_NUM_THREADS" in data["threads"]
+    # the report says where the artifact ran: compiled code here, no onnxruntime fallback
+    assert report.placement and all(" -> cpu" in p for p in report.placement)
+    assert report.fallback == [] and data["placement"] == list(report.placement)
+    assert f"lepton ran: {report.placement[0]}" in table and "fallback" not in table
+
+
+def test_report_names_an_onnxruntime_fallback_inside_the_artifact() -> None:
+    report = bench.BenchReport(artifact="a.lepton", batch=1, macs=None,
+                               placement=("sg0 -> cpu:0 (cpu)", "sg1 -> cpu:0 (onnxruntime)"))
+    assert report.fallback == ["sg1 -> cpu:0 (onnxruntime)"]
+    assert ("lepton ran: sg0 -> cpu:0 (cpu), sg1 -> cpu:0 (onnxruntime) - 1 subgraph(s) on "
+            "the onnxruntime fallback, not compiled code") in report.table()
 
 
 def test_interleave_runs_engines_in_rotating_blocks() -> None:
