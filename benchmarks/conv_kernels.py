@@ -1,9 +1,13 @@
 """Single float32 convolution kernels: lepton-edge's NCHWc kernel (lowering/nchwc.py, scheduled
-by its default rule, ReLU epilogue) against onnxruntime's Conv + Relu on the same shape, one
-thread each, alternating in the same process.
+by its default rule, ReLU epilogue) against onnxruntime's Conv + Relu on the same shape, the
+same number of threads each (default 1), in the same process: blocks of --block calls of one
+engine, each after a --pause-ms pause and one untimed call, the engines alternating (back to
+back single calls let one engine's spinning thread pool take the cores from the other's
+next call: at 2 threads, lepton's 28x28x128 layer measured 2.9-3.7 ms that way, slower than
+with 1 thread).
 
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/conv_kernels.py [--layers resnet,mobilenet]
-                                                                  [--runs 20] [--only NAME]
+        [--runs 20] [--only NAME] [--threads T] [--block 5] [--pause-ms 20]
 
 onnxruntime runs the Conv + Relu of an NCHW model as ReorderInput -> NCHWc Conv (ReLU fused)
 -> ReorderOutput; inside a network it chains NCHWc convolutions without those reorders. So its
@@ -47,8 +51,15 @@ LAYERS = {
         "m.pw32-192.56": (32, 192, 56, 56, 1, 1, 0, False),
         "m.dw144.56": (144, 144, 56, 56, 3, 1, 1, True),
         "m.dw96.112s2": (96, 96, 112, 112, 3, 2, 1, True),
+        "m.pw144-32.28": (144, 32, 28, 28, 1, 1, 0, False),
+        "m.pw32-192.28": (32, 192, 28, 28, 1, 1, 0, False),
+        "m.pw64-384.14": (64, 384, 14, 14, 1, 1, 0, False),
+        "m.pw384-64.14": (384, 64, 14, 14, 1, 1, 0, False),
+        "m.pw96-576.14": (96, 576, 14, 14, 1, 1, 0, False),
         "m.pw576-96.14": (576, 96, 14, 14, 1, 1, 0, False),
         "m.dw960.7": (960, 960, 7, 7, 3, 1, 1, True),
+        "m.pw576-160.7": (576, 160, 7, 7, 1, 1, 0, False),
+        "m.pw960-160.7": (960, 160, 7, 7, 1, 1, 0, False),
         "m.pw320-1280.7": (320, 1280, 7, 7, 1, 1, 0, False),
     },
 }
@@ -87,7 +98,7 @@ def _tvm_kernel(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: i
 
 
 def _ort_session(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: int,
-                 depthwise: bool) -> tuple[object, dict[str, np.ndarray]]:
+                 depthwise: bool, threads: int = 1) -> tuple[object, dict[str, np.ndarray]]:
     """An onnxruntime session (profiling on, see :func:`_ort_conv_times`) of Conv + Relu."""
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
@@ -103,7 +114,7 @@ def _ort_session(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: 
         [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.enable_profiling = True
     options.profile_file_prefix = f"/tmp/conv_kernels_ort_{os.getpid()}"
@@ -131,13 +142,22 @@ def main() -> None:
     parser.add_argument("--layers", default="resnet,mobilenet")
     parser.add_argument("--only", default=None, help="one layer name")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--block", type=int, default=5,
+                        help="timed calls of one engine back to back")
+    parser.add_argument("--pause-ms", type=float, default=20.0,
+                        help="pause before each block (and one untimed call)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of both engines (default: TVM_NUM_THREADS, else 1)")
     args = parser.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", "1")
+    if args.threads is None:
+        args.threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
     from lepton_edge import bench
 
     peak = bench.cpu_peak(int8=False).fp32_gflops
-    print(f"fp32 peak measured now (1 thread): {peak:.1f} GFLOPS")
+    print(f"fp32 peak measured now (1 thread): {peak:.1f} GFLOPS; {args.threads} thread(s)")
+    peak *= args.threads
     print("| layer | M MACs | floor ms | lepton min ms | ORT conv min ms | lepton % peak "
           "| ORT % peak | lepton/ORT | ORT call min ms (with reorders) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -149,18 +169,23 @@ def main() -> None:
             ow = (w + 2 * pad - k) // stride + 1
             macs = cout * oh * ow * k * k * (1 if dw else cin)
             kernel, targs = _tvm_kernel(cin, cout, h, w, k, stride, pad, dw, 8)
-            session, feeds = _ort_session(cin, cout, h, w, k, stride, pad, dw)
+            session, feeds = _ort_session(cin, cout, h, w, k, stride, pad, dw, args.threads)
             times: dict[str, list[float]] = {"tvm": [], "ort": []}
             for _ in range(3):
                 kernel(*targs)
                 session.run(None, feeds)  # type: ignore[attr-defined]
-            for _ in range(args.runs):
-                started = time.perf_counter()
-                kernel(*targs)
-                times["tvm"].append(time.perf_counter() - started)
-                started = time.perf_counter()
-                session.run(None, feeds)  # type: ignore[attr-defined]
-                times["ort"].append(time.perf_counter() - started)
+            calls = {"tvm": lambda: kernel(*targs),
+                     "ort": lambda: session.run(None, feeds)}  # type: ignore[attr-defined]
+            for done in range(0, args.runs, args.block):
+                # blocks of calls of one engine after a pause: with 2+ threads, the other
+                # engine's pool spinning right after its call would take the cores
+                for engine, call in calls.items():
+                    time.sleep(args.pause_ms / 1e3)
+                    call()
+                    for _ in range(min(args.block, args.runs - done)):
+                        started = time.perf_counter()
+                        call()
+                        times[engine].append(time.perf_counter() - started)
             conv_times = _ort_conv_times(session)
             if not conv_times:
                 raise SystemExit(f"{name}: no Conv kernel time in onnxruntime's profile")

@@ -38,8 +38,9 @@ oh)`` run in parallel. Small output planes (7x7, 14x14; :data:`PLANE_ACCUMULATOR
 as one row of ``oh * ow`` pixels (49 -> 50 computed in 4 x 2 tiles, not 7 -> 9 per row) and accumulate the
 whole plane in a local array, chunk of input-channel blocks by chunk
 (:data:`FILTER_CHUNK_BYTES`), so that each chunk's filter slice is reused from cache, with the
-batch inside the channel blocks. A regular convolution pads image by image (a fill and a
-vectorized copy); a depthwise convolution vectorizes along its ``c`` channels,
+batch inside the channel blocks (tiles of fewer channel blocks when that evens out the
+parallel loop: :data:`PLANE_MIN_PARALLEL`). A regular convolution pads image by image (a
+fill and a vectorized copy); a depthwise convolution vectorizes along its ``c`` channels,
 register-blocks along the output width and builds each channel block's padded plane inside
 its parallel loop (with a stride or a large plane it reads its input in place instead, with
 a bounds check: :data:`DEPTHWISE_PLANE_BYTES`). :func:`schedule_pool_nchwc`
@@ -600,6 +601,21 @@ def conv2d_nchwc_te(x: Any, w: Any, strides: tuple[int, int],
     return te.compute((n, ocb, oh, ow, lanes), lambda *i: conv(*i), name=CROP_BLOCK)
 
 
+#: A small output plane (one row of pixels accumulated chunk by chunk of input channels) runs
+#: its channel tiles (times the batch) in parallel: at batch 1, an odd count below this
+#: leaves a thread idle for a large part of the kernel (MobileNetV2's 7x7 layers with 160
+#: output channels: 20 blocks in 5 tiles of 4, 3 + 2 on two threads), so the tiles then take
+#: fewer channel blocks (10 tiles of 2) when that gives an even count. Measured (same
+#: process, fastest of 200 calls, a busy machine): 960 -> 160 and 576 -> 160 at 7x7, 2
+#: threads 0.82-0.99x the time of 5 tiles of 4 (0.82: the expected 5 / 6 when the second
+#: core was free), 1 thread 0.98-1.02x.
+PLANE_MIN_PARALLEL = 16
+
+
+def _unbalanced(tiles: int) -> bool:
+    return tiles < PLANE_MIN_PARALLEL and tiles % 2 == 1
+
+
 def output_tiling(blocks: int, oh: int, ow: int, taps: int, blocked: bool
                   ) -> tuple[int, int, bool, int]:
     """``(t_c, t_w, flat, computed)`` of a regular convolution with ``blocks`` output channel
@@ -611,6 +627,13 @@ def output_tiling(blocks: int, oh: int, ow: int, taps: int, blocked: bool
     limit = PLANE_ACCUMULATORS_POINTWISE if taps == 1 else PLANE_ACCUMULATORS
     t_c, t_w = wide_tile_shape(blocks, pixels, plane=True)
     if blocked and -(-pixels // t_w) * t_w * t_c <= limit:
+        if _unbalanced(blocks // t_c):
+            # (see PLANE_MIN_PARALLEL) tiles of fewer channel blocks, if that balances the
+            # parallel loop (not of 1 block: t_w broadcasts per filter vector, the slowest)
+            even = tuple(t for t in (2, 3, 4)
+                         if t < t_c and not blocks % t and not _unbalanced(blocks // t))
+            if even:
+                t_c, t_w = wide_tile_shape(blocks, pixels, plane=True, channel_tiles=even)
         return t_c, t_w, True, -(-pixels // t_w) * t_w
     t_c, t_w = wide_tile_shape(blocks, ow)
     return t_c, t_w, False, -(-ow // t_w) * t_w
@@ -685,7 +708,8 @@ def tile_shape(blocks: int, width: int, *, depthwise: bool = False) -> tuple[int
     return best[1], best[2]
 
 
-def wide_tile_shape(blocks: int, width: int, *, plane: bool = False) -> tuple[int, int]:
+def wide_tile_shape(blocks: int, width: int, *, plane: bool = False,
+                    channel_tiles: tuple[int, ...] = (1, 2, 3, 4)) -> tuple[int, int]:
     """``(t_c, t_w)`` of a regular convolution's register tile, ``t_w`` not necessarily a
     divisor of ``width`` (the kernel then computes ``ceil(width / t_w) * t_w`` columns, see
     :func:`conv2d_nchwc_te`). Per step of the unrolled input channel the tile loads ``t_c``
@@ -702,9 +726,10 @@ def wide_tile_shape(blocks: int, width: int, *, plane: bool = False) -> tuple[in
     fewest loads per FMA. A ``plane`` (a small output plane as one row of pixels, reloading
     its accumulators per chunk of input channels) ignores the loads and then prefers the
     most channel blocks: 4 x 2 measured 2% faster than 4 x 3 on ResNet-18's 7x7 (50 pixels
-    computed, not 51) and 14x14 (196, not 198) layers, 2-9% faster than 2 x 5 on the 7x7."""
+    computed, not 51) and 14x14 (196, not 198) layers, 2-9% faster than 2 x 5 on the 7x7.
+    ``t_c`` is one of ``channel_tiles``."""
     best: tuple[Any, ...] | None = None
-    for t_c in (1, 2, 3, 4):
+    for t_c in channel_tiles:
         if blocks % t_c:
             continue
         for t_w in range(1, min(width, TILE_ACCUMULATORS) + 1):

@@ -518,3 +518,73 @@ def test_a_layout_inference_failure_names_the_op(monkeypatch) -> None:
     mod = lowering.import_onnx(_between_convs([helper.make_node("Max", ["c", "c2"], ["t"])]))
     with pytest.raises(nchwc.NotConvertible, match="ConvertLayout failed at relax.max: "):
         nchwc.convert_conv_layout(mod, 8)
+
+
+@pytest.mark.parametrize("blocks, oh, taps", [(20, 7, 1), (40, 7, 1), (120, 7, 1), (160, 7, 1),
+                                              (64, 7, 9), (32, 14, 9), (12, 7, 1), (3, 7, 9)])
+def test_small_planes_split_their_channels_into_balanced_parallel_tiles(blocks: int, oh: int,
+                                                                        taps: int) -> None:
+    """A small plane runs its channel tiles in parallel: an odd count below
+    PLANE_MIN_PARALLEL (5 tiles of 4 blocks on MobileNetV2's 160-channel 7x7 layers: 3 + 2 on
+    two threads) takes tiles of fewer blocks, never single-block ones, when that evens it."""
+    t_c, t_w, flat, computed = nchwc.output_tiling(blocks, oh, oh, taps, True)
+    assert flat and blocks % t_c == 0 and computed % t_w == 0
+    tiles = blocks // t_c
+    if any(blocks % t == 0 and (blocks // t) % 2 == 0 for t in (2, 3, 4)):
+        assert tiles % 2 == 0 or tiles >= nchwc.PLANE_MIN_PARALLEL, (t_c, t_w)
+    else:
+        assert (t_c, tiles) == (3, 1)  # 3 blocks: nothing better than one tile
+    if blocks % 4 == 0 and ((blocks // 4) % 2 == 0
+                            or blocks // 4 >= nchwc.PLANE_MIN_PARALLEL):
+        assert t_c == 4  # balanced already: the tile with the most channel blocks
+    assert nchwc.output_tiling(20, 7, 7, 1, True)[:2] == (2, 5)
+
+
+def test_a_balanced_small_plane_runs_its_tiles_in_parallel_and_matches_numpy() -> None:
+    """The 160-channel 7x7 pointwise kernel (20 blocks in 10 tiles of 2, not 5 of 4): its
+    parallel loop has 10 iterations at batch 1, and it computes the convolution."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    x = te.placeholder((1, 4, 7, 7, 8), name="x")
+    w = te.placeholder((20, 4, 1, 1, 8, 8), name="w")
+    y = nchwc.conv2d_nchwc_te(x, w, (1, 1), (0, 0, 0, 0), False)
+    out = te.compute(y.shape, lambda *i: te.max(y(*i), 0.0), name="relu")
+    sch = Schedule(tvm.IRModule({"main": te.create_prim_func([x, w, out])}))
+    target = tvm.target.Target(TARGET)
+    assert nchwc.schedule_nchwc(sch, target)
+    assert re.findall(r"T\.parallel\((\d+)\)", sch.mod.script()) == ["10"]
+    lib = tvm.compile(sch.mod, target=target)
+    data = rng.standard_normal((1, 32, 7, 7)).astype(np.float32)
+    weight = rng.standard_normal((160, 32, 1, 1)).astype(np.float32)
+    blocked = data.reshape(1, 4, 8, 7, 7).transpose(0, 1, 3, 4, 2)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(blocked)),
+            tvm.runtime.tensor(nchwc.pack_filter(weight, 8, depthwise=False)),
+            tvm.runtime.tensor(np.zeros((1, 20, 7, 7, 8), np.float32))]
+    lib["main"](*args)
+    want = np.maximum(np.einsum("oi,nihw->nohw", weight[:, :, 0, 0], data), 0)
+    got = args[2].numpy().transpose(0, 1, 4, 2, 3).reshape(1, 160, 7, 7)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_balanced_small_planes_match_onnxruntime(build) -> None:
+    """MobileNetV2's tail in small: 7x7 pointwise layers with 160 and 96 output channels
+    (20 and 12 blocks, tiled 2 blocks at a time) with ReLU6 and a residual add."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"]),
+        helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"]),
+        helper.make_node("Add", ["c1", "x"], ["y"]),
+        helper.make_node("Conv", ["y", "w2"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "balanced_planes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 160, 7, 7])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 96, 7, 7])],
+        [const("w0", 160, 160, 1, 1), const("b0", 160), const("w1", 160, 160, 1, 1),
+         const("b1", 160), const("w2", 96, 160, 1, 1),
+         numpy_helper.from_array(np.array(0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [nchwc.output_tiling(b, 7, 7, 1, True)[0] for b in (20, 12)] == [2, 2]
+    _matches_onnxruntime(build, proto)
