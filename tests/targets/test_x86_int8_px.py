@@ -249,6 +249,9 @@ DEPTHWISE_PADDED = {
     # strided with wide rows (staged planes of pitch 31 and 28)
     "3x3_stride2_wide_rows": ([1, 3, 12, 60], 3, (2, 2), (1, 1, 1, 1), None),
     "5x5_stride3_wide_symbolic_batch": ([N, 2, 11, 80], 5, (3, 3), (2, 1, 2, 3), 2),
+    # phase split rows of pitch 46 (> DW_SPLIT_VECTOR: left to LLVM) and 8 (vectorized)
+    "3x3_stride2_pitch_46": ([1, 3, 9, 90], 3, (2, 2), (1, 1, 1, 1), None),
+    "3x3_stride2_to_7_wide_pad": ([1, 21, 14, 14], 3, (2, 2), (1, 1, 1, 1), None),
 }
 
 
@@ -355,9 +358,28 @@ def test_strided_depthwise_staging_tests_no_pixel() -> None:
     for name in ("pack_dw", x86_int8.DW_PADDED):  # the padded plane's border decomposed
         block = sch.get(sch.get_sblock(name))
         assert "if_then_else" not in str(block.body), name
-    for name in (x86_int8.DW_PADDED, x86_int8.DW_PADDED + "_pad_const"):
+    for name in (x86_int8.DW_PADDED, x86_int8.DW_PADDED + "_pad_const", "pack_dw"):
         inner = sch.get(sch.get_loops(sch.get_sblock(name))[-1])
-        assert inner.kind == tvm.tirx.ForKind.VECTORIZED, name
+        assert inner.kind == tvm.tirx.ForKind.VECTORIZED, name  # pack_dw: pitch 10 <= 32
+
+
+def test_strided_depthwise_phase_split_vectorized_only_when_short() -> None:
+    """The phase split (pack_dw) runs in TVM's vectors for rows of at most DW_SPLIT_VECTOR
+    columns; longer ones stay plain loops for LLVM's loop vectorizer (faster there)."""
+    for width, vectorized in ((20, True), (60, True), (64, False), (112, False)):
+        mod = conv_module([1, 2, 8, width], extreme_int8((2, 1, 3, 3)), dtype="int8",
+                          strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
+        mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
+        mod = relax.transform.LegalizeOps()(mod)
+        mod = relax.transform.AnnotateTIROpPattern()(mod)
+        mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+        mod, _ = x86_int8.schedule_int8_kernels(mod, HASWELL)
+        (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+        sch = tvm.s_tir.Schedule(func)
+        inner = sch.get(sch.get_loops(sch.get_sblock("pack_dw"))[-1])
+        pitch = x86_int8.dw_tile(4, width // 2, 3, 2)[1]
+        assert (pitch <= x86_int8.DW_SPLIT_VECTOR) == vectorized, (width, pitch)
+        assert (inner.kind == tvm.tirx.ForKind.VECTORIZED) == vectorized, (width, pitch)
 
 
 def _ceil8(value: int) -> int:
@@ -480,3 +502,51 @@ def test_matmul_runs_whole_column_panels_per_parallel_iteration() -> None:
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_array_equal(got, a.astype(np.int64) @ weight.astype(np.int64))
+
+
+@pytest.mark.parametrize("form", ["float64", "int64"])
+def test_depthwise_requantize_and_uint8_shift_inlined(form: str) -> None:
+    """The depthwise kernel's epilogue as an int8 model has it: bias, requantize_te (float64
+    or integer form), then the int8 -> uint8 shift for the next conv (cast, add 128, cast).
+    The requantization and the shift are inlined into the last block (one pass per tile);
+    bit-exact against requantize_reference."""
+    c, h = 10, 7
+    weight = extreme_int8((c, 1, 3, 3))
+    bias = rng.integers(-3000, 3000, (1, c, 1, 1)).astype(np.int32)
+    m0, shift = fixed_point_multiplier(rng.uniform(1e-4, 3e-3, c))
+    scale = (m0.astype(np.float64) * np.exp2(-shift.astype(np.float64))).reshape(1, c, 1, 1)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType([1, c, h, h], "int8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            padded = bb.emit(relax.op.nn.pad(xv, [0, 0, 0, 0, 1, 1, 1, 1], "constant", 0.0))
+            y = bb.emit(relax.op.nn.conv2d(padded, relax.const(weight, "int8"), groups=c,
+                                           out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            if form == "float64":
+                q = bb.emit_te(requantize_te, y, 0, 0, 5, scale64=relax.const(scale))
+            else:
+                q = bb.emit_te(requantize_te, y, relax.const(m0.astype(np.int32).reshape(
+                    1, c, 1, 1)), relax.const(shift.reshape(1, c, 1, 1)), 5,
+                    min_shift=int(shift.min()))
+            u = bb.emit(relax.op.astype(relax.op.add(relax.op.astype(q, "int16"),
+                                                     relax.const(128, "int16")), "uint8"))
+            out = bb.emit_output(u)
+        bb.emit_func_output(out)
+    mod, packed = x86_int8.pack_int8_kernels(bb.get(), HASWELL)
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = tvm.s_tir.Schedule(func)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    # the bias add stays a block of its own (int32, see _epilogue_per_tile); then one block
+    assert names[-2] == "T_add" and not any(n.startswith("requantize") for n in names), names
+    x = rng.integers(-128, 128, (1, c, h, h)).astype(np.int8)
+    acc = reference(x, weight, (1, 1), (1, 1), (1, 1, 1, 1), 0, c, None) + bias
+    want = (requantize_reference(acc, m0.reshape(1, c, 1, 1), shift.reshape(1, c, 1, 1), 5)
+            .astype(np.int16) + 128).astype(np.uint8)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HASWELL), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), want)

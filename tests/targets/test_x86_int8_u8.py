@@ -317,3 +317,46 @@ def test_qdq_model_on_the_host(kind: str, bits: int, build) -> None:
     ort = ort_qdq(model, x_q)
     diff = np.abs(got.astype(int) - ort.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+
+
+def test_u8s7_conv2d_residual_epilogue_runs_per_tile() -> None:
+    """A fused elementwise input of the epilogue (a residual's dequantize in a QDQ model:
+    here r << 4) is inlined, so the whole epilogue runs per output tile, from the
+    accumulators, rather than as passes of its own over the output; bit-exact."""
+    x_shape, r_shape = [1, 128, 7, 14], [1, 32, 7, 14]
+    weight = weight7((32, 128, 1, 1), 1)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    r = relax.Var("r", relax.TensorType(r_shape, "int8"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight, "int8"), out_dtype="int32"))
+            res = bb.emit(relax.op.left_shift(relax.op.astype(r, "int32"),
+                                              relax.const(4, "int32")))
+            y = bb.emit(relax.op.add(y, res))
+            y = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(
+                y, relax.const(7, "int32")), -128, 127), "int8"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod, packed = x86_int8.pack_int8_kernels(bb.get(), HASWELL)
+    assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    assert len(scheduled) == 1 and scheduled[0].endswith(": x86_int8_conv2d_u8s7_avx2")
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = tvm.s_tir.Schedule(func)
+    top = []  # the outermost loop of every block: the input packing, then the tiled kernel
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loop = sch.get(sch.get_loops(block)[0])
+        if not any(loop.same_as(t) for t in top):
+            top.append(loop)
+    assert [t.kind for t in top] == [tvm.tirx.ForKind.PARALLEL] * 2, func.script()
+    xv, rv = saturating_uint8(tuple(x_shape)), rng.integers(-128, 128, r_shape).astype(np.int8)
+    acc = conv_reference(xv, weight, (1, 1), (1, 1), (0, 0, 0, 0), 0, 1, None)
+    want = np.clip((acc + (rv.astype(np.int64) << 4)) >> 7, -128, 127).astype(np.int8)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HASWELL), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(rv)).numpy()
+    np.testing.assert_array_equal(got, want)
+
