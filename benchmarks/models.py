@@ -13,7 +13,7 @@ on random calibration data; weights 8-bit and, with the default --weight-bits 8,
 blocks in rotating order, bench.Protocol).
 --quick runs only the digits CNN with few runs (about a minute). Without --tune the CPU
 kernels are lepton-edge's default schedules (lowering/schedules.py, x86_int8.py) and the full
-run takes about 8 minutes here; with --tune N each model is also tuned first (minutes to
+run takes about 12 minutes here; with --tune N each model is also tuned first (minutes to
 hours). Weights are random: only speed is meaningful, not accuracy.
 """
 
