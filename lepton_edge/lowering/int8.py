@@ -214,7 +214,9 @@ def float_requantize_ok(bound: np.ndarray, m0: np.ndarray, shift: np.ndarray, *,
        float64), and both results are beyond +-384, clipped to the same bound whatever the
        zero point (|zero point| <= 128).
     2. covers the long reductions (1x1 convs over 576-960 channels: bounds ~2^24) where
-       the product is not exact."""
+       the product is not exact. Precondition of the clip argument: int8 outputs
+    (|zero point| <= 128), the only ones lowered here; the margin (results beyond +-257)
+    would also cover uint8 zero points up to 255."""
     exact, no_ties, fits, sh = _float_facts(bound, m0, shift)
     return bool(np.all(fits & (exact | (no_ties & (sh <= 44) & tie_free))))
 

@@ -326,8 +326,9 @@ def dot_intrinsic(target: Any) -> str | None:
 
 
 #: LEPTON_X86_INT8_DOT: "auto" (default) packs for VNNI targets, and for AVX2 targets in
-#: untuned builds (pack_int8_kernels(mod, target): the int16 `vpmaddwd` layout; faster
-#: than lowering/schedules.py's generic int8 kernels, benchmarks/RESULTS.md); "on"
+#: untuned builds (pack_int8_kernels(mod, target): the int16 `vpmaddwd` layout, or the
+#: uint8 `vpmaddubsw` one for weights that pass maddubs_exact; faster than
+#: lowering/schedules.py's generic int8 kernels, benchmarks/RESULTS.md); "on"
 #: also packs tuned AVX2 builds (uint8 layout, MetaSchedule tunes it with INTRIN_AVX2);
 #: "off" never.
 DOT_ENV = "LEPTON_X86_INT8_DOT"
@@ -770,7 +771,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             packed_np = pack_conv2d_weight_px(weight, tile[0], GROUP if u8 else I16_GROUP)
             out = self.builder_.call_te(
                 _te_conv2d_px, x, relax.const(packed_np, "int8" if u8 else "int16"), int(o),
-                (sh, sw), (dh, dw), padding, pad_value, tile, primfunc_name_hint="int8_conv2d_px",
+                (sh, sw), (dh, dw), padding, pad_value, tile, *((True,) if u8 else ()),
+                primfunc_name_hint="int8_conv2d_px",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
             kind = "uint8 vpmaddubsw" if u8 else "int16"
             notes.append(f"conv2d {list(weight.shape)}: pixel-vectorized {kind}, packed weight "
@@ -844,8 +846,9 @@ def u8s7_conv_kernel(weight_shape: tuple[int, ...]) -> str:
     PX_MAX_NARROW_C channels: stems) and 1x1 convs of fewer than U8S7_PX_MAX_1X1_C input
     channels take "px" (MobileNetV2's 1x1 convs with 16-96 channels 1.1-1.8x where "c4"
     gets 0.5-1.2x: 4-24 reduction steps per output tile leave the c4 kernel's input
-    packing and per-tile work exposed; stems: ResNet-18's 7x7 1.1-1.3x, "c4" 1.2-1.4x;
-    MobileNetV2's 3x3 1.1x, "c4" 0.6-0.9x); the other convs "c4" (ResNet-18's 3x3 layers
+    packing and per-tile work exposed; stems: MobileNetV2's 3x3 1.1x, "c4" 0.6-0.9x, which
+    decided the rule; ResNet-18's 7x7 stem measured 1.1-1.3x, "c4" 1.2-1.4x, within the
+    noise, and keeps "px" with the other stems); the other convs "c4" (ResNet-18's 3x3 layers
     1.25-2.2x, "px" 1.05-1.7x; 1x1 convs with 144-960 channels 1.0-2.0x, "px" 1.0-1.6x;
     ResNet-18's strided 1x1 downsamples 1.25x either way)."""
     _, c, kh, kw = weight_shape
@@ -912,17 +915,21 @@ def pack_conv2d_weight_px(w: np.ndarray, r: int, group: int = I16_GROUP) -> np.n
 
 def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
                   dilation: tuple[int, int], padding: tuple[int, int, int, int],
-                  pad_value: int, tile: tuple[int, int, int]) -> Any:
+                  pad_value: int, tile: tuple[int, int, int], exact: bool = False) -> Any:
     """NCHW uint8 (unpadded: `padding` top, left, bottom, right with `pad_value`) x packed
     int16 weight [OC/R, C/2, KH, KW, R, 2] -> NCHW int32, vectorized along output pixels.
-    An int8 weight [OC/R, C/4, KH, KW, R, 4] (it passed maddubs_exact: the block is
-    annotated for INTRIN_PX_U8S7) keeps the pixels uint8, packed in channel quads."""
+    An int8 weight [OC/R, C/4, KH, KW, R, 4] keeps the pixels uint8, packed in channel
+    quads; it exists only for a weight that passed maddubs_exact (`exact`: the block is then
+    annotated for INTRIN_PX_U8S7)."""
     from tvm import te, tirx
 
     n, c, h, w = x.shape
     c, h, w = int(c), int(h), int(w)
     ocb, c2, kh, kw, r, group = (int(v) for v in wp.shape)
     u8 = str(wp.dtype) == "int8"
+    if u8 and not exact:
+        raise ValueError("the uint8 pixel kernel is only for weights that passed "
+                         "maddubs_exact (pass exact=True after the check)")
     dtype = "uint8" if u8 else "int16"
     _, vy, vx = tile
     (sh, sw), (dh, dw) = strides, dilation
@@ -961,7 +968,7 @@ def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
             * packed[b, rc, y * sh + ry * dh, (rx * dw) % sw, z + (rx * dw) // sw,
                      ri].astype("int32"),
             axis=[rc, ry, rx, ri]),
-        name=PX_BLOCK, attrs={PX_TILE_ATTR: [vy, vx], **(_dot_attrs(u8) or {})})
+        name=PX_BLOCK, attrs={PX_TILE_ATTR: [vy, vx], **(_dot_attrs(exact) or {})})
     return te.compute((n, oc, oh, ow), lambda b, o, y, z: dot[b, o // r, y, o % r, z],
                       name="unpack")
 

@@ -235,6 +235,20 @@ def test_rule_needs_the_annotation() -> None:
     assert scheduled == ["int8_matmul_packed: x86_int8_matmul_avx2"]
 
 
+def test_uint8_pixel_kernel_only_after_the_check() -> None:
+    """The pixel kernel's uint8 variant is built only for a checked weight: an int8 packed
+    weight without exact=True is refused, and with it the block carries the annotation."""
+    from tvm import te
+
+    x = te.placeholder((1, 8, 4, 4), "uint8", name="x")
+    wp = te.placeholder((1, 2, 1, 1, 4, 4), "int8", name="wp")
+    args = (x, wp, 4, (1, 1), (1, 1), (0, 0, 0, 0), 0, (4, 1, 1))
+    with pytest.raises(ValueError, match="maddubs_exact"):
+        x86_int8._te_conv2d_px(*args)
+    dot = x86_int8._te_conv2d_px(*args, True).op.input_tensors[0].op
+    assert dot.name == x86_int8.PX_BLOCK and x86_int8.MADDUBS_ATTR in dot.attrs
+
+
 def qdq_model(w_q: np.ndarray, kind: str) -> tuple[onnx.ModelProto, dict]:
     """int8 in -> DQ -> Conv (pads 1, stride 2) / MatMul, + bias -> Relu -> Q -> int8 out,
     per-channel weights `w_q` (as tests/targets/test_int8_lowering.py's models, whose
