@@ -20,21 +20,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lepton_edge
 from lepton_edge.lowering import x86_int8
-from lepton_edge.target import host_arch
+# HASWELL and the host conditions (x86, AVX2) of the other AVX2 kernel tests
+from tests.targets.test_int8_avx2 import HASWELL, pytestmark  # noqa: F401
 from tests.targets.test_int8_lowering import reference
 from tests.targets.test_vnni import HOST, disassembly, run, single_op_module
-from tests.targets.test_x86_int8_px import conv_module
+from tests.targets.test_x86_int8_px import build, conv_module
 from tests.targets.test_x86_int8_px import reference as conv_reference
 
 tvm = pytest.importorskip("tvm")
 relax = tvm.relax
 
-HASWELL = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
-pytestmark = [
-    pytest.mark.skipif(host_arch() != "x86_64", reason="x86 kernels need an x86 host"),
-    pytest.mark.skipif(not tvm.target.codegen.target_has_features("avx2", HOST),
-                       reason="host CPU has no AVX2"),
-]
 rng = np.random.default_rng(23)
 
 
@@ -58,16 +53,6 @@ def saturating_uint8(shape: tuple[int, ...]) -> np.ndarray:
     x[mask < 0.4] = 255
     x[mask > 0.9] = 0
     return x
-
-
-def build(mod: tvm.IRModule) -> tuple[object, list[str], list[str]]:
-    """Pack for AVX2, fuse as the CPU build does (legalize, fuse), schedule with our rules."""
-    mod, packed = x86_int8.pack_int8_kernels(mod, HASWELL)
-    mod = relax.transform.LegalizeOps()(mod)
-    mod = relax.transform.AnnotateTIROpPattern()(mod)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
-    return tvm.compile(mod, target=HASWELL), packed, scheduled
 
 
 def test_maddubs_exact_bounds() -> None:
