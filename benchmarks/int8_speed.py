@@ -150,21 +150,26 @@ def _export_cnns(names: list[str], folder: Path, weight_bits: int = 8) -> None:
         (folder / f"{name}.int8.onnx").write_bytes(q.proto.SerializeToString())
 
 
-def whole_benchmark(names: list[str], runs: int, batch: int, weight_bits: int) -> None:
-    """Whole untuned builds: lepton default vs lepton int16-only (MADDUBS_ENV=off) vs
-    onnxruntime int8 and fp32, alternating rounds, minima (module docstring: --whole)."""
+def _export_in_child(names: list[str], folder: Path, weight_bits: int) -> None:
+    """_export_cnns in a child process (this script with --export-cnns)."""
     import subprocess
     import sys
 
+    subprocess.run([sys.executable, __file__, "--export-cnns", ",".join(names),
+                    "--export-dir", str(folder), "--weight-bits", str(weight_bits)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def whole_benchmark(names: list[str], runs: int, batch: int, weight_bits: int) -> None:
+    """Whole untuned builds: lepton default vs lepton int16-only (MADDUBS_ENV=off) vs
+    onnxruntime int8 and fp32, alternating rounds, minima (module docstring: --whole)."""
     from lepton_edge.lowering.x86_int8 import MADDUBS_ENV
 
     rng = np.random.default_rng(0)
     rounds = max(2, runs // 5)
     with tempfile.TemporaryDirectory(prefix="lepton-whole-") as tmp_name:
         tmp = Path(tmp_name)
-        subprocess.run([sys.executable, __file__, "--export-cnns", ",".join(names),
-                        "--export-dir", str(tmp), "--weight-bits", str(weight_bits)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _export_in_child(names, tmp, weight_bits)
         for name in names:
             fp32 = lepton_edge.load(tmp / f"{name}.onnx")
             q = lepton_edge.load(tmp / f"{name}.int8.onnx")
@@ -217,9 +222,6 @@ def whole_benchmark(names: list[str], runs: int, batch: int, weight_bits: int) -
 
 def cnn_benchmark(names: list[str], runs: int, threads: int | None,
                   weight_bits: int = 8) -> None:
-    import subprocess
-    import sys
-
     from lepton_edge import bench
 
     peak = bench.cpu_peak()
@@ -232,9 +234,7 @@ def cnn_benchmark(names: list[str], runs: int, threads: int | None,
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lepton-cnn-") as tmp_name:
         tmp = Path(tmp_name)
-        subprocess.run([sys.executable, __file__, "--export-cnns", ",".join(names),
-                        "--export-dir", str(tmp), "--weight-bits", str(weight_bits)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _export_in_child(names, tmp, weight_bits)
         for name in names:
             q = lepton_edge.load(tmp / f"{name}.int8.onnx")
             start = time.perf_counter()

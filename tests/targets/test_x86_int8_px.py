@@ -64,14 +64,21 @@ def conv_module(x_shape: list, weight: np.ndarray, *, dtype: str = "uint8",
     return bb.get()
 
 
-def build(mod: tvm.IRModule) -> tuple[object, list[str], list[str]]:
-    """Pack for AVX2, fuse as the CPU build does (legalize, fuse), schedule with our rules."""
+def pack_fuse_schedule(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[str], list[str]]:
+    """Pack for AVX2, fuse as the CPU build does (legalize, fuse), schedule with our rules:
+    (module, packing notes, one line per scheduled kernel)."""
     mod, packed = x86_int8.pack_int8_kernels(mod, HASWELL)
     mod = relax.transform.LegalizeOps()(mod)
     mod = relax.transform.AnnotateTIROpPattern()(mod)
     mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
-    return tvm.compile(mod, target=HASWELL), packed, scheduled
+    mod, lines = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    return mod, packed, lines
+
+
+def build(mod: tvm.IRModule) -> tuple[object, list[str], list[str]]:
+    """pack_fuse_schedule(mod), compiled for AVX2."""
+    mod, packed, lines = pack_fuse_schedule(mod)
+    return tvm.compile(mod, target=HASWELL), packed, lines
 
 
 def run(executable: object, x: np.ndarray) -> np.ndarray:
@@ -347,12 +354,8 @@ def test_strided_depthwise_staging_tests_no_pixel() -> None:
     copied in vectors) and splits the phases from it with no bounds test per pixel."""
     mod = conv_module([1, 4, 20, 20], extreme_int8((4, 1, 3, 3)), dtype="int8",
                       strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
-    mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
-    mod = relax.transform.LegalizeOps()(mod)
-    mod = relax.transform.AnnotateTIROpPattern()(mod)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
-    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    mod, _, lines = pack_fuse_schedule(mod)
+    assert len(lines) == 1 and lines[0].endswith("x86_int8_depthwise_avx2"), lines
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     sch = tvm.s_tir.Schedule(func)
     for name in ("pack_dw", x86_int8.DW_PADDED):  # the padded plane's border decomposed
@@ -369,11 +372,7 @@ def test_strided_depthwise_phase_split_vectorized_only_when_short() -> None:
     for width, vectorized in ((20, True), (60, True), (64, False), (112, False)):
         mod = conv_module([1, 2, 8, width], extreme_int8((2, 1, 3, 3)), dtype="int8",
                           strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
-        mod, _ = x86_int8.pack_int8_kernels(mod, HASWELL)
-        mod = relax.transform.LegalizeOps()(mod)
-        mod = relax.transform.AnnotateTIROpPattern()(mod)
-        mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-        mod, _ = x86_int8.schedule_int8_kernels(mod, HASWELL)
+        mod, _, _ = pack_fuse_schedule(mod)
         (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
         sch = tvm.s_tir.Schedule(func)
         inner = sch.get(sch.get_loops(sch.get_sblock("pack_dw"))[-1])
@@ -533,12 +532,8 @@ def test_depthwise_requantize_and_uint8_shift_inlined(form: str) -> None:
                                                      relax.const(128, "int16")), "uint8"))
             out = bb.emit_output(u)
         bb.emit_func_output(out)
-    mod, packed = x86_int8.pack_int8_kernels(bb.get(), HASWELL)
-    mod = relax.transform.LegalizeOps()(mod)
-    mod = relax.transform.AnnotateTIROpPattern()(mod)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
-    assert len(scheduled) == 1 and scheduled[0].endswith("x86_int8_depthwise_avx2"), scheduled
+    mod, packed, lines = pack_fuse_schedule(bb.get())
+    assert len(lines) == 1 and lines[0].endswith("x86_int8_depthwise_avx2"), lines
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     sch = tvm.s_tir.Schedule(func)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]

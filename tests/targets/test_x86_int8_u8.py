@@ -24,7 +24,7 @@ from lepton_edge.lowering import x86_int8
 from tests.targets.test_int8_avx2 import HASWELL, pytestmark  # noqa: F401
 from tests.targets.test_int8_lowering import reference
 from tests.targets.test_vnni import HOST, disassembly, run, single_op_module
-from tests.targets.test_x86_int8_px import build, conv_module
+from tests.targets.test_x86_int8_px import build, conv_module, pack_fuse_schedule
 from tests.targets.test_x86_int8_px import reference as conv_reference
 
 tvm = pytest.importorskip("tvm")
@@ -337,13 +337,9 @@ def test_u8s7_conv2d_residual_epilogue_runs_per_tile() -> None:
                 y, relax.const(7, "int32")), -128, 127), "int8"))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    mod, packed = x86_int8.pack_int8_kernels(bb.get(), HASWELL)
+    mod, packed, lines = pack_fuse_schedule(bb.get())
     assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
-    mod = relax.transform.LegalizeOps()(mod)
-    mod = relax.transform.AnnotateTIROpPattern()(mod)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, scheduled = x86_int8.schedule_int8_kernels(mod, HASWELL)
-    assert len(scheduled) == 1 and scheduled[0].endswith(": x86_int8_conv2d_u8s7_avx2")
+    assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_u8s7_avx2"), lines
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     sch = tvm.s_tir.Schedule(func)
     top = []  # the outermost loop of every block: the input packing, then the tiled kernel
