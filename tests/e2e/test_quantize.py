@@ -48,15 +48,7 @@ def test_minmax_qdq_structure_accuracy_and_compiled_numbers(digits, tmp_path: Pa
     assert {layer.kind for layer in q.report.layers} == {"activation", "weight"}
     # compiled: conv/gemm run as integer kernels; the logits stay within one output
     # quantization step of ONNX's float QDQ semantics, and the accuracy is as good
-    art = lepton_edge.compile(q, ["cpu"])
-    session = lepton_edge.runtime.load(art.save(tmp_path / "q.lepton"), self_test=True)
-    meta = art.manifest["subgraphs"][0]["builds"][0]["meta"]
-    assert [k.split(" ")[0] for k in meta["int8_kernels"]] == ["conv2d", "conv2d", "matmul",
-                                                               "matmul"]
-    step = art.manifest["output_quant_step"]["logits"]
-    got = session.run({"image": x})["logits"]
-    assert np.abs(got - int8).max() <= step * (1 + 1e-5)
-    assert abs(float((got.argmax(1) == y).mean()) - fp32) <= 0.005
+    compiled_matches_qdq(q.proto, x, y, tmp_path, weight_bits=8)
 
 
 def activation_scales(q) -> list[float]:
@@ -426,14 +418,22 @@ def test_weight_bits_rejects_other_values(digits) -> None:
 
 
 def compiled_matches_qdq(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray,
-                         tmp_path: Path) -> None:
+                         tmp_path: Path, weight_bits: int) -> None:
     """Compile for the CPU: integer kernels for both convs and both Gemms, every logit within
-    one output quantization step of the QDQ semantics, and fp32's accuracy within 0.5 points."""
+    one output quantization step of the QDQ semantics, and fp32's accuracy within 0.5 points.
+    On an AVX2 host without VNNI, 7-bit weights get the exact vpmaddubsw kernels (the second
+    conv and both Gemms; the one-channel first conv stays generic), 8-bit weights none."""
+    from lepton_edge.lowering import x86_int8
+    from tests.targets.test_vnni import HOST
+
     art = lepton_edge.compile(proto, ["cpu"])
     session = lepton_edge.runtime.load(art.save(tmp_path / "q.lepton"), self_test=True)
     meta = art.manifest["subgraphs"][0]["builds"][0]["meta"]
     assert [k.split(" ")[0] for k in meta["int8_kernels"]] == ["conv2d", "conv2d", "matmul",
                                                                "matmul"]
+    if x86_int8.dot_intrinsic(HOST) == x86_int8.INTRIN_AVX2:
+        fast = [k for k in meta["int8_dot_kernels"] if "vpmaddubsw" in k and "bounded" in k]
+        assert len(fast) == (3 if weight_bits == 7 else 0), meta["int8_dot_kernels"]
     step = art.manifest["output_quant_step"]["logits"]
     want = spec_run(proto, x)
     got = session.run({"image": x})["logits"]
@@ -459,7 +459,7 @@ def test_cli_weight_bits_7_quantize_then_compile(digits, tmp_path: Path) -> None
     weights = weight_dqs(proto)
     assert len(weights) == 4 and all(np.abs(q.astype(np.int32)).max() == 64
                                      for q, _, _, _ in weights.values())
-    compiled_matches_qdq(proto, x, y, tmp_path)
+    compiled_matches_qdq(proto, x, y, tmp_path, weight_bits=7)
     bad = CliRunner().invoke(cli, args + ["--weight-bits", "6"])
     assert bad.exit_code == 2 and "Invalid value for '--weight-bits'" in bad.output
 
@@ -480,4 +480,4 @@ def test_onnxruntime_reduce_range_model_compiles_exactly(digits, tmp_path: Path)
     assert len(weights) == 4
     for q, s, _, _ in weights.values():
         assert q.dtype == np.int8 and s.ndim == 0 and np.abs(q.astype(np.int32)).max() == 64
-    compiled_matches_qdq(proto, x, y, tmp_path)
+    compiled_matches_qdq(proto, x, y, tmp_path, weight_bits=7)
