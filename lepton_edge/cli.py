@@ -43,21 +43,40 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="MetaSchedule trial budget for the CPU kernels (0: no tuning; try 256).")
 @click.option("--tuning-db", type=click.Path(file_okay=False, path_type=Path),
               help="Tuning database folder [default: ~/.cache/lepton-edge/tuning/<target>].")
+@click.option("--batch-buckets", default="1", show_default=True, metavar="SIZES",
+              help="Batch sizes an untuned CPU build gets a static entry function for "
+                   "(comma-separated; 'none': the symbolic batch only).")
 def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_fallback: bool,
-                golden_count: int, tune: int, tuning_db: Path | None) -> None:
+                golden_count: int, tune: int, tuning_db: Path | None, batch_buckets: str
+                ) -> None:
     """Compile MODEL (.onnx) into one .lepton artifact."""
     import lepton_edge
 
+    buckets = _batch_sizes(batch_buckets)
     out = output or model.with_suffix(".lepton")
     start = time.perf_counter()
     loaded = lepton_edge.load(model)
     art = lepton_edge.compile(loaded, list(targets), fallback=not no_fallback,
                               golden_count=golden_count, tune=tune, tuning_db=tuning_db,
-                              log=lambda msg: click.echo(msg, err=True))
+                              log=lambda msg: click.echo(msg, err=True), batch_buckets=buckets)
     art.save(out)
     click.echo(art.summary())
     click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) in "
                f"{time.perf_counter() - start:.1f} s")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """--batch-buckets: "1,8" -> (1, 8); "none" (or "") -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.UsageError(f"--batch-buckets {text}: write positive batch sizes separated "
+                               "by commas, e.g. 1 or 1,8, or 'none'")
+    return sizes
 
 
 @cli.command("prune")

@@ -12,6 +12,7 @@ import datetime as _dt
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +67,7 @@ def compile(  # noqa: A001 - the public verb of the pipeline
     tune: int = 0,
     tuning_db: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
+    batch_buckets: Sequence[int] | None = None,
 ) -> Artifact:
     """Compile `model` for `targets` (target or profile names) into one Artifact.
 
@@ -75,6 +77,10 @@ def compile(  # noqa: A001 - the public verb of the pipeline
     `tune` is the MetaSchedule trial budget for targets that tune (the CPU); records persist
     in `tuning_db` (default ~/.cache/lepton-edge/tuning/<target>/) and are reused, so
     compiling the same layers again is fast. `tune=0` with a `tuning_db` applies it only.
+    `batch_buckets`: batch sizes for which an untuned CPU build of a model with a symbolic
+    batch gets a static entry function (the same kernels, static shapes: no run-time shape
+    work in the VM), which the runtime calls for inputs of exactly that batch; default (1,),
+    () for none. Tuned builds specialise the batch to 1 and 64 (tune_and_build).
     """
     if not isinstance(model, Model):
         model = load(model)
@@ -87,7 +93,14 @@ def compile(  # noqa: A001 - the public verb of the pipeline
     subgraphs = []
     if tune < 0:
         raise InputError(f"tune must be >= 0 trials, got {tune}")
-    options = {"tune": tune, "tuning_db": str(tuning_db) if tuning_db else None, "log": log}
+    if batch_buckets is not None:
+        batch_buckets = tuple(batch_buckets)
+        bad = [b for b in batch_buckets if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+        if bad:
+            raise InputError(f"batch_buckets must be positive integers (batch sizes), got {bad}; "
+                             "pass e.g. (1,) or (1, 8), or () for no static entries")
+    options = {"tune": tune, "tuning_db": str(tuning_db) if tuning_db else None, "log": log,
+               "batch_buckets": batch_buckets}
     profiles = {plugin.name: dataclasses.replace(profile, settings={**profile.settings,
                                                                     **options})
                 for plugin, profile in plan.targets}

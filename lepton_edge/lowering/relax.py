@@ -220,9 +220,11 @@ def lower_int8(mod: Any, *, float_requantize: bool = False) -> tuple[Any, Any]:
 def build_llvm_library(
     mod: Any, target: dict[str, Any], cross_compiler: str | None = None, *,
     tune_trials: int | None = None, tuning_db: str | None = None,
-    log: Any = None,
+    log: Any = None, report: Any = None, batch_entries: Any = None,
 ) -> bytes:
     """Compile a Relax module for an LLVM target and return the exported shared library.
+    An untuned build fills `report` (schedules.ScheduleReport) with each kernel's rule, and
+    adds `batch_entries`' (tuning.BatchEntries) static entry functions after fusion.
 
     With `tune_trials` (0 = only apply the database) the kernels are tuned with MetaSchedule
     against the persistent database `tuning_db` (default ~/.cache/lepton-edge/tuning/...).
@@ -240,7 +242,8 @@ def build_llvm_library(
                                     log=log)
     else:
         try:
-            executable = _compile_untuned(mod, tvm.target.Target(target), log)
+            executable = _compile_untuned(mod, tvm.target.Target(target), log, report,
+                                          batch_entries)
         except Exception as exc:  # noqa: BLE001
             raise TargetError(f"TVM failed to compile for {target}: {error_message(exc)}"
                               ) from exc
@@ -257,7 +260,8 @@ def build_llvm_library(
         return path.read_bytes()
 
 
-def _compile_untuned(mod: Any, target: Any, log: Any) -> Any:
+def _compile_untuned(mod: Any, target: Any, log: Any, report: Any = None,
+                     batch_entries: Any = None) -> Any:
     """Compile without tuning: TVM's CPU pipeline plus lepton-edge's default schedules
     (lowering/schedules.py), unless LEPTON_DEFAULT_SCHEDULES=0 asks for TVM's plain loops."""
     import os
@@ -268,4 +272,6 @@ def _compile_untuned(mod: Any, target: Any, log: Any) -> Any:
         return tvm.compile(mod, target=target)
     from lepton_edge.lowering.schedules import cpu_pipeline
 
-    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, log=log))
+    after = [batch_entries.as_pass()] if batch_entries is not None else []
+    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(
+        target, log=log, report=report, after_fusion=after))

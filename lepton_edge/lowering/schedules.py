@@ -195,9 +195,11 @@ class DefaultSchedules:
 
 
 def cpu_pipeline(target: Any, *, log: Log | None = None,
-                 report: ScheduleReport | None = None) -> tvm.transform.Pass:
+                 report: ScheduleReport | None = None,
+                 after_fusion: Iterable[tvm.transform.Pass] = ()) -> tvm.transform.Pass:
     """TVM 0.27's default Relax CPU pipeline with the default schedules after legalization and
-    fusion (the place where the GPU pipeline runs dlight)."""
+    fusion (the place where the GPU pipeline runs dlight). `after_fusion`: passes run on the
+    fused module before scheduling (tuning.BatchEntries)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from lepton_edge.lowering.relax import legalize_passes
@@ -213,6 +215,7 @@ def cpu_pipeline(target: Any, *, log: Log | None = None,
                 VectorMath(log),
                 *cpu.library_dispatch_passes(target),
                 *legalize_passes(),  # TVM's, FoldConstant only if needed
+                *after_fusion,
                 DefaultSchedules(target, log, report),
                 *cpu.dataflow_lower_passes(target),
                 *finalize_passes(target),

@@ -46,6 +46,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -64,6 +65,8 @@ Log = Callable[[str], None]
 
 #: Batch sizes a symbolic dimension is specialised to when the caller names none.
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 64)
+#: Batch sizes an untuned CPU build gets a static entry function for (BatchEntries).
+UNTUNED_BUCKETS: tuple[int, ...] = (1,)
 #: MetaSchedule measures at most this many candidates of one task per round.
 MAX_TRIALS_PER_ROUND = 64
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -109,9 +112,9 @@ def specialize(mod: tvm.IRModule, buckets: Mapping[str, Sequence[int]]) -> tvm.I
     """Rewrite ``main`` into a shape dispatcher over copies specialised to each bucket.
 
     Each combination of bucket values gets a private copy ``main_<var><value>...`` with the
-    symbolic vars bound to constants (tunable); any other shape goes to ``main_generic``, the
-    original symbolic function (default schedules). Inputs and outputs of ``main`` keep their
-    symbolic types, so callers see no difference.
+    symbolic vars bound to constants (tunable; see :func:`add_bound_copy`); any other shape
+    goes to ``main_generic``, the original symbolic function (default schedules). Inputs and
+    outputs of ``main`` keep their symbolic types, so callers see no difference.
     """
     main = mod["main"]
     syms = {v.name: v for v in symbolic_vars(mod)}
@@ -126,18 +129,15 @@ def specialize(mod: tvm.IRModule, buckets: Mapping[str, Sequence[int]]) -> tvm.I
         if bad:
             raise TuningError(f"bucket sizes for '{name}' must be positive integers, got {bad}")
 
-    bb = relax.BlockBuilder()
-    for gv, func in mod.functions_items():
-        if gv.name_hint != "main":
-            bb.add_func(func, gv.name_hint)
-    generic = bb.add_func(main.without_attr("global_symbol"), "main_generic")
+    # The module's other functions (kernels main already calls, e.g. the int8 lowering's
+    # requantize kernels) keep their GlobalVars: main refers to them by identity.
+    generic_func = copy_with_new_vars(main.without_attr("global_symbol"))
+    mod, generic = _with_function(mod, generic_func, "main_generic")
     params = [relax.Var(p.name, p.ty) for p in main.params]
     cases = []
     for values in itertools.product(*(sorted(set(buckets[n])) for n in names)):
         binding = dict(zip(names, values, strict=True))
-        suffix = "_".join(f"{n}{v}" for n, v in binding.items())
-        gv = bb.add_func(main.bind_symbolic_vars(binding).without_attr("global_symbol"),
-                         f"main_{suffix}")
+        mod, gv = add_bound_copy(mod, binding, "main_" + bound_suffix(binding), source=main)
         cond = None
         for n, v in binding.items():
             # Relax shape variables are always int64.
@@ -159,8 +159,219 @@ def specialize(mod: tvm.IRModule, buckets: Mapping[str, Sequence[int]]) -> tvm.I
     dispatcher = relax.Function(params, seq, main.ret_ty, is_pure=main.is_pure)
     for key, value in main.attrs.items():
         dispatcher = dispatcher.with_attr(key, value)
-    bb.add_func(dispatcher, "main")
+    bb = relax.BlockBuilder(mod)
+    bb.update_func(mod.get_global_var("main"), dispatcher)
     return relax.transform.Normalize()(bb.get())
+
+
+class BatchEntries:
+    """Static entry functions for an untuned CPU build (issue #7): a module pass that adds to
+    the fused module a public copy ``main_<batch><size>`` of ``main`` per batch size, with
+    the batch bound to that size, and keeps one record per entry in ``made`` for the build's
+    meta (``{"function", "batch", "inputs", "batch_input"}``: the entry's static input
+    shapes, and the first input whose leading dim is the batch). ``main`` is untouched.
+
+    Why: a symbolic batch makes the Relax VM compute shapes and allocate storage on every
+    call; a function with static shapes gets static memory planning instead (digits CNN at
+    batch 1: 2-3 us of its 14-19 us in the VM). The runtime calls an entry for inputs of
+    exactly its shapes and ``main`` for any other (targets/cpu/device.py); unlike
+    :func:`specialize`'s in-VM dispatcher, which cost ~1 us per call at the other sizes, that
+    costs them nothing.
+
+    The pass runs after FuseOps/FuseTIR (schedules.cpu_pipeline's ``after_fusion``): the
+    entries call the very kernels ``main`` calls (symbolic in the batch, which TVM runs with
+    static arguments as well), so a build compiles each kernel once (compile time and library
+    size as before; a copy made before fusion had its own kernels: 1.5-2.3x the compile
+    time), and an entry's outputs are bit-identical to ``main``'s. No entry is added unless
+    ``main`` has exactly one symbolic dim and it leads an input (the batch), so the entries
+    are static. A failure only costs speed: the build goes on without entries, and
+    ``error`` says why.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        bad = [n for n in sizes if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if bad:
+            raise TuningError(f"batch sizes must be positive integers, got {bad}")
+        self.sizes = tuple(sorted(set(sizes)))
+        self.made: list[dict[str, Any]] = []
+        self.error: str | None = None
+
+    def __call__(self, mod: tvm.IRModule) -> tvm.IRModule:
+        syms = symbolic_vars(mod)
+        if not self.sizes or len(syms) != 1:
+            return mod
+        var = syms[0]
+        shapes = [getattr(getattr(p.ty, "shape", None), "values", None)
+                  for p in mod["main"].params]
+        if any(s is None for s in shapes) or not any(s and s[0].same_as(var) for s in shapes):
+            return mod  # a parameter of unknown rank, or the one symbolic dim is no batch
+        slot = next(i for i, s in enumerate(shapes) if s and s[0].same_as(var))
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        made = []
+        out = mod
+        try:
+            for size in self.sizes:
+                name = "main_" + bound_suffix({var.name: size})
+                if name in names:
+                    raise TuningError(f"the module already has a function '{name}'")
+                out, gv = add_bound_copy(out, {var.name: size}, name, public=True,
+                                         kernels=False)
+                static = [[int(d) for d in p.ty.shape.values] for p in out[gv].params]
+                made.append({"function": name, "batch": size, "inputs": static,
+                             "batch_input": slot})
+        except Exception as exc:  # noqa: BLE001 - TVM raises anything; main still runs
+            self.error = _last_line(exc)
+            return mod
+        self.made = made
+        return out
+
+    def as_pass(self) -> tvm.transform.Pass:
+        return tvm.transform.module_pass(lambda mod, _ctx: self(mod), opt_level=0,
+                                         name="LeptonBatchEntries")
+
+
+def bound_suffix(binding: Mapping[str, int]) -> str:
+    """``{"N": 1}`` -> ``"N1"``, ``{"x_dim0": 1}`` -> ``"x_dim0_1"``: the suffix of a bound
+    copy's name (non-word characters of a dim's name become ``_``)."""
+    parts = []
+    for name, value in binding.items():
+        name = re.sub(r"[^0-9A-Za-z_]", "_", name)
+        parts.append(f"{name}{'_' if name[-1:].isdigit() else ''}{value}")
+    return "_".join(parts)
+
+
+def add_bound_copy(mod: tvm.IRModule, binding: Mapping[str, int], name: str, *,
+                   public: bool = False, source: Any = None, kernels: bool = True
+                   ) -> tuple[tvm.IRModule, Any]:
+    """Add to ``mod`` a copy of ``main`` (or of ``source``) named ``name`` whose symbolic dims
+    are bound to the constants in ``binding``; return the new module and the copy's GlobalVar.
+
+    With ``kernels`` (before fusion: tuned builds), the kernels the copy calls with
+    ``call_tir`` whose buffers have symbolic shapes are copied too (``<kernel>_<suffix>``),
+    specialised to the static shapes of their call sites: TVM 0.27's FuseTIR refuses a
+    symbolic kernel called with static shapes ("Inconsistent buffers ... mapped to the same
+    relax var"), and static kernels are what tuning needs. Without, the copy calls the same
+    kernels as ``main``. A ``public`` copy keeps a ``global_symbol`` (the VM can call it by
+    name); otherwise it is private.
+    """
+    func = mod["main"] if source is None else source
+    syms = {v.name: v for v in symbolic_vars(tvm.IRModule({"main": func}))}
+    values = {syms[n]: tvm.tirx.IntImm("int64", int(v)) for n, v in binding.items() if n in syms}
+    bound = copy_with_new_vars(func.bind_symbolic_vars(values)).without_attr("global_symbol")
+    if kernels:
+        mutator_ = _call_site_specialiser(mod, bound_suffix(binding))
+        bound = mutator_.visit_expr(bound)
+        builder = mutator_.builder_
+    else:
+        builder = relax.BlockBuilder(mod)
+    if public:
+        bound = bound.with_attr("global_symbol", name)
+    gv = builder.add_func(bound, name)
+    return builder.get(), gv
+
+
+def copy_with_new_vars(func: Any) -> Any:
+    """``func`` with fresh Relax variables: two functions of one module must not share any."""
+    from tvm.relax.utils import copy_with_new_vars as _fresh
+
+    return _fresh(func)
+
+
+def _with_function(mod: tvm.IRModule, func: Any, name: str) -> tuple[tvm.IRModule, Any]:
+    bb = relax.BlockBuilder(mod)
+    gv = bb.add_func(func, name)
+    return bb.get(), gv
+
+
+def _call_site_specialiser(mod: tvm.IRModule, suffix: str) -> Any:
+    """A PyExprMutator over ``mod`` that points each ``call_tir`` of a kernel with symbolic
+    buffer shapes at a copy of that kernel specialised to the call's static shapes."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+    from tvm.tirx.buffer import BufferType
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and _symbolic_buffers(f)}
+    made: dict[tuple[str, str], tuple[Any, bool]] = {}
+
+    def static_shape(sinfo: Any) -> list[int] | None:
+        shape = getattr(sinfo, "shape", None)
+        values = getattr(shape, "values", None)
+        if values is None or not all(isinstance(d, tvm.tirx.IntImm) for d in values):
+            return None
+        return [int(d) for d in values]
+
+    @mutator
+    class Specialiser(PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op != call_tir or not isinstance(call.args[0], tvm.ir.GlobalVar):
+                return call
+            kernel = kernels.get(call.args[0].name_hint)
+            if kernel is None:
+                return call
+            args = call.args[1]
+            args = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+            out = call.ty_args[0]
+            outs = list(out.fields) if isinstance(out, relax.TupleType) else [out]
+            # what each parameter receives, in order: the arguments (tensors, or scalars such
+            # as the batch an int8 encoder's requantization over N * 16 rows takes), the
+            # outputs, then the tir_vars
+            feed: list[Any] = [static_shape(a.ty) if isinstance(a.ty, relax.TensorType) else a
+                               for a in args]
+            feed += [static_shape(o) for o in outs]
+            feed += list(call.args[2].values) if len(call.args) > 2 else []
+            params = list(kernel.params)
+            if len(feed) != len(params) or any(v is None for v in feed):
+                return call  # still symbolic somewhere: left as it is
+            scalars: dict[Any, Any] = {}
+            for param, value in zip(params, feed, strict=True):
+                if isinstance(value, list) != isinstance(param.ty, BufferType):
+                    return call
+                if not isinstance(value, list):
+                    if not isinstance(value, tvm.tirx.IntImm):
+                        return call
+                    scalars[param] = tvm.tirx.IntImm(_dim_dtype(param), int(value))
+            key = (call.args[0].name_hint,
+                   repr([v if isinstance(v, list) else int(v) for v in feed]))
+            if key not in made:
+                # scalars first (buffer dimensions such as N * 16 become constants), then
+                # the buffers whose dimensions are still variables
+                special = kernel.specialize(scalars) if scalars else kernel
+                param_map: dict[Any, Any] = {}
+                buffers = [p for p in special.params if isinstance(p.ty, BufferType)]
+                for param, shape in zip(buffers, [v for v in feed if isinstance(v, list)],
+                                        strict=True):
+                    buf = param.ty
+                    if all(isinstance(d, tvm.tirx.IntImm) for d in buf.shape):
+                        continue
+                    dims = [d if isinstance(d, tvm.tirx.IntImm) else
+                            tvm.tirx.IntImm(_dim_dtype(d), v)
+                            for d, v in zip(buf.shape, shape, strict=True)]
+                    param_map[param] = tvm.tirx.decl_buffer(
+                        dims, buf.dtype, param.name, elem_offset=buf.elem_offset,
+                        data_alignment=buf.data_alignment, offset_factor=buf.offset_factor)
+                special = special.specialize(param_map) if param_map else special
+                made[key] = (self.builder_.add_func(
+                    special, f"{call.args[0].name_hint}_{suffix}"), bool(scalars))
+            kernel_gv, bound = made[key]
+            # scalars bound into the copy (and so its tir_vars) are no longer passed
+            rest = ([relax.Tuple([a for a in args if isinstance(a.ty, relax.TensorType)])]
+                    if bound else list(call.args[1:]))
+            return relax.Call(call.op, [kernel_gv, *rest], call.attrs, call.ty_args)
+
+    return Specialiser(mod)
+
+
+def _dim_dtype(dim: Any) -> str:
+    """The integer type of a symbolic dimension or scalar parameter (``.dtype`` raises on a
+    tirx Var)."""
+    return str(getattr(getattr(dim, "ty", None), "dtype", "int64"))
+
+
+def _symbolic_buffers(kernel: Any) -> bool:
+    return any(not isinstance(d, tvm.tirx.IntImm) for p in kernel.params
+               for d in getattr(p.ty, "shape", None) or [])
 
 
 def tune_and_build(
@@ -212,14 +423,22 @@ def tune_and_build(
             raise TuningError(f"cannot specialise main to {dict(buckets)}: {_last_line(exc)}"
                               ) from exc
 
-    if _x86_use_dot_kernels(target):
-        # after specialisation, so the packed int8 kernels of each bucket have static shapes
-        from lepton_edge.lowering import x86_int8
+    # after specialisation, so the packed int8 kernels of each bucket have static shapes
+    from lepton_edge.lowering import x86_int8
 
+    if x86_int8.use_dot_kernels(target):
         mod, packed = x86_int8.pack_int8_kernels(mod)
         if packed:
             say(f"x86 int8: {len(packed)} packed uint8 x int8 kernel(s), tuned with the "
                 f"{_x86_dot_intrinsic(target)} tensor intrinsic")
+    elif x86_int8.use_dot_kernels(target, untuned=True):
+        # AVX2 without VNNI: the untuned build's kernels (int16 `vpmaddwd`, exact
+        # `vpmaddubsw`, depthwise planes), which keep their hand-written schedules: MetaSchedule
+        # has no space for them, and its generic int8 schedules were slower
+        mod, packed = x86_int8.pack_int8_kernels(mod, target)
+        if packed:
+            say(f"x86 int8: {len(packed)} AVX2 int8 kernel(s) packed; they keep their "
+                "default schedules")
 
     from tvm.s_tir import meta_schedule as ms
 
@@ -305,7 +524,13 @@ def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> li
     if let_bound:
         say(f"{len(let_bound)} kernel(s) with let-bound math (exp, erf) keep the default "
             f"schedules: {', '.join(let_bound)}")
-    excluded = indirect + let_bound
+    # The AVX2 int8 kernels of lowering/x86_int8.py (all packed kinds except the plain uint8
+    # ones that _space_generator tiles around the dot-product intrinsic) are scheduled by hand.
+    hand = [t.task_name for t in static if t.task_name not in indirect + let_bound
+            and _hand_scheduled_int8(t.dispatched[0])]
+    if hand:
+        say(f"{len(hand)} AVX2 int8 kernel(s) keep their default schedules: {', '.join(hand)}")
+    excluded = indirect + let_bound + hand
     flat = [t.task_name for t in static if t.task_name not in excluded
             and not _has_reduction(t.dispatched[0]["main"])]
     if flat:
@@ -594,10 +819,12 @@ def _confirm_against_defaults(baselines: dict[str, tuple[Any, Any]], target: tvm
         say("default vs best tuned schedule, head to head: " + ", ".join(verdicts))
 
 
-def _x86_use_dot_kernels(target: tvm.target.Target) -> bool:
+def _hand_scheduled_int8(task_mod: tvm.IRModule) -> bool:
+    """Whether the kernel is one of x86_int8's packed kinds that only its own rules schedule."""
     from lepton_edge.lowering import x86_int8
 
-    return x86_int8.use_dot_kernels(target)
+    kind = x86_int8.packed_kind(tvm.s_tir.Schedule(task_mod["main"]))
+    return kind is not None and kind not in ("matmul", "conv2d")
 
 
 def _x86_dot_intrinsic(target: tvm.target.Target) -> str | None:

@@ -18,15 +18,17 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    kernel's uint8 variant, INTRIN_PX_U8S7: `u8s7_conv_kernel`, a measured rule). Other
    weights there are instead widened to int16 at compile time, matmul [N/8, K/2, 8, 2],
    and the kernel widens its uint8 activations once (block "widen"). conv2d there gets one
-   of two int16 kernels (`use_pixel_kernel`): 1x1 convs, rows of at most 6 pixels and
-   inputs of at most 4 channels get the
-   pixel-vectorized kernel (below: "AVX2 convolutions"; the zero-point pad in front of it
-   folded into its input packing); the other convs (KxK with > 4 input channels:
+   of two int16 kernels (`use_pixel_kernel`): 1x1 convs (but those of >= 64 channels with
+   20-32 wide rows, I16_C2_1X1), rows of at most 6 pixels and inputs of at most 4 channels
+   get the pixel-vectorized kernel (below: "AVX2 convolutions"; the zero-point pad in front
+   of it, and lowering/int8.py's int8 -> uint8 shift, folded into its input packing:
+   `folded_shift`); the other convs (KxK with > 4 input channels:
    ResNet-18's 3x3 layers) keep the NCHW[c2] kernel (weights
    [OC/8, C/2, KH, KW, 8, 2]: output channels along the vector, each input pair broadcast;
    the pad stays a kernel of its own); one-channel convs stay generic. int8 depthwise conv2d
    gets a kernel that stages each channel (zero-point pad folded in, strides split into
-   phases) as a flattened plane and runs the taps as a 1-D convolution over it in whole
+   phases: column stride 2 by INTRIN_SPLIT2, one load and two shuffles per 32 columns) as a
+   flattened plane and runs the taps as a 1-D convolution over it in whole
    vectors ("depthwise int8 convolutions"; int8 NCHW max pooling runs the same way). FuseOps
    may fuse the elementwise consumers (bias, requantization) into the kernel; the rules
    recognise the kernel by its "dot" block, not by name. The requantization there is
@@ -70,7 +72,9 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    workspace call; per tile that cost more than the tile's work on small layers), run the
    fused epilogue per tile from the accumulators, and tensorize with the target's intrinsic (VNNI when the target
    has avx512vnni, else AVX2 / U8S7 / I16 when it has avx2, else none: the kernels then run TVM's
-   plain loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module.
+   plain loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module;
+   `scheduled_notes` checks pack_int8_kernels' notes against the build's ScheduleReport
+   (a packed kernel no int8 rule scheduled says so).
 
 The uint8 schedule is the same with either intrinsic, so an AVX2 build (packed without a
 target) exercises exactly the tiling and tensorization that the VNNI build uses. Builds pack
@@ -114,6 +118,9 @@ _OUT_EWISE_FUSABLE = 4  # relax OpPatternKind: FuseOps fuses the elementwise con
 
 #: AVX2 without VNNI: int16 x int16 -> int32 pairs, one `vpmaddwd` per 8 outputs x 2
 INTRIN_I16 = "lepton_dot_8x2_i16i16i32_avx2"
+#: a stride-2 depthwise kernel's column phase split: 32 contiguous int8 -> 16 even, 16 odd
+#: (one vector load and two shuffles)
+INTRIN_SPLIT2 = "lepton_split2_16_i8"
 I16_LANES, I16_GROUP = 8, 2
 
 _registered = False
@@ -132,6 +139,8 @@ def register_intrinsics() -> None:
         return
     from tvm.s_tir import TensorIntrin
 
+    if TensorIntrin.get(INTRIN_SPLIT2, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN_SPLIT2, *_intrinsic_funcs_split2(DW_SPLIT_LANES))
     for acc_scope, suffix in (("global", ""), ("local", LOCAL_ACC)):
         desc, vnni, avx2, maddubs = _intrinsic_funcs(acc_scope)
         desc16, impl16 = _intrinsic_funcs_i16(acc_scope)
@@ -264,6 +273,45 @@ def _intrinsic_funcs_px_u8(acc_scope: str) -> tuple[Any, Any]:
             c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
                 pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    return desc, impl
+
+
+def _intrinsic_funcs_split2(lanes: int) -> tuple[Any, Any]:
+    """D[p, j] = S[2 j + p] (S 2 * `lanes` int8, D 2 x `lanes` int8, rows any stride) and its
+    implementation: one vector load and two shuffles (even, odd lanes), which LLVM lowers to
+    `vpshufb` + `vpermq` (x86), instead of 2 * `lanes` scalar loads."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    n = 2 * lanes
+    even = [tirx.IntImm("int32", 2 * k) for k in range(lanes)]
+    odd = [tirx.IntImm("int32", 2 * k + 1) for k in range(lanes)]
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, d: T.handle) -> None:
+        stride = T.int64()
+        src = T.match_buffer(a, (n,), "int8", offset_factor=1)
+        dst = T.match_buffer(d, (2, lanes), "int8", strides=(stride, 1), offset_factor=1)
+        with T.sblock("root"):
+            T.reads(src[0:n])
+            T.writes(dst[0:2, 0:lanes])
+            for j, p in T.grid(lanes, 2):
+                with T.sblock("split"):
+                    vp, vj = T.axis.remap("SS", [p, j])  # the staged block's order
+                    dst[vp, vj] = src[vj * 2 + vp]
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, d: T.handle) -> None:
+        stride = T.int64()
+        src = T.match_buffer(a, (n,), "int8", offset_factor=1)
+        dst = T.match_buffer(d, (2, lanes), "int8", strides=(stride, 1), offset_factor=1)
+        with T.sblock("root"):
+            T.reads(src[0:n])
+            T.writes(dst[0:2, 0:lanes])
+            both = src.vload([0], f"int8x{n}")
+            dst[0, T.ramp(T.int32(0), 1, lanes)] = T.Shuffle([both], even)
+            dst[1, T.ramp(T.int32(0), 1, lanes)] = T.Shuffle([both], odd)
 
     return desc, impl
 
@@ -545,7 +593,8 @@ _BOUNDED = "weight pairs bounded: exact"
 _SATURATES = "a weight pair could saturate vpmaddubsw"
 
 
-def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
+def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = None
+                      ) -> tuple[Any, list[str]]:
     """Replace uint8 x constant-int8 -> int32 matmul/conv2d calls by packed-weight kernels.
 
     For an AVX2 `target` without VNNI, kernels whose weight passes maddubs_exact get the
@@ -554,12 +603,20 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
     (weights widened at compile time, `vpmaddwd` per 8 x 2, INTRIN_I16); otherwise (and without a target) every kernel gets the uint8 x int8
     [.., 16, 4] layout of the VNNI / AVX2 dot intrinsics, unmarked.
     Returns the new module and one line per call: what was packed, or why a candidate was
-    left as it was (it then runs TVM's generic, still exact, code)."""
+    left as it was (it then runs TVM's generic, still exact, code). A list `kernels` gets,
+    line for line, the packed kernel's PrimFunc name ("" for a call left as it was): what
+    scheduled_notes needs to check, after the build, that the kernel was scheduled."""
     from tvm import relax, tirx
     from tvm.ir.expr import Constant
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     notes: list[str] = []
+    names: list[str] = kernels if kernels is not None else []
+
+    def note(text: str, out: Any = None) -> None:
+        notes.append(text)
+        names.append("" if out is None else str(out.args[0].name_hint))
+
     avx2_only = target is not None and dot_intrinsic(target) == INTRIN_AVX2
     maddubs = avx2_only and use_maddubs()
 
@@ -598,8 +655,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             dims = shape(x)
             if weight.ndim != 2 or dims is None or len(dims) < 2 \
                     or not isinstance(dims[-1], tirx.IntImm):
-                notes.append("matmul: weight not 2-D or reduction length not static; "
-                             "generic code")
+                note("matmul: weight not 2-D or reduction length not static; "
+                      "generic code")
                 return call
             k, n = weight.shape
             exact = bounded(weight)
@@ -618,8 +675,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                 primfunc_attrs={KERNEL_ATTR: "matmul", "op_pattern": _OUT_EWISE_FUSABLE})
             label = f"uint8 vpmaddubsw {list(packed_np.shape)} ({_BOUNDED})" if exact \
                 else f"{what} {list(packed_np.shape)}{why}"
-            notes.append(f"matmul K={k} N={n}: packed {label}"
-                         + ("" if aligned else " (zero-padded)"))
+            note(f"matmul K={k} N={n}: packed {label}"
+                  + ("" if aligned else " (zero-padded)"), out)
             return out
 
         def conv2d(self, call: Any, x: Any, weight: np.ndarray) -> Any:
@@ -640,7 +697,7 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                 # kernel was 2-3x faster on digits' first conv
                 why = "one input channel"
             if why:
-                notes.append(f"conv2d: {why}; generic code")
+                note(f"conv2d: {why}; generic code")
                 return call
             exact = bounded(weight)
             if exact and u8s7_conv_kernel(weight.shape) == "px":
@@ -661,8 +718,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                 *((True,) if exact else ()),
                 primfunc_name_hint="int8_conv2d_packed",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"conv2d {list(weight.shape)}: NCHW[c{group}] input, packed {what} "
-                         f"weight {list(packed_np.shape)}{why}")
+            note(f"conv2d {list(weight.shape)}: NCHW[c{group}] input, packed {what} "
+                  f"weight {list(packed_np.shape)}{why}", out)
             return out
 
         def out_width(self, call: Any) -> int:
@@ -701,9 +758,9 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                 _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw),
                 padding, pad_value, primfunc_name_hint="int8_depthwise",
                 primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"depthwise conv2d {list(weight.shape)}: flattened planes of pitch "
-                         f"{pitch}, tile {rows} rows ({rows * pitch} outputs)"
-                         + (f", pad {list(padding)} folded" if any(padding) else ""))
+            note(f"depthwise conv2d {list(weight.shape)}: flattened planes of pitch "
+                  f"{pitch}, tile {rows} rows ({rows * pitch} outputs)"
+                  + (f", pad {list(padding)} folded" if any(padding) else ""), out)
             return out
 
         def max_pool(self, call: Any) -> Any:
@@ -734,8 +791,8 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                 _te_max_pool, x, kernel, strides, dilation, padding,
                 primfunc_name_hint="int8_max_pool",
                 primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
-            notes.append(f"max_pool2d {list(kernel)}: int8, flattened planes"
-                         + (f", pad {list(padding)} folded" if any(padding) else ""))
+            note(f"max_pool2d {list(kernel)}: int8, flattened planes"
+                  + (f", pad {list(padding)} folded" if any(padding) else ""), out)
             return out
 
         def folded_pad(self, x: Any, want: str, low: int, high: int
@@ -754,6 +811,29 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
                             int(value))
             return x, (0, 0, 0, 0), 0
 
+        def folded_shift(self, x: Any) -> tuple[Any, bool]:
+            """(int8 x_q, True) when uint8 `x` is lowering/int8.py's exact shift of x_q,
+            astype(add(astype(x_q, int16), 128), uint8): the pixel kernel's packing pass
+            then shifts while it packs (no kernel of its own, nor a step in the producer's
+            epilogue); else (x, False)."""
+            def source(expr: Any, op: str, dtype: str) -> Any:
+                call = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+                if call is None or str(getattr(call.op, "name", "")) != op \
+                        or expr_dtype(expr) != dtype:
+                    return None
+                return call
+
+            cast = source(x, "relax.astype", "uint8")
+            add = None if cast is None else source(cast.args[0], "relax.add", "int16")
+            if add is None or not isinstance(add.args[1], Constant) \
+                    or add.args[1].value.numpy().shape != () \
+                    or int(add.args[1].value.numpy()) != 128:
+                return x, False
+            widen = source(add.args[0], "relax.astype", "int16")
+            if widen is None or expr_dtype(widen.args[0]) != "int8":
+                return x, False
+            return widen.args[0], True
+
         def conv2d_px(self, call: Any, x: Any, weight: np.ndarray, why: str = "",
                       u8: bool = False) -> Any:
             """AVX2: the pixel-vectorized int16 kernel (`u8`: its uint8 `vpmaddubsw`
@@ -761,6 +841,7 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             the conv (lowering/int8.py) is folded into its packing pass."""
             attrs = call.attrs
             x, padding, pad_value = self.folded_pad(x, "uint8", 0, 255)
+            x, shift = self.folded_shift(x)
             o, _, kh, kw = weight.shape
             dims = [int(d) for d in shape(x)[1:]]
             (sh, sw), (dh, dw) = (tuple(int(v) for v in attrs.strides),
@@ -771,14 +852,15 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
             packed_np = pack_conv2d_weight_px(weight, tile[0], GROUP if u8 else I16_GROUP)
             out = self.builder_.call_te(
                 _te_conv2d_px, x, relax.const(packed_np, "int8" if u8 else "int16"), int(o),
-                (sh, sw), (dh, dw), padding, pad_value, tile, *((True,) if u8 else ()),
+                (sh, sw), (dh, dw), padding, pad_value, tile, u8, shift,
                 primfunc_name_hint="int8_conv2d_px",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
             kind = "uint8 vpmaddubsw" if u8 else "int16"
-            notes.append(f"conv2d {list(weight.shape)}: pixel-vectorized {kind}, packed weight "
-                         f"{list(packed_np.shape)}, tile {tile[0]} channels x {tile[1]} rows "
-                         f"x {tile[2] * PX_LANES} pixels"
-                         + (f", pad {list(padding)} folded" if any(padding) else "") + why)
+            note(f"conv2d {list(weight.shape)}: pixel-vectorized {kind}, packed weight "
+                  f"{list(packed_np.shape)}, tile {tile[0]} channels x {tile[1]} rows "
+                  f"x {tile[2] * PX_LANES} pixels"
+                  + (f", pad {list(padding)} folded" if any(padding) else "")
+                 + (", uint8 shift folded" if shift else "") + why, out)
             return out
 
     packer = Packer(mod)
@@ -786,6 +868,31 @@ def pack_int8_kernels(mod: Any, target: Any = None) -> tuple[Any, list[str]]:
         if isinstance(func, relax.Function):
             packer.builder_.update_func(gvar, packer.visit_expr(func))
     return relax.transform.DeadCodeElimination()(packer.builder_.get()), notes
+
+
+def scheduled_notes(notes: list[str], kernels: list[str], rules: dict[str, str]
+                    ) -> list[str]:
+    """pack_int8_kernels' `notes`, each packed kernel's checked against `rules` (the build's
+    ScheduleReport.rules: scheduled function -> rule; lowering/schedules.py). A packed
+    kernel (`kernels`, line for line) every one of whose fused functions an int8 rule
+    scheduled keeps its note; any other says what ran instead: the packed layout in the
+    rule's (or TVM's plain) loops, not the dot-product kernel it names."""
+    import re
+
+    out = []
+    for text, kernel in zip(notes, kernels, strict=True):
+        if not kernel:
+            out.append(text)
+            continue
+        token = re.compile(rf"(^|_){re.escape(kernel)}(_|$)")
+        ran = sorted({rule for func, rule in rules.items() if token.search(func)})
+        if ran and all(rule.startswith("int8:") for rule in ran):
+            out.append(text)
+            continue
+        other = ", ".join(r for r in ran if not r.startswith("int8:")) or "no default schedule"
+        out.append(f"{text.split(':')[0]}: packed, but no int8 dot-product schedule "
+                   f"applied ({other}): plain loops, not the kernel packed for")
+    return out
 
 
 # --- AVX2 (no VNNI) convolutions: output pixels along the vector lanes --------------------
@@ -816,6 +923,11 @@ PX_MIN_PARALLEL = 8  # output-channel blocks that are enough parallel work alone
 PX_TILE_ATTR = "lepton.px_tile"  # the dot block's (Vy, Vx), for the schedule
 
 
+#: (input channels, narrowest, widest output row) of the int16 1x1 convs that take the
+#: NCHW[c2] kernel rather than the pixel kernel (use_pixel_kernel)
+I16_C2_1X1 = (64, 20, 32)
+
+
 def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
     """AVX2: the pixel-vectorized kernel for 1x1 convs, inputs of at most PX_MAX_NARROW_C
     channels, rows of at most 6 pixels (C2_MIN_WIDTH), and 7-wide rows whose output channels
@@ -823,10 +935,16 @@ def use_pixel_kernel(weight_shape: tuple[int, ...], out_width: int) -> bool:
     (output channels along the vector, each input pair broadcast) for the other KxK convs,
     where it measured faster here (ResNet-18's 28- and 14-wide 3x3 layers: 64 and 58 GMAC/s
     against 40 and 46; its 7-wide 512-channel layers with a 1 x 7 tile: 63-73 against
-    40-52)."""
+    40-52). 1x1 convs of at least I16_C2_1X1[0] input channels with rows I16_C2_1X1[1:]
+    wide take the NCHW[c2] kernel too (measured at 28 wide, 1 thread, requantization fused:
+    0.68-0.87x the pixel kernel's time on 9 shapes with 64-256 input channels, MobileNetV2's
+    144 -> 32 and 192 -> 32 0.69 and 0.68; 32 -> 192 1.20; 14 and 56 wide 0.92-1.16)."""
     o, c, kh, kw = weight_shape
-    if (kh == 1 and kw == 1) or c <= PX_MAX_NARROW_C:
+    if c <= PX_MAX_NARROW_C:
         return True
+    if kh == 1 and kw == 1:
+        least, low, high = I16_C2_1X1
+        return not (c >= least and low <= out_width <= high)
     if out_width >= PX_LANES:
         return False
     if out_width < C2_MIN_WIDTH:  # 2-6 wide: not measured on the NCHW[c2] kernel
@@ -915,12 +1033,15 @@ def pack_conv2d_weight_px(w: np.ndarray, r: int, group: int = I16_GROUP) -> np.n
 
 def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
                   dilation: tuple[int, int], padding: tuple[int, int, int, int],
-                  pad_value: int, tile: tuple[int, int, int], exact: bool = False) -> Any:
+                  pad_value: int, tile: tuple[int, int, int], exact: bool = False,
+                  shift: bool = False) -> Any:
     """NCHW uint8 (unpadded: `padding` top, left, bottom, right with `pad_value`) x packed
     int16 weight [OC/R, C/2, KH, KW, R, 2] -> NCHW int32, vectorized along output pixels.
     An int8 weight [OC/R, C/4, KH, KW, R, 4] keeps the pixels uint8, packed in channel
     quads; it exists only for a weight that passed maddubs_exact (`exact`: the block is then
-    annotated for INTRIN_PX_U8S7)."""
+    annotated for INTRIN_PX_U8S7). `shift`: x is int8 and the kernel's input is x + 128 as
+    uint8 (lowering/int8.py's exact shift, folded into the packing pass; `pad_value` is in
+    the shifted, uint8 domain)."""
     from tvm import te, tirx
 
     n, c, h, w = x.shape
@@ -943,9 +1064,11 @@ def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
         padding, and beyond it columns/rows only padded outputs read); channels past C read
         a clamped channel (their weights are 0)."""
         inside = tirx.all(row >= pt, row < pt + h, col >= pl, col < pl + w)
-        return tirx.if_then_else(
-            inside, x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(row - pt, h - 1), 0),
-                      tirx.max(tirx.min(col - pl, w - 1), 0)].astype(dtype), pad)
+        pixel = x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(row - pt, h - 1), 0),
+                  tirx.max(tirx.min(col - pl, w - 1), 0)]
+        if shift:
+            pixel = (pixel.astype("int16") + tirx.const(128, "int16")).astype("uint8")
+        return tirx.if_then_else(inside, pixel.astype(dtype), pad)
 
     ohp, owp = _ceil(oh, vy), _ceil(ow, PX_LANES * vx)
     if kh == 1 and kw == 1:  # a 1x1 conv packs only the pixels it reads: stride 1 after
@@ -1025,6 +1148,8 @@ DW_VECTORS = 8  # accumulator vectors of 8 int32 held in registers across the ta
 DW_CHANNELS = 16  # channels per parallel iteration, at most
 DW_PADDED = "pack_dw_pad"  # a strided kernel's padded plane, before its phase split
 DW_SPLIT_VECTOR = 32  # a strided kernel's phase split rows this short (pitch) vectorized
+DW_SPLIT_LANES = 16  # column stride 2: a pitch this multiple split by INTRIN_SPLIT2
+DW_SPLIT_MAX = 64  # ... up to this pitch (past DW_SPLIT_VECTOR: tiles of 2x DW_FLAT_OUTPUTS)
 
 
 def dw_tile(oh: int, ow: int, kw: int, sw: int = 1, dw: int = 1) -> tuple[int, int, int]:
@@ -1035,10 +1160,19 @@ def dw_tile(oh: int, ow: int, kw: int, sw: int = 1, dw: int = 1) -> tuple[int, i
     8 rows of pitch 9), fewer tiles on a tie."""
     least = ow + ((kw - 1) * dw) // sw
     best = None
-    for pitch in range(least, least + PX_LANES):
+    split = -(-least // DW_SPLIT_LANES) * DW_SPLIT_LANES
+    # INTRIN_SPLIT2 for rows up to DW_SPLIT_MAX, at most 1/8 more columns; past
+    # DW_SPLIT_VECTOR with tiles of up to 2 * DW_FLAT_OUTPUTS (96 x 112 x 112 stride 2, 1
+    # thread: pitch 60 x 2 rows 249 us (the plain split), pitch 64 split x 2 rows 329, x 4
+    # rows 213)
+    split = sw == 2 and split <= DW_SPLIT_MAX and split * 8 <= least * 9
+    most = DW_FLAT_OUTPUTS * (2 if split and least > DW_SPLIT_VECTOR else 1)
+    for pitch in range(least, least + (DW_SPLIT_LANES if split else PX_LANES)):
+        if split and pitch % DW_SPLIT_LANES:
+            continue
         for rows in range(1, oh + PX_LANES):  # rows past oh: one tile of whole vectors
             flat = rows * pitch
-            if flat % PX_LANES or (rows > 1 and flat > DW_FLAT_OUTPUTS):
+            if flat % PX_LANES or (rows > 1 and flat > most):
                 continue
             tiles = -(-oh // rows)
             key = (tiles * flat, tiles)
@@ -1178,13 +1312,37 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
     padded = sch.get_sblock(DW_PADDED)
     sch.compute_at(padded, ch_i)
     _stage_depthwise(sch, padded, ch_i, True)
-    # the phase split's rows (`pitch` columns each, read at the column stride) vectorized
+    # the phase split: at column stride 2 with a pitch of 16, 32, 48 or 64, INTRIN_SPLIT2;
+    # else its rows (`pitch` columns each, read at the column stride) vectorized
     # when short: LLVM's loop vectorizer leaves rows under its vector width scalar (144 x
     # 56 x 56 stride 2, pitch 30, 1 thread: 280 -> 165 us), and vectorizes longer ones
     # better than TVM's vector of strided loads (96 x 112 x 112, pitch 60: 250 -> 400 us)
+    if stride_w == 2 and pitch % DW_SPLIT_LANES == 0 and pitch <= DW_SPLIT_MAX \
+            and _split_columns(sch, pack, ch_i, pitch):
+        return
     inner = sch.get_loops(pack)[-1]
     if 1 < (_extent(inner, sch) or 0) <= DW_SPLIT_VECTOR:
         sch.vectorize(inner)
+
+
+def _split_columns(sch: Any, pack: Any, channel: Any, pitch: int) -> bool:
+    """A column-stride-2 kernel's phase split (loops phase, row, column under the channel)
+    as INTRIN_SPLIT2: each staged row's 2 * L padded columns loaded once and split into the
+    even and odd phase (`pitch` a multiple of L = DW_SPLIT_LANES, dw_tile), rather than a
+    vector of L strided loads per phase (1 thread, shift epilogue: 144 x 56 x 56 stride 2
+    167 -> 86 us, 192 x 28 x 28 65 -> 35 us). False (nothing done) unless both column
+    phases are staged (a dilated kernel may read only the even ones)."""
+    loops = sch.get_loops(pack)
+    depth = [sch.get(lp).same_as(sch.get(channel)) for lp in loops].index(True)
+    extents = [_extent(lp, sch) for lp in loops[depth + 1:]]
+    if len(extents) != 3 or (extents[0] or 1) % 2 or extents[2] != pitch:
+        return False
+    phase, row, col = loops[depth + 1:]
+    p_row, p_col = sch.split(phase, factors=[None, 2])
+    c_o, c_i = sch.split(col, factors=[None, DW_SPLIT_LANES])
+    sch.reorder(p_row, row, c_o, c_i, p_col)
+    sch.tensorize(c_i, INTRIN_SPLIT2)
+    return True
 
 
 def _stage_depthwise(sch: Any, pack: Any, channel: Any, contiguous: bool) -> None:
@@ -1277,10 +1435,23 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
         if whole_rows and len(inner) >= 2:  # tile rows are whole rows: one contiguous run
             inner = [*inner[:-2], sch.fuse(*inner[-2:])]
         *rest, last = inner
-        for loop in rest:
+        for loop in rest if not _reads_residual(sch, block) else ():
             sch.unroll(loop)
         if (_extent(last, sch) or 0) > 1:
             sch.vectorize(last)
+
+
+def _reads_residual(sch: Any, block: Any) -> bool:
+    """Whether `block` reads a function input of its own output's shape (a residual): TVM
+    then vectorizes only the first of the unrolled copies of its tile loops and emits the
+    others lane by lane, so those loops stay loops (MobileNetV2's 144 -> 24 and 96 -> 24
+    pixel-kernel projections with their residual add, 1 thread: 411 -> 221, 361 -> 170 us;
+    without one, unrolled and not measured within 5%)."""
+    inputs = list(sch.mod["main"].params)  # the buffers themselves in TVM 0.27
+    stmt = sch.get(block)
+    shape = [str(d) for d in stmt.writes[0].source.shape]
+    return any(any(r.source.same_as(b) for b in inputs)
+               and [str(d) for d in r.source.shape] == shape for r in stmt.reads)
 
 
 def _inline_inputs(sch: Any, names: list[str], mine: list[int]) -> list[str]:
@@ -1403,7 +1574,11 @@ def _schedule_around(sch: Any, tile: Any) -> None:
     "unpack" copy is inlined). An elementwise input of the epilogue that does not read the
     kernel's result (a residual's dequantize, before or after the kernel's blocks) is
     inlined into its consumer, so that the epilogue after it still runs per tile
-    (`_inline_inputs`). A block that refuses (ScheduleError) gets parallel loops of its own."""
+    (`_inline_inputs`). The requantization and the steps after it are inlined into the
+    last block for most row widths (`_inline_after_requantize`; MobileNetV2's last 1x1
+    conv, 320 -> 1280 at 7x7 with its dequantize and ReLU6 clip, 1 thread: 390-430 -> 330
+    us; its residual 144 -> 24 projection at 56x56 290 -> 255 us). A block that refuses
+    (ScheduleError) gets parallel loops of its own."""
     from tvm.s_tir.schedule import ScheduleError
 
     root = sch.get_sblock("root")
@@ -1421,6 +1596,7 @@ def _schedule_around(sch: Any, tile: Any) -> None:
         _parallel_outer(sch, block)
         if sch.get(block).name_hint == "pack":
             _pack_pairs(sch, block)
+    epilogue = _inline_after_requantize(sch, epilogue)
     for block in epilogue:
         if sch.get(block).name_hint.startswith("unpack"):
             try:  # a pure copy: read the accumulators directly
@@ -1436,6 +1612,33 @@ def _schedule_around(sch: Any, tile: Any) -> None:
                 sch.vectorize(loops[-1])
         except ScheduleError:  # falls back to parallel loops of its own
             _parallel_outer(sch, block)
+
+
+def _inline_after_requantize(sch: Any, epilogue: list[Any]) -> list[Any]:
+    """`epilogue` (blocks) less the requantization and the elementwise steps after it, which
+    are inlined into the last block (int8 -> uint8 shift, dequantize, clip): one pass from
+    the accumulators plus bias rather than a pass (and a buffer) per step. Only for output
+    rows that _schedule_around vectorizes (a multiple of 8, at most 64 wide) or that LLVM's
+    loop vectorizer leaves scalar anyway (under 8): 14-wide rows measured 1.15x slower
+    inlined (MobileNetV2's residual projections, 1 thread: LLVM vectorizes each short
+    step's loop, not the inlined one)."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    width = _extent(sch.get_loops(epilogue[-1])[-1], sch) if epilogue else None
+    if width is None or not (width < PX_LANES or (width % PX_LANES == 0
+                                                  and width <= 4 * LANES)):
+        return epilogue
+    names = [sch.get(block).name_hint for block in epilogue]
+    first = next((i for i, n in enumerate(names) if n.startswith("requantize")), None)
+    if first is None:
+        return epilogue
+    kept = epilogue[:first]
+    for block in epilogue[first:-1]:
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:
+            kept.append(block)
+    return [*kept, epilogue[-1]]
 
 
 def _has_block(sch: Any, name: str) -> bool:

@@ -70,6 +70,7 @@ class CpuTarget(Target):
         mod = relax.import_onnx(subgraph)
         lowering = None
         packed: list[str] = []
+        kernels: list[str] = []  # packed[i]'s kernel name ("" when left as it was)
         if _has_qdq(subgraph):
             # x86: the exact float64 requantization where accumulators allow it (int8.py)
             mod, lowering = relax.lower_int8(mod, float_requantize=meta["arch"] == "x86_64")
@@ -79,27 +80,57 @@ class CpuTarget(Target):
         if lowering is not None and meta["arch"] == "x86_64" and not trials and not tuning_db \
                 and _use_dot_kernels(target):
             # untuned build; a tuned one packs after specialising the batch (tuning.py)
-            mod, packed = _x86_dot_product_kernels(mod, target)
+            mod, packed = _x86_dot_product_kernels(mod, target, kernels)
         if trials and cross:
             raise TargetError(
                 f"cannot tune the cross build for '{profile.name}' here: kernels must be "
                 "measured on the device itself; compile with tune=0 (--tune 0), or tune on the "
                 "device and pass its database with tuning_db")
         tune = trials if trials else (0 if tuning_db else None)
+        # untuned: static entry functions for the batch sizes most calls use (a tuned build
+        # specialises its own buckets, tuning.py)
+        entries = _batch_entries(profile) if tune is None else None
+        from lepton_edge.lowering.schedules import ScheduleReport
+
+        report = ScheduleReport()  # which rule scheduled each kernel (int8_dot_kernels)
         library = relax.build_llvm_library(mod, target, cross_compiler=cross, tune_trials=tune,
-                                           tuning_db=tuning_db, log=profile.get("log"))
+                                           tuning_db=tuning_db, log=profile.get("log"),
+                                           report=report, batch_entries=entries)
         if cross is None:
             _check_loadable(library)
         if tune is not None:
             meta["tuned"] = {"trials": int(trials or 0), "database": str(tuning_db or "default")}
+        if entries is not None and entries.made:  # the runtime calls them for their shapes
+            meta["batch_entries"] = entries.made
+            if profile.get("log") is not None:
+                profile.get("log")("static batch entries: " + ", ".join(
+                    f"{e['function']} (inputs {e['inputs']})" for e in entries.made))
+        if entries is not None and entries.error:
+            import warnings
+
+            warnings.warn(f"no static batch {list(entries.sizes)} entry for this CPU build "
+                          f"(those batches run the symbolic main, a little slower): "
+                          f"{entries.error}", stacklevel=2)
         meta["tvm_target"] = target
         meta["tvm"] = relax.tvm_version()
         if lowering is not None:
             meta["int8_kernels"] = lowering.lowered
             meta["qdq_kept_float"] = lowering.kept_float
-            if packed:
-                meta["int8_dot_kernels"] = packed
+            if packed:  # what ran: a kernel no int8 rule scheduled says so
+                from lepton_edge.lowering import x86_int8
+
+                meta["int8_dot_kernels"] = x86_int8.scheduled_notes(packed, kernels,
+                                                                    report.rules)
         return Build(target=self.name, profile=profile.name, files={"lib.so": library}, meta=meta)
+
+
+def _batch_entries(profile: Profile) -> Any:
+    """tuning.BatchEntries for the profile's `batch_buckets` (default: batch 1); None for ()."""
+    from lepton_edge.lowering.tuning import UNTUNED_BUCKETS, BatchEntries
+
+    sizes = profile.get("batch_buckets")
+    sizes = UNTUNED_BUCKETS if sizes is None else tuple(sizes)
+    return BatchEntries(sizes) if sizes else None
 
 
 def _check_loadable(library: bytes) -> None:
@@ -123,7 +154,8 @@ def _check_loadable(library: bytes) -> None:
                 f"{text[-1] if text else type(exc).__name__}") from None
 
 
-def _x86_dot_product_kernels(mod: Any, target: dict[str, Any]) -> tuple[Any, list[str]]:
+def _x86_dot_product_kernels(mod: Any, target: dict[str, Any], kernels: list[str]
+                             ) -> tuple[Any, list[str]]:
     """uint8 x int8 matmul/conv2d -> packed-weight kernels (lowering/x86_int8.py). The
     default-schedule pass (lowering/schedules.py) tensorizes them with VNNI `vpdpbusd`, or
     the exact AVX2 equivalent, through x86_int8.int8_rules after fusing their epilogues."""
@@ -132,7 +164,7 @@ def _x86_dot_product_kernels(mod: Any, target: dict[str, Any]) -> tuple[Any, lis
     from lepton_edge.lowering import x86_int8
 
     try:  # the target picks the layout (AVX2 without VNNI: int16 matmuls)
-        return x86_int8.pack_int8_kernels(mod, tvm.target.Target(target))
+        return x86_int8.pack_int8_kernels(mod, tvm.target.Target(target), kernels)
     except Exception as exc:  # noqa: BLE001 - a pass bug must not pass silently
         raise TargetError(f"x86 int8 kernel packing failed: {str(exc).strip()[-500:]}") from exc
 

@@ -140,6 +140,19 @@ def test_wide_3x3_conv_keeps_the_c2_kernel() -> None:
     assert x86_int8.use_pixel_kernel((32, 16, 3, 3), 6)  # 6-wide rows: not measured
     assert x86_int8.c2_tile(2, 4) == (2, 4)  # 8 accumulators, but 4-wide rows: not measured
     assert x86_int8.use_pixel_kernel((16, 16, 3, 3), 4)
+
+
+def test_int16_1x1_kernel_rule() -> None:
+    """int16 1x1 convs: the pixel kernel, except with >= 64 input channels at 20-32 wide
+    (the NCHW[c2] kernel, measured faster at 28 wide: MobileNetV2's 144 -> 32 and
+    192 -> 32); a stem's few channels always the pixel kernel."""
+    assert not x86_int8.use_pixel_kernel((32, 144, 1, 1), 28)
+    assert not x86_int8.use_pixel_kernel((32, 64, 1, 1), 20)
+    assert x86_int8.use_pixel_kernel((192, 32, 1, 1), 28)  # 32 input channels
+    assert x86_int8.use_pixel_kernel((32, 144, 1, 1), 14)
+    assert x86_int8.use_pixel_kernel((24, 144, 1, 1), 56)
+    assert x86_int8.use_pixel_kernel((32, 144, 1, 1), 33)
+    assert x86_int8.use_pixel_kernel((32, 3, 1, 1), 28)
     assert x86_int8.use_pixel_kernel((64, 3, 7, 7), 112)
     assert not x86_int8.use_pixel_kernel((128, 128, 3, 3), 28)
     assert x86_int8.c2_tile(64, 7) == (1, 7)
@@ -169,6 +182,12 @@ C2_CONVS = {
     "7_wide_symbolic_batch": ([N, 5, 9, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, 9),
     "c33_7_wide": ([1, 33, 7, 7], (17, 3), (1, 1), (1, 1), (1, 1, 1, 1), None, None),
     "stride2_to_7_wide": ([1, 16, 14, 14], (24, 3), (2, 2), (1, 1), (0, 0, 1, 1), None, 8),
+    # 1x1 with >= 64 input channels at 20-32 wide (I16_C2_1X1): odd output channels,
+    # a stride (the 1x1 reads every other pixel) and a symbolic batch
+    "1x1_28_wide_odd_channels": ([1, 66, 3, 28], (21, 1), (1, 1), (1, 1), (0, 0, 0, 0),
+                                 None, 9),
+    "1x1_stride2_to_24_wide_symbolic_batch": ([N, 72, 5, 47], (16, 1), (2, 2), (1, 1),
+                                              (0, 0, 0, 0), 2, None),
 }
 
 
@@ -219,6 +238,9 @@ DEPTHWISE = {
     "5x5_wide": ([1, 3, 6, 68], 5, (1, 1), (1, 1), None),
     "3x3_dilated_stride2": ([1, 9, 15, 16], 3, (2, 2), (2, 2), None),
     "1x1_channels_scaled": ([1, 4, 5, 3], 1, (1, 1), (1, 1), None),
+    # column stride 2, pitch 16 (14 + 2: dilation reach), only the even column phase staged:
+    # INTRIN_SPLIT2 declines, the plain phase split runs
+    "3x3_dilated_stride2_pitch_16": ([1, 3, 12, 31], 3, (2, 2), (2, 2), None),
 }
 
 
@@ -259,6 +281,13 @@ DEPTHWISE_PADDED = {
     # phase split rows of pitch 46 (> DW_SPLIT_VECTOR: left to LLVM) and 8 (vectorized)
     "3x3_stride2_pitch_46": ([1, 3, 9, 90], 3, (2, 2), (1, 1, 1, 1), None),
     "3x3_stride2_to_7_wide_pad": ([1, 21, 14, 14], 3, (2, 2), (1, 1, 1, 1), None),
+    # column stride 2 with pitch 16 / 32: the INTRIN_SPLIT2 phase split (odd channel counts,
+    # uneven pad, rows not strided, a 5x5 reaching two columns, the last staged row full)
+    "3x3_stride2_pitch_16_13_channels": ([1, 13, 28, 29], 3, (2, 2), (1, 1, 1, 1), None),
+    "3x3_stride2_pitch_32_uneven_pad_symbolic_batch": ([N, 7, 11, 57], 3, (2, 2),
+                                                       (0, 0, 1, 1), 2),
+    "3x3_columns_only_stride_pitch_16": ([1, 5, 9, 30], 3, (1, 2), (1, 1, 1, 1), None),
+    "5x5_stride2_pitch_32": ([1, 6, 10, 60], 5, (2, 2), (2, 2, 2, 2), None),
 }
 
 
@@ -291,6 +320,7 @@ MAX_POOLS = {
                                             (0, 0, 0, 0), 2),
     "3x3_stride1_uneven_pad": ([1, 4, 7, 10], (3, 3), (1, 1), (1, 1), (0, 1, 2, 1), None),
     "3x2_dilated_rows_stride": ([1, 2, 13, 9], (3, 2), (2, 1), (2, 1), (1, 0, 1, 1), None),
+    "3x3_stride2_pitch_16": ([1, 5, 12, 29], (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), None),
 }
 
 
@@ -338,14 +368,15 @@ def test_depthwise_tile_is_whole_vectors_of_whole_rows() -> None:
     long enough for the filter's reach, the rows covering the output, little padded work."""
     assert x86_int8.dw_tile(14, 14, 3) == (7, 16, 2)  # 112 outputs, 2 tiles
     assert x86_int8.dw_tile(112, 112, 3) == (1, 120, 112)
-    assert x86_int8.dw_tile(56, 56, 3, 2) == (2, 60, 28)  # stride 2: pitch >= 57
+    assert x86_int8.dw_tile(56, 56, 3, 2) == (4, 64, 14)  # stride 2: pitch >= 57, split
     assert x86_int8.dw_tile(7, 7, 3) == (8, 9, 1)  # one tile of 9 vectors, a row dropped
     for oh, ow, kw, sw, dw in [(7, 7, 3, 1, 1), (9, 10, 5, 1, 1), (28, 28, 3, 2, 1),
                                (13, 6, 3, 1, 2), (1, 1, 3, 1, 1), (30, 41, 7, 3, 1)]:
         rows, pitch, tiles = x86_int8.dw_tile(oh, ow, kw, sw, dw)
         assert pitch >= ow + (kw - 1) * dw // sw and rows * pitch % 8 == 0
         assert rows * tiles >= oh > rows * (tiles - 1)
-        assert rows == 1 or rows * pitch <= x86_int8.DW_FLAT_OUTPUTS
+        assert rows == 1 or rows * pitch <= x86_int8.DW_FLAT_OUTPUTS * (
+            2 if sw == 2 and pitch > x86_int8.DW_SPLIT_VECTOR else 1)
         assert tiles * rows * pitch <= 2 * _ceil8(oh * (ow + (kw - 1) * dw // sw))
 
 
@@ -367,18 +398,42 @@ def test_strided_depthwise_staging_tests_no_pixel() -> None:
 
 
 def test_strided_depthwise_phase_split_vectorized_only_when_short() -> None:
-    """The phase split (pack_dw) runs in TVM's vectors for rows of at most DW_SPLIT_VECTOR
-    columns; longer ones stay plain loops for LLVM's loop vectorizer (faster there)."""
-    for width, vectorized in ((20, True), (60, True), (64, False), (112, False)):
+    """The phase split (pack_dw) of column stride 2: INTRIN_SPLIT2 (one load, two shuffles
+    per 32 columns) when dw_tile rounds the pitch up to a multiple of 16, at most
+    DW_SPLIT_MAX (at most 1/8 more columns); else TVM's vectors for rows of at most
+    DW_SPLIT_VECTOR columns; longer ones plain loops for LLVM's loop vectorizer."""
+    # width: output columns 10, 15, 30, 32, 56, 64 (pitch >= ow + 1)
+    for width, split, vectorized in ((20, False, True), (30, True, False),
+                                     (60, True, False), (64, False, False),
+                                     (112, True, False), (128, False, False)):
         mod = conv_module([1, 2, 8, width], extreme_int8((2, 1, 3, 3)), dtype="int8",
                           strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
-        mod, _, _ = pack_fuse_schedule(mod)
+        mod, _, lines = pack_fuse_schedule(mod)
+        assert lines[0].endswith("x86_int8_depthwise_avx2"), lines
         (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+        pitch = x86_int8.dw_tile(4, width // 2, 3, 2)[1]
+        assert (pitch % x86_int8.DW_SPLIT_LANES == 0) == split, (width, pitch)
+        assert ("T.Shuffle" in func.script()) == split, width
+        if split:
+            assert pitch < width // 2 + 1 + x86_int8.DW_SPLIT_LANES, (width, pitch)
+            continue
         sch = tvm.s_tir.Schedule(func)
         inner = sch.get(sch.get_loops(sch.get_sblock("pack_dw"))[-1])
-        pitch = x86_int8.dw_tile(4, width // 2, 3, 2)[1]
         assert (pitch <= x86_int8.DW_SPLIT_VECTOR) == vectorized, (width, pitch)
         assert (inner.kind == tvm.tirx.ForKind.VECTORIZED) == vectorized, (width, pitch)
+
+
+def test_split_pitch_rule() -> None:
+    """dw_tile: at column stride 2 a pitch that is a multiple of 16, at most DW_SPLIT_MAX,
+    when that adds at most 1/8 columns (past DW_SPLIT_VECTOR with tiles of up to twice
+    DW_FLAT_OUTPUTS)."""
+    assert x86_int8.dw_tile(28, 28, 3, 2)[1] == 32  # 29 -> 32 (MobileNetV2 144 x 56 x 56)
+    assert x86_int8.dw_tile(14, 14, 3, 2)[1] == 16  # 15 -> 16
+    assert x86_int8.dw_tile(56, 56, 3, 2) == (4, 64, 14)  # 57 -> 64: 4-row tiles
+    assert x86_int8.dw_tile(64, 64, 3, 2)[1] < 80  # 65 -> 80 > DW_SPLIT_MAX: not split
+    assert x86_int8.dw_tile(7, 7, 3, 2)[1] == 8  # 8 -> 16 would double the work
+    assert x86_int8.dw_tile(14, 12, 3, 2)[1] % 16  # 13 -> 16: more than 1/8 more
+    assert x86_int8.dw_tile(28, 28, 3)[1] == 30  # stride 1: the least pitch, as before
 
 
 def _ceil8(value: int) -> int:

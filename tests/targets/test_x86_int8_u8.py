@@ -355,3 +355,209 @@ def test_u8s7_conv2d_residual_epilogue_runs_per_tile() -> None:
     got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(rv)).numpy()
     np.testing.assert_array_equal(got, want)
 
+
+def test_pixel_conv2d_residual_epilogue_stays_vectorized() -> None:
+    """The pixel kernel's epilogue as a QDQ residual projection has it (bias, float64
+    requantization, dequantize, + the dequantized residual input, quantize), all in the
+    output block: its tile loops stay loops (unrolled, TVM vectorized only the first copy
+    and emitted the others lane by lane: 2x slower), the row vectorized; bit-exact (scales
+    powers of 2: exact in float32 however LLVM contracts)."""
+    from lepton_edge.lowering.int8 import requantize_te
+
+    x_shape, r_shape = [1, 48, 6, 16], [1, 20, 6, 16]
+    weight = weight7((20, 48, 1, 1), 1)
+    scale = rng.integers(200, 1000, 20).astype(np.float64) * 2.0 ** -19
+    f32 = lambda v: relax.const(v, "float32")  # noqa: E731
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    r = relax.Var("r", relax.TensorType(r_shape, "int8"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight, "int8"), out_dtype="int32"))
+            y = bb.emit(bb.call_te(requantize_te, y, 0, 0, 3, -128, 127, None,
+                                   relax.const(scale.reshape(1, 20, 1, 1), "float64"), True,
+                                   primfunc_name_hint="requantize"))
+            a = relax.op.multiply(relax.op.subtract(relax.op.astype(y, "float32"), f32(3.0)),
+                                  f32(0.0625))
+            b = relax.op.multiply(relax.op.subtract(relax.op.astype(r, "float32"), f32(-5.0)),
+                                  f32(0.125))
+            q = relax.op.round(relax.op.divide(relax.op.add(a, b), f32(0.125)))
+            y = bb.emit(relax.op.astype(relax.op.clip(relax.op.add(q, f32(1.0)), -128, 127),
+                                        "int8"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod, packed, lines = pack_fuse_schedule(bb.get())
+    assert len(packed) == 1 and "pixel-vectorized uint8 vpmaddubsw" in packed[0], packed
+    assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_px_u8s7_avx2"), lines
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = tvm.s_tir.Schedule(func)
+    last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    (residual,) = [p for p in func.params if p.name == "r"]
+    assert any(rd.source.same_as(residual) for rd in sch.get(last).reads), func.script()
+    kinds = [sch.get(lp).kind for lp in sch.get_loops(last)]
+    assert kinds[-1] == tvm.tirx.ForKind.VECTORIZED, kinds
+    assert tvm.tirx.ForKind.UNROLLED not in kinds, kinds
+    xv, rv = saturating_uint8(tuple(x_shape)), rng.integers(-128, 128, r_shape).astype(np.int8)
+    acc = conv_reference(xv, weight, (1, 1), (1, 1), (0, 0, 0, 0), 0, 1, None)
+    qv = np.clip(np.rint(acc * scale.reshape(1, 20, 1, 1) + 3), -128, 127)
+    s32 = ((qv.astype(np.float32) - np.float32(3)) * np.float32(0.0625)
+           + (rv.astype(np.float32) + np.float32(5)) * np.float32(0.125)) / np.float32(0.125)
+    want = np.clip(np.rint(s32) + 1, -128, 127).astype(np.int8)
+    assert 0 < (np.abs(want.astype(int)) >= 127).mean() < 0.5  # the clip reached, not always
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HASWELL), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(rv)).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("width", [7, 14, 16])
+def test_u8s7_conv2d_epilogue_after_requantize_is_one_block(width: int) -> None:
+    """The c4 kernel's epilogue as a QDQ model's last conv has it (bias, float64
+    requantization per channel, dequantize, ReLU6 clip): the requantization and every step
+    after it inlined into the output block (one pass per output row, no intermediate
+    buffers) for rows under 8 or a multiple of 8 wide; 14-wide rows keep a loop per step
+    (which LLVM vectorizes); 40 output channels (2.5 blocks of 16); bit-exact."""
+    from lepton_edge.lowering.int8 import requantize_te
+
+    x_shape, oc = [1, 132, 3, width], 40
+    weight = weight7((oc, 132, 1, 1), 1)
+    bias = rng.integers(-3000, 3000, oc).astype(np.int32)
+    # scale k * 2^-19 (k < 2^10): acc * scale exact in float64, whatever LLVM contracts
+    scale = rng.integers(200, 1000, oc).astype(np.float64) * 2.0 ** -19
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight, "int8"), out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, oc, 1, 1), "int32")))
+            y = bb.emit(bb.call_te(requantize_te, y, 0, 0, 3, -128, 127, None,
+                                   relax.const(scale.reshape(1, oc, 1, 1), "float64"), True,
+                                   primfunc_name_hint="requantize"))
+            y = bb.emit(relax.op.multiply(relax.op.subtract(
+                relax.op.astype(y, "float32"), relax.const(3.0, "float32")),
+                relax.const(0.0625, "float32")))
+            y = bb.emit(relax.op.minimum(relax.op.maximum(y, relax.const(0.0, "float32")),
+                                         relax.const(6.0, "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod, packed, lines = pack_fuse_schedule(bb.get())
+    assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
+    assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_u8s7_avx2"), lines
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = tvm.s_tir.Schedule(func)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    after = names[max(i for i, n in enumerate(names) if n.startswith("dot")) + 1:]
+    if width == 14:
+        assert after[:2] == ["T_add", "requantize"] and len(after) == 7, names
+    else:
+        assert after == ["T_add", "T_minimum"], names  # the bias add: a pass per row before
+    xv = saturating_uint8(tuple(x_shape))
+    acc = conv_reference(xv, weight, (1, 1), (1, 1), (0, 0, 0, 0), 0, 1, None)
+    acc = acc + bias.reshape(1, oc, 1, 1)
+    q = np.clip(np.rint(acc * scale.reshape(1, oc, 1, 1) + 3), -128, 127)
+    want = np.minimum(np.maximum((q.astype(np.float32) - np.float32(3)) * np.float32(0.0625),
+                                 np.float32(0)), np.float32(6))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HASWELL), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+    assert 0 < (got > 0).mean() < 1 and 0 < (got == 6).mean() < 1  # both clip bounds
+    assert 0 < (np.abs(q) == 128).mean() and 0 < (q == 127).mean()  # int8 clip too
+    np.testing.assert_array_equal(got, want)
+
+
+# input channels, output channels, kernel, pad (top, left, bottom, right), weight bits
+SHIFTED = {
+    "1x1_odd_channels": (13, 20, 1, (0, 0, 0, 0), 7),
+    "3x3_stem_pad_folded_too": (3, 8, 3, (1, 1, 1, 1), 7),
+    "1x1_int16_kernel": (12, 16, 1, (0, 0, 0, 0), 8),
+}
+
+
+def shifted_conv_module(case: str, chain_add: int = 128) -> tuple[tvm.IRModule, np.ndarray]:
+    """int8 x_q -> uint8 x_q + 128 (lowering/int8.py's shift: astype, add, astype) ->
+    [pad with the shifted zero point 121] -> conv2d int32."""
+    c, o, k, pad, bits = SHIFTED[case]
+    weight = weight7((o, c, k, k), 1)
+    if bits == 8:
+        weight[3, 4:6] = 100  # a pair over the bound: the int16 pixel kernel
+        assert not x86_int8.maddubs_exact(weight)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, c, 9, 11], "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            u = bb.emit(relax.op.astype(relax.op.add(relax.op.astype(x, "int16"), relax.const(
+                chain_add, "int16")), "uint8"))
+            if any(pad):
+                u = bb.emit(relax.op.nn.pad(u, [0, 0, 0, 0, pad[0], pad[2], pad[1], pad[3]],
+                                            "constant", 121.0))
+            y = bb.emit(relax.op.nn.conv2d(u, relax.const(weight, "int8"), out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get(), weight
+
+
+@pytest.mark.parametrize("case", list(SHIFTED))
+def test_uint8_shift_folded_into_pixel_packing(case: str) -> None:
+    """The exact int8 -> uint8 shift in front of a pixel-kernel conv (a block input in a
+    QDQ model) runs in the conv's packing pass: no kernel of its own (nor a step in the
+    producer's epilogue); bit-exact against numpy on (x + 128) with int8 extremes."""
+    mod, weight = shifted_conv_module(case)
+    mod, packed, lines = pack_fuse_schedule(mod)
+    assert len(packed) == 1 and "uint8 shift folded" in packed[0], packed
+    kind = "px_u8s7" if SHIFTED[case][4] == 7 else "px"
+    assert len(lines) == 1 and lines[0].endswith(f"x86_int8_conv2d_{kind}_avx2"), lines
+    funcs = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1 and str(funcs[0].params[0].ty.dtype) == "int8", funcs
+    xv = rng.integers(-128, 128, (1, SHIFTED[case][0], 9, 11)).astype(np.int8)
+    xv[..., :2] = 127
+    xv[..., -2:] = -128
+    u = (xv.astype(np.int16) + 128).astype(np.uint8)
+    want = conv_reference(u, weight, (1, 1), (1, 1), SHIFTED[case][3], 121, 1, None)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HASWELL), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(xv)).numpy(), want)
+
+
+def test_other_adds_are_not_folded() -> None:
+    """Only the exact shift (+128) is folded: + 127 stays an elementwise kernel."""
+    mod, _ = shifted_conv_module("1x1_odd_channels", chain_add=127)
+    _, packed = x86_int8.pack_int8_kernels(mod, HASWELL)
+    assert len(packed) == 1 and "shift folded" not in packed[0], packed
+
+
+def test_dot_kernel_notes_say_what_ran(build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build's int8_dot_kernels notes name the kernel only when an int8 rule scheduled
+    it: with every int8 schedule refusing (the rule's dry run fails), the packed conv runs
+    in other loops, its note says so (no "vpmaddubsw" in it or in the code), and the
+    result stays exact."""
+    if x86_int8.dot_intrinsic(HOST) != x86_int8.INTRIN_AVX2:
+        pytest.skip("host has VNNI: its default build uses the VNNI kernels")
+
+    def refuse(sch, intrin) -> None:
+        raise RuntimeError("refused for the test")
+
+    monkeypatch.setattr(x86_int8, "_SCHEDULES", dict.fromkeys(x86_int8._SCHEDULES, refuse))
+    model, p = qdq_model(weight7((32, 12, 3, 3), 1), "conv")
+    path, session = build(lepton_edge.load(model), fallback=False)
+    text, meta = disassembly(path)
+    notes = meta["int8_dot_kernels"]
+    assert len(notes) == 1 and notes[0].startswith("conv2d [32, 12, 3, 3]: packed, but no "
+                                                   "int8 dot-product schedule"), notes
+    assert "vpmaddubsw" not in notes[0] and "vpmaddubsw" not in text
+    x_q = rng.integers(-128, 128, (2, 12, 9, 9)).astype(np.int8)
+    np.testing.assert_array_equal(session.run({"x_q": x_q})["y_q"], reference(x_q, p))
+
+
+def test_scheduled_notes_match_kernels_by_name() -> None:
+    notes = ["conv2d A: packed", "conv2d: grouped; generic code", "conv2d B: packed",
+             "depthwise conv2d C: planes", "matmul D: packed"]
+    kernels = ["int8_conv2d_px4", "", "int8_conv2d_px", "int8_depthwise", "int8_matmul_packed"]
+    rules = {"fused_int8_conv2d_px41_add1": "generic",  # px41, not px4
+             "fused_dequantize_int8_conv2d_px4_add2": "int8:x86_int8_conv2d_px_u8s7_avx2",
+             "fused_int8_conv2d_px4_add3_cast": "int8:x86_int8_conv2d_px_u8s7_avx2",
+             "fused_int8_conv2d_px_add4": "int8:x86_int8_conv2d_px_u8s7_avx2",
+             "fused_int8_depthwise_add5": "int8:x86_int8_depthwise_avx2",
+             "int8_depthwise": "generic"}  # one of its two functions unscheduled
+    got = x86_int8.scheduled_notes(notes, kernels, rules)
+    assert got[:3] == notes[:3]
+    assert got[3] == ("depthwise conv2d C: packed, but no int8 dot-product schedule applied "
+                      "(generic): plain loops, not the kernel packed for")
+    assert got[4].startswith("matmul D: packed, but no int8") and "(no default schedule)" \
+        in got[4]  # not among the scheduled functions (LEPTON_DEFAULT_SCHEDULES=0)
