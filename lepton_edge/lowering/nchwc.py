@@ -853,9 +853,15 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
         sch.reverse_compute_at(consumer, anchor, preserve_unit_loops=False)
         s._inline_consumers(sch, consumer)
         writeback = consumer
+    # A symbolic batch of small images, scheduled for large batches (the parallel variant of
+    # schedules._with_parallel_variant): whole images in parallel, each padded by the thread
+    # that convolves it (the padded buffer holds every image), not the pool woken per image.
+    batch_parallel = False
+    if per_image and s._const(sch.get(b).extent) is None and s._SYMBOLIC_WORK[0] > 1:
+        batch_parallel = work / s._SYMBOLIC_WORK[0] < s.PARALLEL_MIN_WORK <= work
     if per_image:
         s._stage_per_channel(sch, main, PAD_BLOCK, b, 1)
-        if work >= s.PARALLEL_MIN_WORK:
+        if work >= s.PARALLEL_MIN_WORK and not batch_parallel:
             for rv in sch.get_producers(main):
                 pad_loops = sch.get_loops(rv)
                 if len(pad_loops) > 1 and s._const(sch.get(pad_loops[1]).extent):
@@ -871,7 +877,9 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     for lp in inner:
         sch.unroll(lp)
     sch.vectorize(lane)
-    if work >= s.PARALLEL_MIN_WORK:
+    if batch_parallel:
+        sch.parallel(b)
+    elif work >= s.PARALLEL_MIN_WORK:
         sch.parallel(fused)
     # (a ScheduleError here reaches the ScheduleReport's refused list, see
     # schedules._schedule_one)

@@ -73,6 +73,7 @@ pipeline applies dlight (see :func:`cpu_pipeline`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,7 @@ def apply_default_schedules(mod: tvm.IRModule, target: Any, *, log: Log | None =
             report.rules[gvar.name_hint] = "unscheduled"
             continue
         name, new_func = scheduled
+        new_func = _with_parallel_variant(func, new_func, name, target, rules)
         report.rules[gvar.name_hint] = name
         updates[gvar] = new_func.with_attr("tirx.is_scheduled", True)
     if log is not None:
@@ -178,6 +180,151 @@ def _schedule_one(func: tirx.PrimFunc, target: Any, rules: list[tuple[str, Rule]
         if done:
             return name, sch.mod["main"]
     return None
+
+
+#: The work (N * per-sample iterations of the largest block) from which such a kernel runs its
+#: parallel schedule. Higher than PARALLEL_MIN_WORK: a 3-layer MLP (64 -> 128 -> 128 -> 10)
+#: at batch 64, 2 threads, ran 1.21x slower parallel (kernels of 0.5-1M iterations, ~20 us),
+#: at batch 512 (4-8M) 0.61x the serial time.
+BATCH_PARALLEL_MIN_WORK = 1 << 21
+#: LEPTON_BATCH_PARALLEL=0: kernels with a symbolic batch keep the one-sample decision
+#: (serial below PARALLEL_MIN_WORK at any batch), as before 2026-11-30 (for comparisons).
+BATCH_PARALLEL_ENV = "LEPTON_BATCH_PARALLEL"
+
+
+def _with_parallel_variant(func: tirx.PrimFunc, serial: tirx.PrimFunc, name: str, target: Any,
+                           rules: list[tuple[str, Rule]]) -> tirx.PrimFunc:
+    """``serial`` (``func`` scheduled by rule ``name``), or, when none of its loops runs in
+    parallel only because one sample's work is below PARALLEL_MIN_WORK while the batch is
+    symbolic, one kernel that runs ``func`` scheduled as for a large batch, its parallel
+    loops parallel when the work of its largest block (``N * per-sample work``) reaches
+    PARALLEL_MIN_WORK and serial otherwise (the same schedule replayed without its
+    ``parallel`` steps: the two branches share the loops neither changes, and lowering
+    requires such a loop to have one extent). Without it a small model's kernels never used
+    a second thread at any batch (the digits CNN at batch 64: 2 threads as slow as 1)."""
+    if os.environ.get(BATCH_PARALLEL_ENV, "1") == "0":
+        return serial
+    work = _symbolic_work(func)
+    if work is None or _has_parallel(serial):
+        return serial
+    rule = dict(rules).get(name)
+    if rule is None:
+        return serial
+    sch = Schedule(tvm.IRModule({"main": func}))
+    _SYMBOLIC_WORK[0] = float(PARALLEL_MIN_WORK)
+    try:
+        done = rule(sch, target)
+    except Exception:  # noqa: BLE001 - any failure of the optional variant: the serial one
+        return serial
+    finally:
+        _SYMBOLIC_WORK[0] = 1.0
+    parallel = done if isinstance(done, tirx.PrimFunc) else sch.mod["main"] if done else None
+    # a schedule whose parallel loops lie under a serial loop over the batch (per-image
+    # staging) would wake the thread pool once per sample: no gain for small samples
+    if parallel is None or not _has_parallel(parallel, batch=True):
+        return serial
+    try:
+        plain = serial  # a rule that combines schedules itself (a dense layer's rows)
+        if done is True:
+            from tvm.s_tir.schedule import Trace
+
+            trace = sch.trace
+            kept = [inst for inst in trace.insts if inst.kind.name != "Parallel"]
+            replay = Schedule(tvm.IRModule({"main": func}))
+            Trace(kept, {inst: trace.get_decision(inst) for inst in kept
+                         if trace.get_decision(inst) is not None}).apply_to_schedule(
+                replay, remove_postproc=False)
+            plain = replay.mod["main"]
+        try:
+            renewed = Schedule(tvm.IRModule({"main": plain}))
+            _renew_symbolic_loops(renewed)
+            plain = renewed.mod["main"]
+        except Exception:  # noqa: BLE001 - e.g. a rule's own two-schedule kernel: its block
+            pass  # names repeat; _check_lowering decides
+        both = _dispatch(work >= BATCH_PARALLEL_MIN_WORK, parallel, plain)
+        _check_lowering(both, target)
+        return both
+    except Exception:  # noqa: BLE001 - no replay, no shared kernel, no lowering: serial
+        return serial
+
+
+def _renew_symbolic_loops(sch: Schedule) -> None:
+    """Give every loop of ``sch`` over a symbolic extent a new variable (a split off a unit
+    loop): a loop the two branches of a dispatched kernel share is bounded by each branch's
+    condition differently (``N * w < T`` bounds the batch loop in the serial branch), and
+    lowering binds a loop variable once ("Trying to update var 'b' with a different const
+    bound")."""
+    renewed: list[Any] = []
+    names = [n.name_hint for n in _statements(sch.mod["main"].body)
+             if type(n).__name__ == "SBlock" and n.name_hint != "root"]
+    for name in names:
+        for loop in sch.get_loops(sch.get_sblock(name)):
+            var = sch.get(loop).loop_var
+            if _const(sch.get(loop).extent) is not None or any(v.same_as(var) for v in renewed):
+                continue
+            _, inner = sch.split(loop, [1, None])
+            renewed.append(sch.get(inner).loop_var)
+
+
+def _check_lowering(func: tirx.PrimFunc, target: Any) -> None:
+    """Run TVM's loop lowering (through loop partitioning and simplification, ~30 ms) on one
+    kernel; raises what the build would. A kernel holding two schedules can fail there (a
+    loop both branches share, bound differently: "Trying to update var 'b' with a different
+    const bound", seen on a per-image staged convolution) and must not fail the whole build."""
+    from tvm import s_tir
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
+                        .with_attr("target", target)})
+    tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.StmtSimplify(), s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(), s_tir.transform.LoopPartition(),
+        tirx.transform.VectorizeLoop(True), tirx.transform.UnrollLoop(),
+        tirx.transform.StmtSimplify()])(mod)
+
+
+def _symbolic_work(func: tirx.PrimFunc) -> Any | None:
+    """The iteration count of ``func``'s largest block (by its work per sample), as an int64
+    expression of the symbolic extents; None if no block has a symbolic extent."""
+    best: tuple[float, Any] | None = None
+    for node in _statements(func.body):
+        if type(node).__name__ != "SBlock" or not node.iter_vars:
+            continue
+        extents = [iv.dom.extent for iv in node.iter_vars]
+        if all(_const(e) is not None for e in extents):
+            continue
+        static = _work(extents)
+        expr = tirx.IntImm("int64", 1)
+        for e in extents:
+            expr = expr * (tirx.Cast("int64", e) if str(e.ty) != "int64" else e)
+        if best is None or static > best[0]:
+            best = (static, expr)
+    return None if best is None else best[1]
+
+
+def _has_parallel(func: tirx.PrimFunc, *, batch: bool = False) -> bool:
+    """Whether ``func`` has a parallel loop (``batch``: one whose extent is symbolic)."""
+    return any(type(n).__name__ == "For" and int(n.kind) == int(tirx.ForKind.PARALLEL)
+               and (not batch or _const(n.extent) is None) for n in _statements(func.body))
+
+
+def _statements(stmt: Any) -> list[Any]:
+    """Every statement under ``stmt``, blocks included (not expressions)."""
+    found, stack = [], [stmt]
+    while stack:
+        cur = stack.pop()
+        if cur is None:
+            continue
+        if isinstance(cur, (list, tuple)) or type(cur).__name__ == "Array":
+            stack.extend(cur)
+            continue
+        found.append(cur)
+        for name in ("body", "seq", "block", "then_case", "else_case", "init"):
+            child = getattr(cur, name, None) if _has_field(cur, name) else None
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+    return found
 
 
 @tvm.transform.module_pass(opt_level=0, name="LeptonDefaultSchedules")
@@ -596,12 +743,17 @@ def _unit_stride(expr: Any, var: Any) -> int | None:
     return _const(coeffs[0])
 
 
+#: What a symbolic extent (the batch N) counts for in _work: 1 (one sample's work decides)
+#: unless _with_parallel_variant is scheduling a kernel's variant for large batches.
+_SYMBOLIC_WORK = [1.0]
+
+
 def _work(extents: Iterable[Any]) -> float:
-    """Scalar iterations of a loop nest; a symbolic extent counts as large."""
+    """Scalar iterations of a loop nest; a symbolic extent counts as ``_SYMBOLIC_WORK``."""
     total = 1.0
     for e in extents:
         c = _const(e)
-        total *= c if c is not None else 1
+        total *= c if c is not None else _SYMBOLIC_WORK[0]
     return total
 
 

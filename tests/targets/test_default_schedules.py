@@ -174,14 +174,59 @@ def test_int8_kernels_with_requantization_epilogue_are_scheduled(small_parallel_
         assert {"parallel", "vectorized"} <= kinds if "conv2d" in name else "vectorized" in kinds
 
 
-def test_small_kernels_stay_on_one_thread() -> None:
-    """Below PARALLEL_MIN_WORK (at batch 1) a thread-pool launch costs more than the work."""
+def _batch_branches(func: tirx.PrimFunc) -> tuple[Any, tirx.Stmt, tirx.Stmt] | None:
+    """(condition, then, else) of a kernel scheduled twice for a symbolic batch
+    (schedules._with_parallel_variant), or None."""
+    body = func.body.block.body
+    if not isinstance(body, tirx.IfThenElse):
+        return None
+    return body.condition, body.then_case, body.else_case
+
+
+def _holds(cond: Any, batch: int) -> bool:
+    """The value of a condition on the one symbolic dimension at ``batch``."""
+    from tvm.sym import Analyzer
+
+    analyzer = Analyzer()
+    (n,) = {v.name: v for v in _free_vars(cond)}.values()
+    analyzer.bind(n, tvm.tirx.IntImm("int64", batch))
+    return bool(analyzer.simplify(cond))
+
+
+def _free_vars(expr: Any) -> list[Any]:
+    found, stack = [], [expr]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, tirx.Var):
+            found.append(cur)
+        for attr in ("a", "b", "value", "args"):
+            child = getattr(cur, attr, None) if hasattr(cur, attr) else None
+            if child is None or isinstance(child, (int, str, float)):
+                continue
+            stack.extend(child if isinstance(child, (list, tuple)) or
+                         type(child).__name__ == "Array" else [child])
+    return found
+
+
+def test_small_kernels_stay_on_one_thread_at_small_batches() -> None:
+    """Below PARALLEL_MIN_WORK a thread-pool launch costs more than the work: at batch 1 these
+    matmuls run on one thread; at a batch whose work reaches it they run in parallel (one
+    kernel, two schedules, chosen per call by N * per-sample work)."""
     mod = _legalized(matmuls())
     scheduled = schedules.apply_default_schedules(mod, TARGET)
+    seen = 0
     for gvar, func in scheduled.functions_items():
         if isinstance(func, tirx.PrimFunc) and "matmul" in gvar.name_hint:
-            kinds = _loop_kinds(func)
-            assert "vectorized" in kinds and "parallel" not in kinds, (gvar.name_hint, kinds)
+            assert "vectorized" in _loop_kinds(func), gvar.name_hint
+            branches = _batch_branches(func)
+            assert branches is not None, (gvar.name_hint, _loop_kinds(func))
+            cond, parallel, serial = branches
+            assert not _holds(cond, 1) and _holds(cond, 4096), cond
+            assert "parallel" not in _loop_kinds(func.with_body(serial))
+            assert "parallel" in _loop_kinds(func.with_body(parallel))
+            seen += 1
+    assert seen == 3
+
 
 
 def test_plain_tvm_loops_are_not_reported_as_scheduled() -> None:
@@ -744,3 +789,14 @@ def test_row_dispatch_kernels_allocate_shared_stages_once(build) -> None:
     for scales in ([1.0, 1.0, 1.0, 0.6], [1.0, 1.0, 2.0, 1.5]):
         feeds = {"x": x, "scales": np.array(scales, np.float32)}
         assert_close(session.run(feeds), ort_run(proto, feeds))
+
+
+@pytest.mark.parametrize("builder", [convs, matmuls, small_cnn, batch_dense])
+def test_large_batches_of_small_kernels_match_onnxruntime(builder, build) -> None:
+    """The parallel branch of kernels scheduled twice (see above) gives the numbers too."""
+    proto = builder()
+    model = lepton_edge.load(proto)
+    _, session = build(model, golden_count=1)
+    for batch in (1, 300):
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
