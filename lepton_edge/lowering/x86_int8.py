@@ -373,12 +373,13 @@ def dot_intrinsic(target: Any) -> str | None:
     return None
 
 
-#: LEPTON_X86_INT8_DOT: "auto" (default) packs for VNNI targets, and for AVX2 targets in
-#: untuned builds (pack_int8_kernels(mod, target): the int16 `vpmaddwd` layout, or the
-#: uint8 `vpmaddubsw` one for weights that pass maddubs_exact; faster than
-#: lowering/schedules.py's generic int8 kernels, benchmarks/RESULTS.md); "on"
-#: also packs tuned AVX2 builds (uint8 layout, MetaSchedule tunes it with INTRIN_AVX2);
-#: "off" never.
+#: LEPTON_X86_INT8_DOT: "auto" (default) packs for VNNI targets (tuned builds: the uint8
+#: layout, tuned around the intrinsic), and for AVX2 targets with the target
+#: (pack_int8_kernels(mod, target): the int16 `vpmaddwd` layout, or the uint8 `vpmaddubsw`
+#: one for weights that pass maddubs_exact; faster than lowering/schedules.py's generic int8
+#: kernels, benchmarks/RESULTS.md; tuned builds keep them out of MetaSchedule's tasks, see
+#: tuning.tune_and_build); "on" packs tuned AVX2 builds in the unmarked uint8 layout instead
+#: (MetaSchedule tunes it with INTRIN_AVX2); "off" never.
 DOT_ENV = "LEPTON_X86_INT8_DOT"
 
 
