@@ -54,10 +54,12 @@ def feeds(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def cpu_build(art: lepton_edge.Artifact, folder: Path) -> tuple[Path, dict]:
-    """The artifact's one CPU build: its library written to `folder`, and its meta."""
+    """The artifact's one CPU build: its library written to `folder` under a new name (never
+    over a library already loaded: rewriting a mapped .so in place crashed the interpreter
+    at exit with SIGBUS), and its meta."""
     (sg,) = art.manifest["subgraphs"]
     (build,) = [b for b in sg["builds"] if b["target"] == "cpu"]
-    path = folder / "lib.so"
+    path = folder / f"lib{len(list(folder.glob('lib*.so')))}.so"
     path.write_bytes(art.files[build["files"]["lib.so"]])
     return path, build["meta"]
 
