@@ -311,19 +311,8 @@ def _has_parallel(func: tirx.PrimFunc, *, batch: bool = False) -> bool:
 
 def _statements(stmt: Any) -> list[Any]:
     """Every statement under ``stmt``, blocks included (not expressions)."""
-    found, stack = [], [stmt]
-    while stack:
-        cur = stack.pop()
-        if cur is None:
-            continue
-        if isinstance(cur, (list, tuple)) or type(cur).__name__ == "Array":
-            stack.extend(cur)
-            continue
-        found.append(cur)
-        for name in ("body", "seq", "block", "then_case", "else_case", "init"):
-            child = getattr(cur, name, None) if _has_field(cur, name) else None
-            if child is not None and not isinstance(child, (int, float, str)):
-                stack.append(child)
+    found: list[Any] = []
+    _walk(stmt, found.append, ("body", "seq", "block", "then_case", "else_case", "init"))
     return found
 
 
@@ -668,8 +657,10 @@ _CHILDREN = ("a", "b", "value", "args", "indices", "condition", "true_value", "f
              "body", "seq", "then_case", "else_case")
 
 
-def _walk(node: Any, visit: Callable[[Any], None]) -> None:
-    """Post-order walk over TIR expressions/statements (TVM 0.27 has no Python visitor)."""
+def _walk(node: Any, visit: Callable[[Any], None],
+          children: tuple[str, ...] | None = None) -> None:
+    """Post-order walk over TIR expressions/statements (TVM 0.27 has no Python visitor),
+    through the fields ``children`` (default: _CHILDREN)."""
     stack: list[Any] = [node]
     order: list[Any] = []
     while stack:
@@ -680,7 +671,7 @@ def _walk(node: Any, visit: Callable[[Any], None]) -> None:
             stack.extend(cur)
             continue
         order.append(cur)
-        for name in _CHILDREN:
+        for name in children or _CHILDREN:
             child = getattr(cur, name, None) if _has_field(cur, name) else None
             if child is not None and not isinstance(child, (int, float, str)):
                 stack.append(child)

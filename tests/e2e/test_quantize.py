@@ -138,16 +138,21 @@ def test_cli_quantize_then_compile(digits, tmp_path: Path) -> None:
     assert out.returncode == 0 and "self-test PASS" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    """A 2-layer BERT-shaped encoder (attention + LayerNorm + GELU), calibration and test data."""
+def bert_shaped(d_model: int, heads: int, ffn: int, layers: int) -> lepton_edge.Model:
+    """A BERT-shaped encoder (attention + LayerNorm + GELU), sequence 16, input "tokens"."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128,
+    layer = torch.nn.TransformerEncoderLayer(d_model=d_model, nhead=heads, dim_feedforward=ffn,
                                              dropout=0.0, activation="gelu", batch_first=True)
-    encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-    model = lepton_edge.load(encoder, torch.randn(2, 16, 64), input_names=["tokens"],
-                             output_names=["hidden"])
+    encoder = torch.nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+    return lepton_edge.load(encoder, torch.randn(2, 16, d_model), input_names=["tokens"],
+                            output_names=["hidden"])
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """A 2-layer BERT-shaped encoder, calibration and test data."""
+    model = bert_shaped(64, 4, 128, 2)
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((32, 16, 64)).astype(np.float32)
     test = rng.standard_normal((8, 16, 64)).astype(np.float32)

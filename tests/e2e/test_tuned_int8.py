@@ -72,16 +72,11 @@ def test_tuned_int8_encoder_kernels_with_a_batch_scalar(tmp_path) -> None:
     are N * 16 rows): each bucket gets copies with the scalar bound (FuseTIR failed on them:
     "Inconsistent buffers ... mapped to the same relax var"). tune=0 with a database applies
     it only: the same specialise / pack / build path as tuning, without measurements."""
-    torch = pytest.importorskip("torch")
     from lepton_edge.compress.quantize import cosine
     from tests.conftest import spec_output
+    from tests.e2e.test_quantize import bert_shaped
 
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=64,
-                                             dropout=0.0, activation="gelu", batch_first=True)
-    encoder = torch.nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
-    model = lepton_edge.load(encoder, torch.randn(2, 16, 32), input_names=["tokens"],
-                             output_names=["hidden"])
+    model = bert_shaped(32, 2, 64, 1)
     rng = np.random.default_rng(0)
     q = quantize(model, rng.standard_normal((16, 16, 32)).astype(np.float32), weight_bits=7)
     logs: list[str] = []
