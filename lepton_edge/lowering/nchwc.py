@@ -857,8 +857,8 @@ def schedule_nchwc(sch: Any, target: Any) -> bool:
     # schedules._with_parallel_variant): whole images in parallel, each padded by the thread
     # that convolves it (the padded buffer holds every image), not the pool woken per image.
     batch_parallel = False
-    if per_image and s._const(sch.get(b).extent) is None and s._SYMBOLIC_WORK[0] > 1:
-        batch_parallel = work / s._SYMBOLIC_WORK[0] < s.PARALLEL_MIN_WORK <= work
+    if per_image and s._const(sch.get(b).extent) is None and s._symbolic_factor() > 1:
+        batch_parallel = work / s._symbolic_factor() < s.PARALLEL_MIN_WORK <= work
     if per_image:
         s._stage_per_channel(sch, main, PAD_BLOCK, b, 1)
         if work >= s.PARALLEL_MIN_WORK and not batch_parallel:

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,9 @@ class ScheduleReport:
     #: kernel -> "rule: why" for every rule whose schedule primitive refused the kernel (the
     #: next rule then got a fresh copy; nothing of the refused attempt is kept).
     refused: dict[str, list[str]] = field(default_factory=dict)
+    #: kernel -> what became of its parallel variant for large symbolic batches
+    #: (_with_parallel_variant), for kernels where one was tried
+    variants: dict[str, str] = field(default_factory=dict)
 
     def count(self, rule: str) -> int:
         return sum(1 for r in self.rules.values() if r == rule)
@@ -122,6 +126,9 @@ class ScheduleReport:
         text = ", ".join(f"{self.count(n)} {n}" for n in names) or "no kernels"
         if self.refused:
             text += f" ({sum(map(len, self.refused.values()))} rule attempt(s) refused)"
+        made = sum(1 for v in self.variants.values() if not v.startswith("none"))
+        if self.variants:
+            text += f"; {made} of {len(self.variants)} small kernel(s) parallel for large batches"
         return text
 
 
@@ -152,7 +159,9 @@ def apply_default_schedules(mod: tvm.IRModule, target: Any, *, log: Log | None =
             report.rules[gvar.name_hint] = "unscheduled"
             continue
         name, new_func = scheduled
-        new_func = _with_parallel_variant(func, new_func, name, target, rules)
+        new_func, variant = _with_parallel_variant(func, new_func, name, target, rules)
+        if variant is not None:
+            report.variants[gvar.name_hint] = variant
         report.rules[gvar.name_hint] = name
         updates[gvar] = new_func.with_attr("tirx.is_scheduled", True)
     if log is not None:
@@ -193,36 +202,35 @@ BATCH_PARALLEL_ENV = "LEPTON_BATCH_PARALLEL"
 
 
 def _with_parallel_variant(func: tirx.PrimFunc, serial: tirx.PrimFunc, name: str, target: Any,
-                           rules: list[tuple[str, Rule]]) -> tirx.PrimFunc:
+                           rules: list[tuple[str, Rule]]) -> tuple[tirx.PrimFunc, str | None]:
     """``serial`` (``func`` scheduled by rule ``name``), or, when none of its loops runs in
     parallel only because one sample's work is below PARALLEL_MIN_WORK while the batch is
     symbolic, one kernel that runs ``func`` scheduled as for a large batch, its parallel
     loops parallel when the work of its largest block (``N * per-sample work``) reaches
-    PARALLEL_MIN_WORK and serial otherwise (the same schedule replayed without its
+    BATCH_PARALLEL_MIN_WORK and serial otherwise (the same schedule replayed without its
     ``parallel`` steps: the two branches share the loops neither changes, and lowering
     requires such a loop to have one extent). Without it a small model's kernels never used
-    a second thread at any batch (the digits CNN at batch 64: 2 threads as slow as 1)."""
+    a second thread at any batch. With it, a note for ScheduleReport.variants when a
+    variant was tried: what became of it (None when none was tried)."""
     if os.environ.get(BATCH_PARALLEL_ENV, "1") == "0":
-        return serial
+        return serial, None
     work = _symbolic_work(func)
-    if work is None or _has_parallel(serial):
-        return serial
     rule = dict(rules).get(name)
-    if rule is None:
-        return serial
+    if work is None or _has_parallel(serial) or rule is None:
+        return serial, None
     sch = Schedule(tvm.IRModule({"main": func}))
-    _SYMBOLIC_WORK[0] = float(PARALLEL_MIN_WORK)
+    _WORK.symbolic = float(PARALLEL_MIN_WORK)
     try:
         done = rule(sch, target)
-    except Exception:  # noqa: BLE001 - any failure of the optional variant: the serial one
-        return serial
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional variant: serial
+        return serial, f"none: rule {name} refused ({_last_line(exc)})"
     finally:
-        _SYMBOLIC_WORK[0] = 1.0
+        _WORK.symbolic = 1.0
     parallel = done if isinstance(done, tirx.PrimFunc) else sch.mod["main"] if done else None
     # a schedule whose parallel loops lie under a serial loop over the batch (per-image
     # staging) would wake the thread pool once per sample: no gain for small samples
     if parallel is None or not _has_parallel(parallel, batch=True):
-        return serial
+        return serial, "none: no parallel loop over the batch"
     try:
         plain = serial  # a rule that combines schedules itself (a dense layer's rows)
         if done is True:
@@ -243,9 +251,14 @@ def _with_parallel_variant(func: tirx.PrimFunc, serial: tirx.PrimFunc, name: str
             pass  # names repeat; _check_lowering decides
         both = _dispatch(work >= BATCH_PARALLEL_MIN_WORK, parallel, plain)
         _check_lowering(both, target)
-        return both
-    except Exception:  # noqa: BLE001 - no replay, no shared kernel, no lowering: serial
-        return serial
+        return both, "parallel for large batches"
+    except Exception as exc:  # noqa: BLE001 - no replay, no shared kernel, no lowering: serial
+        return serial, f"none: {_last_line(exc)}"
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
 
 
 def _renew_symbolic_loops(sch: Schedule) -> None:
@@ -734,17 +747,22 @@ def _unit_stride(expr: Any, var: Any) -> int | None:
     return _const(coeffs[0])
 
 
-#: What a symbolic extent (the batch N) counts for in _work: 1 (one sample's work decides)
-#: unless _with_parallel_variant is scheduling a kernel's variant for large batches.
-_SYMBOLIC_WORK = [1.0]
+#: What a symbolic extent (the batch N) counts for in _work (per thread: compiles may run in
+#: threads): 1 (one sample's work decides) unless _with_parallel_variant is scheduling a
+#: kernel's variant for large batches.
+_WORK = threading.local()
+
+
+def _symbolic_factor() -> float:
+    return float(getattr(_WORK, "symbolic", 1.0))
 
 
 def _work(extents: Iterable[Any]) -> float:
-    """Scalar iterations of a loop nest; a symbolic extent counts as ``_SYMBOLIC_WORK``."""
+    """Scalar iterations of a loop nest; a symbolic extent counts as _symbolic_factor()."""
     total = 1.0
     for e in extents:
         c = _const(e)
-        total *= c if c is not None else _SYMBOLIC_WORK[0]
+        total *= c if c is not None else _symbolic_factor()
     return total
 
 

@@ -213,7 +213,8 @@ def test_small_kernels_stay_on_one_thread_at_small_batches() -> None:
     matmuls run on one thread; at a batch whose work reaches it they run in parallel (one
     kernel, two schedules, chosen per call by N * per-sample work)."""
     mod = _legalized(matmuls())
-    scheduled = schedules.apply_default_schedules(mod, TARGET)
+    report = schedules.ScheduleReport()
+    scheduled = schedules.apply_default_schedules(mod, TARGET, report=report)
     seen = 0
     for gvar, func in scheduled.functions_items():
         if isinstance(func, tirx.PrimFunc) and "matmul" in gvar.name_hint:
@@ -224,8 +225,10 @@ def test_small_kernels_stay_on_one_thread_at_small_batches() -> None:
             assert not _holds(cond, 1) and _holds(cond, 4096), cond
             assert "parallel" not in _loop_kinds(func.with_body(serial))
             assert "parallel" in _loop_kinds(func.with_body(parallel))
+            assert report.variants[gvar.name_hint] == "parallel for large batches"
             seen += 1
     assert seen == 3
+    assert "3 of 3 small kernel(s) parallel for large batches" in report.summary()
 
 
 
