@@ -43,16 +43,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="MetaSchedule trial budget for the CPU kernels (0: no tuning; try 256).")
 @click.option("--tuning-db", type=click.Path(file_okay=False, path_type=Path),
               help="Tuning database folder [default: ~/.cache/lepton-edge/tuning/<target>].")
-@click.option("--batch-buckets", default="1", show_default=True, metavar="SIZES",
+@click.option("--batch-buckets", default=None, metavar="SIZES",
               help="Batch sizes an untuned CPU build gets a static entry function for "
-                   "(comma-separated; 'none': the symbolic batch only).")
+                   "(comma-separated; 'none': the symbolic batch only) [default: 1].")
 def compile_cmd(model: Path, targets: tuple[str, ...], output: Path | None, no_fallback: bool,
-                golden_count: int, tune: int, tuning_db: Path | None, batch_buckets: str
-                ) -> None:
+                golden_count: int, tune: int, tuning_db: Path | None,
+                batch_buckets: str | None) -> None:
     """Compile MODEL (.onnx) into one .lepton artifact."""
     import lepton_edge
 
-    buckets = _batch_sizes(batch_buckets)
+    buckets = None if batch_buckets is None else _batch_sizes(batch_buckets)
     out = output or model.with_suffix(".lepton")
     start = time.perf_counter()
     loaded = lepton_edge.load(model)

@@ -99,6 +99,10 @@ def compile(  # noqa: A001 - the public verb of the pipeline
         if bad:
             raise InputError(f"batch_buckets must be positive integers (batch sizes), got {bad}; "
                              "pass e.g. (1,) or (1, 8), or () for no static entries")
+        if tune or tuning_db:
+            raise InputError("batch_buckets applies to untuned builds; a tuned build "
+                             "(tune / tuning_db) specialises the batch to 1 and 64 itself: "
+                             "leave batch_buckets out")
     options = {"tune": tune, "tuning_db": str(tuning_db) if tuning_db else None, "log": log,
                "batch_buckets": batch_buckets}
     profiles = {plugin.name: dataclasses.replace(profile, settings={**profile.settings,

@@ -221,6 +221,9 @@ def test_bad_batch_buckets_are_refused() -> None:
     for bad in ((0,), (1.5,), (True,), ("1",)):
         with pytest.raises(InputError, match="batch_buckets must be positive integers"):
             lepton_edge.compile(lepton_edge.load(cnn()), ["cpu"], batch_buckets=bad)
+    with pytest.raises(InputError, match="applies to untuned builds"):  # not silently ignored
+        lepton_edge.compile(lepton_edge.load(cnn()), ["cpu"], batch_buckets=(1, 8), tune=0,
+                            tuning_db="unused")
     assert _batch_sizes("1,8") == (1, 8)
     assert _batch_sizes("none") == ()
     for bad_text in ("x", "0", "1,,2"):
