@@ -75,6 +75,12 @@ def pack_fuse_schedule(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[str], list
     return mod, packed, lines
 
 
+def only_kernel(mod: tvm.IRModule) -> tvm.tirx.PrimFunc:
+    """The one kernel (PrimFunc) of a scheduled module."""
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func
+
+
 def build(mod: tvm.IRModule) -> tuple[object, list[str], list[str]]:
     """pack_fuse_schedule(mod), compiled for AVX2."""
     mod, packed, lines = pack_fuse_schedule(mod)
@@ -387,7 +393,7 @@ def test_strided_depthwise_staging_tests_no_pixel() -> None:
                       strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
     mod, _, lines = pack_fuse_schedule(mod)
     assert len(lines) == 1 and lines[0].endswith("x86_int8_depthwise_avx2"), lines
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    func = only_kernel(mod)
     sch = tvm.s_tir.Schedule(func)
     for name in ("pack_dw", x86_int8.DW_PADDED):  # the padded plane's border decomposed
         block = sch.get(sch.get_sblock(name))
@@ -410,7 +416,7 @@ def test_strided_depthwise_phase_split_vectorized_only_when_short() -> None:
                           strides=(2, 2), pad=(1, 1, 1, 1), pad_value=3, shift=5)
         mod, _, lines = pack_fuse_schedule(mod)
         assert lines[0].endswith("x86_int8_depthwise_avx2"), lines
-        (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+        func = only_kernel(mod)
         pitch = x86_int8.dw_tile(4, width // 2, 3, 2)[1]
         assert (pitch % x86_int8.DW_SPLIT_LANES == 0) == split, (width, pitch)
         assert ("T.Shuffle" in func.script()) == split, width
@@ -589,7 +595,7 @@ def test_depthwise_requantize_and_uint8_shift_inlined(form: str) -> None:
         bb.emit_func_output(out)
     mod, packed, lines = pack_fuse_schedule(bb.get())
     assert len(lines) == 1 and lines[0].endswith("x86_int8_depthwise_avx2"), lines
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    func = only_kernel(mod)
     sch = tvm.s_tir.Schedule(func)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     # the bias add stays a block of its own (int32, see _epilogue_per_tile); then one block

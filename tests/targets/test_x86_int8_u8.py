@@ -24,7 +24,7 @@ from lepton_edge.lowering import x86_int8
 from tests.targets.test_int8_avx2 import HASWELL, pytestmark  # noqa: F401
 from tests.targets.test_int8_lowering import reference
 from tests.targets.test_vnni import HOST, disassembly, run, single_op_module
-from tests.targets.test_x86_int8_px import build, conv_module, pack_fuse_schedule
+from tests.targets.test_x86_int8_px import build, conv_module, only_kernel, pack_fuse_schedule
 from tests.targets.test_x86_int8_px import reference as conv_reference
 
 tvm = pytest.importorskip("tvm")
@@ -340,7 +340,7 @@ def test_u8s7_conv2d_residual_epilogue_runs_per_tile() -> None:
     mod, packed, lines = pack_fuse_schedule(bb.get())
     assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
     assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_u8s7_avx2"), lines
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    func = only_kernel(mod)
     sch = tvm.s_tir.Schedule(func)
     top = []  # the outermost loop of every block: the input packing, then the tiled kernel
     for block in sch.get_child_blocks(sch.get_sblock("root")):
@@ -389,7 +389,7 @@ def test_pixel_conv2d_residual_epilogue_stays_vectorized() -> None:
     mod, packed, lines = pack_fuse_schedule(bb.get())
     assert len(packed) == 1 and "pixel-vectorized uint8 vpmaddubsw" in packed[0], packed
     assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_px_u8s7_avx2"), lines
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    func = only_kernel(mod)
     sch = tvm.s_tir.Schedule(func)
     last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
     (residual,) = [p for p in func.params if p.name == "r"]
@@ -442,7 +442,7 @@ def test_u8s7_conv2d_epilogue_after_requantize_is_one_block(width: int) -> None:
     mod, packed, lines = pack_fuse_schedule(bb.get())
     assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
     assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_u8s7_avx2"), lines
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    func = only_kernel(mod)
     sch = tvm.s_tir.Schedule(func)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     after = names[max(i for i, n in enumerate(names) if n.startswith("dot")) + 1:]
