@@ -55,6 +55,16 @@ def saturating_uint8(shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def one_scheduled_kernel(mod: object, note: str, rule: str) -> tuple[object, object, object]:
+    """pack_fuse_schedule(mod) for a module with one int8 kernel, which must be packed as
+    `note` says and scheduled by `rule`: (the module, its kernel, a Schedule of the kernel)."""
+    mod, packed, lines = pack_fuse_schedule(mod)
+    assert len(packed) == 1 and note in packed[0], packed
+    assert len(lines) == 1 and lines[0].endswith(f": {rule}"), lines
+    func = only_kernel(mod)
+    return mod, func, tvm.s_tir.Schedule(func)
+
+
 def test_maddubs_exact_bounds() -> None:
     def matmul_pair(a: int, b: int, rows: tuple[int, int] = (0, 1), k: int = 8) -> bool:
         w = np.zeros((k, 3), np.int8)
@@ -337,11 +347,8 @@ def test_u8s7_conv2d_residual_epilogue_runs_per_tile() -> None:
                 y, relax.const(7, "int32")), -128, 127), "int8"))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    mod, packed, lines = pack_fuse_schedule(bb.get())
-    assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
-    assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_u8s7_avx2"), lines
-    func = only_kernel(mod)
-    sch = tvm.s_tir.Schedule(func)
+    mod, func, sch = one_scheduled_kernel(bb.get(), "packed uint8 vpmaddubsw",
+                                          "x86_int8_conv2d_u8s7_avx2")
     top = []  # the outermost loop of every block: the input packing, then the tiled kernel
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         loop = sch.get(sch.get_loops(block)[0])
@@ -386,11 +393,8 @@ def test_pixel_conv2d_residual_epilogue_stays_vectorized() -> None:
                                         "int8"))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    mod, packed, lines = pack_fuse_schedule(bb.get())
-    assert len(packed) == 1 and "pixel-vectorized uint8 vpmaddubsw" in packed[0], packed
-    assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_px_u8s7_avx2"), lines
-    func = only_kernel(mod)
-    sch = tvm.s_tir.Schedule(func)
+    mod, func, sch = one_scheduled_kernel(bb.get(), "pixel-vectorized uint8 vpmaddubsw",
+                                          "x86_int8_conv2d_px_u8s7_avx2")
     last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
     (residual,) = [p for p in func.params if p.name == "r"]
     assert any(rd.source.same_as(residual) for rd in sch.get(last).reads), func.script()
@@ -439,11 +443,8 @@ def test_u8s7_conv2d_epilogue_after_requantize_is_one_block(width: int) -> None:
                                          relax.const(6.0, "float32")))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    mod, packed, lines = pack_fuse_schedule(bb.get())
-    assert len(packed) == 1 and "packed uint8 vpmaddubsw" in packed[0], packed
-    assert len(lines) == 1 and lines[0].endswith(": x86_int8_conv2d_u8s7_avx2"), lines
-    func = only_kernel(mod)
-    sch = tvm.s_tir.Schedule(func)
+    mod, func, sch = one_scheduled_kernel(bb.get(), "packed uint8 vpmaddubsw",
+                                          "x86_int8_conv2d_u8s7_avx2")
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     after = names[max(i for i, n in enumerate(names) if n.startswith("dot")) + 1:]
     if width == 14:
