@@ -25,8 +25,9 @@
   a kernel built here with TVM/LLVM for this CPU (independent fused multiply-add chains held
   in vector registers, no memory traffic, one chain set per thread of TVM's pool, 2 flops
   per FMA lane), i.e. what the silicon does at the clock it runs now. The fp32 roofline
-  column is the share of that. int8, on AVX2 CPUs without VNNI: the same kind of kernel
-  with `vpmaddubsw` (`int8_dot_peak`); elsewhere onnxruntime's MatMulInteger rate stands in
+  column is the share of that. int8 on x86: the same kind of kernel with `vpdpbusd` (AVX-512
+  VNNI) or `vpmaddubsw` (AVX2 without VNNI; `int8_dot_peak`); elsewhere onnxruntime's
+  MatMulInteger rate stands in
   (uint8 x int8 -> int32, 2 ops per MAC, all cores; the method says which). Also recorded:
   numpy's BLAS sgemm rate and onnxruntime's MatMulInteger rate, achievable *library*
   figures (onnxruntime's fp32 exceeds numpy's sgemm here).
@@ -307,17 +308,22 @@ def fma_peak(*, repeats: int = 5, iterations: int = 1 << 20) -> tuple[float, int
 
 def int8_dot_peak(*, repeats: int = 5, iterations: int = 1 << 20
                   ) -> tuple[float, int, str] | None:
-    """int8 multiply-add throughput of an AVX2 CPU without VNNI on TVM's thread pool:
-    ``(GOPS, threads, method)``, or None for other CPUs (VNNI or AVX-512 CPUs have wider int8
-    instructions this kernel does not use; non-x86 CPUs have other ones).
+    """int8 multiply-add throughput of this x86 CPU on TVM's thread pool: ``(GOPS, threads,
+    method)``, or None on CPUs with neither AVX-512 VNNI nor AVX2 (non-x86 CPUs have other
+    int8 instructions this kernel does not use).
 
-    Like :func:`fma_peak` (and measured the same way, with its per-thread caveat): 12
-    independent chains per thread, each ``v = vpmaddubsw(v, w)``
-    (32 uint8 x int8 products summed pairwise into int16 per instruction, the result fed back
-    as the next uint8 operand), no memory traffic; 2 ops per multiply-add. A complete int8
-    dot product with int32 accumulation also needs ``vpmaddwd`` and ``vpaddd`` (lepton-edge's
-    AVX2 kernels widen to int16 and use ``vpmaddwd``: 16 multiply-adds per instruction), so
-    this is the ceiling, not what a kernel can reach."""
+    Like :func:`fma_peak` (and measured the same way, with its per-thread caveat): independent
+    chains per thread held in registers, no memory traffic; 2 ops per multiply-add.
+
+    * AVX-512 VNNI: 24 chains ``c = vpdpbusd(c, a, b)`` on 512-bit registers (64 uint8 x int8
+      products summed by fours into 16 int32 accumulators per instruction): the complete int8
+      dot product, what lepton-edge's VNNI kernels use.
+    * AVX2 without VNNI: 12 chains ``v = vpmaddubsw(v, w)`` (32 uint8 x int8 products summed
+      pairwise into int16, the result fed back as the next uint8 operand). A complete int8 dot
+      product with int32 accumulation also needs ``vpmaddwd`` and ``vpaddd`` (lepton-edge's
+      exact AVX2 kernels: 7-bit weights `vpmaddubsw` + `vpmaddwd`, 8-bit ones `vpmaddwd` on
+      int16, 16 multiply-adds per instruction), so this is the ceiling, not what a kernel can
+      reach."""
     target, workers = _host_pool()
     from tvm.script import tirx as T
     from tvm.target import codegen
@@ -325,36 +331,63 @@ def int8_dot_peak(*, repeats: int = 5, iterations: int = 1 << 20
     from lepton_edge.lowering.relax import system_cpu
 
     with target:
-        if not codegen.target_has_features("avx2", target) or any(
-                codegen.target_has_features(f, target)
-                for f in ("avx512f", "avx512vnni", "avxvnni")):
+        vnni = codegen.target_has_features("avx512vnni", target)
+        if not vnni and (not codegen.target_has_features("avx2", target) or any(
+                codegen.target_has_features(f, target) for f in ("avx512f", "avxvnni"))):
             return None
-    accs = 12
+    if vnni:
+        accs, ops = 24, 2.0 * 64 * 24 * iterations
 
-    @T.prim_func(s_tir=True)
-    def chains(x: T.Buffer((workers, accs, 32), "uint8"), w: T.Buffer((32,), "int8"),
-               y: T.Buffer((workers, accs, 32), "uint8"), used: T.int32) -> None:
-        T.func_attr({"tirx.noalias": True})
-        for t in T.parallel(used):
-            acc = T.alloc_buffer((accs, 32), "uint8", scope="local")
-            for j in T.unroll(accs):
-                acc[j, T.ramp(0, 1, 32)] = x[t, j, T.ramp(0, 1, 32)]
-            for _ in range(iterations):
+        @T.prim_func(s_tir=True)
+        def chains(x: T.Buffer((workers, accs, 16), "int32"), a: T.Buffer((64,), "uint8"),
+                   w: T.Buffer((64,), "int8"), y: T.Buffer((workers, accs, 16), "int32"),
+                   used: T.int32) -> None:
+            T.func_attr({"tirx.noalias": True})
+            for t in T.parallel(used):
+                acc = T.alloc_buffer((accs, 16), "int32", scope="local")
                 for j in T.unroll(accs):
-                    acc[j, T.ramp(0, 1, 32)] = T.reinterpret(T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                        acc[j, T.ramp(0, 1, 32)], w[T.ramp(0, 1, 32)], dtype="int16x16"),
-                        dtype="uint8x32")
-            for j in T.unroll(accs):
-                y[t, j, T.ramp(0, 1, 32)] = acc[j, T.ramp(0, 1, 32)]
+                    acc[j, T.ramp(0, 1, 16)] = x[t, j, T.ramp(0, 1, 16)]
+                for _ in range(iterations):
+                    for j in T.unroll(accs):
+                        acc[j, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                            acc[j, T.ramp(0, 1, 16)], a[T.ramp(0, 1, 64)],
+                            w[T.ramp(0, 1, 64)], dtype="int32x16")
+                for j in T.unroll(accs):
+                    y[t, j, T.ramp(0, 1, 16)] = acc[j, T.ramp(0, 1, 16)]
 
-    rate, how = _kernel_peak(
-        chains, target, [np.ones((workers, accs, 32), np.uint8), np.ones(32, np.int8),
-                         np.zeros((workers, accs, 32), np.uint8)],
-        2.0 * 32 * accs * iterations, workers, repeats)
-    method = (f"vpmaddubsw throughput (u8 x s8 pairs -> s16), {accs} independent chains per "
-              f"thread in registers, {system_cpu()}, {how}; a full int32 dot product also "
-              "needs vpmaddwd + vpaddd")
+        args = [np.zeros((workers, accs, 16), np.int32), np.ones(64, np.uint8),
+                np.ones(64, np.int8), np.zeros((workers, accs, 16), np.int32)]
+        what = (f"vpdpbusd throughput (u8 x s8 quads -> s32, 512-bit), {accs} independent "
+                "chains per thread in registers")
+    else:
+        accs, ops = 12, 2.0 * 32 * 12 * iterations
+
+        @T.prim_func(s_tir=True)
+        def chains(x: T.Buffer((workers, accs, 32), "uint8"), w: T.Buffer((32,), "int8"),
+                   y: T.Buffer((workers, accs, 32), "uint8"), used: T.int32) -> None:
+            T.func_attr({"tirx.noalias": True})
+            for t in T.parallel(used):
+                acc = T.alloc_buffer((accs, 32), "uint8", scope="local")
+                for j in T.unroll(accs):
+                    acc[j, T.ramp(0, 1, 32)] = x[t, j, T.ramp(0, 1, 32)]
+                for _ in range(iterations):
+                    for j in T.unroll(accs):
+                        acc[j, T.ramp(0, 1, 32)] = T.reinterpret(T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                            acc[j, T.ramp(0, 1, 32)], w[T.ramp(0, 1, 32)], dtype="int16x16"),
+                            dtype="uint8x32")
+                for j in T.unroll(accs):
+                    y[t, j, T.ramp(0, 1, 32)] = acc[j, T.ramp(0, 1, 32)]
+
+        args = [np.ones((workers, accs, 32), np.uint8), np.ones(32, np.int8),
+                np.zeros((workers, accs, 32), np.uint8)]
+        what = (f"vpmaddubsw throughput (u8 x s8 pairs -> s16), {accs} independent chains per "
+                "thread in registers")
+    rate, how = _kernel_peak(chains, target, args, ops, workers, repeats)
+    method = f"{what}, {system_cpu()}, {how}"
+    if not vnni:
+        method += "; a full int32 dot product also needs vpmaddwd + vpaddd"
     return rate, workers, method
 
 
@@ -388,7 +421,7 @@ def cpu_peak(*, n: int = 2048, repeats: int = 5, int8: bool = True) -> Peak:
     thread pool; if TVM cannot build that kernel here, numpy's sgemm rate stands in and
     `fp32_method` says so. `fp32_library_gflops`: best of `repeats` numpy float32
     n x n x n matmuls (the BLAS numpy links, all its threads). int8 (`int8_gops`):
-    `int8_dot_peak` where it applies (AVX2 without VNNI), else the library figure
+    `int8_dot_peak` where it applies (x86 with AVX-512 VNNI or AVX2), else the library figure
     `int8_library_gops`: best of `repeats` onnxruntime MatMulInteger (uint8 activations x
     constant int8 weights -> int32) at the same size, intra-op threads = all cores. All count
     2 operations per multiply-accumulate. If neither can be measured, `int8_gops` is None and

@@ -172,11 +172,34 @@ def test_fp32_peak_is_the_fma_throughput_not_a_library_gemm() -> None:
     assert rate > 0 and threads >= 1 and "independent" in method
     assert "sgemm library" in str(peak)
     dot = bench.int8_dot_peak(repeats=3, iterations=1 << 16)
-    if dot is not None:  # AVX2 without VNNI (this repository's development machine)
-        assert dot[0] > 0 and "vpmaddubsw" in dot[2]
+    if dot is not None:  # x86: AVX-512 VNNI or AVX2
+        kernel = "vpdpbusd" if "vpdpbusd" in dot[2] else "vpmaddubsw"
+        assert dot[0] > 0 and kernel in dot[2]
         with_int8 = bench.cpu_peak(n=256, repeats=2)
-        assert with_int8.int8_method.startswith("vpmaddubsw")
+        assert with_int8.int8_method.startswith(kernel)
         assert with_int8.int8_library_gops is None or with_int8.int8_library_gops > 0
+
+
+def test_int8_peak_kernel_follows_the_cpu() -> None:
+    """The int8 roofline kernel uses the CPU's widest int8 dot product: vpdpbusd where LLVM's
+    host CPU has AVX-512 VNNI, vpmaddubsw on AVX2 without it, none elsewhere (the library
+    figure then stands in)."""
+    import tvm
+    from tvm.target import codegen
+
+    from lepton_edge.lowering.relax import system_cpu
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
+    with target:
+        has = {f: codegen.target_has_features(f, target)
+               for f in ("avx2", "avx512f", "avx512vnni", "avxvnni")}
+    dot = bench.int8_dot_peak(repeats=1, iterations=1 << 12)
+    if has["avx512vnni"]:
+        assert dot is not None and "vpdpbusd" in dot[2], dot
+    elif has["avx2"] and not has["avx512f"] and not has["avxvnni"]:
+        assert dot is not None and "vpmaddubsw" in dot[2], dot
+    else:
+        assert dot is None, dot
 
 
 def test_chain_peak_says_which_figure_it_took(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -467,7 +467,7 @@ def odd_matmuls() -> onnx.ModelProto:
     """Constant-weight matmuls of awkward shapes (packed in column panels where N allows),
     Gemms whose rows are symbolic (N x rows folded by a Reshape), and a batched matmul of
     activations: M = 1 (batch 1) and 7, K = 37, N = 40 (panels of 8), 48 and 72 (panels of 24),
-    20 (no panel width: plain layout)."""
+    20 (no panel width: plain layout); with AVX-512's 16 lanes only N = 48 has panels."""
     nodes = [
         helper.make_node("MatMul", ["x", "w40"], ["m7_n40"]),
         helper.make_node("MatMul", ["x2d", "w48"], ["mb"]),
@@ -509,8 +509,17 @@ def test_packed_matmuls_of_odd_shapes_match_numpy(build) -> None:
     messages: list[str] = []
     _, session = build(lepton_edge.load(proto), golden_count=1, log=messages.append)
     assert [p.target for p in session.placement.values()] == ["cpu"]
-    # 4 of the 6 constant-weight matmuls get column panels: N = 20 has no panel width.
-    assert any("weights of 4 matmul(s) in column panels" in m for m in messages), messages
+    # The constant-weight matmuls whose N has a panel width at this CPU's vector width: 4 of
+    # 6 with 8 lanes (AVX2; N = 20 has none), 2 with 16 (AVX-512: only N = 48).
+    from lepton_edge.lowering.layout import matmul_tile
+    from lepton_edge.lowering.relax import system_cpu
+
+    lanes = schedules.vector_bits(tvm.target.Target({"kind": "llvm",
+                                                     "mcpu": system_cpu()})) // 32
+    panels = sum(matmul_tile(n, lanes, schedules.MATMUL_VECTORS) is not None
+                 for n in (40, 48, 20, 72, 48))
+    assert panels == {8: 4, 16: 2}.get(lanes, panels)
+    assert any(f"weights of {panels} matmul(s) in column panels" in m for m in messages), messages
     for batch in (1, 5):  # M = 1 rows for the 2-D inputs at batch 1; 16 x batch folded rows
         feeds = _feeds(lepton_edge.load(proto), batch)
         assert_close(session.run(feeds), _numpy_odd_matmuls(proto, feeds), rel=1e-5)
