@@ -47,6 +47,7 @@ and nothing more in the next 100 ms (BERT-shaped layer, 2 cores); TVM's pool bur
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -120,23 +121,42 @@ class Protocol:
     """How `compare` interleaves engines: `rounds` rounds; in each, every engine in turn (the
     order rotated by one per round) gets a pause of `pause_ms`, `settle` untimed calls, then
     up to `block` timed calls back to back, until each engine has `runs` timed calls.
-    Before the first round each engine gets `warmup` untimed calls, in its own block."""
+    Before the first round each engine gets `warmup` untimed calls, in its own block.
+
+    `min_block_ms` > 0 makes an engine's blocks at least that long: an engine whose calls
+    (the median of back-to-back calls over min_block_ms after its warm-up) take less than
+    min_block_ms / block gets
+    ceil(min_block_ms / call) timed calls per block, and so more timed calls than `runs`
+    (the same number of rounds). A 50 us model timed 3 calls at a time after a 100 ms pause
+    measures a core waking up (digits rows moved 20-40% between runs,
+    benchmarks/RESULTS.md 2026-11-30); with blocks of 20 ms it runs in its steady state."""
 
     runs: int
     warmup: int
     block: int
     pause_ms: float
     settle: int = 1
+    min_block_ms: float = 0.0
 
     @property
     def rounds(self) -> int:
         return -(-self.runs // self.block)
 
+    def block_for(self, call_ms: float | None) -> int:
+        """Timed calls per block for an engine whose calls take `call_ms`."""
+        if self.min_block_ms <= 0 or not call_ms or call_ms <= 0:
+            return self.block
+        return max(self.block, math.ceil(self.min_block_ms / call_ms))
+
     def describe(self) -> str:
-        return (f"protocol: per-engine blocks, {self.warmup} warm-up call(s) per engine, then "
+        head = (f"protocol: per-engine blocks, {self.warmup} warm-up call(s) per engine, then "
                 f"{self.rounds} round(s) in rotating engine order; each block: pause "
                 f"{self.pause_ms:g} ms, {self.settle} untimed call(s), up to {self.block} timed "
-                f"calls back to back; p50/p90 over all {self.runs} timed calls per engine")
+                "calls back to back")
+        if self.min_block_ms <= 0:
+            return f"{head}; p50/p90 over all {self.runs} timed calls per engine"
+        return (f"{head}, or more to fill {self.min_block_ms:g} ms for engines with shorter "
+                f"calls; p50/p90 over all timed calls per engine ({self.runs} or more)")
 
 
 def _check_counts(warmup: int, runs: int) -> None:
@@ -595,24 +615,41 @@ def _torch_runner(module: Any, feeds: dict[str, np.ndarray], names: list[str]
     return run
 
 
+def _call_ms(fn: Callable[[], Any], span_ms: float) -> float | None:
+    """The median time of back-to-back calls of `fn` over about `span_ms` (at least 3 calls,
+    at most 10,000), to size its blocks; None when span_ms is 0 (blocks are not sized)."""
+    if span_ms <= 0:
+        return None
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < span_ms and len(times) < 10_000):
+        times.append(_time_ms(fn))
+    return statistics.median(times)
+
+
 def interleave(runners: Mapping[str, Callable[[], Any]], protocol: Protocol
                ) -> dict[str, list[float]]:
-    """Time every runner by `protocol`: {name: [ms per timed call]} with `protocol.runs` each.
+    """Time every runner by `protocol`: {name: [ms per timed call]}, `protocol.runs` each (more
+    for an engine whose blocks `protocol.min_block_ms` lengthens).
 
     Round r runs the engines in the order rotated by r; an engine's block is a pause, the
-    untimed settle call(s), then up to `protocol.block` timed calls.
+    untimed settle call(s), then up to its block of timed calls.
     """
     names = list(runners)
+    call_ms: dict[str, float | None] = {}
     for name in names:  # warm-up, one engine at a time
         if protocol.warmup:
             time.sleep(protocol.pause_ms / 1e3)
         for _ in range(protocol.warmup):
             runners[name]()
+        call_ms[name] = _call_ms(runners[name], protocol.min_block_ms)
+    blocks = {n: protocol.block_for(call_ms[n]) for n in names}
+    wanted = {n: protocol.runs if blocks[n] == protocol.block else protocol.rounds * blocks[n]
+              for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(protocol.rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            count = min(protocol.block, protocol.runs - len(times[name]))
+            count = min(blocks[name], wanted[name] - len(times[name]))
             time.sleep(protocol.pause_ms / 1e3)
             for _ in range(protocol.settle):
                 runners[name]()
@@ -674,6 +711,7 @@ def compare(
     block: int = 3,
     pause_ms: float = 100.0,
     threads: int | None = None,
+    min_block_ms: float = 20.0,
 ) -> BenchReport:
     """Time the artifact against reference engines on the same `feeds`, in per-engine blocks.
 
@@ -683,7 +721,9 @@ def compare(
     added automatically when one is given). Each engine is warmed up `warmup` times, then
     timed `runs` times in blocks of `block` back-to-back calls, one block per engine per
     round, the engine order rotating every round, each block after a `pause_ms` pause and
-    one untimed call (`Protocol`). `threads` sets onnxruntime's intra-op threads (default:
+    one untimed call (`Protocol`); an engine whose calls are shorter than `min_block_ms` /
+    `block` gets longer blocks, at least `min_block_ms` of timed calls (and so more timed
+    calls than `runs`; 0 turns this off). `threads` sets onnxruntime's intra-op threads (default:
     its own, all cores); lepton's TVM thread pool follows `TVM_NUM_THREADS`, which must be
     set before TVM starts (so: before this process first runs an artifact). `peak` True
     measures `cpu_peak()` (cached) for the roofline column, a `Peak` uses that one, False
@@ -696,10 +736,13 @@ def compare(
         raise InputError(f"block must be >= 1 timed calls, got {block}")
     if pause_ms < 0:
         raise InputError(f"pause_ms must be >= 0, got {pause_ms}")
+    if not min_block_ms >= 0:
+        raise InputError(f"min_block_ms must be >= 0, got {min_block_ms}")
     if threads is not None and threads < 1:
         raise InputError(f"threads must be >= 1 (or None for each engine's default), got "
                          f"{threads}")
-    protocol = Protocol(runs=runs, warmup=warmup, block=min(block, runs), pause_ms=pause_ms)
+    protocol = Protocol(runs=runs, warmup=warmup, block=min(block, runs), pause_ms=pause_ms,
+                        min_block_ms=float(min_block_ms))
     wanted = list(dict.fromkeys(vs))
     if int8_model is not None and "onnxruntime-int8" not in wanted:
         wanted.append("onnxruntime-int8")

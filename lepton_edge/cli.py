@@ -285,6 +285,9 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, ch
               help="Timed calls per engine block (engines take turns block by block).")
 @click.option("--pause-ms", default=100.0, show_default=True,
               help="Idle time before each block, so the other engine's threads go idle.")
+@click.option("--min-block-ms", default=20.0, show_default=True,
+              help="Engines with shorter calls get longer blocks, at least this long "
+                   "(more timed calls); 0: exactly --block calls per block.")
 @click.option("--threads", type=int, default=None,
               help="Threads for every engine (TVM_NUM_THREADS, onnxruntime intra-op) "
                    "[default: each engine's own].")
@@ -292,7 +295,8 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output_dir: Path | None, ch
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_cmd(artifact: Path, model_path: Path | None, int8_model: Path | None,
               inputs: tuple[str, ...], batch: int, runs: int, warmup: int, block: int,
-              pause_ms: float, threads: int | None, no_peak: bool, as_json: bool) -> None:
+              pause_ms: float, min_block_ms: float, threads: int | None, no_peak: bool,
+              as_json: bool) -> None:
     """Time ARTIFACT against onnxruntime (fp32, int8) on the same inputs, in per-engine
     blocks (rotating order, a pause before each block); the report's footer says how."""
     if batch < 1:
@@ -308,7 +312,8 @@ def bench_cmd(artifact: Path, model_path: Path | None, int8_model: Path | None,
     vs = ("onnxruntime",) if model_path is not None else ()
     report = bench.compare(artifact, feeds, vs=vs, model_path=model_path,
                            int8_model=int8_model, runs=runs, warmup=warmup,
-                           peak=not no_peak, block=block, pause_ms=pause_ms, threads=threads)
+                           peak=not no_peak, block=block, pause_ms=pause_ms, threads=threads,
+                           min_block_ms=min_block_ms)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:

@@ -5,6 +5,7 @@ Nothing here asserts speed: only that the numbers are consistent with each other
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,11 @@ def test_compare_runs_both_engines(mlp_files: tuple[Path, Path]) -> None:
     assert list(report.engines) == ["lepton", "onnxruntime"]
     assert report.batch == 4 and report.macs == 4 * (16 * 32 + 32 * 4)
     for result in report.engines.values():
-        assert result.latency.runs == 5 and result.latency.p50 > 0
+        # a call of this MLP takes microseconds: its blocks fill min_block_ms (20 ms), so
+        # each engine gets more than 5 timed calls, in 2 rounds of equal blocks
+        runs = result.latency.runs
+        assert runs > 5 and runs % 2 == 0 and result.latency.p50 > 0
+        assert runs // 2 * result.latency.p50 >= 0.5 * 20.0, (runs, result.latency)
         assert result.samples_per_s > 0 and result.roofline is not None
     lep, ort = report.engines["lepton"], report.engines["onnxruntime"]
     assert lep.ratio == 1.0
@@ -89,10 +94,11 @@ def test_compare_runs_both_engines(mlp_files: tuple[Path, Path]) -> None:
     assert ort.max_rel_err is not None and ort.max_rel_err < 1e-4
     table = report.table()
     assert "lepton" in table and "onnxruntime" in table and "roofline" in table
-    assert report.protocol == bench.Protocol(runs=5, warmup=1, block=3, pause_ms=100.0)
+    assert report.protocol == bench.Protocol(runs=5, warmup=1, block=3, pause_ms=100.0,
+                                             min_block_ms=20.0)
     assert table.splitlines()[-2] == report.protocol.describe()  # footer states the protocol
     data = report.to_dict()
-    assert data["engines"]["onnxruntime"]["latency"]["runs"] == 5
+    assert data["engines"]["onnxruntime"]["latency"]["runs"] == ort.latency.runs
     assert data["protocol"]["block"] == 3 and "TVM_NUM_THREADS" in data["threads"]
     # the report says where the artifact ran: compiled code here, no onnxruntime fallback
     assert report.placement and all(" -> cpu" in p for p in report.placement)
@@ -130,6 +136,30 @@ def test_interleave_runs_engines_in_rotating_blocks() -> None:
     assert blocks == [["a", 4], ["b", 4], ["c", 4], ["b", 4], ["c", 4], ["a", 4],
                       ["c", 2], ["a", 2], ["b", 2]]
     assert "3 round(s)" in protocol.describe() and "up to 3 timed" in protocol.describe()
+
+
+def test_short_calls_get_blocks_of_min_block_ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine whose calls are shorter than min_block_ms / block gets blocks of
+    ceil(min_block_ms / call) timed calls (call: the median over min_block_ms of calls after
+    the warm-up), in the same rounds; a slow engine keeps `block` and `runs`."""
+    clock = {"t": 0.0}
+
+    def engine(ms: float) -> Callable[[], None]:
+        def call() -> None:
+            clock["t"] += ms / 1e3
+        return call
+
+    protocol = bench.Protocol(runs=7, warmup=2, block=3, pause_ms=0.0, min_block_ms=10.0)
+    assert protocol.block_for(0.5) == 20 and protocol.block_for(4.0) == 3
+    assert protocol.block_for(None) == 3
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])  # a fake clock
+    times = bench.interleave({"fast": engine(0.5), "slow": engine(4.0)}, protocol)
+    monkeypatch.undo()
+    assert len(times["slow"]) == 7 and len(times["fast"]) == 3 * 20
+    assert all(ms == pytest.approx(0.5) for ms in times["fast"])
+    assert "or more to fill 10 ms" in protocol.describe()
+    with pytest.raises(InputError):
+        bench.compare("x.lepton", {"x": np.zeros(1)}, vs=(), min_block_ms=-1.0)
 
 
 def test_compare_errors(mlp_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -234,5 +264,5 @@ def test_cli_bench_json(mlp_files: tuple[Path, Path]) -> None:
     assert set(report["engines"]) == {"lepton", "onnxruntime"}
     assert report["batch"] == 4
     assert report["protocol"] == {"runs": 3, "warmup": 1, "block": 2, "pause_ms": 5.0,
-                                  "settle": 1}
+                                  "settle": 1, "min_block_ms": 20.0}
     assert "onnxruntime 1" in report["threads"] and "TVM_NUM_THREADS=1" in report["threads"]
