@@ -293,6 +293,15 @@ def _call_site_specialiser(mod: tvm.IRModule, suffix: str) -> Any:
     kernels = {gv.name_hint: f for gv, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and _symbolic_buffers(f)}
     made: dict[tuple[str, str], tuple[Any, bool]] = {}
+    from tvm.sym import Analyzer
+
+    analyzer = Analyzer()
+
+    def simplify(value: Any) -> Any:
+        try:
+            return analyzer.simplify(value)
+        except (TypeError, ValueError, tvm.TVMError):  # not an integer expression: as it is
+            return value
 
     def static_shape(sinfo: Any) -> list[int] | None:
         shape = getattr(sinfo, "shape", None)
@@ -321,6 +330,10 @@ def _call_site_specialiser(mod: tvm.IRModule, suffix: str) -> Any:
                                for a in args]
             feed += [static_shape(o) for o in outs]
             feed += list(call.args[2].values) if len(call.args) > 2 else []
+            # a compound scalar whose parts are constants here (N * 2 at N = 1) counts as
+            # its value: simplified, it is an IntImm like the others
+            feed = [v if v is None or isinstance(v, (list, tvm.tirx.IntImm)) else simplify(v)
+                    for v in feed]
             params = list(kernel.params)
             if len(feed) != len(params) or any(v is None for v in feed):
                 return call  # still symbolic somewhere: left as it is

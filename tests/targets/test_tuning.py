@@ -307,3 +307,45 @@ def test_specialize_gives_each_bucket_its_own_static_kernels() -> None:
     for rows in (1, 8, 3):
         data = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(data)).numpy(), data * 2)
+
+
+def test_specialize_binds_compound_scalar_arguments() -> None:
+    """A kernel that takes a scalar computed from the batch (here 2 * n) gets a
+    static copy per bucket, the scalar's value folded in: bound, `2 * n` is the expression
+    2 * 1, not yet an integer, and such a call site used to keep the symbolic kernel."""
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def scale(a_h: T.handle, m: T.int64, b_h: T.handle) -> None:
+        n = T.int64()
+        a = T.match_buffer(a_h, (n, 4), "float32")
+        b = T.match_buffer(b_h, (n, 4), "float32")
+        for i, j in T.grid(n, 4):
+            with T.sblock("b"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                b[vi, vj] = a[vi, vj] * T.Cast("float32", m)
+
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([n, 4], "float32"))
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(scale, "scale")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.call_tir(gv, [x, relax.expr.prim_value(n * 2)],
+                                              relax.TensorType([n, 4], "float32")))
+        bb.emit_func_output(y)
+    mod = tuning.specialize(bb.get(), {"n": [1, 8]})
+    names = sorted(gv.name_hint for gv, _ in mod.functions_items())
+    assert {"scale_n1", "scale_n8"} <= set(names), names
+    for suffix, rows in (("n1", 1), ("n8", 8)):
+        kernel = mod[f"scale_{suffix}"]
+        assert [int(d) for d in kernel.params[0].ty.shape] == [rows, 4]
+        assert len(kernel.params) == 2  # the scalar is bound and dropped
+        assert f"scale_{suffix}" in mod[f"main_{suffix}"].script()
+    executable = tvm.compile(mod, target="llvm")
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    for rows in (1, 8, 3):
+        data = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(data)).numpy(),
+                                      data * 2 * rows)
