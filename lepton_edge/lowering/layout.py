@@ -111,16 +111,22 @@ def pack_conv2d_weights(mod: Any, *, lanes: int = 8) -> tuple[Any, int]:
     return rewrite_calls(mod, pack), packed
 
 
-def matmul_tile(columns: int, lanes: int, vectors: int) -> int | None:
+def matmul_tile(columns: int, lanes: int, vectors: int, min_lanes: int | None = None
+                ) -> int | None:
     """Panel width for a matmul with ``columns`` output columns: the widest multiple of the
-    SIMD width (at most ``vectors`` vectors) that divides it, or None."""
+    SIMD width (at most ``vectors`` vectors) that divides it, else (``min_lanes`` given) the
+    same with half-width vectors down to ``min_lanes`` (AVX-512: a 1000-class classifier
+    in panels of 8 columns, AVX2's, not unpacked), or None."""
     for count in range(vectors, 0, -1):
         if columns % (count * lanes) == 0:
             return count * lanes
+    if min_lanes is not None and lanes // 2 >= min_lanes:
+        return matmul_tile(columns, lanes // 2, vectors, min_lanes)
     return None
 
 
-def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3) -> tuple[Any, int]:
+def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3,
+                        min_lanes: int | None = None) -> tuple[Any, int]:
     """Return ``(module, number of matmuls packed)``.
 
     A ``relax.matmul(x, W)`` is packed when ``W`` is a float32 constant of rank 2, ``x`` a
@@ -158,7 +164,7 @@ def pack_matmul_weights(mod: Any, *, lanes: int = 8, vectors: int = 3) -> tuple[
         if weight.ndim != 2 or ndim is None or int(ndim) < 2:
             return call
         depth, columns = weight.shape
-        tile = matmul_tile(columns, lanes, vectors)
+        tile = matmul_tile(columns, lanes, vectors, min_lanes)
         if tile is None or depth == 0:
             return call
         const = next((new for old, new in done if old.same_as(w)), None)

@@ -97,6 +97,11 @@ PARALLEL_MIN_WORK = 1 << 17
 STAGE_MIN_PLANE = 28 * 28
 #: SIMD vectors per output row of a matmul tile (convolutions: 2): 3 x 4 rows = 12 accumulators.
 MATMUL_VECTORS = 3
+#: A matmul whose columns are no multiple of the SIMD width (AVX-512: 16) but of this many
+#: lanes is packed in panels of and vectorized with vectors of this width (ymm on AVX-512:
+#: MobileNetV2's 1280 -> 1000 classifier at batch 1, 1 thread, kernel alone 0.55 -> 0.19 ms from memory, 0.16 -> 0.07 ms from cache; it
+#: was unpacked, in 10-lane vectors that LLVM splits). 16 (or more): off.
+MATMUL_MIN_LANES = 8
 #: Register-block a dense layer's rows counted only at run time (the batch) with a remainder
 #: (False: one row per tile, the columns widened; for A/B runs, benchmarks/kernel_ab.py).
 SYMBOLIC_ROW_TILES = True
@@ -389,9 +394,15 @@ class ConvertConvLayout:
 
         if not nchwc.enabled():
             return mod
-        lanes = max(1, vector_bits(self.target) // 32)
+        bits = vector_bits(self.target)
+        # the channel block: the SIMD width, or 8 on AVX-512 when that blocks more of the
+        # convolutions (24-channel layers); register tiles sized for AVX-512's 32 registers
+        # in NCHW16c only (8-lane blocks on AVX-512 measured 7% slower with them than with
+        # AVX2's tiles: MobileNetV2, 1 thread)
+        lanes = nchwc.block_lanes(mod, max(1, bits // 32))
+        registers = nchwc.vector_registers(bits) if lanes * 32 == bits else nchwc.REGISTERS
         try:
-            mod, count = nchwc.convert_conv_layout(mod, lanes)
+            mod, count = nchwc.convert_conv_layout(mod, lanes, registers)
         except nchwc.NotConvertible as exc:
             # NCHW is always correct (and scheduled by the contraction rule): say why the
             # faster layout was not used (a warning when no log is given: the Python API).
@@ -432,7 +443,8 @@ class PackConvWeights:
                 self.log(f"packed the filters of {count} convolution(s) output-channel "
                          "innermost")
         if self.matmuls and os.environ.get("LEPTON_PACK_MATMUL", "1") != "0":
-            mod, count = pack_matmul_weights(mod, lanes=lanes, vectors=MATMUL_VECTORS)
+            mod, count = pack_matmul_weights(mod, lanes=lanes, vectors=MATMUL_VECTORS,
+                                             min_lanes=MATMUL_MIN_LANES)
             if self.log is not None and count:
                 self.log(f"packed the constant weights of {count} matmul(s) in column panels")
         return mod
@@ -860,6 +872,11 @@ def _analyse_contraction(sch: Schedule, blk: _Block, bits: int, *,
     broadcast, strided = checked
     if not broadcast:
         return None
+    # Columns (or panels) that are no multiple of the vector but of a narrower one (see
+    # MATMUL_MIN_LANES): narrower vectors, not odd pieces.
+    columns = math.gcd(*panels) if panels else vec_extent
+    while lanes // 2 >= MATMUL_MIN_LANES and columns % lanes and not columns % (lanes // 2):
+        lanes //= 2
     if panels:
         # A weight packed in column panels (lowering/layout.py): one tile per panel.
         vec_tile = _vector_tile(math.gcd(*panels), lanes, MATMUL_VECTORS)
