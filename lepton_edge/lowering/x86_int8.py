@@ -29,7 +29,18 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    gets a kernel that stages each channel (zero-point pad folded in, strides split into
    phases: column stride 2 by INTRIN_SPLIT2, one load and two shuffles per 32 columns) as a
    flattened plane and runs the taps as a 1-D convolution over it in whole
-   vectors ("depthwise int8 convolutions"; int8 NCHW max pooling runs the same way). FuseOps
+   vectors ("depthwise int8 convolutions"; int8 NCHW max pooling runs the same way). For a
+   VNNI target the depthwise and max-pooling kernels are the same (AVX2 vector code, which
+   AVX-512 CPUs run; before, those ops ran lowering/schedules.py's generic int8 code;
+   depthwise rows of column stride 1 at least DWP_MIN_WIDTH wide take its tap-pair variant,
+   `_te_depthwise_pairs`: the planes restaged as int16 pairs of neighbouring columns, one
+   `vpmaddwd` per two taps x 8 outputs, `use_depthwise_pairs`), and stems and 1x1 convs
+   get the pixel-vectorized kernel's uint8 layout for any weight (`vnni_conv_kernel`; one
+   256-bit `vpdpbusd` per 8 pixels x 4 channels, INTRIN_PX_VNNI; tiles of up to 16
+   accumulators, `px_tile_vnni`); the other convs (KxK over more than 4 channels) keep the
+   NCHW[c4] kernel. MobileNetV2 int8 on Zen 4 (1 thread, the same QDQ model,
+   benchmarks/int8_speed.py --whole): 1.65x -> 0.84x onnxruntime int8's time at batch 1,
+   1.74x -> 0.84x at batch 8, outputs bit-equal to onnxruntime's. FuseOps
    may fuse the elementwise consumers (bias, requantization) into the kernel; the rules
    recognise the kernel by its "dot" block, not by name. The requantization there is
    lowering/int8.py's requantize_te: on x86 builds its float64 form where the per-channel
@@ -60,6 +71,9 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
      other kernels stay the default. Half the weight bytes and one load + 3 uops per 32
      MACs where the int16 kernel needs two loads + 4: 1.4-1.5x its speed on BERT's matmuls
      (about onnxruntime's MatMulInteger), 1.1-1.9x on most convs;
+   INTRIN_PX_VNNI, the pixel kernel's description (below) as one 256-bit `vpdpbusd`
+   (AVX512-VNNI + VL, exact for any weight; Zen 4 splits 512-bit ones into two halves, so
+   the narrower vector costs no throughput there);
    and INTRIN_I16 for the int16 layout, C[i] += A[0] * B[i, 0] + A[1] * B[i, 1] (8 x int32):
    one `vpmaddwd` with the activation pair broadcast, one `vpaddd`, no fix-up (the
    pixel-vectorized convs use it with the roles swapped: A a weight pair, B 8 pixels x 2
@@ -71,7 +85,8 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    channels, the matmuls over whole column panels when there are enough, since TVM allocates a tile's buffers once per parallel iteration, with a
    workspace call; per tile that cost more than the tile's work on small layers), run the
    fused epilogue per tile from the accumulators, and tensorize with the target's intrinsic (VNNI when the target
-   has avx512vnni, else AVX2 / U8S7 / I16 when it has avx2, else none: the kernels then run TVM's
+   has avx512vnni, with INTRIN_PX_VNNI for the pixel kernel and the depthwise rule, else
+   AVX2 / U8S7 / I16 when it has avx2, else none: the kernels then run TVM's
    plain loops, still exact). `schedule_int8_kernels(mod, target)` applies them to a module;
    `scheduled_notes` checks pack_int8_kernels' notes against the build's ScheduleReport
    (a packed kernel no int8 rule scheduled says so).
@@ -109,6 +124,10 @@ INTRIN_U8S7 = "lepton_dot_16x4_u8i8i32_maddubs"
 #: the pixel-vectorized variant: C[i] += sum_k A[k] * B[i, k], A 4 int8 weights (one
 #: broadcast), B 8 pixels x 4 uint8 channels, C 8 int32 pixels
 INTRIN_PX_U8S7 = "lepton_dot_8x4_i8u8i32_maddubs"
+#: the same description on VNNI: one 256-bit `vpdpbusd` (AVX512-VNNI + VL; exact for any
+#: weight; Zen 4 runs 512-bit vpdpbusd as two 256-bit halves, so the narrower vector of the
+#: pixel kernel's layout costs no throughput there)
+INTRIN_PX_VNNI = "lepton_dot_8x4_i8u8i32_vnni"
 #: the "dot" block annotation of a uint8-layout kernel whose constant weight passed
 #: maddubs_exact (set only by pack_int8_kernels, after the check; a block annotation, since
 #: it must survive FuseOps/FuseTIR): only such kernels get INTRIN_U8S7
@@ -144,9 +163,10 @@ def register_intrinsics() -> None:
     for acc_scope, suffix in (("global", ""), ("local", LOCAL_ACC)):
         desc, vnni, avx2, maddubs = _intrinsic_funcs(acc_scope)
         desc16, impl16 = _intrinsic_funcs_i16(acc_scope)
-        desc_px, impl_px = _intrinsic_funcs_px_u8(acc_scope)
+        desc_px, impl_px, impl_px_vnni = _intrinsic_funcs_px_u8(acc_scope)
         for name, d, impl in ((INTRIN_VNNI + suffix, desc, vnni),
                               (INTRIN_PX_U8S7 + suffix, desc_px, impl_px),
+                              (INTRIN_PX_VNNI + suffix, desc_px, impl_px_vnni),
                               (INTRIN_AVX2 + suffix, desc, avx2),
                               (INTRIN_U8S7 + suffix, desc, maddubs),
                               (INTRIN_I16 + suffix, desc16, impl16)):
@@ -238,11 +258,12 @@ def _intrinsic_funcs(acc_scope: str) -> tuple[Any, Any, Any, Any]:
     return desc, vnni, avx2, maddubs
 
 
-def _intrinsic_funcs_px_u8(acc_scope: str) -> tuple[Any, Any]:
+def _intrinsic_funcs_px_u8(acc_scope: str) -> tuple[Any, Any, Any]:
     """C[i] += sum_k A[k] * B[i, k] (A 4 x int8 weights, B 8 x 4 uint8 pixels, C 8 x int32)
     and its AVX2 implementation: one `vpmaddubsw` of the 8 pixels' channel quads (unsigned
     operand) and the broadcast weight quad (signed), one `vpmaddwd` with int16 ones, one
-    `vpaddd`. Exact for weights that pass maddubs_exact only, like INTRIN_U8S7."""
+    `vpaddd`. Exact for weights that pass maddubs_exact only, like INTRIN_U8S7. Third, the
+    VNNI implementation (INTRIN_PX_VNNI): one 256-bit `vpdpbusd`, exact for any weight."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -274,7 +295,21 @@ def _intrinsic_funcs_px_u8(acc_scope: str) -> tuple[Any, Any]:
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
                 pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
 
-    return desc, impl
+    @T.prim_func(s_tir=True)
+    def vnni(a: T.Buffer((4,), "int8", offset_factor=1),
+             b: T.Buffer((8, 4), "uint8", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1, scope=acc_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            quad = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                c.vload([0], dtype="int32x8"),
+                b.vload([0, 0], dtype="uint8x32"),
+                T.reinterpret(T.broadcast(quad, 8), dtype="int8x32"), dtype="int32x8")
+
+    return desc, impl, vnni
 
 
 def _intrinsic_funcs_split2(lanes: int) -> tuple[Any, Any]:
@@ -601,8 +636,12 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
     For an AVX2 `target` without VNNI, kernels whose weight passes maddubs_exact get the
     uint8 layout marked for INTRIN_U8S7 (MADDUBS_ATTR; conv2d: or, by u8s7_conv_kernel, the
     pixel-vectorized uint8 kernel marked for INTRIN_PX_U8S7), the others the int16 layout
-    (weights widened at compile time, `vpmaddwd` per 8 x 2, INTRIN_I16); otherwise (and without a target) every kernel gets the uint8 x int8
-    [.., 16, 4] layout of the VNNI / AVX2 dot intrinsics, unmarked.
+    (weights widened at compile time, `vpmaddwd` per 8 x 2, INTRIN_I16). For a VNNI target,
+    depthwise convs and int8 max pooling get the flattened-plane kernel (as on AVX2), stems
+    and 1x1 convs the pixel kernel's uint8 layout, unmarked (vnni_conv_kernel,
+    INTRIN_PX_VNNI), and the other convs and matmuls the uint8 x int8 [.., 16, 4] layout;
+    without a target every kernel gets that [.., 16, 4] layout of the VNNI / AVX2 dot
+    intrinsics, unmarked (tuned builds: MetaSchedule tunes it).
     Returns the new module and one line per call: what was packed, or why a candidate was
     left as it was (it then runs TVM's generic, still exact, code). A list `kernels` gets,
     line for line, the packed kernel's PrimFunc name ("" for a call left as it was): what
@@ -618,7 +657,12 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
         notes.append(text)
         names.append("" if out is None else str(out.args[0].name_hint))
 
-    avx2_only = target is not None and dot_intrinsic(target) == INTRIN_AVX2
+    intrin = None if target is None else dot_intrinsic(target)
+    avx2_only = intrin == INTRIN_AVX2
+    vnni = intrin == INTRIN_VNNI
+    # the depthwise / max-pool kernels are AVX2 vector code (8 x int32), and AVX-512 CPUs
+    # have AVX2: VNNI targets take them too
+    planes = avx2_only or vnni
     maddubs = avx2_only and use_maddubs()
 
     def bounded(weight: np.ndarray) -> bool:
@@ -637,12 +681,12 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             name = str(getattr(call.op, "name", ""))
-            if name == "relax.nn.max_pool2d" and avx2_only:
+            if name == "relax.nn.max_pool2d" and planes:
                 return self.max_pool(call)
             if name not in ("relax.matmul", "relax.nn.conv2d") or len(call.args) != 2:
                 return call
             x, w = call.args
-            if avx2_only and name == "relax.nn.conv2d" and self.is_depthwise(call):
+            if planes and name == "relax.nn.conv2d" and self.is_depthwise(call):
                 return self.depthwise(call, x, w.value.numpy())
             if str(call.attrs.out_dtype) != "int32" or expr_dtype(x) != "uint8" \
                     or not isinstance(w, Constant) or expr_dtype(w) != "int8":
@@ -703,6 +747,8 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
             exact = bounded(weight)
             if exact and u8s7_conv_kernel(weight.shape) == "px":
                 return self.conv2d_px(call, x, weight, f" ({_BOUNDED})", u8=True)
+            if vnni and vnni_conv_kernel(weight.shape) == "px":
+                return self.conv2d_px(call, x, weight, " (vpdpbusd)", u8=True, vnni=True)
             why = f" ({_BOUNDED})" if exact else ""
             if avx2_only and not exact:
                 why = saturates()
@@ -755,13 +801,26 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
             oh = (h + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
             ow = (wd + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
             rows, pitch, _ = dw_tile(oh, ow, kw, sw, dw)
-            out = self.builder_.call_te(
-                _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw),
-                padding, pad_value, primfunc_name_hint="int8_depthwise",
-                primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
+            paired = dw_tile_pairs(oh, ow, kw, sw) if use_depthwise_pairs(ow, sw, dw) \
+                else None
+            if vnni and paired is not None:
+                rows, pitch, _ = paired
+                out = self.builder_.call_te(
+                    _te_depthwise_pairs, x, relax.const(pack_depthwise_pairs(weight, sw),
+                                                        "int16"), int(kw),
+                    (sh, sw), (dh, dw), padding, pad_value, primfunc_name_hint="int8_depthwise",
+                    primfunc_attrs={KERNEL_ATTR: "depthwise",
+                                    "op_pattern": _OUT_EWISE_FUSABLE})
+                how = ", tap pairs (vpmaddwd)"
+            else:
+                out = self.builder_.call_te(
+                    _te_depthwise, x, relax.const(weight, "int8"), (sh, sw), (dh, dw),
+                    padding, pad_value, primfunc_name_hint="int8_depthwise",
+                    primfunc_attrs={KERNEL_ATTR: "depthwise", "op_pattern": _OUT_EWISE_FUSABLE})
+                how = ""
             note(f"depthwise conv2d {list(weight.shape)}: flattened planes of pitch "
                   f"{pitch}, tile {rows} rows ({rows * pitch} outputs)"
-                  + (f", pad {list(padding)} folded" if any(padding) else ""), out)
+                  + (f", pad {list(padding)} folded" if any(padding) else "") + how, out)
             return out
 
         def max_pool(self, call: Any) -> Any:
@@ -836,9 +895,10 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
             return widen.args[0], True
 
         def conv2d_px(self, call: Any, x: Any, weight: np.ndarray, why: str = "",
-                      u8: bool = False) -> Any:
+                      u8: bool = False, vnni: bool = False) -> Any:
             """AVX2: the pixel-vectorized int16 kernel (`u8`: its uint8 `vpmaddubsw`
-            variant, for a weight that passed maddubs_exact); a zero-point pad in front of
+            variant, for a weight that passed maddubs_exact); `vnni`: the uint8 variant
+            for any weight, unmarked (INTRIN_PX_VNNI); a zero-point pad in front of
             the conv (lowering/int8.py) is folded into its packing pass."""
             attrs = call.attrs
             x, padding, pad_value = self.folded_pad(x, "uint8", 0, 255)
@@ -849,14 +909,14 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
                                   tuple(int(v) for v in attrs.dilation))
             oh = (dims[1] + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
             ow = (dims[2] + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
-            tile = px_tile(o, oh, ow)
+            tile = px_tile_vnni(o, oh, ow) if vnni else px_tile(o, oh, ow)
             packed_np = pack_conv2d_weight_px(weight, tile[0], GROUP if u8 else I16_GROUP)
             out = self.builder_.call_te(
                 _te_conv2d_px, x, relax.const(packed_np, "int8" if u8 else "int16"), int(o),
-                (sh, sw), (dh, dw), padding, pad_value, tile, u8, shift,
+                (sh, sw), (dh, dw), padding, pad_value, tile, u8 and not vnni, shift, vnni,
                 primfunc_name_hint="int8_conv2d_px",
                 primfunc_attrs={KERNEL_ATTR: "conv2d", "op_pattern": _OUT_EWISE_FUSABLE})
-            kind = "uint8 vpmaddubsw" if u8 else "int16"
+            kind = "uint8 vpdpbusd" if vnni else "uint8 vpmaddubsw" if u8 else "int16"
             note(f"conv2d {list(weight.shape)}: pixel-vectorized {kind}, packed weight "
                   f"{list(packed_np.shape)}, tile {tile[0]} channels x {tile[1]} rows "
                   f"x {tile[2] * PX_LANES} pixels"
@@ -919,6 +979,12 @@ PX_LANES = 8  # output pixels (int32) per vpmaddwd
 PX_MAX_NARROW_C = 4  # input channels: a stem conv (RGB) packs to c2 with little reuse
 #: candidate tiles (R, Vy, Vx), in order of preference
 PX_TILES = ((4, 2, 1), (8, 1, 1), (6, 1, 1), (4, 1, 2))
+#: VNNI (AVX-512: 32 vector registers, the 256-bit INTRIN_PX_VNNI leaves them ymm): tiles of
+#: 16 accumulators first, in order of preference, then PX_TILES' 8 for less padded work
+#: (MobileNetV2 int8, 1 thread, min per kernel: (8, 2, 1) first 4.58 ms the model, (4, 2, 2)
+#: first 4.82 (its 112-wide 16 -> 96 conv 240 -> 383 us), PX_TILES alone 4.90)
+PX_TILES_VNNI = ((8, 2, 1), (4, 4, 1), (16, 1, 1), (8, 1, 2), (4, 2, 2), (4, 1, 4),
+                 (4, 2, 1), (8, 1, 1), (4, 1, 2))
 PX_BLOCK = "dot_px"
 PX_MIN_PARALLEL = 8  # output-channel blocks that are enough parallel work alone
 PX_TILE_ATTR = "lepton.px_tile"  # the dot block's (Vy, Vx), for the schedule
@@ -977,6 +1043,21 @@ def u8s7_conv_kernel(weight_shape: tuple[int, ...]) -> str:
 
 
 U8S7_PX_MAX_1X1_C = 128
+
+
+def vnni_conv_kernel(weight_shape: tuple[int, ...]) -> str:
+    """VNNI: "px" (the pixel-vectorized kernel's uint8 layout, INTRIN_PX_VNNI: 8 output
+    pixels x 4 input channels per 256-bit `vpdpbusd`, tiles px_tile_vnni) for 1x1 convs and
+    narrow inputs (at most PX_MAX_NARROW_C channels: stems), else "c4" (the NCHW[c4] kernel,
+    INTRIN_VNNI: 16 output channels x 4 input channels per 512-bit one). Measured on
+    MobileNetV2 int8 (Zen 4, 1 thread, batch 1): the pixel kernel writes NCHW rows, so the
+    fused epilogue (requantization, residual add) runs on contiguous vectors, where the c4
+    kernel's reads its accumulators across channel vectors: 1x1 convs of 144-960 channels
+    0.65-0.9x the c4 kernel's time with a residual add (14 and 28 wide), 0.6-1.0x without,
+    except 960 -> 160 and 960 -> 320 at 7 wide, 1.0-1.1x (the model: 5.21 ms with px for
+    1x1 convs of fewer than 128 channels, 4.89 with px for all)."""
+    _, c, kh, kw = weight_shape
+    return "px" if c <= PX_MAX_NARROW_C or (kh == 1 and kw == 1) else "c4"
 #: the c4 `vpmaddubsw` conv tile for rows whose width leaves CONV_TILE's (4, 2) fewer than
 #: 4 accumulators (7 wide: 2 x 1): up to 7 x 1 (14 ymm; ResNet-18's 512@7 3x3: 1.14 ->
 #: 1.32x the int16 kernel)
@@ -1008,7 +1089,8 @@ def c2_tile(blocks: int, width: int, intrin: str = INTRIN_I16) -> tuple[int, int
     return tile
 
 
-def px_tile(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
+def px_tile(oc: int, oh: int, ow: int, tiles: tuple[tuple[int, int, int], ...] = PX_TILES
+            ) -> tuple[int, int, int]:
     """(R output channels, Vy rows, Vx vectors of 8 pixels) for an oc x oh x ow output: of
     the tiles of 8 accumulators that measured fastest here (16 ymm registers: with more,
     LLVM spills them), the one with the least zero-padded work (first listed on a tie)."""
@@ -1016,7 +1098,24 @@ def px_tile(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
         r, vy, vx = tile
         return _ceil(oc, r) * _ceil(oh, vy) * _ceil(ow, PX_LANES * vx)
 
-    return min(PX_TILES, key=work)
+    return min(tiles, key=work)
+
+
+def px_tile_vnni(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
+    """VNNI: (R, Vy, Vx) of PX_TILES_VNNI for an oc x oh x ow output: a tile whose columns
+    (Vx vectors of 8 pixels) divide the row or cover it whole, then the least zero-padded
+    work, then the first listed. A tile that splits a row raggedly (14 wide in tiles of 8)
+    leaves the fused epilogue a predicated vector loop, which TVM emits lane by lane; one
+    that covers the row gets an epilogue loop of the row's own width (MobileNetV2's 14-wide
+    residual projections, 1 thread: about 1.2x faster whole)."""
+    def key(tile: tuple[int, int, int]) -> tuple[int, int, int]:
+        r, vy, vx = tile
+        cols = PX_LANES * vx
+        ragged = ow % cols != 0 and cols < ow
+        work = _ceil(oc, r) * _ceil(oh, vy) * _ceil(ow, cols)
+        return (int(ragged), work)
+
+    return min(PX_TILES_VNNI, key=key)
 
 
 def pack_conv2d_weight_px(w: np.ndarray, r: int, group: int = I16_GROUP) -> np.ndarray:
@@ -1035,21 +1134,22 @@ def pack_conv2d_weight_px(w: np.ndarray, r: int, group: int = I16_GROUP) -> np.n
 def _te_conv2d_px(x: Any, wp: Any, oc: int, strides: tuple[int, int],
                   dilation: tuple[int, int], padding: tuple[int, int, int, int],
                   pad_value: int, tile: tuple[int, int, int], exact: bool = False,
-                  shift: bool = False) -> Any:
+                  shift: bool = False, vnni: bool = False) -> Any:
     """NCHW uint8 (unpadded: `padding` top, left, bottom, right with `pad_value`) x packed
     int16 weight [OC/R, C/2, KH, KW, R, 2] -> NCHW int32, vectorized along output pixels.
     An int8 weight [OC/R, C/4, KH, KW, R, 4] keeps the pixels uint8, packed in channel
     quads; it exists only for a weight that passed maddubs_exact (`exact`: the block is then
     annotated for INTRIN_PX_U8S7). `shift`: x is int8 and the kernel's input is x + 128 as
     uint8 (lowering/int8.py's exact shift, folded into the packing pass; `pad_value` is in
-    the shifted, uint8 domain)."""
+    the shifted, uint8 domain). `vnni`: the uint8 layout for any weight, unmarked (only
+    VNNI's exact INTRIN_PX_VNNI schedules it)."""
     from tvm import te, tirx
 
     n, c, h, w = x.shape
     c, h, w = int(c), int(h), int(w)
     ocb, c2, kh, kw, r, group = (int(v) for v in wp.shape)
     u8 = str(wp.dtype) == "int8"
-    if u8 and not exact:
+    if u8 and not (exact or vnni):
         raise ValueError("the uint8 pixel kernel is only for weights that passed "
                          "maddubs_exact (pass exact=True after the check)")
     dtype = "uint8" if u8 else "int16"
@@ -1183,9 +1283,44 @@ def dw_tile(oh: int, ow: int, kw: int, sw: int = 1, dw: int = 1) -> tuple[int, i
     return best[1]
 
 
+#: VNNI targets: the paired depthwise kernel for column stride 1 and rows this wide at least
+DWP_MIN_WIDTH = 24
+
+
+def use_depthwise_pairs(out_width: int, sw: int, dw: int) -> bool:
+    """VNNI targets: whether a depthwise conv takes the paired kernel (_te_depthwise_pairs,
+    also subject to dw_tile_pairs): column stride 1 and dilation 1, output rows at least
+    DWP_MIN_WIDTH wide. Measured on MobileNetV2 (Zen 4, 1 thread, min per kernel, against the
+    plain kernel): stride 1 at 112, 56 and 28 wide 0.70, 0.70, 0.75x the time; at 14 wide
+    1.05-1.08x; column stride 2 (the paired kernel supports it) 0.95-1.17x."""
+    return sw == 1 and dw == 1 and out_width >= DWP_MIN_WIDTH
+
+
+def dw_tile_pairs(oh: int, ow: int, kw: int, sw: int = 1) -> tuple[int, int, int] | None:
+    """dw_tile for the paired depthwise kernel, whose vectors of 8 outputs may not span two
+    rows: (R rows, pitch a multiple of PX_LANES, tiles), or None when that pitch would add
+    more than 1/8 to the row's columns (7-wide rows: pitch 16 for 9)."""
+    least = ow + (kw - 1) // sw
+    split = -(-least // DW_SPLIT_LANES) * DW_SPLIT_LANES
+    split = sw == 2 and split <= DW_SPLIT_MAX and split * 8 <= least * 9
+    pitch = -(-least // (DW_SPLIT_LANES if split else PX_LANES)) \
+        * (DW_SPLIT_LANES if split else PX_LANES)
+    if pitch * 8 > least * 9:
+        return None
+    most = DW_FLAT_OUTPUTS * (2 if split and least > DW_SPLIT_VECTOR else 1)
+    best = None
+    for rows in range(1, max(1, most // pitch) + 1):
+        tiles = -(-oh // rows)
+        key = (tiles * rows * pitch, tiles)
+        if best is None or key < best[0]:
+            best = (key, (rows, pitch, tiles))
+    return None if best is None else best[1]
+
+
 def _dw_planes(x: Any, kernel: tuple[int, int], strides: tuple[int, int],
                dilation: tuple[int, int], padding: tuple[int, int, int, int],
-               pad_value: int) -> tuple[Any, Any, int, int, int, int]:
+               pad_value: int, tile: tuple[int, int, int] | None = None
+               ) -> tuple[Any, Any, int, int, int, int]:
     """A per-channel kernel's staged planes ("pack_dw": NCHW int8 x padded with `pad_value`,
     split into the strides' phases, [N, C, SH * SW, Hq, pitch]) and a function giving the
     value a tap (ry, rx) reads for flat output (y, j); with oh, ow, rows, pitch."""
@@ -1198,7 +1333,7 @@ def _dw_planes(x: Any, kernel: tuple[int, int], strides: tuple[int, int],
     pt, pl, pb, pr = padding
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    rows, pitch, tiles = dw_tile(oh, ow, kw, sw, dw)
+    rows, pitch, tiles = tile if tile is not None else dw_tile(oh, ow, kw, sw, dw)
     # staged rows: every tap of the computed rows (rows * tiles) reads inside, the last
     # column's reach wrapping into one more row
     hq = rows * tiles + ((kh - 1) * dh) // sh + (1 if ((kw - 1) * dw) // sw else 0)
@@ -1248,6 +1383,78 @@ def _te_depthwise(x: Any, w: Any, strides: tuple[int, int], dilation: tuple[int,
         lambda b, ch, y, j: te.sum(tap(b, ch, y, j, ry, rx).astype("int32")
                                    * w[ch, 0, ry, rx].astype("int32"), axis=[ry, rx]),
         name=DW_BLOCK, attrs={PX_TILE_ATTR: [rows, pitch, strides[1]]})
+    return te.compute((n, c, oh, ow), lambda b, ch, y, z: dot[b, ch, y, z], name="unpack")
+
+
+DWP_BLOCK = "dot_dwp"  # the paired depthwise kernel's block (a DW_BLOCK name prefix)
+DWP_PAIRS = "pack_dwp"  # its staged planes as int16 pairs of neighbouring columns
+
+
+def pack_depthwise_pairs(w: np.ndarray, sw: int) -> np.ndarray:
+    """int8 [C, 1, KH, KW] -> int16 [C, KH, SW, H, 2] (H = ceil(ceil(KW / SW) / 2)): per
+    filter row ry and column phase pc, the taps rx = pc + SW * m (m = 0, 1, ..: the phase
+    plane's columns m) in pairs (m = 2h, 2h + 1), zero past KW."""
+    c, _, kh, kw = w.shape
+    h = -(-(-(-kw // sw)) // 2)
+    out = np.zeros((c, kh, sw, h, 2), np.int16)
+    for pc in range(sw):
+        for m in range(h * 2):
+            rx = pc + sw * m
+            if rx < kw:
+                out[:, :, pc, m // 2, m % 2] = w[:, 0, :, rx]
+    return out
+
+
+def _te_depthwise_pairs(x: Any, wp: Any, kw: int, strides: tuple[int, int],
+                        dilation: tuple[int, int],
+                        padding: tuple[int, int, int, int] = (0, 0, 0, 0), pad_value: int = 0
+                        ) -> Any:
+    """VNNI targets: _te_depthwise with the taps of a filter row in pairs of neighbouring
+    staged columns, `vpmaddwd` (INTRIN_I16) per pair and 8 outputs instead of a widen,
+    `vpmulld` and `vpaddd` per tap: the staged planes are restaged as int16 pairs
+    (DWP_PAIRS: column q holds columns q and q + 1), the weights packed by
+    pack_depthwise_pairs (a missing second tap weighs 0; `kw` the filter's own width).
+    Column dilation 1, column stride 1 or 2."""
+    from tvm import te, tirx
+
+    n, c = x.shape[:2]
+    _, kh, sw, hp, _ = (int(v) for v in wp.shape)
+    (sh, sw_), (dh, dw) = strides, dilation
+    assert sw_ == sw and dw == 1
+    h_in, w_in = int(x.shape[2]), int(x.shape[3])
+    pt, pl, pb, pr = padding
+    oh0 = (h_in + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow0 = (w_in + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    tile = dw_tile_pairs(oh0, ow0, kw, sw)
+    assert tile is not None
+    staged, _, oh, ow, rows, pitch = _dw_planes(x, (kh, kw), strides, dilation, padding,
+                                                pad_value, tile)
+    phases, hq = int(staged.shape[2]), int(staged.shape[3])
+
+    def pair(b: Any, ch: Any, ph: Any, i: Any, q: Any, k: Any) -> Any:
+        flat = i * pitch + q + k  # may run into the next staged row: flat, contiguous
+        return tirx.if_then_else(
+            flat < hq * pitch,
+            staged[b, ch, ph, tirx.min(flat // pitch, hq - 1), flat % pitch].astype("int16"),
+            tirx.const(0, "int16"))
+
+    pairs = te.compute((n, c, phases, hq, pitch, 2), pair, name=DWP_PAIRS)
+    ry = te.reduce_axis((0, kh), "ry")
+    pc = te.reduce_axis((0, sw), "pc")
+    h = te.reduce_axis((0, hp), "h")
+    k = te.reduce_axis((0, 2), "k")
+
+    def tap(b: Any, ch: Any, y: Any, j: Any) -> Any:
+        phase = ((ry * dh) % sh) * sw + pc
+        col = j + 2 * h
+        return pairs[b, ch, phase, y + (ry * dh) // sh + col // pitch, col % pitch, k]
+
+    dot = te.compute(
+        (n, c, oh + (-oh) % rows, pitch),
+        lambda b, ch, y, j: te.sum(wp[ch, ry, pc, h, k].astype("int32")
+                                   * tap(b, ch, y, j).astype("int32"),
+                                   axis=[ry, pc, h, k]),
+        name=DWP_BLOCK, attrs={PX_TILE_ATTR: [rows, pitch, sw]})
     return te.compute((n, c, oh, ow), lambda b, ch, y, z: dot[b, ch, y, z], name="unpack")
 
 
@@ -1326,6 +1533,59 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
         sch.vectorize(inner)
 
 
+def _schedule_depthwise_pairs(sch: Any, intrin: str) -> None:
+    """_schedule_depthwise for _te_depthwise_pairs: the same tiles, staging and epilogue,
+    the pair planes staged per channel after the planes, and each pair of taps x 8
+    outputs one INTRIN_I16 (`vpmaddwd`, the weight pair broadcast)."""
+    del intrin
+    dot = sch.get_sblock(DWP_BLOCK)
+    b, ch, y, j, ry, pc, h, k = sch.get_loops(dot)
+    rows, pitch, stride_w = (int(v) for v in sch.get(dot).annotations[PX_TILE_ATTR])
+    y_o, y_i = sch.split(y, factors=[None, rows])
+    j_o, f_i = sch.split(j, factors=[None, PX_LANES])  # a vector stays in its row
+    # up to DW_VECTORS accumulator vectors: rows x row vectors, each an exact divisor (a
+    # fused split across rows would leave tensorize bindings it cannot blockize)
+    per_row = _divisor(pitch // PX_LANES, DW_VECTORS)
+    j_oo, j_ov = sch.split(j_o, factors=[None, per_row])
+    y_io, y_iv = sch.split(y_i, factors=[None, _divisor(rows, DW_VECTORS // per_row)])
+    ch_o, ch_i = sch.split(ch, factors=[None, _divisor(_extent(ch, sch), DW_CHANNELS)])
+    sch.reorder(b, ch_o, ch_i, y_o, y_io, j_oo, ry, pc, h, y_iv, j_ov, f_i, k)
+    sch.parallel(sch.fuse(b, ch_o))
+    pairs = sch.get_sblock(DWP_PAIRS)
+    sch.compute_at(pairs, ch_i)
+    pack = sch.get_sblock("pack_dw")
+    sch.compute_at(pack, ch_i)
+    sch.transform_layout(pack, ("write", 0),
+                         lambda b_, c_, p_, i_, j_: (b_, c_, p_, i_ * pitch + j_))
+    sch.transform_layout(pairs, ("write", 0),
+                         lambda b_, c_, p_, i_, j_, k_: (b_, c_, p_, i_ * pitch + j_, k_))
+    _pack_pairs(sch, pairs)
+    sch.unroll(ry)
+    sch.unroll(pc)
+    sch.unroll(h)
+    sch.unroll(y_iv)
+    sch.unroll(j_ov)
+    cache = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(cache, y_o)
+    init = sch.decompose_reduction(dot, ry)
+    sch.tensorize(f_i, INTRIN_I16 + LOCAL_ACC)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.compute_inline(cache)
+    _epilogue_per_tile(sch, DWP_BLOCK, y_o)
+    if not _has_block(sch, DW_PADDED):
+        _stage_depthwise(sch, pack, ch_i, stride_w == 1)
+        return
+    padded = sch.get_sblock(DW_PADDED)
+    sch.compute_at(padded, ch_i)
+    _stage_depthwise(sch, padded, ch_i, True)
+    if stride_w == 2 and pitch % DW_SPLIT_LANES == 0 and pitch <= DW_SPLIT_MAX \
+            and _split_columns(sch, pack, ch_i, pitch):
+        return
+    inner = sch.get_loops(pack)[-1]
+    if 1 < (_extent(inner, sch) or 0) <= DW_SPLIT_VECTOR:
+        sch.vectorize(inner)
+
+
 def _split_columns(sch: Any, pack: Any, channel: Any, pitch: int) -> bool:
     """A column-stride-2 kernel's phase split (loops phase, row, column under the channel)
     as INTRIN_SPLIT2: each staged row's 2 * L padded columns loaded once and split into the
@@ -1392,7 +1652,7 @@ def _epilogue_per_tile(sch: Any, ours: str, tile: Any, whole_rows: bool = False)
     mine = [i for i, name in enumerate(names) if name.startswith(ours)]
     for name in names[:mine[0]]:
         block = sch.get_sblock(name)
-        if name in ("pack_dw", DW_PADDED):  # computed per channel inside the kernel
+        if name in ("pack_dw", DW_PADDED, DWP_PAIRS):  # computed per channel in the kernel
             continue
         if not name.startswith("pack"):
             try:  # an elementwise input of the epilogue (a residual's dequantize)
@@ -1669,7 +1929,9 @@ _SCHEDULES = {"matmul": _schedule_matmul, "conv2d": _schedule_conv2d,
               "matmul_u8s7": _schedule_matmul, "conv2d_u8s7": _schedule_conv2d,
               "matmul_i16": _schedule_matmul, "conv2d_i16": _schedule_conv2d,
               "conv2d_px": _schedule_conv2d_px, "conv2d_px_u8s7": _schedule_conv2d_px,
-              "depthwise": _schedule_depthwise}
+              "conv2d_px_u8": _schedule_conv2d_px,
+              "depthwise": _schedule_depthwise,
+              "depthwise_pairs": _schedule_depthwise_pairs}
 
 
 def packed_kind(sch: Any) -> str | None:
@@ -1682,8 +1944,14 @@ def packed_kind(sch: Any) -> str | None:
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
     if _has_block(sch, PX_BLOCK):
-        marked = MADDUBS_ATTR in sch.get(sch.get_sblock(PX_BLOCK)).annotations
-        return "conv2d_px_u8s7" if marked else "conv2d_px"
+        px = sch.get(sch.get_sblock(PX_BLOCK))
+        if MADDUBS_ATTR in px.annotations:
+            return "conv2d_px_u8s7"
+        # the uint8 layout unmarked (VNNI builds): int8 weights, no int16 operand
+        u8 = not any(str(r.source.dtype) == "int16" for r in px.reads)
+        return "conv2d_px_u8" if u8 else "conv2d_px"
+    if _has_block(sch, DWP_BLOCK):
+        return "depthwise_pairs"
     if _has_block(sch, DW_BLOCK):
         return "depthwise"
     if not _has_block(sch, "dot"):
@@ -1728,7 +1996,8 @@ def _make_rule(kind: str, intrin: str) -> Rule:
         schedule(sch, intrin)
         return True
 
-    rule.__name__ = f"x86_int8_{kind}_{'vnni' if intrin == INTRIN_VNNI else 'avx2'}"
+    vnni = intrin in (INTRIN_VNNI, INTRIN_PX_VNNI)
+    rule.__name__ = f"x86_int8_{kind}_{'vnni' if vnni else 'avx2'}"
     return rule
 
 
@@ -1747,6 +2016,10 @@ def int8_rules(target: Any) -> list[Rule]:
                   for kind in ("matmul_i16", "conv2d_i16", "conv2d_px", "depthwise")]
     else:  # VNNI is exact for any weight: a checked kernel is a plain uint8 one there
         rules += [_make_rule(kind, intrin) for kind in ("matmul_u8s7", "conv2d_u8s7")]
+        rules += [_make_rule(kind, INTRIN_PX_VNNI) for kind in ("conv2d_px_u8",
+                                                                "conv2d_px_u8s7")]
+        rules.append(_make_rule("depthwise", INTRIN_I16))  # plain AVX2 vector code
+        rules.append(_make_rule("depthwise_pairs", INTRIN_I16))
     return rules
 
 
