@@ -173,6 +173,10 @@ def requantize_te(acc: Any, m0: Any, shift: Any, zero_point: int, low: int = -12
                         tirx.const(low, "int32")).astype("int8")
 
     if scale64 is not None:
+        if not isinstance(scale64, float) and str(scale64.dtype) != "float64":
+            # a float32 table (relax.const of a float64 array without dtype="float64" makes
+            # one) would be widened silently: no longer exact
+            raise ValueError(f"requantize_te: scale64 must be float64, got {scale64.dtype}")
         return te.compute(acc.shape, body64, name="requantize")
     fast = shift_min is not None and int(shift_min) >= 33
     return te.compute(acc.shape, body32 if fast else body, name="requantize")

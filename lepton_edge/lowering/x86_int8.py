@@ -34,8 +34,9 @@ uint8 activations x constant int8 weights -> int32. On x86 this module
    AVX-512 CPUs run; before, those ops ran lowering/schedules.py's generic int8 code;
    depthwise rows of column stride 1 at least DWP_MIN_WIDTH wide take its tap-pair variant,
    `_te_depthwise_pairs`: the planes restaged as int16 pairs of neighbouring columns, one
-   `vpmaddwd` per two taps x 8 outputs, `use_depthwise_pairs`), and stems and 1x1 convs
-   get the pixel-vectorized kernel's uint8 layout for any weight (`vnni_conv_kernel`; one
+   `vpmaddwd` per two taps x 8 outputs, `use_depthwise_pairs`), and stems, 1x1 convs and
+   KxK convs with 8-wide output rows (the digits CNN) get the pixel-vectorized kernel's
+   uint8 layout for any weight (`vnni_conv_kernel`; one
    256-bit `vpdpbusd` per 8 pixels x 4 channels, INTRIN_PX_VNNI; tiles of up to 16
    accumulators, `px_tile_vnni`); the other convs (KxK over more than 4 channels) keep the
    NCHW[c4] kernel. MobileNetV2 int8 on Zen 4 (1 thread, the same QDQ model,
@@ -637,8 +638,9 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
     uint8 layout marked for INTRIN_U8S7 (MADDUBS_ATTR; conv2d: or, by u8s7_conv_kernel, the
     pixel-vectorized uint8 kernel marked for INTRIN_PX_U8S7), the others the int16 layout
     (weights widened at compile time, `vpmaddwd` per 8 x 2, INTRIN_I16). For a VNNI target,
-    depthwise convs and int8 max pooling get the flattened-plane kernel (as on AVX2), stems
-    and 1x1 convs the pixel kernel's uint8 layout, unmarked (vnni_conv_kernel,
+    depthwise convs and int8 max pooling get the flattened-plane kernel (as on AVX2), stems,
+    1x1 convs and KxK convs with 8-wide output rows the pixel kernel's uint8 layout,
+    unmarked (vnni_conv_kernel,
     INTRIN_PX_VNNI), and the other convs and matmuls the uint8 x int8 [.., 16, 4] layout;
     without a target every kernel gets that [.., 16, 4] layout of the VNNI / AVX2 dot
     intrinsics, unmarked (tuned builds: MetaSchedule tunes it).
@@ -747,7 +749,7 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
             exact = bounded(weight)
             if exact and u8s7_conv_kernel(weight.shape) == "px":
                 return self.conv2d_px(call, x, weight, f" ({_BOUNDED})", u8=True)
-            if vnni and vnni_conv_kernel(weight.shape) == "px":
+            if vnni and vnni_conv_kernel(weight.shape, self.out_width(call)) == "px":
                 return self.conv2d_px(call, x, weight, " (vpdpbusd)", u8=True, vnni=True)
             why = f" ({_BOUNDED})" if exact else ""
             if avx2_only and not exact:
@@ -909,7 +911,8 @@ def pack_int8_kernels(mod: Any, target: Any = None, kernels: list[str] | None = 
                                   tuple(int(v) for v in attrs.dilation))
             oh = (dims[1] + padding[0] + padding[2] - (kh - 1) * dh - 1) // sh + 1
             ow = (dims[2] + padding[1] + padding[3] - (kw - 1) * dw - 1) // sw + 1
-            tile = px_tile_vnni(o, oh, ow) if vnni else px_tile(o, oh, ow)
+            deep = kh * kw > 1 and int(shape(x)[1]) > PX_MAX_NARROW_C
+            tile = px_tile_vnni(o, oh, ow, deep) if vnni else px_tile(o, oh, ow)
             packed_np = pack_conv2d_weight_px(weight, tile[0], GROUP if u8 else I16_GROUP)
             out = self.builder_.call_te(
                 _te_conv2d_px, x, relax.const(packed_np, "int8" if u8 else "int16"), int(o),
@@ -1045,7 +1048,7 @@ def u8s7_conv_kernel(weight_shape: tuple[int, ...]) -> str:
 U8S7_PX_MAX_1X1_C = 128
 
 
-def vnni_conv_kernel(weight_shape: tuple[int, ...]) -> str:
+def vnni_conv_kernel(weight_shape: tuple[int, ...], out_width: int | None = None) -> str:
     """VNNI: "px" (the pixel-vectorized kernel's uint8 layout, INTRIN_PX_VNNI: 8 output
     pixels x 4 input channels per 256-bit `vpdpbusd`, tiles px_tile_vnni) for 1x1 convs and
     narrow inputs (at most PX_MAX_NARROW_C channels: stems), else "c4" (the NCHW[c4] kernel,
@@ -1055,9 +1058,14 @@ def vnni_conv_kernel(weight_shape: tuple[int, ...]) -> str:
     kernel's reads its accumulators across channel vectors: 1x1 convs of 144-960 channels
     0.65-0.9x the c4 kernel's time with a residual add (14 and 28 wide), 0.6-1.0x without,
     except 960 -> 160 and 960 -> 320 at 7 wide, 1.0-1.1x (the model: 5.21 ms with px for
-    1x1 convs of fewer than 128 channels, 4.89 with px for all)."""
+    1x1 convs of fewer than 128 channels, 4.89 with px for all). KxK convs whose output rows
+    are exactly one vector (`out_width` PX_LANES) take "px" too, with a 4 x 4-row tile
+    (px_tile_vnni `deep`): the digits CNN's 16 -> 32 3x3 conv at 8x8, batch 64, 1 thread:
+    the model 0.284 -> 0.242 ms (c4: 16-channel vectors of 8x8 rows, 180 us a call)."""
     _, c, kh, kw = weight_shape
-    return "px" if c <= PX_MAX_NARROW_C or (kh == 1 and kw == 1) else "c4"
+    if c <= PX_MAX_NARROW_C or (kh == 1 and kw == 1) or out_width == PX_LANES:
+        return "px"
+    return "c4"
 #: the c4 `vpmaddubsw` conv tile for rows whose width leaves CONV_TILE's (4, 2) fewer than
 #: 4 accumulators (7 wide: 2 x 1): up to 7 x 1 (14 ymm; ResNet-18's 512@7 3x3: 1.14 ->
 #: 1.32x the int16 kernel)
@@ -1101,13 +1109,16 @@ def px_tile(oc: int, oh: int, ow: int, tiles: tuple[tuple[int, int, int], ...] =
     return min(tiles, key=work)
 
 
-def px_tile_vnni(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
+def px_tile_vnni(oc: int, oh: int, ow: int, deep: bool = False) -> tuple[int, int, int]:
     """VNNI: (R, Vy, Vx) of PX_TILES_VNNI for an oc x oh x ow output: a tile whose columns
     (Vx vectors of 8 pixels) divide the row or cover it whole, then the least zero-padded
-    work, then the first listed. A tile that splits a row raggedly (14 wide in tiles of 8)
-    leaves the fused epilogue a predicated vector loop, which TVM emits lane by lane; one
-    that covers the row gets an epilogue loop of the row's own width (MobileNetV2's 14-wide
-    residual projections, 1 thread: about 1.2x faster whole)."""
+    work, then the first listed; `deep` (a KxK conv of more than PX_MAX_NARROW_C input
+    channels) lists (4, 4, 1) first (the digits CNN's 16 -> 32 3x3 conv at 8x8, 1 thread:
+    the model 0.85x the time of (8, 2, 1); (4, 2, 1) 0.87x, (16, 1, 1) 0.89x). A tile that
+    splits a row raggedly (14 wide in tiles of 8) leaves the fused epilogue a predicated
+    vector loop, which TVM emits lane by lane; one that covers the row gets an epilogue loop
+    of the row's own width (MobileNetV2's 14-wide residual projections, 1 thread: about 1.2x
+    faster whole)."""
     def key(tile: tuple[int, int, int]) -> tuple[int, int, int]:
         r, vy, vx = tile
         cols = PX_LANES * vx
@@ -1115,7 +1126,10 @@ def px_tile_vnni(oc: int, oh: int, ow: int) -> tuple[int, int, int]:
         work = _ceil(oc, r) * _ceil(oh, vy) * _ceil(ow, cols)
         return (int(ragged), work)
 
-    return min(PX_TILES_VNNI, key=key)
+    tiles = PX_TILES_VNNI
+    if deep:
+        tiles = [(4, 4, 1), *(t for t in PX_TILES_VNNI if t != (4, 4, 1))]
+    return min(tiles, key=key)
 
 
 def pack_conv2d_weight_px(w: np.ndarray, r: int, group: int = I16_GROUP) -> np.ndarray:

@@ -584,7 +584,7 @@ def test_depthwise_requantize_and_uint8_shift_inlined(form: str) -> None:
                                            out_dtype="int32"))
             y = bb.emit(relax.op.add(y, relax.const(bias)))
             if form == "float64":
-                q = bb.emit_te(requantize_te, y, 0, 0, 5, scale64=relax.const(scale))
+                q = bb.emit_te(requantize_te, y, 0, 0, 5, scale64=relax.const(scale, "float64"))
             else:
                 q = bb.emit_te(requantize_te, y, relax.const(m0.astype(np.int32).reshape(
                     1, c, 1, 1)), relax.const(shift.reshape(1, c, 1, 1)), 5,

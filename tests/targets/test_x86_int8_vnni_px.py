@@ -3,8 +3,8 @@
 A VNNI build gives depthwise convs (and int8 max pooling) the AVX2 flattened-plane kernel
 (its rule keeps the name x86_int8_depthwise_avx2: plain AVX2 vector code; rows of column
 stride 1 at least DWP_MIN_WIDTH wide its tap-pair variant, one `vpmaddwd` per two taps x 8
-outputs, x86_int8_depthwise_pairs_avx2), and stems and
-1x1 convs the pixel-vectorized kernel's uint8 layout for any weight (INTRIN_PX_VNNI: one
+outputs, x86_int8_depthwise_pairs_avx2), and stems, 1x1 convs and KxK convs with 8-wide
+output rows the pixel-vectorized kernel's uint8 layout for any weight (INTRIN_PX_VNNI: one
 256-bit `vpdpbusd` per 8 output pixels x 4 input channels, tiles px_tile_vnni); the other
 convs keep the NCHW[c4] kernel (INTRIN_VNNI). The
 packing and scheduling are checked for the cascadelake target on any x86 host; the kernels
@@ -59,6 +59,9 @@ def test_vnni_kernel_choice() -> None:
         ([1, 144, 9, 9], (24, 144, 1, 1), "uint8", "pixel-vectorized uint8 vpdpbusd",
          "x86_int8_conv2d_px_u8_vnni"),
         ([1, 16, 9, 9], (32, 16, 3, 3), "uint8", "NCHW[c4] input", "x86_int8_conv2d_vnni"),
+        # KxK with rows of exactly one vector (the digits CNN's 8x8): the pixel kernel
+        ([1, 16, 10, 10], (32, 16, 3, 3), "uint8", "tile 4 channels x 4 rows x 8 pixels",
+         "x86_int8_conv2d_px_u8_vnni"),
         ([1, 16, 9, 9], (16, 1, 3, 3), "int8", "depthwise conv2d", "x86_int8_depthwise_avx2"),
         ([1, 16, 30, 30], (16, 1, 3, 3), "int8", "tap pairs (vpmaddwd)",
          "x86_int8_depthwise_pairs_avx2"),
@@ -85,6 +88,8 @@ def test_vnni_pixel_tile_covers_or_divides_rows() -> None:
     assert x86_int8.px_tile_vnni(64, 14, 14) == (8, 1, 2)  # 16 columns cover 14
     assert x86_int8.px_tile_vnni(32, 28, 28) == (4, 1, 4)  # 32 columns cover 28
     assert x86_int8.px_tile_vnni(160, 7, 7) == (16, 1, 1)  # 7 rows: no padded row
+    assert x86_int8.px_tile_vnni(32, 8, 8) == (8, 2, 1)
+    assert x86_int8.px_tile_vnni(32, 8, 8, deep=True) == (4, 4, 1)  # KxK, > 4 channels
     for oc, oh, ow in ((96, 112, 112), (64, 14, 14), (32, 28, 28), (24, 56, 56), (20, 7, 7)):
         r, vy, vx = x86_int8.px_tile_vnni(oc, oh, ow)
         assert ow % (8 * vx) == 0 or 8 * vx >= ow, (oc, oh, ow)
@@ -109,6 +114,7 @@ PX_CONVS = {
     "1x1_stride2_odd_channels_symbolic_batch": ([N, 9, 9, 11], (7, 1), (2, 2), (0, 0, 0, 0),
                                                 2),
     "3x3_stem_stride2_pad": ([1, 3, 13, 18], (20, 3), (2, 2), (1, 1, 1, 1), None),
+    "3x3_8_wide_c16_pad_symbolic_batch": ([N, 16, 6, 8], (36, 3), (1, 1), (1, 1, 1, 1), 3),
 }
 
 
