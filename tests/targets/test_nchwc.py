@@ -623,19 +623,25 @@ def sixteens() -> onnx.ModelProto:
 
 
 def test_avx512_blocks_16_channels_or_8_when_that_blocks_more_convolutions() -> None:
-    """AVX-512: NCHW16c when every convolution is a multiple of 16 channels; a model with
-    24-channel layers (MobileNetV2's 56x56x24) in NCHW8c, all its convolutions blocked, not
-    those left in NCHW. AVX2 keeps NCHW8c."""
+    """AVX-512: NCHW16c when every convolution is a multiple of 16 channels, and for a model
+    with 24-channel layers (MobileNetV2's 56x56x24) once they are zero-padded to 32
+    (pad_channels, tests/targets/test_nchwc_pad.py); without that padding, NCHW8c, all its
+    convolutions blocked, not those left in NCHW. AVX2 keeps NCHW8c."""
     assert nchwc.block_lanes(lowering.import_onnx(sixteens()), 16) == 16
     assert nchwc.block_lanes(lowering.import_onnx(cnn()), 16) == 8
     assert nchwc.block_lanes(lowering.import_onnx(cnn()), 8) == 8
     target = tvm.target.Target(AVX512)
-    for proto, lanes in ((cnn(), 8), (sixteens(), 16)):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nchwc, "PAD_CHANNELS", False)
+        mod = schedules.ConvertConvLayout(target)(lowering.import_onnx(cnn()))
+    assert len(re.findall(r"R\.call_tir\((?:cls\.)?conv2d_nchwc\w*, .*out_\w+="
+                          r"R\.Tensor\(\(N, \d+, \d+, \d+, 8\)", mod["main"].script())) == 6
+    for proto, lanes in ((cnn(), 16), (sixteens(), 16)):
         mod = schedules.ConvertConvLayout(target)(lowering.import_onnx(proto))
         text = mod["main"].script(show_meta=False)
         blocked = re.findall(r"R\.call_tir\((?:cls\.)?conv2d_nchwc\w*, .*out_\w+="
                              r"R\.Tensor\(\((\w+), (\d+), (\d+), (\d+), (\d+)\)", text)
-        assert len(blocked) == (6 if lanes == 8 else 4), text
+        assert len(blocked) == (6 if proto.graph.name == "nchwc_cnn" else 4), text
         assert {int(b[-1]) for b in blocked} == {lanes}
 
 
@@ -691,3 +697,62 @@ def test_avx512_blocked_convolutions_match_onnxruntime(build) -> None:
     24-channel CNN in NCHW8c."""
     _matches_onnxruntime(build, sixteens())
     _matches_onnxruntime(build, cnn())
+
+
+def _scheduled_conv(batch: int, cin: int, cout: int, size: int, k: int, target: dict) -> str:
+    """The nchwc rule's kernel (TVMScript) of a padded k x k convolution in NCHW16c."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    x = te.placeholder((batch, cin // 16, size, size, 16), name="x")
+    w = te.placeholder((cout // 16, cin // 16, k, k, 16, 16), name="w")
+    y = nchwc.conv2d_nchwc_te(x, w, (1, 1), (k // 2,) * 4, False, 32)
+    out = te.compute(y.shape, lambda *i: te.max(y(*i), 0.0), name="relu")
+    sch = Schedule(tvm.IRModule({"main": te.create_prim_func([x, w, out])}))
+    assert nchwc.schedule_nchwc(sch, tvm.target.Target(target))
+    return sch.mod.script()
+
+
+def test_avx512_a_small_plane_of_one_channel_tile_pads_in_the_parallel_loop() -> None:
+    """AVX-512, a small output plane (flat) whose output channels are one register tile (the
+    digits CNN's 8x8 16 -> 32 layer at batch 64): each image is padded inside the parallel
+    loop by the thread that convolves it, not in a serial pass over the batch before it; a
+    plane with more channel tiles (and AVX2) keeps the pass."""
+    pad = f'T.sblock("{nchwc.PAD_BLOCK}'
+    digits = _scheduled_conv(64, 16, 32, 8, 3, AVX512)
+    assert digits.index(pad) > digits.index("T.parallel(")
+    plane = _scheduled_conv(1, 64, 128, 7, 3, AVX512)  # 8 blocks, tiles of fewer
+    assert plane.index(pad) < plane.index("T.parallel(")
+    avx2 = _scheduled_conv(64, 16, 32, 8, 3, TARGET)
+    assert avx2.index(pad) < avx2.index("T.parallel(")
+
+
+def test_avx512_small_plane_kernels_match_numpy() -> None:
+    """Small-plane kernels (one channel tile, padded in the parallel loop on AVX-512; two
+    tiles) compiled for this host compute the convolution."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": lowering.system_cpu()})
+    for batch, cin, cout, size in ((5, 16, 32, 8), (2, 32, 64, 7)):
+        x = te.placeholder((batch, cin // 16, size, size, 16), name="x")
+        w = te.placeholder((cout // 16, cin // 16, 3, 3, 16, 16), name="w")
+        y = nchwc.conv2d_nchwc_te(x, w, (1, 1), (1, 1, 1, 1), False, 32)
+        sch = Schedule(tvm.IRModule({"main": te.create_prim_func([x, w, y])}))
+        assert nchwc.schedule_nchwc(sch, target)
+        kernel = tvm.compile(sch.mod, target=target)
+        data = rng.standard_normal((batch, cin, size, size)).astype(np.float32)
+        weight = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+        xb = data.reshape(batch, cin // 16, 16, size, size).transpose(0, 1, 3, 4, 2)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(xb)),
+                tvm.runtime.tensor(nchwc.pack_filter(weight, 16, depthwise=False)),
+                tvm.runtime.tensor(np.zeros((batch, cout // 16, size, size, 16), np.float32))]
+        kernel(*args)
+        got = args[2].numpy().transpose(0, 1, 4, 2, 3).reshape(batch, cout, size, size)
+        padded = np.pad(data, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        want = np.zeros_like(got)
+        for ky in range(3):
+            for kx in range(3):
+                want += np.einsum("nchw,oc->nohw", padded[:, :, ky:ky + size, kx:kx + size],
+                                  weight[:, :, ky, kx])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
