@@ -1525,22 +1525,28 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
     except ScheduleError:
         sch.vectorize(sch.get_loops(cache)[-1])
     _epilogue_per_tile(sch, DW_BLOCK, y_o)
+    _stage_planes(sch, pack, ch_i, stride_w, pitch)
+
+
+def _stage_planes(sch: Any, pack: Any, channel: Any, stride_w: int, pitch: int) -> None:
+    """The depthwise kernels' staging of each channel's flattened plane (block `pack`) under
+    the `channel` loop; last in their schedules: it rebuilds the loops."""
     if not _has_block(sch, DW_PADDED):
-        _stage_depthwise(sch, pack, ch_i, stride_w == 1)  # last: it rebuilds the loops
+        _stage_depthwise(sch, pack, channel, stride_w == 1)
         return
     # strided: the padded plane staged first (pad fill, row copies, both in vectors), then
     # its phases split from it in plain loops free of bounds tests (phase, row, column:
     # the column phases unrolled innermost measured slower at 56 wide, 200 -> 440 us)
     padded = sch.get_sblock(DW_PADDED)
-    sch.compute_at(padded, ch_i)
-    _stage_depthwise(sch, padded, ch_i, True)
+    sch.compute_at(padded, channel)
+    _stage_depthwise(sch, padded, channel, True)
     # the phase split: at column stride 2 with a pitch of 16, 32, 48 or 64, INTRIN_SPLIT2;
     # else its rows (`pitch` columns each, read at the column stride) vectorized
     # when short: LLVM's loop vectorizer leaves rows under its vector width scalar (144 x
     # 56 x 56 stride 2, pitch 30, 1 thread: 280 -> 165 us), and vectorizes longer ones
     # better than TVM's vector of strided loads (96 x 112 x 112, pitch 60: 250 -> 400 us)
     if stride_w == 2 and pitch % DW_SPLIT_LANES == 0 and pitch <= DW_SPLIT_MAX \
-            and _split_columns(sch, pack, ch_i, pitch):
+            and _split_columns(sch, pack, channel, pitch):
         return
     inner = sch.get_loops(pack)[-1]
     if 1 < (_extent(inner, sch) or 0) <= DW_SPLIT_VECTOR:
@@ -1586,18 +1592,7 @@ def _schedule_depthwise_pairs(sch: Any, intrin: str) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
     sch.compute_inline(cache)
     _epilogue_per_tile(sch, DWP_BLOCK, y_o)
-    if not _has_block(sch, DW_PADDED):
-        _stage_depthwise(sch, pack, ch_i, stride_w == 1)
-        return
-    padded = sch.get_sblock(DW_PADDED)
-    sch.compute_at(padded, ch_i)
-    _stage_depthwise(sch, padded, ch_i, True)
-    if stride_w == 2 and pitch % DW_SPLIT_LANES == 0 and pitch <= DW_SPLIT_MAX \
-            and _split_columns(sch, pack, ch_i, pitch):
-        return
-    inner = sch.get_loops(pack)[-1]
-    if 1 < (_extent(inner, sch) or 0) <= DW_SPLIT_VECTOR:
-        sch.vectorize(inner)
+    _stage_planes(sch, pack, ch_i, stride_w, pitch)
 
 
 def _split_columns(sch: Any, pack: Any, channel: Any, pitch: int) -> bool:
