@@ -845,3 +845,38 @@ def test_large_batches_of_small_kernels_match_onnxruntime(builder, build) -> Non
     for batch in (1, 300):
         feeds = _feeds(model, batch)
         assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def _first_parallel_batch(func: tirx.PrimFunc) -> int:
+    """The smallest power-of-two batch at which a dispatched kernel takes its parallel branch."""
+    cond = _batch_branches(func)[0]
+    batch = 1
+    while not _holds(cond, batch):
+        batch *= 2
+        assert batch <= 1 << 24, cond
+    return batch
+
+
+def test_avx512_symbolic_batch_kernels_go_parallel_from_parallel_min_work() -> None:
+    """AVX-512 targets switch a symbolic-batch kernel to its parallel schedule once N * per-sample
+    work reaches PARALLEL_MIN_WORK (schedules.batch_parallel_min_work: measured on Zen 4, 2
+    threads, the digits CNN's small convs/pool and a batch-64 MLP ran faster parallel); AVX2
+    keeps BATCH_PARALLEL_MIN_WORK: the same kernels go parallel at a 16x larger batch. (Last in
+    this file: matmuls() draws from the shared rng, and earlier tests' feeds stay as they were.)"""
+    avx2 = tvm.target.Target(TARGET)
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert schedules.batch_parallel_min_work(avx2) == schedules.BATCH_PARALLEL_MIN_WORK
+    assert schedules.batch_parallel_min_work(avx512) == schedules.PARALLEL_MIN_WORK
+    assert schedules.BATCH_PARALLEL_MIN_WORK // schedules.PARALLEL_MIN_WORK == 16
+    mod = _legalized(matmuls())
+    first = {}
+    for target in (avx2, avx512):
+        scheduled = schedules.apply_default_schedules(mod, target)
+        first[str(target.attrs["mcpu"])] = {
+            gvar.name_hint: _first_parallel_batch(func)
+            for gvar, func in scheduled.functions_items()
+            if isinstance(func, tirx.PrimFunc) and "matmul" in gvar.name_hint}
+    assert len(first["haswell"]) == 3, first
+    assert first["haswell"].keys() == first["skylake-avx512"].keys(), first
+    for name, batch in first["haswell"].items():
+        assert batch == 16 * first["skylake-avx512"][name], (name, first)
