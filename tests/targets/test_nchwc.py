@@ -225,8 +225,11 @@ def test_a_conv_chain_pays_layout_transforms_only_at_its_ends() -> None:
     assert not [ln for ln in text.splitlines() if "call_tir(cls.maximum" in ln]
 
 
-def test_converted_kernels_are_scheduled_by_the_nchwc_rule() -> None:
-    target = tvm.target.Target(TARGET)
+def scheduled_build(model: onnx.ModelProto, target_spec: object
+                    ) -> tuple[schedules.ScheduleReport, tvm.IRModule]:
+    """Build `model` for `target_spec` with the CPU pipeline: its ScheduleReport and the
+    module as the default schedules left it."""
+    target = tvm.target.Target(target_spec)
     report = schedules.ScheduleReport()
     captured = {}
 
@@ -237,16 +240,21 @@ def test_converted_kernels_are_scheduled_by_the_nchwc_rule() -> None:
     original = schedules.apply_default_schedules
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(schedules, "apply_default_schedules", keep)
-        tvm.compile(lowering.import_onnx(cnn()), target=target,
+        tvm.compile(lowering.import_onnx(model), target=target,
                     relax_pipeline=schedules.cpu_pipeline(target, report=report))
+    return report, captured["mod"]
+
+
+def test_converted_kernels_are_scheduled_by_the_nchwc_rule() -> None:
+    report, scheduled = scheduled_build(cnn(), TARGET)
     convs = {name: rule for name, rule in report.rules.items() if "conv2d_nchwc" in name}
     assert len(convs) == 6 and set(convs.values()) == {"nchwc"}, report.rules
     # the pools between the convolutions, on NCHWc tensors, vectorized along the lanes
     assert report.rules["max_pool2d"] == report.rules["avg_pool2d"] == "nchwc-pool"
     for name in ("max_pool2d", "avg_pool2d"):
-        assert "T.vectorized(T.int64(8))" in captured["mod"][name].script()
+        assert "T.vectorized(T.int64(8))" in scheduled[name].script()
     for name in convs:
-        func = captured["mod"][name]
+        func = scheduled[name]
         text = func.script()
         assert "T.vectorized(T.int64(8))" in text and "T.unroll(" in text, name
         # The epilogue (bias, ReLU, residual add, clip) joins the register tile's write-back:
@@ -669,22 +677,10 @@ def test_avx512_tiles_use_32_registers(blocks: int, width: int) -> None:
 def test_avx512_kernels_schedule_the_wide_tiles() -> None:
     """The 4 x 4 tile of 16 lanes on AVX-512: the nchwc rule unrolls 16 accumulators of
     T.vectorized(16)."""
-    target = tvm.target.Target(AVX512)
-    report = schedules.ScheduleReport()
-    captured = {}
-
-    def keep(mod: tvm.IRModule, tgt: object, **kw: object) -> tvm.IRModule:
-        captured["mod"] = original(mod, tgt, **kw)
-        return captured["mod"]
-
-    original = schedules.apply_default_schedules
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(schedules, "apply_default_schedules", keep)
-        tvm.compile(lowering.import_onnx(sixteens()), target=target,
-                    relax_pipeline=schedules.cpu_pipeline(target, report=report))
+    report, scheduled = scheduled_build(sixteens(), AVX512)
     convs = {name: rule for name, rule in report.rules.items() if "conv2d_nchwc" in name}
     assert len(convs) == 4 and set(convs.values()) == {"nchwc"}, report.rules
-    texts = [captured["mod"][name].script() for name in convs]
+    texts = [scheduled[name].script() for name in convs]
     assert all("T.vectorized(T.int64(16))" in t for t in texts)
     # the 28-wide 3x3 layers: 4 channel blocks x 4 columns (t_c x t_w unrolled loops)
     assert sum("T.unroll(T.int64(4))" in t and "T.unroll(T.int64(7))" not in t
