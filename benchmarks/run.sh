@@ -7,7 +7,7 @@
 #                                      # fp32, int8 with 8-bit weights and int8 with 7-bit
 #                                      # weights; batch 1 and a larger batch
 #
-# The full run takes about 12 minutes here: --tune defaults to 0, so the CPU kernels are
+# The full run takes about 7 minutes on a 2-core Zen 4 (12 on a Zen 3): --tune defaults to 0, so the CPU kernels are
 # lepton-edge's default schedules (lowering/schedules.py, x86_int8.py); --tune N tunes each
 # model with N MetaSchedule trials first (much longer, but the tuning database is reused by
 # later runs). Other options: --runs R --warmup W --calib S --weight-bits 8,7 --out FILE
