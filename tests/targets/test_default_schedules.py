@@ -547,21 +547,28 @@ def test_packed_weights_are_read_as_contiguous_panel_vectors(small_parallel_thre
     report = schedules.ScheduleReport()
     scheduled = schedules.apply_default_schedules(_legalized_mod(packed), TARGET,
                                                   report=report)
-    panels = {(5, 37, 8): 0, (2, 37, 24): 0, (3, 37, 24): 0}  # [N / t, K, t]
+    readers = panel_readers(scheduled, report, [(5, 37, 8), (2, 37, 24), (3, 37, 24)])
+    for funcs in readers.values():  # no run-time copy of the weight (a [K, N] weight gets one)
+        assert all("_global" not in func.script() for func in funcs)
+
+
+def panel_readers(scheduled: tvm.IRModule, report: schedules.ScheduleReport,
+                  shapes: list[tuple[int, int, int]]
+                  ) -> dict[tuple[int, int, int], list[Any]]:
+    """{panel shape [N / t, K, t]: the kernels reading it}: every packed panel of `shapes` is
+    read, by "contraction" kernels only, always as whole vectors."""
+    readers: dict[tuple[int, int, int], list[Any]] = {}
     for gvar, func in scheduled.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        reads_panels = False
         for load, vec in _vectorized_loads(func):
             shape = tuple(_const_shape(load.source))
-            if shape in panels:
+            if shape in shapes:
                 assert report.rules[gvar.name_hint] == "contraction", gvar.name_hint
                 assert vec, f"{gvar.name_hint}: panel {shape} read element by element"
-                panels[shape] += 1
-                reads_panels = True
-        if reads_panels:  # no run-time copy of the weight (a [K, N] weight gets one)
-            assert "_global" not in func.script(), gvar.name_hint
-    assert all(panels.values()), panels
+                readers.setdefault(shape, []).append(func)
+    assert sorted(readers) == sorted(shapes), (sorted(readers), shapes)
+    return readers
 
 
 def test_avx512_packs_columns_of_8_lanes_in_narrow_panels(small_parallel_threshold) -> None:
@@ -577,21 +584,11 @@ def test_avx512_packs_columns_of_8_lanes_in_narrow_panels(small_parallel_thresho
     target = {"kind": "llvm", "mcpu": "skylake-avx512"}
     report = schedules.ScheduleReport()
     scheduled = schedules.apply_default_schedules(_legalized_mod(packed), target, report=report)
-    panels = {(5, 37, 8): 0, (3, 37, 24): 0, (1, 37, 48): 0}  # [N / t, K, t]
-    for gvar, func in scheduled.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        for load, vec in _vectorized_loads(func):
-            shape = tuple(_const_shape(load.source))
-            if shape in panels:
-                assert report.rules[gvar.name_hint] == "contraction", gvar.name_hint
-                assert vec, f"{gvar.name_hint}: panel {shape} read element by element"
-                panels[shape] += 1
-                if shape[2] % 16:
-                    lanes = {int(lp.extent) for lp in _loops(func)
-                             if lp.kind == tirx.ForKind.VECTORIZED}
-                    assert lanes == {8}, (gvar.name_hint, lanes)
-    assert all(panels.values()), panels
+    readers = panel_readers(scheduled, report, [(5, 37, 8), (3, 37, 24), (1, 37, 48)])
+    for shape, funcs in readers.items():
+        for func in funcs if shape[2] % 16 else ():
+            lanes = {int(lp.extent) for lp in _loops(func) if lp.kind == tirx.ForKind.VECTORIZED}
+            assert lanes == {8}, (shape, lanes)
 
 
 def test_symbolic_rows_are_register_tiled_without_bounds_checks(
