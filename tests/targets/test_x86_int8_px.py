@@ -64,14 +64,15 @@ def conv_module(x_shape: list, weight: np.ndarray, *, dtype: str = "uint8",
     return bb.get()
 
 
-def pack_fuse_schedule(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[str], list[str]]:
-    """Pack for AVX2, fuse as the CPU build does (legalize, fuse), schedule with our rules:
-    (module, packing notes, one line per scheduled kernel)."""
-    mod, packed = x86_int8.pack_int8_kernels(mod, HASWELL)
+def pack_fuse_schedule(mod: tvm.IRModule, target: tvm.target.Target = HASWELL
+                       ) -> tuple[tvm.IRModule, list[str], list[str]]:
+    """Pack for `target` (AVX2 by default), fuse as the CPU build does (legalize, fuse),
+    schedule with our rules: (module, packing notes, one line per scheduled kernel)."""
+    mod, packed = x86_int8.pack_int8_kernels(mod, target)
     mod = relax.transform.LegalizeOps()(mod)
     mod = relax.transform.AnnotateTIROpPattern()(mod)
     mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, lines = x86_int8.schedule_int8_kernels(mod, HASWELL)
+    mod, lines = x86_int8.schedule_int8_kernels(mod, target)
     return mod, packed, lines
 
 

@@ -19,34 +19,17 @@ import pytest
 
 from lepton_edge.lowering import x86_int8
 from lepton_edge.target import host_arch
-from tests.targets.test_vnni import extreme_int8, extreme_uint8, host_has_vnni
-from tests.targets.test_x86_int8_px import conv_module, reference
+from tests.targets.test_vnni import HOST, extreme_int8, extreme_uint8, host_has_vnni
+from tests.targets.test_x86_int8_px import conv_module, pack_fuse_schedule, reference, run
 
 tvm = pytest.importorskip("tvm")
 relax = tvm.relax
 
 pytestmark = pytest.mark.skipif(host_arch() != "x86_64", reason="x86 kernels need an x86 host")
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
-HOST = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
 needs_vnni = pytest.mark.skipif(not host_has_vnni(), reason="host CPU has no avx512_vnni")
 rng = np.random.default_rng(23)
 N = tvm.tirx.Var("N", "int64")
-
-
-def pack_fuse_schedule(mod: tvm.IRModule, target: tvm.target.Target
-                       ) -> tuple[tvm.IRModule, list[str], list[str]]:
-    """Pack for `target`, fuse as the CPU build does, schedule with our rules."""
-    mod, packed = x86_int8.pack_int8_kernels(mod, target)
-    mod = relax.transform.LegalizeOps()(mod)
-    mod = relax.transform.AnnotateTIROpPattern()(mod)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
-    mod, lines = x86_int8.schedule_int8_kernels(mod, target)
-    return mod, packed, lines
-
-
-def run(executable: object, x: np.ndarray) -> np.ndarray:
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
 def test_vnni_kernel_choice() -> None:
