@@ -1222,8 +1222,10 @@ def _schedule_conv2d_px(sch: Any, intrin: str) -> None:
     # Parallel over whole output-channel blocks (rows too when they are few): TVM allocates
     # the accumulators once per parallel iteration (a workspace call), not per tile.
     ocb = _extent(ob, sch) or 1
+    parallel = _worth_parallel(sch, dot, int8_work_scale(intrin))
     outer = sch.fuse(b, ob) if ocb >= PX_MIN_PARALLEL else sch.fuse(b, ob, y_o)
-    sch.parallel(outer)
+    if parallel:
+        sch.parallel(outer)
     tile = xb_o
     sch.unroll(y_i)
     sch.unroll(xb_i)
@@ -1506,7 +1508,8 @@ def _schedule_depthwise(sch: Any, intrin: str) -> None:
     # parallel iteration (a workspace call each), not once per small channel
     ch_o, ch_i = sch.split(ch, factors=[None, _divisor(_extent(ch, sch), DW_CHANNELS)])
     sch.reorder(b, ch_o, ch_i, y_o, f_o, ry, rx, f_v, f_i)
-    sch.parallel(sch.fuse(b, ch_o))
+    if _worth_parallel(sch, dot):
+        sch.parallel(sch.fuse(b, ch_o))
     pack = sch.get_sblock("pack_dw")
     sch.compute_at(pack, ch_i)
     # the staged planes flat: a tap's reads become contiguous (q // pitch * pitch + q % pitch)
@@ -1570,7 +1573,8 @@ def _schedule_depthwise_pairs(sch: Any, intrin: str) -> None:
     y_io, y_iv = sch.split(y_i, factors=[None, _divisor(rows, DW_VECTORS // per_row)])
     ch_o, ch_i = sch.split(ch, factors=[None, _divisor(_extent(ch, sch), DW_CHANNELS)])
     sch.reorder(b, ch_o, ch_i, y_o, y_io, j_oo, ry, pc, h, y_iv, j_ov, f_i, k)
-    sch.parallel(sch.fuse(b, ch_o))
+    if _worth_parallel(sch, dot):
+        sch.parallel(sch.fuse(b, ch_o))
     pairs = sch.get_sblock(DWP_PAIRS)
     sch.compute_at(pairs, ch_i)
     pack = sch.get_sblock("pack_dw")
@@ -1798,7 +1802,8 @@ def _schedule_matmul(sch: Any, intrin: str) -> None:
         tile = row_o
     else:
         outer = tile = sch.fuse(nb_o, *lead, row_o)
-    sch.parallel(outer)  # before tensorize: parallel needs the reduction block intact
+    if _worth_parallel(sch, dot, int8_work_scale(intrin)):
+        sch.parallel(outer)  # before tensorize: parallel needs the reduction block intact
     sch.unroll(row_i)
     sch.unroll(nb_i)
     cache = sch.cache_write(dot, 0, "local")
@@ -1824,7 +1829,8 @@ def _schedule_conv2d(sch: Any, intrin: str) -> None:
     z_o, z_i = sch.split(z, factors=[None, z_i_f])
     sch.reorder(b, ob_o, y, z_o, rc, ry, rx, ob_i, z_i, oi, ri)
     outer = sch.fuse(b, ob_o, y)
-    sch.parallel(outer)
+    if _worth_parallel(sch, dot, int8_work_scale(intrin)):
+        sch.parallel(outer)
     sch.unroll(ob_i)
     sch.unroll(z_i)
     cache = sch.cache_write(dot, 0, "local")
@@ -1926,7 +1932,44 @@ def _vectorize_inner(sch: Any, block: Any, lanes: int = LANES) -> None:
         sch.vectorize(loops[-1])
 
 
+#: Multiply-adds of the int8 kernels per fp32 FMA of the same time, roughly: the threshold
+#: of a kernel's parallel loop is schedules.PARALLEL_MIN_WORK times this many multiply-adds
+#: (a `vpdpbusd` lane does 4 per instruction, an int16 `vpmaddwd` lane 2). Measured
+#: 2026-11-30, Zen 4, 2 threads: the digits CNN's int8 kernels (0.02-0.2 M multiply-adds a
+#: sample) each ran 1.1-1.8x slower parallel than serial at batch 1 (16.6 -> 12.2 us a call
+#: with TVM_NUM_THREADS=1: thread-pool launches).
+INT8_WORK_SCALE = {INTRIN_VNNI: 4, INTRIN_PX_VNNI: 4}
+INT8_WORK_SCALE_DEFAULT = 2
+
+
+def int8_work_scale(intrin: str) -> int:
+    """Multiply-adds of a kernel tensorized with `intrin` per iteration of a float32 kernel's
+    loop nest (INT8_WORK_SCALE)."""
+    return INT8_WORK_SCALE.get(intrin, INT8_WORK_SCALE_DEFAULT)
+
+
+def _worth_parallel(sch: Any, block: Any, scale: int = 1) -> bool:
+    """Whether `block`'s loop nest (all its iterations: multiply-adds for a kernel, elements
+    for a copy) divided by `scale` reaches schedules.PARALLEL_MIN_WORK: less does not pay
+    for a thread-pool launch. A symbolic batch counts as schedules' current symbolic
+    factor (1 for the serial schedule; schedules._with_parallel_variant schedules such a
+    kernel again for large batches and picks one of the two at run time, from the work
+    times the rule's `work_scale`)."""
+    from lepton_edge.lowering import schedules
+
+    work = 1.0
+    for loop in sch.get_loops(block):
+        extent = sch.get(loop).extent
+        constant = schedules._const(extent)
+        # a fused symbolic loop (N * 16): its constant factor times the symbolic factor
+        work *= constant if constant is not None else \
+            schedules._const_factor(extent) * schedules._symbolic_factor()
+    return work / scale >= schedules.PARALLEL_MIN_WORK
+
+
 def _parallel_outer(sch: Any, block: Any) -> None:
+    if not _worth_parallel(sch, block):
+        return
     loops = sch.get_loops(block)
     if len(loops) >= 2:
         sch.parallel(sch.fuse(loops[0], loops[1]))
@@ -2006,6 +2049,10 @@ def _make_rule(kind: str, intrin: str) -> Rule:
         return True
 
     vnni = intrin in (INTRIN_VNNI, INTRIN_PX_VNNI)
+    # for schedules._with_parallel_variant's run-time choice (depthwise and pooling: plain
+    # vector code, as float32 kernels)
+    scale = 1 if kind.startswith("depthwise") else int8_work_scale(intrin)
+    rule.work_scale = scale  # type: ignore[attr-defined]
     rule.__name__ = f"x86_int8_{kind}_{'vnni' if vnni else 'avx2'}"
     return rule
 

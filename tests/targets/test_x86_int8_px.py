@@ -538,11 +538,12 @@ def test_float64_requantize_equals_reference(per_channel: bool) -> None:
 
 def test_matmul_runs_whole_column_panels_per_parallel_iteration() -> None:
     """The int16 matmul: parallel over column panels (all rows of one panel per iteration:
-    one accumulator allocation each), bit-exact with a symbolic batch."""
+    one accumulator allocation each), bit-exact with a symbolic batch. (24 rows: a sample's
+    393 K multiply-adds reach the int16 kernels' parallel threshold, 2 x PARALLEL_MIN_WORK.)"""
     k, n = 64, 256
     weight = extreme_int8((k, n))
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([N, 12, k], "uint8"))
+    x = relax.Var("x", relax.TensorType([N, 24, k], "uint8"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.matmul(x, relax.const(weight, "int8"), out_dtype="int32"))
@@ -555,11 +556,11 @@ def test_matmul_runs_whole_column_panels_per_parallel_iteration() -> None:
     text = "".join(f.script() for f in mod.functions.values()
                    if isinstance(f, tvm.tirx.PrimFunc))
     # 256 columns = 16 panels of 2 x 8, per batch element, in parallel; in each, the
-    # 12 rows = 3 tiles of 4 in a serial loop
+    # 24 rows = 6 tiles of 4 in a serial loop
     assert "T.parallel(N * T.int64(16))" in text, text
-    assert "for i1_0 in range(T.int64(3)):" in text, text
+    assert "for i1_0 in range(T.int64(6)):" in text, text
     executable = tvm.compile(mod, target=HASWELL)
-    a = extreme_uint8((2, 12, k))
+    a = extreme_uint8((2, 24, k))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_array_equal(got, a.astype(np.int64) @ weight.astype(np.int64))
