@@ -147,6 +147,11 @@ class Session:
         self._subgraphs = self._place(manifest["subgraphs"])
         for sg in self._subgraphs:
             self._load_first(sg)
+        # One subgraph computing exactly the model's outputs, in order (most compiled
+        # models): run() takes its results as the outputs, without the name table
+        self._output_names = [spec.name for spec in self.outputs]
+        self._direct = (self._plain_outputs and len(self._subgraphs) == 1
+                        and list(self._subgraphs[0].outputs) == self._output_names)
 
     # ------------------------------------------------------------------ placement
     def _devices(self, kind: str) -> list[DeviceInfo]:
@@ -247,23 +252,34 @@ class Session:
         # narrow (ml_dtypes) tensors travel between subgraphs as their uint8 bytes
         # (check_feeds returns them so); `env` is a new dict on every call
         env, symbols = self._check_feeds(feeds)
+        if self._direct:
+            (sg,) = self._subgraphs
+            with self._lock:
+                values = [_plain_output(v) for v in
+                          self._run_subgraph(sg, [env[name] for name in sg.inputs])]
+            return self._checked_result(values, symbols)
         with self._lock:
             for sg in self._subgraphs:
                 outputs = self._run_subgraph(sg, [env[name] for name in sg.inputs])
                 env.update(zip(sg.outputs, outputs, strict=True))
         if self._plain_outputs:
-            result = {spec.name: _plain_output(env[spec.name]) for spec in self.outputs}
-            key = (tuple(symbols.items()),
-                   *((type(v), v.dtype, v.shape) if type(v) is np.ndarray else None
-                     for v in result.values()))
-            if key not in self._checked:
-                self._check_outputs(result, symbols)
-                if len(self._checked) >= 64:
-                    self._checked.clear()
-                self._checked.add(key)
-            return result
+            return self._checked_result([_plain_output(env[name]) for name in
+                                         self._output_names], symbols)
         result = {spec.name: _output_value(spec, env[spec.name]) for spec in self.outputs}
         self._check_outputs(result, symbols)
+        return result
+
+    def _checked_result(self, values: list[Any], symbols: dict[str, int]) -> dict[str, Any]:
+        """The outputs by name (plain tensors, in the signature's order), checked unless a
+        call with the same bound symbols gave the same output types, dtypes and shapes."""
+        result = dict(zip(self._output_names, values, strict=True))
+        key = (tuple(symbols.items()), *[(type(v), v.dtype, v.shape)
+                                         if type(v) is np.ndarray else None for v in values])
+        if key not in self._checked:
+            self._check_outputs(result, symbols)
+            if len(self._checked) >= 64:
+                self._checked.clear()
+            self._checked.add(key)
         return result
 
     def _check_outputs(self, result: dict[str, Any], symbols: dict[str, int]) -> None:
