@@ -65,16 +65,29 @@ LAYERS = {
 }
 
 
+def _host_target() -> tuple[object, int, int]:
+    """This CPU's LLVM target, the NCHWc block (float32 lanes of its SIMD registers) and the
+    number of vector registers, as lepton-edge's CPU build picks them (AVX-512: 16 lanes,
+    32 registers; AVX2: 8, 16)."""
+    import tvm
+
+    from lepton_edge.lowering import nchwc, schedules
+    from lepton_edge.lowering.relax import system_cpu
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
+    bits = schedules.vector_bits(target)
+    return target, bits // 32, nchwc.vector_registers(bits)
+
+
 def _tvm_kernel(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: int,
-                depthwise: bool, lanes: int) -> tuple[object, list[object]]:
+                depthwise: bool) -> tuple[object, list[object]]:
     import tvm
     from tvm import te
     from tvm.s_tir import Schedule
 
     from lepton_edge.lowering import nchwc
-    from lepton_edge.lowering.relax import system_cpu
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()})
+    target, lanes, registers = _host_target()
     blocked = cin % lanes == 0
     if blocked:
         x = te.placeholder((1, cin // lanes, h, w, lanes), name="x")
@@ -84,7 +97,8 @@ def _tvm_kernel(cin: int, cout: int, h: int, w: int, k: int, stride: int, pad: i
               else (cout // lanes, cin // lanes, k, k, lanes, lanes) if blocked
               else (cout // lanes, cin, k, k, lanes))
     wt = te.placeholder(wshape, name="w")
-    y = nchwc.conv2d_nchwc_te(x, wt, (stride, stride), (pad, pad, pad, pad), depthwise)
+    y = nchwc.conv2d_nchwc_te(x, wt, (stride, stride), (pad, pad, pad, pad), depthwise,
+                              registers)
     out = te.compute(y.shape, lambda *i: te.max(y(*i), 0.0), name="relu")
     func = te.create_prim_func([x, wt, out])
     sch = Schedule(tvm.IRModule({"main": func}))
@@ -156,7 +170,9 @@ def main() -> None:
     from lepton_edge import bench
 
     peak = bench.cpu_peak(int8=False).fp32_gflops
-    print(f"fp32 peak measured now (1 thread): {peak:.1f} GFLOPS; {args.threads} thread(s)")
+    _, lanes, registers = _host_target()
+    print(f"fp32 peak measured now (1 thread): {peak:.1f} GFLOPS; {args.threads} thread(s); "
+          f"lepton's kernels NCHW{lanes}c with {registers} vector registers (this CPU)")
     peak *= args.threads
     print("| layer | M MACs | floor ms | lepton min ms | ORT conv min ms | lepton % peak "
           "| ORT % peak | lepton/ORT | ORT call min ms (with reorders) |")
@@ -168,7 +184,7 @@ def main() -> None:
             oh = (h + 2 * pad - k) // stride + 1
             ow = (w + 2 * pad - k) // stride + 1
             macs = cout * oh * ow * k * k * (1 if dw else cin)
-            kernel, targs = _tvm_kernel(cin, cout, h, w, k, stride, pad, dw, 8)
+            kernel, targs = _tvm_kernel(cin, cout, h, w, k, stride, pad, dw)
             session, feeds = _ort_session(cin, cout, h, w, k, stride, pad, dw, args.threads)
             times: dict[str, list[float]] = {"tvm": [], "ort": []}
             for _ in range(3):
