@@ -111,17 +111,27 @@ def pack_conv2d_weights(mod: Any, *, lanes: int = 8) -> tuple[Any, int]:
     return rewrite_calls(mod, pack), packed
 
 
+def narrow_lanes(columns: int, lanes: int, min_lanes: int) -> int:
+    """The vector width for ``columns`` output columns: ``lanes``, or half of it (down to
+    ``min_lanes``) while the columns are no multiple of it but of the half (AVX-512: a
+    1000-class classifier in vectors of 8, AVX2's, not odd pieces). Shared by the weight
+    packing (matmul_tile) and the matmul schedules (schedules.MATMUL_MIN_LANES), so that
+    panels and vectors agree."""
+    while lanes // 2 >= min_lanes and columns % lanes and not columns % (lanes // 2):
+        lanes //= 2
+    return lanes
+
+
 def matmul_tile(columns: int, lanes: int, vectors: int, min_lanes: int | None = None
                 ) -> int | None:
     """Panel width for a matmul with ``columns`` output columns: the widest multiple of the
     SIMD width (at most ``vectors`` vectors) that divides it, else (``min_lanes`` given) the
-    same with half-width vectors down to ``min_lanes`` (AVX-512: a 1000-class classifier
-    in panels of 8 columns, AVX2's, not unpacked), or None."""
+    same with the narrower vectors of narrow_lanes, or None."""
     for count in range(vectors, 0, -1):
         if columns % (count * lanes) == 0:
             return count * lanes
-    if min_lanes is not None and lanes // 2 >= min_lanes:
-        return matmul_tile(columns, lanes // 2, vectors, min_lanes)
+    if min_lanes is not None and narrow_lanes(columns, lanes, min_lanes) < lanes:
+        return matmul_tile(columns, narrow_lanes(columns, lanes, min_lanes), vectors)
     return None
 
 

@@ -86,6 +86,8 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.ir.expr import TensorLoad
 from tvm.sym import detect_linear_equation
 
+from lepton_edge.lowering.layout import narrow_lanes
+
 Rule = Callable[[Any, Any], bool]
 Log = Callable[[str], None]
 
@@ -931,9 +933,7 @@ def _analyse_contraction(sch: Schedule, blk: _Block, bits: int, *,
         return None
     # Columns (or panels) that are no multiple of the vector but of a narrower one (see
     # MATMUL_MIN_LANES): narrower vectors, not odd pieces.
-    columns = math.gcd(*panels) if panels else vec_extent
-    while lanes // 2 >= MATMUL_MIN_LANES and columns % lanes and not columns % (lanes // 2):
-        lanes //= 2
+    lanes = narrow_lanes(math.gcd(*panels) if panels else vec_extent, lanes, MATMUL_MIN_LANES)
     if panels:
         # A weight packed in column panels (lowering/layout.py): one tile per panel.
         vec_tile = _vector_tile(math.gcd(*panels), lanes, MATMUL_VECTORS)
