@@ -440,10 +440,17 @@ def tune_and_build(
     from lepton_edge.lowering import x86_int8
 
     if x86_int8.use_dot_kernels(target):
-        mod, packed = x86_int8.pack_int8_kernels(mod)
+        # VNNI: the untuned build's kernel choice (pixel kernels for stems, 1x1 and 8-wide
+        # convolutions, depthwise / pool planes: hand-scheduled, kept out of MetaSchedule's
+        # tasks below; the other convolutions and the matmuls in the [.., 16, 4] layout that
+        # MetaSchedule tiles around the intrinsic). AVX2 forced on (LEPTON_X86_INT8_DOT=on):
+        # every kernel in that layout.
+        vnni = _x86_dot_intrinsic(target) == x86_int8.INTRIN_VNNI
+        mod, packed = x86_int8.pack_int8_kernels(mod, target if vnni else None)
         if packed:
             say(f"x86 int8: {len(packed)} packed uint8 x int8 kernel(s), tuned with the "
-                f"{_x86_dot_intrinsic(target)} tensor intrinsic")
+                f"{_x86_dot_intrinsic(target)} tensor intrinsic"
+                + (" where MetaSchedule can tile them" if vnni else ""))
     elif x86_int8.use_dot_kernels(target, untuned=True):
         # AVX2 without VNNI: the untuned build's kernels (int16 `vpmaddwd`, exact
         # `vpmaddubsw`, depthwise planes), which keep their hand-written schedules: MetaSchedule
@@ -455,6 +462,11 @@ def tune_and_build(
 
     from tvm.s_tir import meta_schedule as ms
 
+    # Records of packed int8 kernels name lepton-edge's tensor intrinsics, and reading the
+    # database replays them: registered first, whatever this model is (a float32 model
+    # compiled in a fresh process with a database that an int8 one filled failed here,
+    # "TensorIntrin ... is not registered", and fell back to onnxruntime)
+    x86_int8.register_intrinsics()
     try:
         database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
     except Exception as exc:  # noqa: BLE001 - e.g. a truncated JSON line
@@ -537,12 +549,17 @@ def _tunable_tasks(mod: tvm.IRModule, target: tvm.target.Target, say: Log) -> li
     if let_bound:
         say(f"{len(let_bound)} kernel(s) with let-bound math (exp, erf) keep the default "
             f"schedules: {', '.join(let_bound)}")
-    # The AVX2 int8 kernels of lowering/x86_int8.py (all packed kinds except the plain uint8
-    # ones that _space_generator tiles around the dot-product intrinsic) are scheduled by hand.
+    # The AVX2 int8 kernels and the VNNI pixel / plane kernels of lowering/x86_int8.py (all
+    # packed kinds except the plain uint8 ones that _space_generator tiles around the
+    # dot-product intrinsic) are scheduled by hand.
     hand = [t.task_name for t in static if t.task_name not in indirect + let_bound
             and _hand_scheduled_int8(t.dispatched[0])]
     if hand:
-        say(f"{len(hand)} AVX2 int8 kernel(s) keep their default schedules: {', '.join(hand)}")
+        from lepton_edge.lowering.x86_int8 import INTRIN_VNNI
+
+        isa = "VNNI" if _x86_dot_intrinsic(target) == INTRIN_VNNI else "AVX2"
+        say(f"{len(hand)} {isa} int8 kernel(s) keep their default schedules: "
+            f"{', '.join(hand)}")
     excluded = indirect + let_bound + hand
     flat = [t.task_name for t in static if t.task_name not in excluded
             and not _has_reduction(t.dispatched[0]["main"])]

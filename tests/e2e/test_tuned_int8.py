@@ -65,6 +65,41 @@ def test_tuned_int8_build_specialises_and_keeps_the_x86_kernels(tuned) -> None:
         assert "AVX2 int8 kernel(s) packed; they keep their default schedules" in text, text
         hand = [line for line in logs if "AVX2 int8 kernel(s) keep their default" in line]
         assert hand and "_N1" in hand[0] and "_N64" in hand[0], text
+    if x86_int8.dot_intrinsic(HOST) == x86_int8.INTRIN_VNNI:
+        # the untuned build's pixel kernels (both convolutions: 8-wide rows) stay out of
+        # MetaSchedule's tasks; the matmuls are tuned around the VNNI intrinsic
+        hand = [line for line in logs if "VNNI int8 kernel(s) keep their default" in line]
+        assert hand and "conv2d_px" in hand[0] and "_N1" in hand[0] and "_N64" in hand[0], \
+            text
+
+
+def test_a_database_with_int8_records_serves_a_fresh_process(tmp_path, monkeypatch) -> None:
+    """Reading a database replays its records, and records of packed int8 kernels tensorize
+    with lepton-edge's intrinsics: a fresh process must register them before it opens the
+    database, whatever it compiles (it failed with "TensorIntrin ... is not registered" and
+    the build fell back to onnxruntime)."""
+    import subprocess
+    import sys
+
+    from lepton_edge.lowering import x86_int8
+    from tests.targets.test_int8_lowering import qdq_model
+    from tests.targets.test_vnni import HOST
+
+    if x86_int8.dot_intrinsic(HOST) is None:
+        pytest.skip("host CPU has neither AVX2 nor AVX-512 VNNI")
+    monkeypatch.setenv(x86_int8.DOT_ENV, "on")  # AVX2 hosts: the tuned [.., 16, 4] kernels
+    model, _ = qdq_model(kind="matmul")
+    onnx.save(model, tmp_path / "q.onnx")
+    db = tmp_path / "db"
+    lepton_edge.compile(model, ["cpu"], fallback=False, tune=1, tuning_db=db)
+    records = "".join(p.read_text() for p in db.rglob("*tuning_record*.json"))
+    assert "lepton_dot_16x4" in records  # a record that replays our tensorize
+    code = ("import lepton_edge, sys; art = lepton_edge.compile(sys.argv[1], ['cpu'], "
+            "fallback=False, tune=1, tuning_db=sys.argv[2]); print(art.builds)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.onnx"), str(db)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'cpu'" in out.stdout and "onnxruntime" not in out.stdout, out.stdout
 
 
 def test_tuned_int8_encoder_kernels_with_a_batch_scalar(tmp_path) -> None:
