@@ -475,6 +475,10 @@ class ConvertConvLayout:
             return original
         if self.log is not None and count:
             self.log(f"{count} float32 convolution(s) in NCHW{lanes}c")
+        mod, folded = nchwc.fold_flatten_transforms(mod)
+        if self.log is not None and folded:
+            self.log(f"{folded} matmul(s) read NCHW{lanes}c activations directly "
+                     "(weight rows permuted)")
         return mod
 
 

@@ -754,3 +754,75 @@ def test_avx512_small_plane_kernels_match_numpy() -> None:
                 want += np.einsum("nchw,oc->nohw", padded[:, :, ky:ky + size, kx:kx + size],
                                   weight[:, :, ky, kx])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def _flatten_classifier(also_output: bool) -> onnx.ModelProto:
+    """x -> Conv (8 -> 16, NCHWc) -> Relu -> Flatten -> Gemm (a constant 672 x 10 weight)
+    -> y; with `also_output`, the flattened NCHW activations are an output too."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])]
+    if also_output:
+        outputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, ["N", 672]))
+    graph = helper.make_graph(
+        nodes, "flatten_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 7])], outputs,
+        [const("w", 16, 8, 3, 3), const("wg", 672, 10), const("bg", 10)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("also_output", [False, True])
+def test_a_flatten_classifier_reads_the_blocked_activations(build, also_output: bool) -> None:
+    """The classifier's weight rows are permuted at compile time to the NCHWc order
+    (nchwc.fold_flatten_transforms): no transform back to NCHW before it, unless the NCHW
+    activations are needed elsewhere (an output here); the same numbers either way."""
+    proto = _flatten_classifier(also_output)
+    mod = _converted(proto)
+    blocked_reshapes = [ln for ln in _calls(mod, "reshape") if "R.reshape(lv" in ln]
+    back = [ln for ln in _calls(mod, "layout_transform") if "lambda i0, i1, i2, i3, i4:" in ln]
+    assert blocked_reshapes, mod["main"].script(show_meta=False)
+    assert len(back) == (1 if also_output else 0), back  # blocked -> NCHW
+    model = lepton_edge.load(proto)
+    _, session = build(model, golden_count=0)
+    for batch in (1, 3):
+        feeds = _feeds(model, batch)
+        assert_close(session.run(feeds), ort_run(model.proto, feeds))
+
+
+def test_the_folded_weight_rows_follow_the_blocked_order() -> None:
+    """The permutation itself, against numpy: x [N, C/c, H, W, c] flattened in its own order
+    times the permuted weight equals the NCHW flatten times the original weight."""
+    from tvm import relax
+
+    lanes, blocks, height, width, k = 8, 2, 3, 5, 4
+    weight = rng.standard_normal((blocks * lanes * height * width, k)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    n = tvm.tirx.Var("N", "int64")
+    x = relax.Var("x", relax.TensorType([n, blocks, height, width, lanes], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            nchw = bb.emit(relax.op.layout_transform(
+                x, lambda i0, i1, i2, i3, i4: (i0, i1 * lanes + i4, i2, i3)))
+            flat = bb.emit(relax.op.reshape(nchw, [n, blocks * lanes * height * width]))
+            out = bb.emit_output(bb.emit(relax.op.matmul(flat, relax.const(weight))))
+        bb.emit_func_output(out)
+    mod, count = nchwc.fold_flatten_transforms(bb.get())
+    assert count == 1 and not _calls(mod, "layout_transform")
+    (permuted,) = [c.value.numpy() for c in _constants(mod["main"])
+                   if hasattr(c.value, "numpy")]
+    xv = rng.standard_normal((2, blocks, height, width, lanes)).astype(np.float32)
+    as_nchw = xv.transpose(0, 1, 4, 2, 3).reshape(2, -1)
+    np.testing.assert_allclose(xv.reshape(2, -1) @ permuted, as_nchw @ weight, rtol=1e-5,
+                               atol=1e-5)
+
+
+def _constants(func: object) -> list[object]:
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    found: list[object] = []
+    relax.analysis.post_order_visit(
+        func, lambda e: found.append(e) if isinstance(e, Constant) else None)
+    return found
