@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.ir.expr import TensorLoad
@@ -237,6 +237,11 @@ def _with_parallel_variant(func: tirx.PrimFunc, serial: tirx.PrimFunc, name: str
     a second thread at any batch. With it, a note for ScheduleReport.variants when a
     variant was tried: what became of it (None when none was tried)."""
     if os.environ.get(BATCH_PARALLEL_ENV, "1") == "0":
+        return serial, None
+    if relax.analysis.has_reshape_pattern(func):
+        # a pure reshape: with one schedule it stays recognisable, and RewriteDataflowReshape
+        # makes it a view (no copy, no kernel call; the digits CNN's flatten at batch 64: a
+        # ~4 us copy); the two-schedule kernel would be a copy at every batch
         return serial, None
     work = _symbolic_work(func)
     rule = dict(rules).get(name)

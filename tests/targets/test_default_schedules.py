@@ -877,3 +877,25 @@ def test_avx512_symbolic_batch_kernels_go_parallel_from_parallel_min_work() -> N
     assert first["haswell"].keys() == first["skylake-avx512"].keys(), first
     for name, batch in first["haswell"].items():
         assert batch == 16 * first["skylake-avx512"][name], (name, first)
+
+
+def test_a_reshape_keeps_one_schedule_so_it_can_become_a_view() -> None:
+    """A pure reshape with a symbolic batch gets no second (parallel) schedule: the kernel
+    holding two is no reshape pattern any more, and RewriteDataflowReshape would leave it a
+    copy instead of a view (the digits CNN's flatten)."""
+    from tvm import relax, te
+
+    n = tirx.Var("N", "int64")
+    dims = [tirx.IntImm("int64", d) for d in (2, 4, 4, 16)]
+    x = te.placeholder((n, *dims), "float32", name="x")
+    flat = te.compute((n, tirx.IntImm("int64", 512)),
+                      lambda i, j: x[i, j // 256, j // 64 % 4, j // 16 % 4, j % 16],
+                      name="T_reshape")
+    func = te.create_prim_func([x, flat])
+    assert relax.analysis.has_reshape_pattern(func)
+    report = schedules.ScheduleReport()
+    mod = schedules.apply_default_schedules(tvm.IRModule({"reshape": func}), TARGET,
+                                            report=report)
+    assert report.rules["reshape"] == "generic" and not report.variants, report
+    assert _batch_branches(mod["reshape"]) is None
+    assert relax.analysis.has_reshape_pattern(mod["reshape"])
