@@ -74,12 +74,20 @@ class TvmVmExecutable(Executable):
             self._entries[shapes[self._batch_slot]] = (shapes, self._vm[entry["function"]])
         # (input position, dtype, shape) -> an aligned numpy buffer and the TVM tensor over it
         self._staged: dict[tuple[int, np.dtype, tuple[int, ...]], tuple[np.ndarray, Any]] = {}
+        # one-input models: (dtype, shape, buffer, tensor, function) of the last staged call,
+        # so that a repeated call skips the two table lookups
+        self._last: tuple[np.dtype, tuple[int, ...], np.ndarray, Any, Any] | None = None
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         # Like the VM itself, not for concurrent calls (the Session runs under its lock).
         # A small input is copied into a 64-byte aligned buffer kept per position, dtype and
         # shape, already wrapped as a TVM tensor: a copy of a few KiB costs less than asking
         # numpy for the data pointer, and the caller's array is never handed to the VM.
+        last = self._last
+        if last is not None and len(inputs) == 1 and inputs[0].dtype is last[0] \
+                and inputs[0].shape == last[1]:
+            last[2][...] = inputs[0]
+            return _to_numpy(last[4](last[3]))
         staged = self._staged
         args = []
         for slot, array in enumerate(inputs):
@@ -95,6 +103,9 @@ class TvmVmExecutable(Executable):
             if hit is not None and len(inputs) == len(hit[0]) and (len(inputs) == 1 or all(
                     a.shape == s for a, s in zip(inputs, hit[0], strict=True))):
                 main = hit[1]
+        if len(inputs) == 1:
+            hit = staged.get((0, inputs[0].dtype, inputs[0].shape))
+            self._last = None if hit is None else (inputs[0].dtype, inputs[0].shape, *hit, main)
         return _to_numpy(main(*args))
 
     def _convert(self, slot: int, array: np.ndarray) -> Any:

@@ -116,6 +116,10 @@ def test_session_repeats_match_onnxruntime_and_rebind_the_batch(build) -> None:
     big = rng.standard_normal((8192, 4)).astype(np.float32)  # past the staged-buffer size
     np.testing.assert_allclose(session.run({"x": big})["y"], ort_run(model, {"x": big})["y"],
                                rtol=1e-4, atol=1e-5)
+    for n in (1, 1, 4):  # after an unstaged call, the repeat shortcut starts over
+        x = rng.standard_normal((n, 4)).astype(np.float32)
+        np.testing.assert_allclose(session.run({"x": x})["y"], ort_run(model, {"x": x})["y"],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_a_wrong_output_is_caught_after_good_calls(build, monkeypatch) -> None:
