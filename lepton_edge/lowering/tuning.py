@@ -445,12 +445,13 @@ def tune_and_build(
         # tasks below; the other convolutions and the matmuls in the [.., 16, 4] layout that
         # MetaSchedule tiles around the intrinsic). AVX2 forced on (LEPTON_X86_INT8_DOT=on):
         # every kernel in that layout.
-        vnni = _x86_dot_intrinsic(target) == x86_int8.INTRIN_VNNI
+        intrin = _x86_dot_intrinsic(target)
+        vnni = intrin == x86_int8.INTRIN_VNNI
         mod, packed = x86_int8.pack_int8_kernels(mod, target if vnni else None)
         if packed:
             say(f"x86 int8: {len(packed)} packed uint8 x int8 kernel(s), tuned with the "
-                f"{_x86_dot_intrinsic(target)} tensor intrinsic"
-                + (" where MetaSchedule can tile them" if vnni else ""))
+                f"{intrin} tensor intrinsic" + (" where MetaSchedule can tile them"
+                                                 if vnni else ""))
     elif x86_int8.use_dot_kernels(target, untuned=True):
         # AVX2 without VNNI: the untuned build's kernels (int16 `vpmaddwd`, exact
         # `vpmaddubsw`, depthwise planes), which keep their hand-written schedules: MetaSchedule
